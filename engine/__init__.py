@@ -1,0 +1,1 @@
+"""tritonq.engine: layer-wise quantization algorithms and the pipeline that drives them."""

@@ -1,0 +1,148 @@
+"""The one integer quantization grid shared by every method (RTN, GPTQ, and later AWQ/BoA).
+
+Conventions (``../shared/docs/awq_family.md`` §0.1, GPTQ style; matches the GPTQ, AWQ and
+compressed-tensors checkpoint layouts, so packing is exact):
+
+* codes ``q`` are unsigned integers in ``[0, 2^b - 1]`` and ``w = scale * (q - zero)``;
+* asymmetric: the range ``[min(w_min, 0), max(w_max, 0)]`` (zero kept in range, so every group,
+  including constant ones, is representable), ``scale = (hi - lo) / qmax``, ``zero = round(-lo / scale)``;
+* symmetric: ``scale = 2 * absmax / qmax`` and ``zero = 2^(b-1)`` (``absmax / 7.5`` at 4 bits);
+* scales are rounded to fp16-representable values so that the fp16 scales of the packed formats
+  reproduce the fake-quantized weights bit for bit;
+* optional shrink (MSE) search over clipped ranges, as GPTQ's ``Quantizer(mse=True)``:
+  candidates ``p * [lo, hi]`` for ``p = 1 - i / grid``, error ``sum |Q(w) - w|^norm``.
+
+Reference: Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+Transformers", ICLR 2023 (arXiv:2210.17323), and its ``quant.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import TritonqError
+
+# Smallest scale we allow: fp16 has normal numbers down to 6.1e-5; a tinier scale would flush.
+MIN_SCALE = 2.0**-14
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    """How weights are mapped to integers.
+
+    ``group_size=-1`` means one scale per output channel (row); otherwise one per ``group_size``
+    consecutive input columns.
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = False
+    mse: bool = False  # shrink search over clipping ranges
+    max_shrink: float = 0.8
+    shrink_steps: int = 100
+    norm: float = 2.4
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise TritonqError(f"bits must be an integer from 2 to 8, got {self.bits!r}; pass e.g. --bits 4")
+        if self.group_size != -1 and (not isinstance(self.group_size, int) or self.group_size < 1):
+            raise TritonqError(
+                f"group size must be -1 (per channel) or a positive integer, got {self.group_size!r}"
+            )
+
+    @property
+    def maxq(self) -> int:
+        return 2**self.bits - 1
+
+    def groups_for(self, in_features: int, layer: str = "layer") -> int:
+        """Number of groups along the input dimension; a clear error when the size does not divide."""
+        if self.group_size == -1:
+            return 1
+        if in_features % self.group_size:
+            divisors = [g for g in (32, 64, 128, 256) if in_features % g == 0]
+            hint = f"; group sizes that divide it: {divisors}" if divisors else ""
+            raise TritonqError(
+                f"group size {self.group_size} does not divide the input width {in_features} of {layer}"
+                f"{hint} (or -1 for per-channel)"
+            )
+        return in_features // self.group_size
+
+    def effective_group(self, in_features: int) -> int:
+        return in_features if self.group_size == -1 else self.group_size
+
+
+def _params_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: GridSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero from a range per row; ``lo <= 0 <= hi`` is enforced here."""
+    lo = torch.clamp(lo, max=0.0)
+    hi = torch.clamp(hi, min=0.0)
+    if spec.sym:
+        absmax = torch.maximum(-lo, hi)
+        scale = 2.0 * absmax / spec.maxq
+        zero = torch.full_like(scale, float(2 ** (spec.bits - 1)))
+    else:
+        scale = (hi - lo) / spec.maxq
+        zero = None
+    scale = torch.clamp(scale, min=MIN_SCALE).to(torch.float16).to(torch.float32)
+    if zero is None:
+        zero = torch.clamp(torch.round(-lo / scale), 0, spec.maxq)
+    return scale, zero
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Integer codes (as float) of ``w`` on the grid; ``scale``/``zero`` broadcast against ``w``."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+
+
+def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Quantize then dequantize: the nearest grid point of ``w`` (in fp32)."""
+    return scale * (quantize_codes(w, scale, zero, maxq) - zero)
+
+
+def fit_rows(w: torch.Tensor, spec: GridSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fit one (scale, zero) per row of ``w`` [rows, cols]; returns two fp32 tensors of shape [rows]."""
+    w = w.float()
+    lo = w.amin(dim=1)
+    hi = w.amax(dim=1)
+    scale, zero = _params_from_range(lo, hi, spec)
+    if not spec.mse:
+        return scale, zero
+    best = torch.full_like(lo, float("inf"))
+    for i in range(int(spec.max_shrink * spec.shrink_steps)):
+        p = 1.0 - i / spec.shrink_steps
+        s1, z1 = _params_from_range(p * lo, p * hi, spec)
+        err = (fake_quantize(w, s1[:, None], z1[:, None], spec.maxq) - w).abs_().pow_(spec.norm).sum(dim=1)
+        better = err < best
+        best = torch.where(better, err, best)
+        scale = torch.where(better, s1, scale)
+        zero = torch.where(better, z1, zero)
+    return scale, zero
+
+
+def fit_groups(weight: torch.Tensor, spec: GridSpec, layer: str = "layer") -> tuple[torch.Tensor, torch.Tensor]:
+    """Fit every group of ``weight`` [N, K] at once: scale and zero of shape [N, groups]."""
+    n, k = weight.shape
+    groups = spec.groups_for(k, layer)
+    g = spec.effective_group(k)
+    flat = weight.float().reshape(n * groups, g)
+    scale, zero = fit_rows(flat, spec)
+    return scale.reshape(n, groups), zero.reshape(n, groups)
+
+
+def default_g_idx(in_features: int, spec: GridSpec) -> torch.Tensor:
+    """Group index of every input column: ``k // g`` (all zeros per channel)."""
+    g = spec.effective_group(in_features)
+    return torch.arange(in_features, dtype=torch.int32) // g
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g_idx: torch.Tensor) -> torch.Tensor:
+    """Float weights [N, K] from codes [N, K] and per-group scale/zero [N, G] gathered by ``g_idx`` [K]."""
+    idx = g_idx.long()
+    return scale[:, idx] * (codes.float() - zero[:, idx])
+
+
+def codes_of(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g_idx: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Integer codes (uint8) of a weight that lies on the grid given by scale/zero/g_idx."""
+    idx = g_idx.long()
+    return quantize_codes(weight.float(), scale[:, idx], zero[:, idx], maxq).to(torch.uint8)
