@@ -1,0 +1,234 @@
+"""Blocked GPTQ error propagation: quantize a block of columns with in-block error feedback, then the
+trailing (lazy) update of the remaining columns. PyTorch references and Triton kernels.
+
+Notation (Frantar et al., GPTQ, arXiv:2210.17323, Algorithm 1): ``W`` [N, K] fp32 working weights,
+``U`` [K, K] the upper Cholesky factor of ``H^-1``. For a block of columns ``[c0, c0 + B)`` and each
+column ``i`` in it: ``q_i = Q(w_i)``, ``e_i = (w_i - q_i) / U_ii``, ``W[:, i+1:c0+B] -= e_i U[i, i+1:c0+B]``.
+After the block, ``W[:, c0+B:] -= E U[c0:c0+B, c0+B:]`` (one GEMM). Rows are independent inside a
+block, so the Triton kernel gives each program a tile of rows and keeps the whole ``[rows, B]`` tile in
+registers for all ``B`` sequential steps: one launch per block instead of ~10 per column.
+
+The grid (``engine/grid.py`` conventions) is either fitted in the kernel at the first column of every
+group from the up-to-date working tile (``FIT``; blocks start at group starts), or read per column from
+precomputed ``scale``/``zero`` [N, G] through ``g_idx`` (``PRESET``: per-channel grids, static groups
+with act-order). The same two kernels serve BoA's two-sided updates later (``../shared/docs/boa.md``
+§10): the trailing update is a general ``C -= A @ B``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .configs import LaunchConfig
+
+MIN_SCALE = 2.0**-14  # keep equal to engine.grid.MIN_SCALE
+
+# In-block kernel: BLOCK_N rows per program, BLOCK_B >= the block width (power of two).
+BLOCK_CONFIGS: tuple[LaunchConfig, ...] = (
+    LaunchConfig.of(num_warps=4, num_stages=1, BLOCK_N=16, BLOCK_B=128),
+    LaunchConfig.of(num_warps=8, num_stages=1, BLOCK_N=16, BLOCK_B=256),
+)
+# Trailing update GEMM C -= A @ B in fp32.
+UPDATE_CONFIGS: tuple[LaunchConfig, ...] = (LaunchConfig.of(num_warps=4, num_stages=2, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32),)
+CONFIGS = BLOCK_CONFIGS + UPDATE_CONFIGS
+
+
+def _round_half_even(x: torch.Tensor) -> torch.Tensor:
+    return torch.round(x)
+
+
+def quantize_block_ref(
+    w: torch.Tensor, u: torch.Tensor, c0: int, ncols: int, scale: torch.Tensor, zero: torch.Tensor,
+    g_idx: torch.Tensor, group_size: int, maxq: int, sym: bool, fit: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference of :func:`gptq_block_kernel` on columns ``[c0, c0 + ncols)`` of ``w`` [N, K].
+
+    Returns ``(q, err)``: the fake-quantized block [N, ncols] and the scaled errors [N, ncols].
+    With ``fit`` the group grids are fitted here and written into ``scale``/``zero`` [N, G].
+    ``w`` is not modified.
+    """
+    tile = w[:, c0:c0 + ncols].clone()
+    q_out = torch.empty_like(tile)
+    err_out = torch.empty_like(tile)
+    s = z = None
+    for i in range(ncols):
+        g = int(g_idx[c0 + i])
+        if fit:
+            if (c0 + i) % group_size == 0:
+                grp = tile[:, i:i + group_size]
+                lo = torch.clamp(grp.amin(dim=1), max=0.0)
+                hi = torch.clamp(grp.amax(dim=1), min=0.0)
+                if sym:
+                    s = 2.0 * torch.maximum(-lo, hi) / maxq
+                else:
+                    s = (hi - lo) / maxq
+                s = torch.clamp(s, min=MIN_SCALE).to(torch.float16).to(torch.float32)
+                z = torch.full_like(s, float((maxq + 1) // 2)) if sym else torch.clamp(_round_half_even(-lo / s), 0, maxq)
+                scale[:, g] = s
+                zero[:, g] = z
+        else:
+            s, z = scale[:, g], zero[:, g]
+        wi = tile[:, i]
+        qi = s * (torch.clamp(_round_half_even(wi / s) + z, 0, maxq) - z)
+        ei = (wi - qi) / u[c0 + i, c0 + i]
+        q_out[:, i] = qi
+        err_out[:, i] = ei
+        tile[:, i + 1:] -= ei[:, None] * u[c0 + i, c0 + i + 1:c0 + ncols][None, :]
+    return q_out, err_out
+
+
+def trailing_update_ref(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """Reference of :func:`trailing_update_kernel`: ``c -= a @ b`` in place (fp32)."""
+    c.sub_(a @ b)
+
+
+@triton.jit
+def gptq_block_kernel(
+    w_ptr, u_ptr, q_ptr, e_ptr, scale_ptr, zero_ptr, gidx_ptr,
+    N, c0, ncols, stride_w, stride_u, stride_q, stride_e, stride_s, group_size, maxq, min_scale,
+    BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, FIT: tl.constexpr, SYM: tl.constexpr,
+):
+    """Rows [pid*BLOCK_N, +BLOCK_N) of one GPTQ block. q: [N, ncols] (stride_q); e: err^T [ncols, N]."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_B)
+    row_ok = rows < N
+    col_ok = cols < ncols
+    tile = tl.load(w_ptr + rows[:, None] * stride_w + (c0 + cols)[None, :],
+                   mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    z = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for i in range(0, ncols):
+        g = tl.load(gidx_ptr + c0 + i)
+        if FIT:
+            if (c0 + i) % group_size == 0:
+                in_grp = (cols >= i) & (cols < i + group_size) & col_ok
+                lo = tl.min(tl.where(in_grp[None, :], tile, float("inf")), axis=1)
+                hi = tl.max(tl.where(in_grp[None, :], tile, float("-inf")), axis=1)
+                lo = tl.minimum(lo, 0.0)
+                hi = tl.maximum(hi, 0.0)
+                if SYM:
+                    s = tl.math.div_rn(2.0 * tl.maximum(-lo, hi), maxq.to(tl.float32))
+                else:
+                    s = tl.math.div_rn(hi - lo, maxq.to(tl.float32))
+                s = tl.maximum(s, min_scale).to(tl.float16).to(tl.float32)
+                if SYM:
+                    z = tl.zeros((BLOCK_N,), dtype=tl.float32) + ((maxq + 1) // 2).to(tl.float32)
+                else:
+                    zr = -tl.math.div_rn(lo, s)
+                    zf = tl.floor(zr + 0.5)
+                    zf = tl.where(((zf - zr) == 0.5) & ((zf - 2.0 * tl.floor(zf * 0.5)) != 0.0), zf - 1.0, zf)
+                    z = tl.minimum(tl.maximum(zf, 0.0), maxq.to(tl.float32))
+                tl.store(scale_ptr + rows * stride_s + g, s, mask=row_ok)
+                tl.store(zero_ptr + rows * stride_s + g, z, mask=row_ok)
+        else:
+            s = tl.load(scale_ptr + rows * stride_s + g, mask=row_ok, other=1.0)
+            z = tl.load(zero_ptr + rows * stride_s + g, mask=row_ok, other=0.0)
+        wi = tl.sum(tl.where((cols == i)[None, :], tile, 0.0), axis=1)
+        x = tl.math.div_rn(wi, s)
+        r = tl.floor(x + 0.5)
+        # round half to even, as torch.round
+        r = tl.where(((r - x) == 0.5) & ((r - 2.0 * tl.floor(r * 0.5)) != 0.0), r - 1.0, r)
+        code = tl.minimum(tl.maximum(r + z, 0.0), maxq.to(tl.float32))
+        qi = s * (code - z)
+        d = tl.load(u_ptr + (c0 + i) * stride_u + c0 + i)
+        ei = tl.math.div_rn(wi - qi, d)
+        tl.store(q_ptr + rows * stride_q + i, qi, mask=row_ok)
+        tl.store(e_ptr + i * stride_e + rows, ei, mask=row_ok)
+        u_row = tl.load(u_ptr + (c0 + i) * stride_u + c0 + cols, mask=(cols > i) & col_ok, other=0.0)
+        tile = tile - ei[:, None] * u_row[None, :]
+
+
+@triton.jit
+def trailing_update_kernel(
+    c_ptr, a_ptr, b_ptr, M, N, K,
+    stride_cm, stride_cn, stride_am, stride_ak, stride_bk, stride_bn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """C[M, N] -= A[M, K] @ B[K, N], fp32 with IEEE products (GPTQ's lazy batch update)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        a = tl.load(a_ptr + rm[:, None] * stride_am + kk[None, :] * stride_ak,
+                    mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+        b = tl.load(b_ptr + kk[:, None] * stride_bk + rn[None, :] * stride_bn,
+                    mask=(kk[:, None] < K) & (rn[None, :] < N), other=0.0)
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    offs = rm[:, None] * stride_cm + rn[None, :] * stride_cn
+    c = tl.load(c_ptr + offs, mask=mask, other=0.0)
+    tl.store(c_ptr + offs, c - acc, mask=mask)
+
+
+def pick_config(block_width: int) -> LaunchConfig:
+    """In-block kernel config: the smallest BLOCK_B that holds the block (block sizes above 256 are refused)."""
+    for config in BLOCK_CONFIGS:
+        if block_width <= config.constexprs()["BLOCK_B"]:
+            return config
+    raise ValueError(f"GPTQ block width {block_width} exceeds 256 columns")
+
+
+def pick_update_config() -> LaunchConfig:
+    return UPDATE_CONFIGS[0]
+
+
+def aot_signature(dtype: str, config: LaunchConfig) -> tuple[dict, dict]:
+    """AOT argument types of :func:`gptq_block_kernel` (``dtype`` must be fp32: the working weights)."""
+    sig = {
+        "w_ptr": "*fp32", "u_ptr": "*fp32", "q_ptr": "*fp32", "e_ptr": "*fp32", "scale_ptr": "*fp32",
+        "zero_ptr": "*fp32", "gidx_ptr": "*i32", "N": "i32", "c0": "i32", "ncols": "i32", "stride_w": "i32",
+        "stride_u": "i32", "stride_q": "i32", "stride_e": "i32", "stride_s": "i32", "group_size": "i32",
+        "maxq": "i32", "min_scale": "fp32",
+        "BLOCK_N": "constexpr", "BLOCK_B": "constexpr", "FIT": "constexpr", "SYM": "constexpr",
+    }
+    return sig, {**config.constexprs(), "FIT": True, "SYM": False}
+
+
+def aot_signature_update(dtype: str, config: LaunchConfig) -> tuple[dict, dict]:
+    """AOT argument types of :func:`trailing_update_kernel` (fp32 only)."""
+    sig = {"c_ptr": "*fp32", "a_ptr": "*fp32", "b_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32"}
+    sig.update({name: "i32" for name in ("stride_cm", "stride_cn", "stride_am", "stride_ak", "stride_bk", "stride_bn")})
+    sig.update({"BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"})
+    return sig, config.constexprs()
+
+
+def quantize_block_triton(
+    w: torch.Tensor, u: torch.Tensor, c0: int, ncols: int, scale: torch.Tensor, zero: torch.Tensor,
+    g_idx: torch.Tensor, group_size: int, maxq: int, sym: bool, fit: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton launcher with the semantics of :func:`quantize_block_ref`."""
+    n = w.shape[0]
+    # the kernel assumes unit column strides; a Cholesky factor is often a transposed view
+    w, u = w.contiguous(), u.contiguous()
+    config = pick_config(ncols)
+    q = torch.empty((n, ncols), device=w.device, dtype=torch.float32)
+    e_t = torch.empty((ncols, n), device=w.device, dtype=torch.float32)
+    grid = (triton.cdiv(n, config.constexprs()["BLOCK_N"]),)
+    gptq_block_kernel[grid](
+        w, u, q, e_t, scale, zero, g_idx, n, c0, ncols, w.stride(0), u.stride(0), q.stride(0), e_t.stride(0),
+        scale.stride(0), group_size, maxq, MIN_SCALE, FIT=fit, SYM=sym,
+        num_warps=config.num_warps, num_stages=config.num_stages, **config.constexprs(),
+    )
+    return q, e_t.t()
+
+
+def trailing_update_triton(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """Triton launcher: ``c -= a @ b`` in place."""
+    m, k = a.shape
+    n = b.shape[1]
+    if m == 0 or n == 0 or k == 0:
+        return
+    config = pick_update_config()
+    meta = config.constexprs()
+    grid = (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))
+    trailing_update_kernel[grid](
+        c, a, b, m, n, k, c.stride(0), c.stride(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        num_warps=config.num_warps, num_stages=config.num_stages, **meta,
+    )

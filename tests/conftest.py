@@ -1,0 +1,14 @@
+"""Test session set-up: Triton kernels run in the interpreter on the CPU; bf16 matmuls avoid AMX.
+
+Both variables must be set before triton or torch kernels are imported (``triton.jit`` decides at
+decoration time whether a kernel is interpreted).
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
