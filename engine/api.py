@@ -1,0 +1,212 @@
+"""The Python API under the CLI: ``quantize(...)`` and ``evaluate(...)``, plus the two CLI handlers.
+
+Example::
+
+    from tritonq.engine.api import QuantizeOptions, quantize
+    summary = quantize(QuantizeOptions(model="smollm2", method="gptq", bits=4, group_size=64,
+                                       output="out/smollm2-w4g64"))
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from .adapters import adapter_for
+from .data import calibration_windows, evaluation_windows, load_corpus, tokenize
+from .errors import TritonqError
+from .grid import GridSpec
+from .methods import get_method
+from .model_io import load_model, load_tokenizer, resolve_device, resolve_dtype
+from .outputs import atomic_output_dir, check_output_dir
+
+CALIB_BATCH = 8  # calibration windows per forward pass
+
+
+@dataclass
+class QuantizeOptions:
+    output: str
+    model: str = "smollm2"
+    method: str = "gptq"
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = False
+    mse: bool = False
+    act_order: bool = False
+    damp: float = 0.01
+    block_size: int = 128
+    calib: str = "pydoc"
+    text_column: str = "text"
+    nsamples: int = 128
+    seqlen: int = 512
+    seed: int = 0
+    out_format: str = "fake"
+    overwrite: bool = False
+    device: str = "auto"
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    eval_data: str | None = None
+    eval_windows: int | None = None
+    eval_seqlen: int = 2048
+    progress: bool = True
+
+
+@dataclass
+class QuantizeSummary:
+    output: str
+    seconds: dict = field(default_factory=dict)
+    perplexity: float | None = None
+    eval_windows: int | None = None
+    layers: int = 0
+
+
+PACKED_FORMATS = ("compressed-tensors", "gptq", "gptq_v2", "awq")
+
+
+def _save_quant_params(path: Path, layers: dict) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name, res in layers.items():
+        tensors[f"{name}.scale"] = res.scale.float().contiguous()
+        tensors[f"{name}.zero"] = res.zero.float().contiguous()
+        tensors[f"{name}.g_idx"] = res.g_idx.to(torch.int32).contiguous()
+    save_file(tensors, str(path))
+
+
+def quantize(opts: QuantizeOptions) -> QuantizeSummary:
+    """Load, calibrate, quantize block by block, save atomically, optionally evaluate."""
+    started = time.perf_counter()
+    seconds: dict[str, float] = {}
+    if opts.out_format not in ("fake", *PACKED_FORMATS):
+        raise TritonqError(f"unknown --format {opts.out_format!r}; choose fake or one of {', '.join(PACKED_FORMATS)}")
+    spec = GridSpec(bits=opts.bits, group_size=opts.group_size, sym=opts.sym, mse=opts.mse)
+    method = get_method(opts.method, act_order=opts.act_order, damp=opts.damp, block_size=opts.block_size)
+    check_output_dir(opts.output, opts.overwrite)
+    device = resolve_device(opts.device)
+    dtype = resolve_dtype(opts.dtype, device)
+
+    t0 = time.perf_counter()
+    tokenizer = load_tokenizer(opts.model, opts.trust_remote_code)
+    model = load_model(opts.model, dtype, opts.trust_remote_code)
+    adapter = adapter_for(model.config)
+    for name in adapter.linear_names():  # fail early on a group size that does not divide
+        lin = adapter.block_list(model)[0].get_submodule(name)
+        spec.groups_for(lin.in_features, f"{adapter.blocks}.0.{name}")
+    seconds["load"] = time.perf_counter() - t0
+
+    calib_meta = None
+    batches = None
+    eval_windows = None
+    if opts.eval_data:  # resolve the evaluation data before the long part, so a typo fails fast
+        eval_corpus = load_corpus(opts.eval_data, split="test")
+        eval_windows = evaluation_windows(tokenize(tokenizer, eval_corpus.text), opts.eval_seqlen,
+                                          opts.eval_windows, eval_corpus.source)
+    if method.needs_calibration:
+        t0 = time.perf_counter()
+        corpus = load_corpus(opts.calib, opts.text_column, split="train")
+        windows = calibration_windows(tokenize(tokenizer, corpus.text), opts.nsamples, opts.seqlen, opts.seed,
+                                      corpus.source)
+        batches = list(torch.split(windows, CALIB_BATCH))
+        calib_meta = {"name": opts.calib, "source": corpus.source, "sha256": corpus.sha256,
+                      "nsamples": opts.nsamples, "seqlen": opts.seqlen, "seed": opts.seed}
+        seconds["calibration_data"] = time.perf_counter() - t0
+
+    from .pipeline import quantize_blocks
+
+    t0 = time.perf_counter()
+    report = quantize_blocks(model, adapter, method, spec, device, batches, progress=opts.progress)
+    seconds["quantize_total"] = time.perf_counter() - t0
+    for stage, value in report.seconds.items():
+        seconds[f"quantize_{stage}"] = value
+
+    t0 = time.perf_counter()
+    with atomic_output_dir(opts.output, opts.overwrite) as tmp:
+        fake_dir = tmp if opts.out_format == "fake" else tmp / "_fake"
+        fake_dir.mkdir(exist_ok=True)
+        model.save_pretrained(fake_dir, safe_serialization=True)
+        tokenizer.save_pretrained(fake_dir)
+        _save_quant_params(fake_dir / "quant_params.safetensors", report.layers)
+        meta = {
+            "method": method.name, **method.describe(), "bits": spec.bits, "group_size": spec.group_size,
+            "sym": spec.sym, "mse": spec.mse, "model": opts.model, "architecture": adapter.family,
+            "dtype": str(dtype).replace("torch.", ""), "device": str(device), "calibration": calib_meta,
+            "tritonq_version": __version__, "layers": sorted(report.layers),
+            "seconds": {k: round(v, 3) for k, v in seconds.items()},
+        }
+        (fake_dir / "quantization.json").write_text(json.dumps(meta, indent=2) + "\n")
+        if opts.out_format != "fake":
+            from .formats import save_packed
+
+            save_packed(fake_dir, tmp / "_packed", opts.out_format)
+            for item in (tmp / "_packed").iterdir():
+                item.rename(tmp / item.name)
+            import shutil
+
+            shutil.rmtree(fake_dir)
+            (tmp / "_packed").rmdir()
+    seconds["save"] = time.perf_counter() - t0
+
+    summary = QuantizeSummary(str(Path(opts.output).resolve()), seconds, layers=len(report.layers))
+    if eval_windows is not None:
+        from .evaluate import perplexity
+
+        t0 = time.perf_counter()
+        result = perplexity(model, eval_windows, device, progress=opts.progress)
+        seconds["eval"] = time.perf_counter() - t0
+        summary.perplexity = result.perplexity
+        summary.eval_windows = result.windows
+    seconds["total"] = time.perf_counter() - started
+    return summary
+
+
+def quantize_command(args) -> int:
+    opts = QuantizeOptions(
+        output=args.output, model=args.model, method=args.method, bits=args.bits, group_size=args.group_size,
+        sym=args.sym, mse=args.mse, act_order=args.act_order, damp=args.damp, block_size=args.block_size,
+        calib=args.calib, text_column=args.text_column, nsamples=args.nsamples, seqlen=args.seqlen,
+        seed=args.seed, out_format=args.out_format, overwrite=args.overwrite, device=args.device,
+        dtype=args.dtype, trust_remote_code=args.trust_remote_code, eval_data=args.eval_data,
+        eval_windows=args.eval_windows, progress=not args.no_progress,
+    )
+    s = quantize(opts)
+    secs = s.seconds
+    grid = f"{opts.bits}-bit, group {opts.group_size}, {'sym' if opts.sym else 'asym'}"
+    text = (f"Quantized {opts.model} with {opts.method.upper()} ({grid}) over {s.layers} linear layers in "
+            f"{secs.get('quantize_total', 0):.1f} s (load {secs.get('load', 0):.1f} s, save {secs.get('save', 0):.1f} s, "
+            f"total {secs['total']:.1f} s); wrote {s.output} ({opts.out_format}).")
+    if s.perplexity is not None:
+        text += f" Perplexity on {opts.eval_data} ({s.eval_windows} windows of {opts.eval_seqlen}): {s.perplexity:.2f}."
+    print(text)
+    return 0
+
+
+def evaluate(model_name: str, data: str, max_windows: int | None = None, seqlen: int = 2048,
+             device: str = "auto", dtype: str = "auto", progress: bool = True, trust_remote_code: bool = False):
+    """Perplexity of a model (hub id, directory, tritonq output, or ``smollm2``) on a text."""
+    from .evaluate import perplexity
+
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    tokenizer = load_tokenizer(model_name, trust_remote_code)
+    corpus = load_corpus(data, split="test")
+    windows = evaluation_windows(tokenize(tokenizer, corpus.text), seqlen, max_windows, corpus.source)
+    model = load_model(model_name, dt, trust_remote_code)
+    return perplexity(model, windows, dev, progress=progress)
+
+
+def eval_command(args) -> int:
+    res = evaluate(args.model, args.data, args.max_windows, args.seqlen, args.device, args.dtype,
+                   progress=not args.json, trust_remote_code=args.trust_remote_code)
+    if args.json:
+        print(json.dumps({**asdict(res), "model": args.model, "data": args.data}))
+    else:
+        print(f"perplexity {res.perplexity:.4f} over {res.windows} windows of {res.seqlen} tokens "
+              f"({res.tokens} tokens) of {args.data}")
+    return 0 if math.isfinite(res.perplexity) else 1
