@@ -179,8 +179,8 @@ def quantize_command(args) -> int:
     secs = s.seconds
     grid = f"{opts.bits}-bit, group {opts.group_size}, {'sym' if opts.sym else 'asym'}"
     text = (f"Quantized {opts.model} with {opts.method.upper()} ({grid}) over {s.layers} linear layers in "
-            f"{secs.get('quantize_total', 0):.1f} s (load {secs.get('load', 0):.1f} s, save {secs.get('save', 0):.1f} s, "
-            f"total {secs['total']:.1f} s); wrote {s.output} ({opts.out_format}).")
+            f"{secs.get('quantize_total', 0):.1f} s (load {secs.get('load', 0):.1f} s, "
+            f"save {secs.get('save', 0):.1f} s, total {secs['total']:.1f} s); wrote {s.output} ({opts.out_format}).")
     if s.perplexity is not None:
         text += f" Perplexity on {opts.eval_data} ({s.eval_windows} windows of {opts.eval_seqlen}): {s.perplexity:.2f}."
     print(text)

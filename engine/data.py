@@ -70,7 +70,8 @@ def _load_hub(name: str, split: str) -> str:
             ds = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
             return "\n\n".join(ds["text"])
         if name == "c4":
-            shard = "en/c4-validation.00000-of-00008.json.gz" if split != "train" else "en/c4-train.00000-of-01024.json.gz"
+            shard = ("en/c4-train.00000-of-01024.json.gz" if split == "train"
+                     else "en/c4-validation.00000-of-00008.json.gz")
             ds = datasets.load_dataset("allenai/c4", data_files={split: shard}, split=split)
             return "\n\n".join(ds["text"][:1100] if split != "train" else ds["text"][:5000])
         ds = datasets.load_dataset("mit-han-lab/pile-val-backup", split="validation")

@@ -22,7 +22,9 @@ class PerplexityResult:
     seqlen: int
 
 
-def perplexity(model: nn.Module, windows: torch.Tensor, device: torch.device, progress: bool = True) -> PerplexityResult:
+def perplexity(
+    model: nn.Module, windows: torch.Tensor, device: torch.device, progress: bool = True
+) -> PerplexityResult:
     """Perplexity of ``model`` over ``windows`` [n, seqlen] of token ids (model moved to ``device``)."""
     model.to(device)
     nll = 0.0

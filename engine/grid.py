@@ -142,7 +142,9 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g_i
     return scale[:, idx] * (codes.float() - zero[:, idx])
 
 
-def codes_of(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g_idx: torch.Tensor, maxq: int) -> torch.Tensor:
+def codes_of(
+    weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g_idx: torch.Tensor, maxq: int
+) -> torch.Tensor:
     """Integer codes (uint8) of a weight that lies on the grid given by scale/zero/g_idx."""
     idx = g_idx.long()
     return quantize_codes(weight.float(), scale[:, idx], zero[:, idx], maxq).to(torch.uint8)

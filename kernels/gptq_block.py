@@ -31,7 +31,9 @@ BLOCK_CONFIGS: tuple[LaunchConfig, ...] = (
     LaunchConfig.of(num_warps=8, num_stages=1, BLOCK_N=16, BLOCK_B=256),
 )
 # Trailing update GEMM C -= A @ B in fp32.
-UPDATE_CONFIGS: tuple[LaunchConfig, ...] = (LaunchConfig.of(num_warps=4, num_stages=2, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32),)
+UPDATE_CONFIGS: tuple[LaunchConfig, ...] = (
+    LaunchConfig.of(num_warps=4, num_stages=2, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32),
+)
 CONFIGS = BLOCK_CONFIGS + UPDATE_CONFIGS
 
 
@@ -65,7 +67,10 @@ def quantize_block_ref(
                 else:
                     s = (hi - lo) / maxq
                 s = torch.clamp(s, min=MIN_SCALE).to(torch.float16).to(torch.float32)
-                z = torch.full_like(s, float((maxq + 1) // 2)) if sym else torch.clamp(_round_half_even(-lo / s), 0, maxq)
+                if sym:
+                    z = torch.full_like(s, float((maxq + 1) // 2))
+                else:
+                    z = torch.clamp(_round_half_even(-lo / s), 0, maxq)
                 scale[:, g] = s
                 zero[:, g] = z
         else:
