@@ -46,7 +46,9 @@ setup(
         "numpy>=1.24",
     ],
     extras_require={
-        "test": ["pytest>=7", "ruff>=0.5", "httpx>=0.27"],
+        "test": ["pytest>=7", "ruff>=0.5", "httpx>=0.27", "fastapi>=0.110", "uvicorn>=0.29",
+                 "compressed-tensors>=0.15"],
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
         "gguf": ["gguf>=0.10", "accelerate>=0.30"],
         "eval": ["lm-eval>=0.4"],
     },

@@ -278,6 +278,11 @@ def _fp16_exact(t: Tensor) -> bool:
 def read_source(src_dir: str | os.PathLike) -> tuple[dict, QuantSpec, dict]:
     """Read a ``tritonq quantize`` output: (config.json dict, spec, quantization.json dict)."""
     src = Path(src_dir)
+    cfg_file = src / "config.json"
+    if cfg_file.is_file() and "quantization_config" in json.loads(cfg_file.read_text()):
+        raise TritonqError(
+            f"{src} is already a packed checkpoint; pack reads the fake-quantized output of 'tritonq quantize'"
+        )
     for f in ("config.json", QUANT_JSON, QUANT_PARAMS):
         if not (src / f).is_file():
             raise TritonqError(
