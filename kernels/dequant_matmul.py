@@ -18,6 +18,7 @@ Arguments (the contract every caller codes against)
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import warnings
@@ -34,7 +35,7 @@ from .pack import unpack_int4
 
 __all__ = ["CONFIGS", "GEMM_CONFIGS", "GEMV_CONFIGS", "KERNELS", "Plan", "aot_signature", "dequant_matmul",
            "dequant_matmul_ref", "dequant_matmul_triton", "dequantize_int4", "grid", "kernel_for",
-           "pick_config"]
+           "pick_config", "aot_attrs"]
 
 _FORCE = (None, "ref", "gemv", "gemm")
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -133,7 +134,7 @@ def dequant_gemv_kernel(
     HAS_ZEROS: tl.constexpr, PER_K: tl.constexpr, HAS_GIDX: tl.constexpr, HAS_BIAS: tl.constexpr,
     ATOMIC: tl.constexpr,
 ):
-    """Split-K GEMV: program (n-tile, K split, m-tile) reduces its K range on CUDA cores in fp32.
+    """Split-K GEMV: program (m-tile, n-tile, K split) reduces its K range on CUDA cores in fp32.
 
     The weight tile is [BLOCK_K // 8, BLOCK_N] int32 with N contiguous; with BLOCK_N = 128 * num_warps
     each thread holds 4 consecutive words of every packed row (one 128-bit load per row) and the whole
@@ -141,9 +142,9 @@ def dequant_gemv_kernel(
     a zeroed fp32 output (split-K); otherwise store the final row in the output dtype.
     """
     BKP: tl.constexpr = BLOCK_K // 8
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    pid_m = tl.program_id(2)
+    pid_m = tl.program_id(0)  # fastest: the m-tiles sharing a weight tile run back to back (L2 reuse)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rn = tl.max_contiguous(tl.multiple_of(rn, BLOCK_N), BLOCK_N)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -206,7 +207,7 @@ def dequant_gemm_kernel(
     M, N, K, group_size, tiles_per_split, stride_xm, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     HAS_ZEROS: tl.constexpr, PER_K: tl.constexpr, HAS_GIDX: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ATOMIC: tl.constexpr,
+    ATOMIC: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     """Tiled GEMM on tensor cores: the B tile is dequantized in registers, ``tl.dot`` accumulates in fp32.
 
@@ -214,7 +215,10 @@ def dequant_gemm_kernel(
     the fp32 partial product of the tile (one multiply per output instead of one per weight, and no
     rounding of ``s (q - z)`` to 16 bits). PER_K path: B = ``s (q - z)`` per weight, rounded to x's dtype.
     Programs are swizzled in groups of GROUP_M row tiles for L2 reuse (Triton matmul tutorial); axis 1
-    splits K (ATOMIC: fp32 atomics into a zeroed output, as GemLite's GEMM_SPLITK).
+    splits K (ATOMIC: fp32 atomics into a zeroed output, as GemLite's GEMM_SPLITK). UPCAST_DOT feeds
+    ``tl.dot`` fp32 copies of both tiles: the launcher sets it only for bf16 under TRITON_INTERPRET=1,
+    whose ``tl.dot`` (triton 3.9) multiplies the raw uint16 bit patterns of bf16 tiles; compiled code
+    never uses it.
     """
     BKP: tl.constexpr = BLOCK_K // 8
     pid = tl.program_id(0)
@@ -259,16 +263,24 @@ def dequant_gemm_kernel(
             else:
                 zp = 8.0
             b = ((q.to(tl.float32) - zp) * sc).to(x_ptr.dtype.element_ty)
-            acc = tl.dot(a, b, acc)
+            if UPCAST_DOT:
+                acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc)
         else:
             g = (t * BLOCK_K) // group_size
             sc = tl.load(s_ptr + g * N + rn, mask=n_mask, other=0.0).to(tl.float32)
+            # int -> fp32 -> x dtype: exact for |q - z| <= 15; the interpreter (triton 3.9) reinterprets
+            # the bits of a direct int32 -> bf16 cast instead of converting the value.
             if HAS_ZEROS:
                 zi = tl.load(z_ptr + g * N + rn, mask=n_mask, other=0.0).to(tl.int32)
-                b = (q - zi[None, :]).to(x_ptr.dtype.element_ty)
+                b = (q - zi[None, :]).to(tl.float32).to(x_ptr.dtype.element_ty)
             else:
-                b = (q - 8).to(x_ptr.dtype.element_ty)
-            acc += tl.dot(a, b) * sc[None, :]
+                b = (q - 8).to(tl.float32).to(x_ptr.dtype.element_ty)
+            if UPCAST_DOT:
+                acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee") * sc[None, :]
+            else:
+                acc += tl.dot(a, b) * sc[None, :]
     if HAS_BIAS:
         bv = tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
         if ATOMIC:
@@ -304,11 +316,14 @@ def _gemm_config(block_m: int, block_n: int, block_k: int, num_warps: int, num_s
                            BLOCK_K=block_k, GROUP_M=8)
 
 
-# GEMV: every thread holds the x tile of its rows (BLOCK_M * BLOCK_K values), so BLOCK_M * BLOCK_K <= 128
-# bounds registers; BLOCK_K is further capped by the group size (one scale row per K tile).
+# GEMV: every thread holds the x tile of its rows (BLOCK_M * BLOCK_K values), so BLOCK_M * BLOCK_K <= 64
+# bounds registers (sm_90, 4 warps: 80 registers at BLOCK_M=1, 128 at BLOCK_M=4; BLOCK_K=128 needs 154 and
+# BLOCK_M=8 spills); BLOCK_K is further capped by the group size (one scale row per K tile). Rows 5-8
+# run as two m-tiles of 4 that read the same weight tile back to back.
+GEMV_BLOCK_M_MAX = 4
 GEMV_CONFIGS: tuple[LaunchConfig, ...] = tuple(
     _gemv_config(bm, bk, w)
-    for bm in (1, 2, 4, 8) for bk in (16, 32, 64, 128) if bm * bk <= 128 for w in (2, 4))
+    for bm in (1, 2, 4) for bk in (16, 32, 64) if bm * bk <= 64 for w in (2, 4))
 # GEMM: one small-M tile for 9-16 rows (split K fills the GPU), a middle and a large tile; BLOCK_K 32 or
 # 64 keeps shared memory (A + packed W per stage, plus the dequantized B) under 64 KB (AMD LDS).
 GEMM_CONFIGS: tuple[LaunchConfig, ...] = tuple(
@@ -361,8 +376,8 @@ def pick_config(M: int, K: int, N: int, group_size: int, dtype: torch.dtype = to
         no_bf16_mma = dtype == torch.bfloat16 and tuple(capability) < (8, 0)
         kernel = "gemv" if M <= GEMV_MAX_M or no_bf16_mma else "gemm"
     if kernel == "gemv":
-        bm = min(8, triton.next_power_of_2(max(M, 1)))
-        bk, per_k = _block_k(gs, K, 128 // bm, (16, 32, 64, 128), act_order)
+        bm = min(GEMV_BLOCK_M_MAX, triton.next_power_of_2(max(M, 1)))
+        bk, per_k = _block_k(gs, K, 64 // bm, (16, 32, 64), act_order)
         config = _gemv_config(bm, bk, num_warps)
         tiles = triton.cdiv(N, 128 * num_warps) * triton.cdiv(M, bm)
         target = num_sms * GEMV_CTAS_PER_SM
@@ -377,13 +392,19 @@ def pick_config(M: int, K: int, N: int, group_size: int, dtype: torch.dtype = to
     return Plan(kernel, config, _split(tiles, triton.cdiv(K, bk), target), per_k)
 
 
+def _k_split(plan: Plan, K: int) -> tuple[int, int]:
+    """(programs along K, K tiles per program), clamped so that no program gets an empty K range."""
+    k_tiles = triton.cdiv(K, plan.config.constexprs()["BLOCK_K"])
+    per = triton.cdiv(k_tiles, plan.split_k)
+    return triton.cdiv(k_tiles, per), per
+
+
 def grid(plan: Plan, M: int, N: int, K: int) -> tuple[int, int, int]:
-    """Launch grid of ``plan`` (after clamping the split so no K split is empty)."""
+    """Launch grid of ``plan``: GEMV (m-tiles, n-tiles, K splits), GEMM (swizzled tiles, K splits, 1)."""
     meta = plan.config.constexprs()
-    k_tiles = triton.cdiv(K, meta["BLOCK_K"])
-    split = triton.cdiv(k_tiles, triton.cdiv(k_tiles, plan.split_k))
+    split = _k_split(plan, K)[0]
     if plan.kernel == "gemv":
-        return (triton.cdiv(N, meta["BLOCK_N"]), split, triton.cdiv(M, meta["BLOCK_M"]))
+        return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), split)
     return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split, 1)
 
 
@@ -413,9 +434,25 @@ def aot_signature(dtype: str, config: LaunchConfig, *, scale_dtype: str | None =
     }
     flags = {"HAS_ZEROS": has_zeros, "PER_K": per_k or has_gidx, "HAS_GIDX": has_gidx, "HAS_BIAS": has_bias,
              "ATOMIC": atomic}
+    if kernel_for(config) == "gemm":
+        flags["UPCAST_DOT"] = False
     constexprs = {**config.constexprs(), **flags}
-    signature.update(dict.fromkeys(constexprs, "constexpr"))
-    return signature, constexprs
+    params = inspect.signature(KERNELS[kernel_for(config)].fn).parameters  # keep the kernel's order
+    return {name: signature.get(name, "constexpr") for name in params}, constexprs
+
+
+_ALIGNED_INTS = ("N", "K", "group_size", "stride_xm", "stride_om")
+
+
+def aot_attrs(signature: dict) -> dict:
+    """``attrs`` for ``ASTSource``: 16-divisibility of every pointer and of N, K, group size and strides.
+
+    This is what the JIT specializes at run time for Llama-like shapes (torch allocations are 256-byte
+    aligned; N, K and group sizes are multiples of 16). Without it the compiler cannot prove that a row
+    of ``qweight`` starts on a 16-byte boundary and emits 32-bit instead of 128-bit weight loads.
+    """
+    return {(i,): [["tt.divisibility", 16]] for i, (name, ty) in enumerate(signature.items())
+            if ty.startswith("*") or name in _ALIGNED_INTS}
 
 
 def aot_signature_gemv(dtype: str, config: LaunchConfig, **variant: bool | str) -> tuple[dict, dict]:
@@ -433,23 +470,26 @@ def aot_signature_gemm(dtype: str, config: LaunchConfig, **variant: bool | str) 
 # ----------------------------------------------------------------------------------------------------
 
 
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def _launch(plan: Plan, x2: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, gs: int,
             g_idx: Tensor | None, bias: Tensor | None) -> Tensor:
     M, K = x2.shape
     N = qweight.shape[1]
     meta = plan.config.constexprs()
-    k_tiles = triton.cdiv(K, meta["BLOCK_K"])
-    tiles_per_split = triton.cdiv(k_tiles, plan.split_k)
-    launch_grid = grid(plan, M, N, K)
-    atomic = launch_grid[1] > 1
+    split, tiles_per_split = _k_split(plan, K)
+    atomic = split > 1
     out = torch.zeros((M, N), device=x2.device, dtype=torch.float32) if atomic else \
         torch.empty((M, N), device=x2.device, dtype=x2.dtype)
-    KERNELS[plan.kernel][launch_grid](
+    KERNELS[plan.kernel][grid(plan, M, N, K)](
         x2, qweight, scales, scales if zeros is None else zeros, qweight if g_idx is None else g_idx,
         scales if bias is None else bias, out,
         M, N, K, gs, tiles_per_split, x2.stride(0), out.stride(0),
         HAS_ZEROS=zeros is not None, PER_K=plan.per_k, HAS_GIDX=g_idx is not None, HAS_BIAS=bias is not None,
         ATOMIC=atomic, num_warps=plan.config.num_warps, num_stages=plan.config.num_stages, **meta,
+        **({"UPCAST_DOT": x2.dtype == torch.bfloat16 and _interpreted()} if plan.kernel == "gemm" else {}),
     )
     return out.to(x2.dtype) if atomic else out
 
@@ -470,12 +510,16 @@ _TUNE_FILE_LOADED: set[str] = set()
 
 
 def _candidates(base: Plan, M: int, K: int, N: int, gs: int, dtype: torch.dtype, act_order: bool,
-                num_sms: int, capability: tuple[int, int]) -> list[Plan]:
-    """A handful of neighbours of the heuristic plan: other warp counts / tiles, half and double split."""
+                num_sms: int, capability: tuple[int, int], forced: bool) -> list[Plan]:
+    """A handful of neighbours of the heuristic plan: other warp counts / tiles, half and double split;
+    for 2-8 rows and no forced kernel, the small-M GEMM competes with the GEMV."""
     plans = [base]
     if base.kernel == "gemv":
         plans.append(pick_config(M, K, N, gs, dtype, act_order=act_order, num_sms=num_sms,
                                  capability=capability, kernel="gemv", num_warps=2))
+        if not forced and M > 1 and (dtype != torch.bfloat16 or tuple(capability) >= (8, 0)):
+            plans.append(pick_config(M, K, N, gs, dtype, act_order=act_order, num_sms=num_sms,
+                                     capability=capability, kernel="gemm"))
     else:
         for m_hint in (16, 64, 256):
             plans.append(pick_config(m_hint, K, N, gs, dtype, act_order=act_order, num_sms=num_sms,
@@ -528,7 +572,7 @@ def _plan_for(kernel: str | None, x2: Tensor, qweight: Tensor, scales: Tensor, z
     M, K = x2.shape
     N = qweight.shape[1]
     act_order = g_idx is not None
-    on_gpu = x2.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1"
+    on_gpu = x2.is_cuda and not _interpreted()
     num_sms = torch.cuda.get_device_properties(x2.device).multi_processor_count if on_gpu else DEFAULT_NUM_SMS
     capability = torch.cuda.get_device_capability(x2.device) if on_gpu else (9, 0)
     base = pick_config(M, K, N, gs, x2.dtype, act_order=act_order, num_sms=num_sms, capability=capability,
@@ -536,9 +580,9 @@ def _plan_for(kernel: str | None, x2: Tensor, qweight: Tensor, scales: Tensor, z
     if not on_gpu or os.environ.get("TRITONQ_AUTOTUNE", "1") == "0":
         return base
     if torch.cuda.is_current_stream_capturing():
-        return _TUNED.get(_plan_key(base.kernel, M, K, N, gs, x2.dtype, zeros is not None, act_order,
+        return _TUNED.get(_plan_key(kernel or "auto", M, K, N, gs, x2.dtype, zeros is not None, act_order,
                                     x2.device), base)
-    key = _plan_key(base.kernel, M, K, N, gs, x2.dtype, zeros is not None, act_order, x2.device)
+    key = _plan_key(kernel or "auto", M, K, N, gs, x2.dtype, zeros is not None, act_order, x2.device)
     tune_file = os.environ.get("TRITONQ_TUNE_FILE")
     if tune_file:
         _load_tune_file(tune_file)
@@ -546,7 +590,7 @@ def _plan_for(kernel: str | None, x2: Tensor, qweight: Tensor, scales: Tensor, z
         from triton.testing import do_bench
 
         timings = []
-        for cand in _candidates(base, M, K, N, gs, x2.dtype, act_order, num_sms, capability):
+        for cand in _candidates(base, M, K, N, gs, x2.dtype, act_order, num_sms, capability, kernel is not None):
             def run(c: Plan = cand) -> Tensor:
                 return _launch(c, x2, qweight, scales, zeros, gs, g_idx, bias)
             try:
