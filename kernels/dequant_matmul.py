@@ -34,7 +34,7 @@ from .configs import LaunchConfig
 from .pack import unpack_int4
 
 __all__ = ["CONFIGS", "GEMM_CONFIGS", "GEMV_CONFIGS", "KERNELS", "Plan", "aot_signature", "dequant_matmul",
-           "dequant_matmul_ref", "dequant_matmul_triton", "dequantize_int4", "grid", "kernel_for",
+           "dequant_matmul_ref", "dequant_matmul_triton", "dequantize_int4", "grid", "k_split", "kernel_for",
            "pick_config", "aot_attrs"]
 
 _FORCE = (None, "ref", "gemv", "gemm")
@@ -134,7 +134,7 @@ def dequant_gemv_kernel(
     HAS_ZEROS: tl.constexpr, PER_K: tl.constexpr, HAS_GIDX: tl.constexpr, HAS_BIAS: tl.constexpr,
     ATOMIC: tl.constexpr,
 ):
-    """Split-K GEMV: program (m-tile, n-tile, K split) reduces its K range on CUDA cores in fp32.
+    """Split-K GEMV: program (n-tile x m-tile, K split) reduces its K range on CUDA cores in fp32.
 
     The weight tile is [BLOCK_K // 8, BLOCK_N] int32 with N contiguous; with BLOCK_N = 128 * num_warps
     each thread holds 4 consecutive words of every packed row (one 128-bit load per row) and the whole
@@ -142,9 +142,10 @@ def dequant_gemv_kernel(
     a zeroed fp32 output (split-K); otherwise store the final row in the output dtype.
     """
     BKP: tl.constexpr = BLOCK_K // 8
-    pid_m = tl.program_id(0)  # fastest: the m-tiles sharing a weight tile run back to back (L2 reuse)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
+    m_tiles = tl.cdiv(M, BLOCK_M)
+    pid_m = tl.program_id(0) % m_tiles  # m fastest: m-tiles sharing a weight tile run back to back (L2)
+    pid_n = tl.program_id(0) // m_tiles
+    pid_k = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rn = tl.max_contiguous(tl.multiple_of(rn, BLOCK_N), BLOCK_N)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -392,7 +393,7 @@ def pick_config(M: int, K: int, N: int, group_size: int, dtype: torch.dtype = to
     return Plan(kernel, config, _split(tiles, triton.cdiv(K, bk), target), per_k)
 
 
-def _k_split(plan: Plan, K: int) -> tuple[int, int]:
+def k_split(plan: Plan, K: int) -> tuple[int, int]:
     """(programs along K, K tiles per program), clamped so that no program gets an empty K range."""
     k_tiles = triton.cdiv(K, plan.config.constexprs()["BLOCK_K"])
     per = triton.cdiv(k_tiles, plan.split_k)
@@ -400,11 +401,12 @@ def _k_split(plan: Plan, K: int) -> tuple[int, int]:
 
 
 def grid(plan: Plan, M: int, N: int, K: int) -> tuple[int, int, int]:
-    """Launch grid of ``plan``: GEMV (m-tiles, n-tiles, K splits), GEMM (swizzled tiles, K splits, 1)."""
+    """Launch grid of ``plan``: (output tiles, K splits, 1) for both kernels (GEMV tiles: n-major, m fastest;
+    GEMM tiles: swizzled in groups of GROUP_M rows)."""
     meta = plan.config.constexprs()
-    split = _k_split(plan, K)[0]
+    split = k_split(plan, K)[0]
     if plan.kernel == "gemv":
-        return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), split)
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split, 1)
     return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split, 1)
 
 
@@ -479,7 +481,7 @@ def _launch(plan: Plan, x2: Tensor, qweight: Tensor, scales: Tensor, zeros: Tens
     M, K = x2.shape
     N = qweight.shape[1]
     meta = plan.config.constexprs()
-    split, tiles_per_split = _k_split(plan, K)
+    split, tiles_per_split = k_split(plan, K)
     atomic = split > 1
     out = torch.zeros((M, N), device=x2.device, dtype=torch.float32) if atomic else \
         torch.empty((M, N), device=x2.device, dtype=x2.dtype)

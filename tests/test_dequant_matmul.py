@@ -102,7 +102,7 @@ def test_split_k_and_bias(kernel, split_k):
     x, qw, s, z, _, b = _problem(M, K, N, gs, torch.float16, False, False, seed=split_k, bias=True)
     base = dm.pick_config(M, K, N, gs, kernel=kernel)
     plan = dm.Plan(base.kernel, base.config, split_k, base.per_k)
-    assert dm.grid(plan, M, N, K)[2 if kernel == "gemv" else 1] == split_k
+    assert dm.grid(plan, M, N, K)[1] == split_k == dm.k_split(plan, K)[0]
     y = dm.dequant_matmul_triton(x, qw, s, z, group_size=gs, bias=b, plan=plan)
     _assert_close(y, dm.dequant_matmul_ref(x, qw, s, z, group_size=gs, bias=b), torch.float16)
 
