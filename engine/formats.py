@@ -423,10 +423,10 @@ def _config_for(
             "group_size": None if g == -1 else g,
             "dynamic": False,
             "observer": "minmax",
-            "observer_kwargs": {},
-            "block_structure": None,
-            "actorder": "group" if desc_act else ("static" if spec.act_order else None),
         }
+        actorder = "group" if desc_act else ("static" if spec.act_order else None)
+        if actorder is not None:  # CT omits None-valued fields when it serialises QuantizationArgs
+            weights["actorder"] = actorder
         if scale_dtype is not None:
             weights["scale_dtype"] = scale_dtype
         return {
@@ -448,7 +448,6 @@ def _config_for(
             "global_compression_ratio": None,
             "sparsity_config": {},
             "transform_config": {},
-            "provider": f"tritonq:{version}",
         }
     if fmt in ("gptq", "gptq_v2"):
         cfg = {
