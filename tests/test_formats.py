@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-
 from tritonq.engine.errors import TritonqError
 from tritonq.engine.formats import (
     FORMATS,
@@ -198,7 +197,8 @@ def test_format_restrictions(fake_dir, tmp_path):
 def _rewrite(out: Path, edit) -> None:
     tensors = load_file(str(out / "model.safetensors"))
     edit(tensors)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
 
 
 def _edit_config(out: Path, **changes) -> None:
@@ -343,7 +343,6 @@ def _llmcompressor_checkpoint(tmp_path: Path, sym: bool) -> Path:
 @pytest.mark.parametrize("sym", [True, False])
 def test_llmcompressor_checkpoint_loads_into_tritonq(tmp_path, sym):
     from transformers import AutoModelForCausalLM
-
     from tritonq.engine.serve import load_packed_model
 
     ckpt = _llmcompressor_checkpoint(tmp_path, sym)
