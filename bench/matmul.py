@@ -1,0 +1,180 @@
+"""``tritonq bench matmul``: the int4 dequant-matmul against fp16 ``torch.matmul`` on the same GPU.
+
+Method (docs/kernels_perf.md §5): Llama-like K x N shapes (4096x4096, 4096x14336, 14336x4096,
+8192x28672), M in {1, 2, 4, 8, 16, 64, 256}, int4 with g128 fp16 scales and zeros. Each case is timed
+with a cold L2: enough copies of the weights (packed and fp16 alike) to exceed twice the L2 size are
+cycled, as vLLM's ``benchmark_machete.py`` does. The calls are captured in one CUDA graph so that launch
+overhead is not measured (decode runs under CUDA graphs in practice); the time per call is the graph
+replay time divided by the number of calls. Kernel configurations are tuned (and cached) before capture.
+The roofline is the bytes a call must move (packed weights + scales + zeros + x + y) over the measured
+device-to-device copy bandwidth (read + write), which is what a streaming read can reach; the spec-sheet
+peak is higher (H100 SXM: 3.35 TB/s vs ~3.0 TB/s measured, kernels_perf.md §2).
+
+Without a GPU the kernels run in the Triton interpreter on tiny shapes to show that the command works
+and the results are right; those timings are interpreter wall times, not speed measurements, and the
+report says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import torch
+
+SHAPES_KN = ((4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672))
+MS = (1, 2, 4, 8, 16, 64, 256)
+GROUP = 128
+TARGET_M1_SPEEDUP = 3.0  # issue 4: at M = 1 on the large shapes
+LARGE = ((4096, 14336), (14336, 4096), (8192, 28672))
+CPU_SHAPES_KN = ((256, 128), (640, 72))
+CPU_MS = (1, 3, 16)
+
+
+def _weights(K: int, N: int, dtype: torch.dtype, device: str, seed: int):
+    from ..kernels.pack import pack_int4
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    codes = torch.randint(0, 16, (K, N), generator=g, dtype=torch.int32)
+    scales = (torch.rand(K // GROUP, N, generator=g) * 0.01 + 0.001).to(dtype)
+    zeros = torch.randint(0, 16, (K // GROUP, N), generator=g).to(dtype)
+    return pack_int4(codes).to(device), scales.to(device), zeros.to(device)
+
+
+def _bytes_int4(M: int, K: int, N: int) -> int:
+    return K * N // 2 + 2 * (K // GROUP) * N * 2 + 2 * M * K + 2 * M * N
+
+
+def _bytes_fp16(M: int, K: int, N: int) -> int:
+    return 2 * K * N + 2 * M * K + 2 * M * N
+
+
+def _graph_time_us(calls, reps: int = 20) -> float:
+    """Capture ``calls`` (a list of zero-argument functions) in one CUDA graph; microseconds per call."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for fn in calls:  # warm-up outside the graph (compilation, tuning, allocator)
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in calls:
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return 1e3 * start.elapsed_time(end) / (reps * len(calls))
+
+
+def _copy_bandwidth() -> float:
+    """Device-to-device copy rate in bytes/s (read + write), 1 GiB buffers, CUDA-graph timed."""
+    n = 2**29
+    a = torch.empty(n, dtype=torch.float16, device="cuda")
+    b = torch.empty_like(a)
+    us = _graph_time_us([lambda: b.copy_(a)], reps=10)
+    return 2 * 2 * n / (us * 1e-6)
+
+
+def _cuda_bench(as_json: bool) -> int:
+    from ..kernels.dequant_matmul import dequant_matmul, dequant_matmul_ref
+
+    props = torch.cuda.get_device_properties(0)
+    l2 = getattr(props, "L2_cache_size", 50 * 2**20)
+    bw = _copy_bandwidth()
+    rows = []
+    if not as_json:
+        print(f"{props.name}: {props.multi_processor_count} SMs, L2 {l2 / 2**20:.0f} MiB, "
+              f"copy bandwidth {bw / 1e12:.2f} TB/s; int4 g{GROUP} asym fp16, cold L2, CUDA graphs")
+        print(f"{'M':>4} {'K':>6} {'N':>6} {'int4 us':>9} {'fp16 us':>9} {'speedup':>8} {'int4 %bw':>9} "
+              f"{'fp16 %bw':>9}")
+    for K, N in SHAPES_KN:
+        packed_bytes = _bytes_int4(0, K, N)
+        copies_q = max(2, -(-2 * l2 // packed_bytes))
+        copies_f = max(2, -(-2 * l2 // (2 * K * N)))
+        qs = [_weights(K, N, torch.float16, "cuda", seed=i) for i in range(copies_q)]
+        wf = [torch.randn(K, N, device="cuda", dtype=torch.float16) for _ in range(copies_f)]
+        for M in MS:
+            x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+            qw, s, z = qs[0]
+            err = (dequant_matmul(x, qw, s, z, group_size=GROUP).float()
+                   - dequant_matmul_ref(x, qw, s, z, group_size=GROUP).float()).abs().max().item()
+            t_q = _graph_time_us([lambda w=w, x=x: dequant_matmul(x, *w, group_size=GROUP) for w in qs])
+            t_f = _graph_time_us([lambda w=w, x=x: torch.matmul(x, w) for w in wf])
+            row = {"M": M, "K": K, "N": N, "int4_us": t_q, "fp16_us": t_f, "speedup": t_f / t_q,
+                   "int4_roofline_frac": _bytes_int4(M, K, N) / bw / (t_q * 1e-6),
+                   "fp16_roofline_frac": _bytes_fp16(M, K, N) / bw / (t_f * 1e-6), "max_abs_err": err}
+            rows.append(row)
+            if not as_json:
+                print(f"{M:>4} {K:>6} {N:>6} {t_q:>9.2f} {t_f:>9.2f} {row['speedup']:>7.2f}x "
+                      f"{100 * row['int4_roofline_frac']:>8.1f}% {100 * row['fp16_roofline_frac']:>8.1f}%")
+        del qs, wf
+        torch.cuda.empty_cache()
+    m1 = [r for r in rows if r["M"] == 1 and (r["K"], r["N"]) in LARGE]
+    met = all(r["speedup"] >= TARGET_M1_SPEEDUP for r in m1)
+    result = {"device": props.name, "mode": "cuda", "copy_bandwidth_Bps": bw, "group_size": GROUP,
+              "rows": rows, "target_m1_speedup": TARGET_M1_SPEEDUP, "target_met": met}
+    if as_json:
+        print(json.dumps(result, indent=1))
+    else:
+        worst = min((r["speedup"] for r in m1), default=float("nan"))
+        print(f"M=1 large shapes: worst speedup {worst:.2f}x, target {TARGET_M1_SPEEDUP}x "
+              f"{'met' if met else 'NOT met'}")
+    return 0
+
+
+def _interpreter_check(as_json: bool) -> int:
+    from ..kernels.dequant_matmul import dequant_matmul, dequant_matmul_ref
+
+    note = ("no GPU: Triton interpreter on tiny shapes; checks that the kernels run and match the "
+            "reference. Times are interpreter wall times, NOT a speed measurement.")
+    if not as_json:
+        print(note)
+        print(f"{'kernel':>6} {'M':>3} {'K':>5} {'N':>5} {'max |err|':>10} {'max |ref|':>10} {'wall s':>7}")
+    rows, ok = [], True
+    for K, N in CPU_SHAPES_KN:
+        qw, s, z = _weights(K, N, torch.float16, "cpu", seed=K)
+        for M in CPU_MS:
+            x = torch.randn(M, K, dtype=torch.float16)
+            ref = dequant_matmul_ref(x, qw, s, z, group_size=GROUP).float()
+            for kernel in ("gemv", "gemm"):
+                t0 = time.perf_counter()
+                y = dequant_matmul(x, qw, s, z, group_size=GROUP, force=kernel).float()
+                wall = time.perf_counter() - t0
+                err = (y - ref).abs().max().item()
+                good = err <= 2.0**-9 * (1.0 + ref.abs().max().item())
+                ok &= good
+                rows.append({"kernel": kernel, "M": M, "K": K, "N": N, "max_abs_err": err,
+                             "max_abs_ref": ref.abs().max().item(), "interpreter_wall_s": wall, "ok": good})
+                if not as_json:
+                    print(f"{kernel:>6} {M:>3} {K:>5} {N:>5} {err:>10.2e} {ref.abs().max().item():>10.2e} "
+                          f"{wall:>7.2f}{'' if good else '  MISMATCH'}")
+    if as_json:
+        print(json.dumps({"mode": "interpreter", "speed_measured": False, "note": note, "rows": rows,
+                          "all_match": ok}, indent=1))
+    else:
+        print("all results match the reference" if ok else "MISMATCH against the reference")
+    return 0 if ok else 1
+
+
+def main(args) -> int:
+    as_json = bool(getattr(args, "json", False))
+    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return _cuda_bench(as_json)
+    if "tritonq.kernels.dequant_matmul" in sys.modules and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        # triton.jit decided at import time that the kernels are compiled; rerun interpreted
+        import subprocess
+
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        cmd = [sys.executable, "-m", "tritonq.cli", "bench", "matmul"] + (["--json"] if as_json else [])
+        return subprocess.call(cmd, env=env)
+    os.environ["TRITON_INTERPRET"] = "1"  # before the kernel module is imported (decided at decoration)
+    return _interpreter_check(as_json)
