@@ -42,7 +42,7 @@ def hessian_accumulate_ref(hessian: torch.Tensor, x: torch.Tensor, n_seen: int) 
 @triton.jit
 def hessian_accum_kernel(
     x_ptr, h_ptr, pairs_ptr, T, K, stride_xt, stride_h, alpha, beta,
-    BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, FP32_INPUT: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, FP32_INPUT: tl.constexpr, UPCAST: tl.constexpr = False,
 ):
     """One program: tile (bi, bj), bi <= bj, of H = alpha * H + beta * X[:, bi]^T X[:, bj]."""
     pid = tl.program_id(0)
@@ -58,7 +58,9 @@ def hessian_accum_kernel(
                     mask=(tt[:, None] < T) & (rows[None, :] < K), other=0.0)
         b = tl.load(x_ptr + tt[:, None] * stride_xt + cols[None, :],
                     mask=(tt[:, None] < T) & (cols[None, :] < K), other=0.0)
-        if FP32_INPUT:
+        if UPCAST:  # the interpreter has no bf16 dot; bf16 products are exact in fp32 anyway
+            acc = tl.dot(tl.trans(a.to(tl.float32)), b.to(tl.float32), acc, input_precision="ieee")
+        elif FP32_INPUT:
             acc = tl.dot(tl.trans(a), b, acc, input_precision="ieee")
         else:
             acc = tl.dot(tl.trans(a), b, acc)
@@ -114,7 +116,7 @@ def hessian_accumulate_triton(hessian: torch.Tensor, x: torch.Tensor, n_seen: in
     pairs = _tile_pairs(triton.cdiv(k, block), x.device)
     hessian_accum_kernel[(pairs.shape[0],)](
         x, hessian, pairs, t, k, x.stride(0), hessian.stride(0), n_seen / n_new, 2.0 / n_new,
-        FP32_INPUT=x.dtype == torch.float32, num_warps=config.num_warps, num_stages=config.num_stages,
+        FP32_INPUT=x.dtype == torch.float32, UPCAST=x.dtype == torch.bfloat16 and not x.is_cuda, num_warps=config.num_warps, num_stages=config.num_stages,
         **config.constexprs(),
     )
     return n_new
