@@ -8,7 +8,8 @@ https://platform.openai.com/docs/api-reference/chat/streaming) on FastAPI + uvic
 serialises requests on the single model.
 """
 
-from __future__ import annotations
+# No ``from __future__ import annotations``: FastAPI reads the request models of the handlers
+# defined inside ``create_app`` from their real (not stringified) annotations.
 
 import json
 import os
