@@ -207,14 +207,17 @@ def dequant_gemm_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, gidx_ptr, bias_ptr, out_ptr,
     M, N, K, group_size, tiles_per_split, stride_xm, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SCALE_AFTER_DOT: tl.constexpr,
     HAS_ZEROS: tl.constexpr, PER_K: tl.constexpr, HAS_GIDX: tl.constexpr, HAS_BIAS: tl.constexpr,
     ATOMIC: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     """Tiled GEMM on tensor cores: the B tile is dequantized in registers, ``tl.dot`` accumulates in fp32.
 
-    Grouped path: B holds the exact small integers ``q - z`` in x's dtype and the group scale multiplies
-    the fp32 partial product of the tile (one multiply per output instead of one per weight, and no
-    rounding of ``s (q - z)`` to 16 bits). PER_K path: B = ``s (q - z)`` per weight, rounded to x's dtype.
+    Grouped path with SCALE_AFTER_DOT: B holds the exact small integers ``q - z`` in x's dtype and the
+    group scale multiplies the fp32 partial product of the tile (one multiply per output instead of one
+    per weight, and no rounding of ``s (q - z)`` to 16 bits); it needs a second BM x BN fp32 register
+    tile, so the 128-row tile (which spills with it on sm_86) scales B instead. PER_K path: B = ``s (q - z)``
+    per weight, rounded to x's dtype.
     Programs are swizzled in groups of GROUP_M row tiles for L2 reuse (Triton matmul tutorial); axis 1
     splits K (ATOMIC: fp32 atomics into a zeroed output, as GemLite's GEMM_SPLITK). UPCAST_DOT feeds
     ``tl.dot`` fp32 copies of both tiles: the launcher sets it only for bf16 under TRITON_INTERPRET=1,
@@ -268,6 +271,18 @@ def dequant_gemm_kernel(
                 acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
             else:
                 acc = tl.dot(a, b, acc)
+        elif not SCALE_AFTER_DOT:
+            g = (t * BLOCK_K) // group_size
+            sc = tl.load(s_ptr + g * N + rn, mask=n_mask, other=0.0).to(tl.float32)
+            if HAS_ZEROS:
+                zp = tl.load(z_ptr + g * N + rn, mask=n_mask, other=0.0).to(tl.float32)
+            else:
+                zp = tl.full((BLOCK_N,), 8.0, tl.float32)
+            b = ((q.to(tl.float32) - zp[None, :]) * sc[None, :]).to(x_ptr.dtype.element_ty)
+            if UPCAST_DOT:
+                acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc)
         else:
             g = (t * BLOCK_K) // group_size
             sc = tl.load(s_ptr + g * N + rn, mask=n_mask, other=0.0).to(tl.float32)
@@ -314,7 +329,7 @@ def _gemv_config(block_m: int, block_k: int, num_warps: int) -> LaunchConfig:
 
 def _gemm_config(block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int) -> LaunchConfig:
     return LaunchConfig.of(num_warps=num_warps, num_stages=num_stages, BLOCK_M=block_m, BLOCK_N=block_n,
-                           BLOCK_K=block_k, GROUP_M=8)
+                           BLOCK_K=block_k, GROUP_M=8, SCALE_AFTER_DOT=int(block_m < 128))
 
 
 # GEMV: every thread holds the x tile of its rows (BLOCK_M * BLOCK_K values), so BLOCK_M * BLOCK_K <= 64
@@ -327,9 +342,10 @@ GEMV_CONFIGS: tuple[LaunchConfig, ...] = tuple(
     for bm in (1, 2, 4) for bk in (16, 32, 64) if bm * bk <= 64 for w in (2, 4))
 # GEMM: one small-M tile for 9-16 rows (split K fills the GPU), a middle and a large tile; BLOCK_K 32 or
 # 64 keeps shared memory (A + packed W per stage, plus the dequantized B) under 64 KB (AMD LDS).
+# The 128-row tile keeps BLOCK_K = 32: with 64 it spills 8 bytes on sm_86 (255 registers).
+_GEMM_TILES = ((16, 64, 4, 3, 64), (64, 128, 4, 3, 64), (128, 128, 8, 2, 32))  # BM, BN, warps, stages, max BK
 GEMM_CONFIGS: tuple[LaunchConfig, ...] = tuple(
-    _gemm_config(bm, bn, bk, w, s)
-    for (bm, bn, w, s) in ((16, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 2)) for bk in (32, 64))
+    _gemm_config(bm, bn, bk, w, s) for (bm, bn, w, s, bk_max) in _GEMM_TILES for bk in (32, 64) if bk <= bk_max)
 CONFIGS: tuple[LaunchConfig, ...] = GEMV_CONFIGS + GEMM_CONFIGS
 
 
@@ -383,8 +399,8 @@ def pick_config(M: int, K: int, N: int, group_size: int, dtype: torch.dtype = to
         tiles = triton.cdiv(N, 128 * num_warps) * triton.cdiv(M, bm)
         target = num_sms * GEMV_CTAS_PER_SM
     elif kernel == "gemm":
-        bm, bn, w, s = (16, 64, 4, 3) if M <= 16 else (64, 128, 4, 3) if M <= 64 else (128, 128, 8, 2)
-        bk, per_k = _block_k(gs, K, 64, (32, 64), act_order)
+        bm, bn, w, s, bk_max = _GEMM_TILES[0 if M <= 16 else 1 if M <= 64 else 2]
+        bk, per_k = _block_k(gs, K, bk_max, (32, 64), act_order)
         config = _gemm_config(bm, bn, bk, w, s)
         tiles = triton.cdiv(N, bn) * triton.cdiv(M, bm)
         target = num_sms * GEMM_CTAS_PER_SM

@@ -107,6 +107,17 @@ def test_split_k_and_bias(kernel, split_k):
     _assert_close(y, dm.dequant_matmul_ref(x, qw, s, z, group_size=gs, bias=b), torch.float16)
 
 
+@pytest.mark.parametrize("sym", [False, True])
+def test_gemm_large_tile_scales_b(sym):
+    """The 128-row GEMM tile dequantizes B with its scales (SCALE_AFTER_DOT=0); M > 64 picks it."""
+    M, K, N, gs = 130, 128, 136, 32
+    x, qw, s, z, _, b = _problem(M, K, N, gs, torch.float16, sym, False, seed=11, bias=True)
+    plan = dm.pick_config(M, K, N, gs)
+    assert plan.kernel == "gemm" and plan.config.constexprs()["SCALE_AFTER_DOT"] == 0
+    y = dm.dequant_matmul_triton(x, qw, s, z, group_size=gs, bias=b, plan=plan)
+    _assert_close(y, dm.dequant_matmul_ref(x, qw, s, z, group_size=gs, bias=b), torch.float16)
+
+
 def test_batched_input_and_dispatch():
     x, qw, s, z, _, _ = _problem(3, 256, 64, 128, torch.float16, False, False, seed=7, batch=(2,))
     ref = dm.dequant_matmul_ref(x, qw, s, z, group_size=128)
