@@ -14,6 +14,13 @@ Arguments (the contract every caller codes against)
   when ``g_idx`` (int32 [K], act-order) is given; then ``G`` must be ``ceil(K / group_size)``.
 - ``force``: ``None`` (CUDA tensors -> Triton kernels, anything else -> reference), ``"ref"``,
   ``"gemv"`` or ``"gemm"``.
+
+For the AOT catalog: two kernels, ``dequant_gemv_kernel`` / ``dequant_gemm_kernel`` (also ``KERNELS``),
+with ``GEMV_CONFIGS`` / ``GEMM_CONFIGS`` (``CONFIGS`` is both), ``aot_signature_gemv`` /
+``aot_signature_gemm`` (or ``aot_signature``, which tells them apart with ``kernel_for(config)``) and
+``aot_attrs(signature)`` for the 16-divisibility hints. ``pick_config(M, K, N, group_size, dtype,
+num_sms=, capability=)`` returns a :class:`Plan` (kernel, config, split_k, per_k); ``grid(plan, M, N, K)``
+is (output tiles, K splits, 1) for both kernels and ``k_split(plan, K)`` the clamped split.
 """
 
 from __future__ import annotations
