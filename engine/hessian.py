@@ -58,7 +58,8 @@ def inverse_cholesky(hessian: torch.Tensor, damp: float, layer: str, max_tries: 
     for _ in range(max_tries):
         lower, info = torch.linalg.cholesky_ex(hessian + tried * mean_diag * eye)
         if info.item() == 0:
-            inverse = torch.cholesky_inverse(lower)
+            # cholesky_solve against I: same result as cholesky_inverse, several times faster on the CPU
+            inverse = torch.cholesky_solve(eye, lower)
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
             if info.item() == 0 and torch.isfinite(upper).all():
                 if tried != damp:

@@ -37,10 +37,6 @@ UPDATE_CONFIGS: tuple[LaunchConfig, ...] = (
 CONFIGS = BLOCK_CONFIGS + UPDATE_CONFIGS
 
 
-def _round_half_even(x: torch.Tensor) -> torch.Tensor:
-    return torch.round(x)
-
-
 def quantize_block_ref(
     w: torch.Tensor, u: torch.Tensor, c0: int, ncols: int, scale: torch.Tensor, zero: torch.Tensor,
     g_idx: torch.Tensor, group_size: int, maxq: int, sym: bool, fit: bool,
@@ -49,19 +45,22 @@ def quantize_block_ref(
 
     Returns ``(q, err)``: the fake-quantized block [N, ncols] and the scaled errors [N, ncols].
     With ``fit`` the group grids are fitted here and written into ``scale``/``zero`` [N, G].
-    ``w`` is not modified.
+    ``w`` is not modified. The tile is kept transposed ([ncols, N], one column per contiguous row) so that
+    each step is a contiguous row read and one rank-1 BLAS update: this is the engine's CPU path.
     """
-    tile = w[:, c0:c0 + ncols].clone()
+    tile = w[:, c0:c0 + ncols].t().contiguous()
+    u_blk = u[c0:c0 + ncols, c0:c0 + ncols]
     q_out = torch.empty_like(tile)
     err_out = torch.empty_like(tile)
+    groups = g_idx[c0:c0 + ncols].tolist()
     s = z = None
     for i in range(ncols):
-        g = int(g_idx[c0 + i])
+        g = groups[i]
         if fit:
             if (c0 + i) % group_size == 0:
-                grp = tile[:, i:i + group_size]
-                lo = torch.clamp(grp.amin(dim=1), max=0.0)
-                hi = torch.clamp(grp.amax(dim=1), min=0.0)
+                grp = tile[i:i + group_size]
+                lo = torch.clamp(grp.amin(dim=0), max=0.0)
+                hi = torch.clamp(grp.amax(dim=0), min=0.0)
                 if sym:
                     s = 2.0 * torch.maximum(-lo, hi) / maxq
                 else:
@@ -70,18 +69,19 @@ def quantize_block_ref(
                 if sym:
                     z = torch.full_like(s, float((maxq + 1) // 2))
                 else:
-                    z = torch.clamp(_round_half_even(-lo / s), 0, maxq)
+                    z = torch.clamp(torch.round(-lo / s), 0, maxq)
                 scale[:, g] = s
                 zero[:, g] = z
         else:
             s, z = scale[:, g], zero[:, g]
-        wi = tile[:, i]
-        qi = s * (torch.clamp(_round_half_even(wi / s) + z, 0, maxq) - z)
-        ei = (wi - qi) / u[c0 + i, c0 + i]
-        q_out[:, i] = qi
-        err_out[:, i] = ei
-        tile[:, i + 1:] -= ei[:, None] * u[c0 + i, c0 + i + 1:c0 + ncols][None, :]
-    return q_out, err_out
+        wi = tile[i]
+        qi = s * (torch.clamp(torch.round(wi / s) + z, 0, maxq) - z)
+        ei = (wi - qi) / u_blk[i, i]
+        q_out[i] = qi
+        err_out[i] = ei
+        if i + 1 < ncols:
+            tile[i + 1:].addr_(u_blk[i, i + 1:], ei, alpha=-1.0)
+    return q_out.t(), err_out.t()
 
 
 def trailing_update_ref(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
