@@ -74,9 +74,10 @@ def _save_quant_params(path: Path, layers: dict) -> None:
 
     tensors = {}
     for name, res in layers.items():
-        tensors[f"{name}.scale"] = res.scale.float().contiguous()
-        tensors[f"{name}.zero"] = res.zero.float().contiguous()
-        tensors[f"{name}.g_idx"] = res.g_idx.to(torch.int32).contiguous()
+        # clones: linears of one group share g_idx (and row slices of one solve), safetensors wants owners
+        tensors[f"{name}.scale"] = res.scale.float().clone()
+        tensors[f"{name}.zero"] = res.zero.float().clone()
+        tensors[f"{name}.g_idx"] = res.g_idx.to(torch.int32).clone()
     save_file(tensors, str(path))
 
 
