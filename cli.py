@@ -26,7 +26,8 @@ def _add_quantize(sub) -> None:
                    help="hub id, local directory, or 'smollm2' (the offline default model)")
     p.add_argument("--method", default="gptq", help="rtn or gptq")
     p.add_argument("--bits", type=int, default=4)
-    p.add_argument("--group-size", type=int, default=128, help="-1 for per channel")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="-1 for per channel (default: 128, or 64/32 where 128 does not divide the model)")
     sym = p.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="sym", action="store_true", help="symmetric grid")
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid (default)")

@@ -9,8 +9,10 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,7 +25,7 @@ from .data import calibration_windows, evaluation_windows, load_corpus, tokenize
 from .errors import TritonqError
 from .grid import GridSpec
 from .methods import get_method
-from .model_io import load_model, load_tokenizer, resolve_device, resolve_dtype
+from .model_io import load_config, load_model, load_tokenizer, resolve_device, resolve_dtype
 from .outputs import atomic_output_dir, check_output_dir
 
 CALIB_BATCH = 8  # calibration windows per forward pass
@@ -35,7 +37,7 @@ class QuantizeOptions:
     model: str = "smollm2"
     method: str = "gptq"
     bits: int = 4
-    group_size: int = 128
+    group_size: int | None = None  # None: 128, or the largest of 64/32 that divides every layer
     sym: bool = False
     mse: bool = False
     act_order: bool = False
@@ -64,6 +66,7 @@ class QuantizeSummary:
     perplexity: float | None = None
     eval_windows: int | None = None
     layers: int = 0
+    group_size: int | None = None
 
 
 PACKED_FORMATS = ("compressed-tensors", "gptq", "gptq_v2", "awq")
@@ -81,13 +84,44 @@ def _save_quant_params(path: Path, layers: dict) -> None:
     save_file(tensors, str(path))
 
 
+def preflight(model_name: str, spec: GridSpec, trust_remote_code: bool = False):
+    """Adapter of the model and a check that the grid fits every linear, from the config alone."""
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(model_name, trust_remote_code)
+    adapter = adapter_for(config)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    block = adapter.block_list(skeleton)[0]
+    for name in adapter.linear_names():
+        spec.groups_for(block.get_submodule(name).in_features, f"{adapter.blocks}.0.{name}")
+    return adapter
+
+
+def default_group_spec(model_name: str, spec: GridSpec, trust_remote_code: bool = False) -> GridSpec:
+    """Group 128 (the common default), or 64 / 32 when 128 does not divide the model (SmolLM2: 576)."""
+    for group in (128, 64, 32):
+        candidate = dataclasses.replace(spec, group_size=group)
+        try:
+            preflight(model_name, candidate, trust_remote_code)
+        except TritonqError as exc:
+            if "does not divide" in str(exc):
+                continue
+            raise
+        if group != 128:
+            print(f"tritonq: group size 128 does not divide this model's layers; using {group}", file=sys.stderr)
+        return candidate
+    return spec  # preflight will report the problem
+
+
 def quantize(opts: QuantizeOptions) -> QuantizeSummary:
     """Load, calibrate, quantize block by block, save atomically, optionally evaluate."""
     started = time.perf_counter()
     seconds: dict[str, float] = {}
     if opts.out_format not in ("fake", *PACKED_FORMATS):
         raise TritonqError(f"unknown --format {opts.out_format!r}; choose fake or one of {', '.join(PACKED_FORMATS)}")
-    spec = GridSpec(bits=opts.bits, group_size=opts.group_size, sym=opts.sym, mse=opts.mse)
+    group_size = 128 if opts.group_size is None else opts.group_size
+    spec = GridSpec(bits=opts.bits, group_size=group_size, sym=opts.sym, mse=opts.mse)
     method = get_method(opts.method, act_order=opts.act_order, damp=opts.damp, block_size=opts.block_size)
     check_output_dir(opts.output, opts.overwrite)
     device = resolve_device(opts.device)
@@ -95,12 +129,10 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
 
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(opts.model, opts.trust_remote_code)
-    model = load_model(opts.model, dtype, opts.trust_remote_code)
-    adapter = adapter_for(model.config)
-    for name in adapter.linear_names():  # fail early on a group size that does not divide
-        lin = adapter.block_list(model)[0].get_submodule(name)
-        spec.groups_for(lin.in_features, f"{adapter.blocks}.0.{name}")
-    seconds["load"] = time.perf_counter() - t0
+    if opts.group_size is None:
+        spec = default_group_spec(opts.model, spec, opts.trust_remote_code)
+    adapter = preflight(opts.model, spec, opts.trust_remote_code)  # shapes from the config: fail before loading
+    seconds["preflight"] = time.perf_counter() - t0
 
     calib_meta = None
     batches = None
@@ -118,6 +150,10 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
         calib_meta = {"name": opts.calib, "source": corpus.source, "sha256": corpus.sha256,
                       "nsamples": opts.nsamples, "seqlen": opts.seqlen, "seed": opts.seed}
         seconds["calibration_data"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    model = load_model(opts.model, dtype, opts.trust_remote_code)
+    seconds["load"] = time.perf_counter() - t0
 
     from .pipeline import quantize_blocks
 
@@ -154,7 +190,8 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
             (tmp / "_packed").rmdir()
     seconds["save"] = time.perf_counter() - t0
 
-    summary = QuantizeSummary(str(Path(opts.output).resolve()), seconds, layers=len(report.layers))
+    summary = QuantizeSummary(str(Path(opts.output).resolve()), seconds, layers=len(report.layers),
+                              group_size=spec.group_size)
     if eval_windows is not None:
         from .evaluate import perplexity
 
@@ -178,7 +215,7 @@ def quantize_command(args) -> int:
     )
     s = quantize(opts)
     secs = s.seconds
-    grid = f"{opts.bits}-bit, group {opts.group_size}, {'sym' if opts.sym else 'asym'}"
+    grid = f"{opts.bits}-bit, group {s.group_size}, {'sym' if opts.sym else 'asym'}"
     text = (f"Quantized {opts.model} with {opts.method.upper()} ({grid}) over {s.layers} linear layers in "
             f"{secs.get('quantize_total', 0):.1f} s (load {secs.get('load', 0):.1f} s, "
             f"save {secs.get('save', 0):.1f} s, total {secs['total']:.1f} s); wrote {s.output} ({opts.out_format}).")

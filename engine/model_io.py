@@ -68,6 +68,19 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
         raise TritonqError(f"cannot load the tokenizer of {name!r}: {type(exc).__name__}: {_first_line(exc)}") from None
 
 
+def load_config(name: str, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    src, extra = _source(name)
+    try:
+        return AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code, **extra)
+    except Exception as exc:  # noqa: BLE001 - report one clear line
+        raise TritonqError(
+            f"cannot load model {name!r} ({type(exc).__name__}: {_first_line(exc)}); give a local checkpoint "
+            f"directory, a reachable hub id, or '{SMOLLM2_NAME}' for the offline default"
+        ) from None
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else ""

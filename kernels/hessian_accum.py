@@ -116,7 +116,8 @@ def hessian_accumulate_triton(hessian: torch.Tensor, x: torch.Tensor, n_seen: in
     pairs = _tile_pairs(triton.cdiv(k, block), x.device)
     hessian_accum_kernel[(pairs.shape[0],)](
         x, hessian, pairs, t, k, x.stride(0), hessian.stride(0), n_seen / n_new, 2.0 / n_new,
-        FP32_INPUT=x.dtype == torch.float32, UPCAST=x.dtype == torch.bfloat16 and not x.is_cuda, num_warps=config.num_warps, num_stages=config.num_stages,
+        FP32_INPUT=x.dtype == torch.float32, UPCAST=x.dtype == torch.bfloat16 and not x.is_cuda,
+        num_warps=config.num_warps, num_stages=config.num_stages,
         **config.constexprs(),
     )
     return n_new
