@@ -4,7 +4,8 @@ The float original is the same model with every ``QuantLinear`` replaced by a de
 holding the dequantized weights (same architecture, device and dtype), so the comparison isolates
 the int4 dequant-matmul against a dense matmul, as marlin's ``bench.py`` compares with a dense
 baseline. Both models decode the same prompt greedily for ``--max-new-tokens`` tokens without
-stopping at end-of-sequence; one untimed warm-up run precedes each timed run.
+stopping at end-of-sequence; one untimed warm-up run precedes each timed run. The packed model runs
+its real path (no dense cache), so off CUDA this measures the PyTorch reference of the kernel.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def _decode_rate(model, ids: list[int], new_tokens: int) -> dict:
 
 
 def main(args) -> int:
-    model, tokenizer = load_packed_model(args.model, args.device, args.dtype)
+    model, tokenizer = load_packed_model(args.model, args.device, args.dtype, cache_dense=False)
     ids = prompt_ids(tokenizer, PROMPT)
     n = max(int(args.max_new_tokens), 2)
     packed = _decode_rate(model, ids, n)

@@ -34,18 +34,22 @@ class QuantLinear(nn.Module):
         self.register_buffer("g_idx", None if packed.g_idx is None else packed.g_idx.to(torch.int32))
         self.register_buffer("bias", None if packed.bias is None else packed.bias.to(dtype))
 
+    #: Off-GPU speed knob: keep the dequantized weight after the first call. The reference path re-dequantizes
+    #: every weight on every call (~5 s per token for a 135M model on two CPU cores); the cache trades the
+    #: memory saving for float speed. ``load_packed_model`` enables it on the CPU; CUDA never uses it.
+    cache_dense: bool = False
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.cache_dense and x.device.type != "cuda":
+            dense = self.__dict__.get("_dense")
+            if dense is None or dense.device != x.device or dense.dtype != x.dtype:
+                dense = self.dequantized_weight().to(device=x.device, dtype=x.dtype)
+                self.__dict__["_dense"] = dense  # not a buffer: never saved, never moved by .to()
+            return nn.functional.linear(x, dense, None if self.bias is None else self.bias.to(x.dtype))
         from ..kernels.dequant_matmul import dequant_matmul
 
-        return dequant_matmul(
-            x,
-            self.qweight,
-            self.scales,
-            self.zeros,
-            group_size=self.group_size,
-            g_idx=self.g_idx,
-            bias=self.bias,
-        )
+        return dequant_matmul(x, self.qweight, self.scales, self.zeros, group_size=self.group_size,
+                              g_idx=self.g_idx, bias=self.bias)
 
     def dequantized_weight(self) -> Tensor:
         """Dense [N, K] weight in the buffers' dtype (for float baselines and checks)."""

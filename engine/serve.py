@@ -44,17 +44,19 @@ def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[tor
     return dev, getattr(torch, dtype)
 
 
-def load_packed_model(directory: str | os.PathLike, device: str = "auto", dtype: str = "auto"):
+def load_packed_model(directory: str | os.PathLike, device: str = "auto", dtype: str = "auto",
+                      cache_dense: bool | None = None):
     """A Hugging Face causal LM from a packed checkpoint (any format ``engine.formats`` reads).
 
     The skeleton is built with parameters on the meta device; quantized linears become
     ``QuantLinear`` with the packed tensors; only the remaining float tensors are loaded.
-    Returns ``(model, tokenizer)`` on ``device`` in eval mode.
+    Returns ``(model, tokenizer)`` on ``device`` in eval mode. ``cache_dense`` (default: on off CUDA)
+    lets each ``QuantLinear`` keep its dequantized weight after first use, for usable CPU speed.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     from .formats import float_tensors, load_packed_layers
-    from .qlinear import parameters_on_meta, swap_linears
+    from .qlinear import QuantLinear, parameters_on_meta, swap_linears
 
     path = Path(directory)
     if not path.is_dir():
@@ -82,6 +84,10 @@ def load_packed_model(directory: str | os.PathLike, device: str = "auto", dtype:
             "the checkpoint is incomplete"
         )
     model.to(dev).eval()
+    cache = dev.type != "cuda" if cache_dense is None else cache_dense
+    for mod in model.modules():
+        if isinstance(mod, QuantLinear):
+            mod.cache_dense = cache
     if (path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)

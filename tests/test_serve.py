@@ -206,3 +206,14 @@ def test_default_model_packed_greedy_matches_fake(tmp_path):
     x = torch.tensor([ids])
     theirs = ref.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False)[0, len(ids):]
     assert ours[:8] == theirs.tolist()[:8]
+
+
+def test_quant_linear_dense_cache_matches_kernel_path(dirs):
+    from tritonq.engine.formats import load_packed_layers
+    from tritonq.engine.qlinear import QuantLinear
+
+    layer = QuantLinear(next(iter(load_packed_layers(dirs[1]).values())), torch.float32)
+    x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(0))
+    y = layer(x)
+    layer.cache_dense = True
+    torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)
