@@ -355,3 +355,57 @@ def test_llmcompressor_checkpoint_loads_into_tritonq(tmp_path, sym):
         assert diff <= LOGIT_TOL, diff
     layers = {name: q for name, _, q in read_packed(ckpt)}
     assert len(layers) == 14 and all(int(q.codes.max()) <= 15 for q in layers.values())
+
+
+def _compressed_tensors_checkpoint(path: Path, sym: bool) -> Path:
+    """A checkpoint written the way llm-compressor saves one, with the compressed-tensors API only.
+
+    llm-compressor's ``save_pretrained`` wrapper calls ``ModelCompressor.from_pretrained_model``,
+    ``compress_model``, the model's own ``save_pretrained`` and ``update_config``
+    (``llmcompressor/transformers/compression/compressed_tensors_utils.py``); the weights get
+    compressed-tensors' min-max ``calculate_qparams``, as ``QuantizationModifier`` would give them.
+    Runs in CI, where llmcompressor (which pins an older transformers) is not installed.
+    """
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        QuantizationScheme,
+        apply_quantization_config,
+    )
+    from compressed_tensors.quantization.utils import calculate_qparams
+    from transformers import LlamaForCausalLM
+
+    from .helpers import tiny_config, tiny_tokenizer
+
+    torch.manual_seed(1)
+    model = LlamaForCausalLM(tiny_config())
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=sym, strategy="group", group_size=32)
+    apply_quantization_config(model, QuantizationConfig(
+        config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=args)}, ignore=["lm_head"]))
+    for module in model.modules():
+        if getattr(module, "quantization_scheme", None) is None:
+            continue
+        n, k = module.weight.shape
+        w = module.weight.data.reshape(n, k // 32, 32)
+        scale, zp = calculate_qparams(w.amin(-1), w.amax(-1), args)
+        module.weight_scale.data = scale.to(module.weight_scale.dtype)
+        if not sym:
+            module.weight_zero_point.data = zp.to(module.weight_zero_point.dtype)
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
+    compressor.compress_model(model)
+    model.save_pretrained(path)
+    compressor.update_config(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_compressed_tensors_written_checkpoint_loads_into_tritonq(tmp_path, sym):
+    pytest.importorskip("compressed_tensors")
+    from tritonq.engine.serve import load_packed_model
+
+    ckpt = _compressed_tensors_checkpoint(tmp_path / "ct", sym)
+    ours, _ = load_packed_model(ckpt, "cpu", "float32")
+    diff = (_logits(ours) - _logits(_ct_reference_model(ckpt))).abs().max().item()
+    assert diff <= LOGIT_TOL, diff
