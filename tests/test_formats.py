@@ -409,3 +409,18 @@ def test_compressed_tensors_written_checkpoint_loads_into_tritonq(tmp_path, sym)
     ours, _ = load_packed_model(ckpt, "cpu", "float32")
     diff = (_logits(ours) - _logits(_ct_reference_model(ckpt))).abs().max().item()
     assert diff <= LOGIT_TOL, diff
+
+
+def test_bfloat16_model_keeps_exact_fp16_scales(tmp_path):
+    """bf16 cannot hold every fp16 scale: CT export then stores float16 scales and says so (scale_dtype)."""
+    src = make_fake_dir(tmp_path / "src", sym=True)
+    tensors = load_file(str(src / "model.safetensors"))
+    save_file({k: v.to(torch.bfloat16) for k, v in tensors.items()}, str(src / "model.safetensors"),
+              metadata={"format": "pt"})
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "dtype": "bfloat16"}))
+    out = save_packed(src, tmp_path / "ct", "compressed-tensors")
+    weights = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
+    assert weights["weights"]["scale_dtype"] == "torch.float16"
+    assert load_file(str(out / "model.safetensors"))[f"{Q}.weight_scale"].dtype == torch.float16
+    _assert_round_trip(src, out)
