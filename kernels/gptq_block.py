@@ -17,6 +17,8 @@ with act-order). The same two kernels serve BoA's two-sided updates later (``../
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -24,6 +26,7 @@ import triton.language as tl
 from .configs import LaunchConfig
 
 MIN_SCALE = 2.0**-14  # keep equal to engine.grid.MIN_SCALE
+REF_SUB_BLOCK = 16  # lazy sub-block width of the CPU reference
 
 # In-block kernel: BLOCK_N rows per program, BLOCK_B >= the block width (power of two).
 BLOCK_CONFIGS: tuple[LaunchConfig, ...] = (
@@ -53,34 +56,41 @@ def quantize_block_ref(
     q_out = torch.empty_like(tile)
     err_out = torch.empty_like(tile)
     groups = g_idx[c0:c0 + ncols].tolist()
+    # Lazy sub-blocks: rank-1 updates stay inside SUB columns, one GEMM updates the rest of the block.
+    # Sub-blocks start at group starts, so a group is always fitted on fully updated columns.
+    sub = math.gcd(group_size, REF_SUB_BLOCK) if fit else REF_SUB_BLOCK
     s = z = None
-    for i in range(ncols):
-        g = groups[i]
-        if fit:
-            if (c0 + i) % group_size == 0:
-                grp = tile[i:i + group_size]
-                lo = torch.clamp(grp.amin(dim=0), max=0.0)
-                hi = torch.clamp(grp.amax(dim=0), min=0.0)
-                if sym:
-                    s = 2.0 * torch.maximum(-lo, hi) / maxq
-                else:
-                    s = (hi - lo) / maxq
-                s = torch.clamp(s, min=MIN_SCALE).to(torch.float16).to(torch.float32)
-                if sym:
-                    z = torch.full_like(s, float((maxq + 1) // 2))
-                else:
-                    z = torch.clamp(torch.round(-lo / s), 0, maxq)
-                scale[:, g] = s
-                zero[:, g] = z
-        else:
-            s, z = scale[:, g], zero[:, g]
-        wi = tile[i]
-        qi = s * (torch.clamp(torch.round(wi / s) + z, 0, maxq) - z)
-        ei = (wi - qi) / u_blk[i, i]
-        q_out[i] = qi
-        err_out[i] = ei
-        if i + 1 < ncols:
-            tile[i + 1:].addr_(u_blk[i, i + 1:], ei, alpha=-1.0)
+    for b0 in range(0, ncols, sub):
+        b1 = min(b0 + sub, ncols)
+        for i in range(b0, b1):
+            g = groups[i]
+            if fit:
+                if (c0 + i) % group_size == 0:
+                    grp = tile[i:i + group_size]
+                    lo = torch.clamp(grp.amin(dim=0), max=0.0)
+                    hi = torch.clamp(grp.amax(dim=0), min=0.0)
+                    if sym:
+                        s = 2.0 * torch.maximum(-lo, hi) / maxq
+                    else:
+                        s = (hi - lo) / maxq
+                    s = torch.clamp(s, min=MIN_SCALE).to(torch.float16).to(torch.float32)
+                    if sym:
+                        z = torch.full_like(s, float((maxq + 1) // 2))
+                    else:
+                        z = torch.clamp(torch.round(-lo / s), 0, maxq)
+                    scale[:, g] = s
+                    zero[:, g] = z
+            else:
+                s, z = scale[:, g], zero[:, g]
+            wi = tile[i]
+            qi = s * (torch.clamp(torch.round(wi / s) + z, 0, maxq) - z)
+            ei = (wi - qi) / u_blk[i, i]
+            q_out[i] = qi
+            err_out[i] = ei
+            if i + 1 < b1:
+                tile[i + 1:b1].addr_(u_blk[i, i + 1:b1], ei, alpha=-1.0)
+        if b1 < ncols:
+            tile[b1:].addmm_(u_blk[b0:b1, b1:].t(), err_out[b0:b1], alpha=-1.0)
     return q_out.t(), err_out.t()
 
 
