@@ -235,8 +235,20 @@ def evaluate(model_name: str, data: str, max_windows: int | None = None, seqlen:
     tokenizer = load_tokenizer(model_name, trust_remote_code)
     corpus = load_corpus(data, split="test")
     windows = evaluation_windows(tokenize(tokenizer, corpus.text), seqlen, max_windows, corpus.source)
-    model = load_model(model_name, dt, trust_remote_code)
+    if _is_packed_checkpoint(model_name):  # packed int4: our QuantLinear path, no float weights
+        from .serve import load_packed_model
+
+        model, _ = load_packed_model(model_name, device=str(dev), dtype=str(dt).replace("torch.", ""))
+    else:
+        model = load_model(model_name, dt, trust_remote_code)
     return perplexity(model, windows, dev, progress=progress)
+
+
+def _is_packed_checkpoint(name: str) -> bool:
+    config = Path(name) / "config.json"
+    if not config.is_file():
+        return False
+    return "quantization_config" in json.loads(config.read_text())
 
 
 def eval_command(args) -> int:
