@@ -1,0 +1,282 @@
+"""The one list of tritonq's Triton kernels, with the launch configurations the engine can pick.
+
+Every ``@triton.jit`` kernel in ``tritonq.kernels`` must appear in :data:`ENTRIES`; ``tests/test_aot.py``
+finds every jitted function in the kernel modules and fails on one that is missing, then compiles each
+entry ahead of time for every target in :mod:`tritonq.kernels.targets` (see :mod:`tritonq.kernels.aot`).
+A new kernel is not done until it is listed here.
+
+An entry names, by attribute, the jitted kernel, the tuple of configs its launcher may use, and the
+``aot_signature``-style function that gives Triton's argument types. Its ``picks`` function runs the
+module's dispatch rule (``pick_config`` and any autotuning neighbours) over the shapes the benchmarks
+use (:data:`BENCH_SHAPES`) *for a given target* and returns the :class:`Pick` list: which config, which
+constexpr variant, for which case. The static tests compile exactly those picks, so the list and the
+dispatcher cannot drift apart; ``TRITONQ_AOT_FULL=1`` also compiles every config in the module's tuple.
+
+How a kernel module excludes a target (the dispatcher-exclusion contract)
+--------------------------------------------------------------------------
+A combination that does not compile, spills, overflows shared memory, or lowers ``tl.dot`` on fp16/bf16
+without tensor/matrix cores (Triton 3.9 emits FMA for every 16-bit ``tl.dot`` on sm_75) fails the tests
+unless the dispatcher never picks it on that target. To say so, a kernel module defines::
+
+    def excluded(target: str, dtype: str, config: LaunchConfig) -> str | None:
+        '''A reason why the launcher never runs ``config`` on ``target`` for ``dtype``, else None.'''
+
+(``target`` is a name from ``targets.TARGETS``: "sm_75" ... "gfx942"; modules with several kernels may
+name one function per kernel, e.g. ``excluded_update``, in the entry's ``excluded`` field), and makes
+its launcher consult it: the runtime target is :func:`runtime_target` of the device. The catalog
+drops excluded picks and prints their reasons in ``tritonq bench static``; the agreement test checks
+that a dispatcher which takes the target (``pick_config(..., capability=...)``) never picks an
+excluded combination. A dispatcher that already routes around a target by itself (dequant_matmul:
+bf16 on sm_75 never takes the GEMM) needs no ``excluded``: its picks for that target simply omit it.
+
+Integer hints: ``assume`` records what the JIT specializes on at the benchmark shapes (multiples of 16
+get ``tt.divisibility=16``; unit strides become the constant 1), so the AOT code is the code a GPU
+would run at those shapes; see the :mod:`tritonq.kernels.aot` docstring.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .configs import LaunchConfig
+from .targets import TARGETS, Target
+
+
+@dataclass(frozen=True)
+class Pick:
+    """One launch the dispatcher makes: config, the kernel's constexpr variant, and why (the case)."""
+
+    config: LaunchConfig
+    case: str
+    variant: tuple[tuple[str, Any], ...] = ()
+    dtype: str = ""
+
+
+# Shapes the benchmarks and the headline report use (issue 6). Hessian widths are K of the inputs.
+BENCH_SHAPES: dict[str, Any] = {
+    "matmul_kn": ((4096, 14336), (8192, 28672)),
+    "matmul_m": (1, 16, 64),
+    "matmul_m_dispatch": (1, 2, 4, 8, 16, 64, 256),  # every GEMV bucket, both GEMM buckets, prefill
+    "group_size": 128,
+    "hessian_k": (4096, 11008),
+    "hessian_k_small": (576,),  # the offline default model (SmolLM2-135M hidden size)
+    "gptq_block": (128, 256),  # --block-size values the engine accepts
+}
+
+
+@dataclass(frozen=True)
+class KernelEntry:
+    """One jitted kernel: where it lives, what it takes, and how its dispatcher picks configs."""
+
+    name: str
+    module: str  # under tritonq.kernels
+    kernel: str  # attribute of the jitted function
+    configs: str  # attribute of the tuple of LaunchConfigs the launcher may use
+    signature: str  # attribute of ``f(dtype, config, **variant) -> (signature, constexprs)``
+    dtypes: tuple[str, ...]
+    picks: Callable[[Any, Target, str], list[Pick]]  # (module, target, dtype) -> picks on bench shapes
+    excluded: str = "excluded"  # optional attribute: (target, dtype, config) -> reason | None
+    assume: dict[str, str] = field(default_factory=dict)  # arg -> "16" or "1" at the bench shapes
+
+    def load(self) -> Any:
+        return importlib.import_module(f"{__package__}.{self.module}")
+
+    def all_configs(self) -> tuple[LaunchConfig, ...]:
+        return tuple(getattr(self.load(), self.configs))
+
+    def exclusion(self, target: str, dtype: str, config: LaunchConfig) -> str | None:
+        fn = getattr(self.load(), self.excluded, None)
+        return fn(target, dtype, config) if fn is not None else None
+
+    def aot_signature(self, dtype: str, config: LaunchConfig, variant: tuple = ()) -> tuple[dict, dict]:
+        sig, consts = getattr(self.load(), self.signature)(dtype, config, **dict(variant))
+        sig = dict(sig)
+        for arg, hint in self.assume.items():
+            if arg in sig and sig[arg] != "constexpr" and ":" not in sig[arg]:
+                sig[arg] = f"{sig[arg]}:{hint}"
+        return sig, consts
+
+
+def _capability(target: Target) -> tuple[int, int]:
+    """Compute capability a CUDA target reports; AMD parts report 9.x through HIP (gfx90a 9.0, gfx942 9.4)."""
+    if target.backend == "cuda":
+        return divmod(int(target.arch), 10)
+    return (9, 4) if target.arch == "gfx942" else (9, 0)
+
+
+def _picks_hessian(mod: Any, target: Target, dtype: str) -> list[Pick]:
+    ks = BENCH_SHAPES["hessian_k"] + BENCH_SHAPES["hessian_k_small"]
+    return [Pick(mod.pick_config(k), f"K={k}", (), dtype) for k in ks]
+
+
+def _picks_gptq_block(mod: Any, target: Target, dtype: str) -> list[Pick]:
+    return [Pick(mod.pick_config(b), f"block={b}", (), dtype) for b in BENCH_SHAPES["gptq_block"]]
+
+
+def _picks_update(mod: Any, target: Target, dtype: str) -> list[Pick]:
+    return [Pick(mod.pick_update_config(), "lazy update", (), dtype)]
+
+
+def _dequant_plans(mod: Any, target: Target, dtype: str, ms: tuple[int, ...], kernel: str):
+    """(case, plan, variant) for the dispatcher and its autotuning neighbours on the bench shapes."""
+    import torch
+
+    tdtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    gs = BENCH_SHAPES["group_size"]
+    out = []
+    for k, n in BENCH_SHAPES["matmul_kn"]:
+        for m in ms:
+            base = mod.pick_config(m, k, n, gs, tdtype, num_sms=target.sm_count, capability=_capability(target))
+            # the autotuner's neighbours (a private helper of the module: keep in step with its signature)
+            extra = {"forced": False} if "forced" in inspect.signature(mod._candidates).parameters else {}
+            cands = mod._candidates(base, m, k, n, gs, tdtype, False, target.sm_count, _capability(target),
+                                    **extra)
+            for i, plan in enumerate(cands):
+                if plan.kernel != kernel:
+                    continue
+                split = mod.grid(plan, m, n, k)[1]
+                variant = (("atomic", split > 1), ("per_k", plan.per_k))
+                tag = "dispatch" if i == 0 else "autotune"
+                out.append((f"M={m} K={k} N={n} {tag} split={split}", plan, variant))
+    return out
+
+
+def _picks_dequant(kernel: str) -> Callable[[Any, Target, str], list[Pick]]:
+    def picks(mod: Any, target: Target, dtype: str) -> list[Pick]:
+        plans = _dequant_plans(mod, target, dtype, BENCH_SHAPES["matmul_m_dispatch"], kernel)
+        return [Pick(plan.config, case, variant, dtype) for case, plan, variant in plans]
+
+    return picks
+
+
+_DEQUANT_ASSUME = {"M": "16", "N": "16", "K": "16", "group_size": "16", "tiles_per_split": "16",
+                   "stride_xm": "16", "stride_om": "16"}
+
+ENTRIES: tuple[KernelEntry, ...] = (
+    KernelEntry("hessian_accum", "hessian_accum", "hessian_accum_kernel", "CONFIGS", "aot_signature",
+                ("fp16", "bf16", "fp32"), _picks_hessian,
+                assume={"T": "16", "K": "16", "stride_xt": "16", "stride_h": "16"}),
+    KernelEntry("gptq_block", "gptq_block", "gptq_block_kernel", "BLOCK_CONFIGS", "aot_signature",
+                ("fp32",), _picks_gptq_block,
+                # c0 and ncols are multiples of the 128-column block at the bench shapes
+                assume={"N": "16", "c0": "16", "ncols": "16", "stride_w": "16", "stride_u": "16", "stride_q": "16",
+                        "stride_e": "16"}),
+    KernelEntry("trailing_update", "gptq_block", "trailing_update_kernel", "UPDATE_CONFIGS",
+                "aot_signature_update", ("fp32",), _picks_update, excluded="excluded_update",
+                # engine/hessian.py: C = W[:, c0+B:] (row-major), A = err^T.t() (column-major), B = U slice
+                assume={"M": "16", "N": "16", "K": "16", "stride_cm": "16", "stride_cn": "1", "stride_am": "1",
+                        "stride_ak": "16", "stride_bk": "16", "stride_bn": "1"}),
+    KernelEntry("dequant_gemv", "dequant_matmul", "dequant_gemv_kernel", "GEMV_CONFIGS", "aot_signature_gemv",
+                ("fp16", "bf16"), _picks_dequant("gemv"), excluded="excluded_gemv", assume=_DEQUANT_ASSUME),
+    KernelEntry("dequant_gemm", "dequant_matmul", "dequant_gemm_kernel", "GEMM_CONFIGS", "aot_signature_gemm",
+                ("fp16", "bf16"), _picks_dequant("gemm"), excluded="excluded_gemm", assume=_DEQUANT_ASSUME),
+)
+
+
+def get_entry(name: str) -> KernelEntry:
+    for e in ENTRIES:
+        if e.name == name:
+            return e
+    raise KeyError(f"no kernel {name!r} in the catalog; known: {', '.join(e.name for e in ENTRIES)}")
+
+
+_NOT_KERNEL_MODULES = {"aot", "catalog", "configs", "targets"}
+
+
+def discover_kernels() -> set[tuple[str, str]]:
+    """(module, attribute) of every jitted function defined in any module of ``tritonq.kernels``."""
+    import pkgutil
+
+    from triton.runtime.jit import JITFunction
+
+    pkg = importlib.import_module(__package__)
+    found: set[tuple[str, str]] = set()
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if info.name in _NOT_KERNEL_MODULES:
+            continue
+        mod = importlib.import_module(f"{__package__}.{info.name}")
+        for attr, obj in vars(mod).items():
+            raw = getattr(obj, "fn", None)
+            jitted = isinstance(obj, JITFunction) or type(obj).__name__ == "InterpretedFunction"
+            if jitted and raw is not None and getattr(raw, "__module__", None) == mod.__name__:
+                found.add((info.name, attr))
+    return found
+
+
+@dataclass(frozen=True)
+class Combo:
+    """One compile the static checks make: entry x pick (config + variant) x dtype x target."""
+
+    entry: KernelEntry
+    pick: Pick
+    target: str
+
+    @property
+    def dtype(self) -> str:
+        return self.pick.dtype
+
+
+def full_sweep() -> bool:
+    """``TRITONQ_AOT_FULL=1``: compile every config in the module's tuple too, not only the picks."""
+    return os.environ.get("TRITONQ_AOT_FULL", "0") == "1"
+
+
+def combos(entries: tuple[KernelEntry, ...] = ENTRIES, targets: tuple[str, ...] | None = None,
+           full: bool | None = None) -> tuple[list[Combo], list[str]]:
+    """Every combination to compile, deduplicated by (config, variant, dtype, target), and the printed
+    exclusions ("<kernel> [<config>, <dtype>] on <target>: <reason>")."""
+    full = full_sweep() if full is None else full
+    out: list[Combo] = []
+    excluded: list[str] = []
+    for entry in entries:
+        mod = entry.load()
+        for tname in targets or tuple(TARGETS):
+            target = TARGETS[tname]
+            seen: set[tuple] = set()
+            for dtype in entry.dtypes:
+                picks = entry.picks(mod, target, dtype)
+                if full:
+                    picks += [Pick(c, "full sweep", (), dtype) for c in entry.all_configs()]
+                for pick in picks:
+                    key = (pick.config, pick.variant, dtype)
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    reason = entry.exclusion(tname, dtype, pick.config)
+                    if reason:
+                        excluded.append(f"{entry.name} [{pick.config.label()}, {dtype}] on {tname}: {reason}")
+                        continue
+                    out.append(Combo(entry, pick, tname))
+    return out, excluded
+
+
+def job_for(combo: Combo):
+    """The :class:`tritonq.kernels.aot.Job` that compiles ``combo``."""
+    from .aot import Job, kernel_ref
+
+    entry = combo.entry
+    sig, consts = entry.aot_signature(combo.dtype, combo.pick.config, combo.pick.variant)
+    ref = kernel_ref(getattr(entry.load(), entry.kernel))
+    name = entry.name + "".join(f"+{k}" for k, v in combo.pick.variant if v is True)
+    return Job(name, ref, sig, consts, combo.pick.config, combo.dtype, combo.target)
+
+
+def runtime_target(device: Any) -> str | None:
+    """Catalog target name of a torch CUDA/ROCm device (``sm_90``, ``gfx942``...), None if not listed.
+
+    For launchers that consult ``excluded()``; queries the device only when called.
+    """
+    import torch
+
+    props = torch.cuda.get_device_properties(device)
+    arch = getattr(props, "gcnArchName", "") or ""
+    if arch:
+        name = arch.split(":")[0]
+    else:
+        name = f"sm_{props.major}{props.minor}"
+    return name if name in TARGETS else None
