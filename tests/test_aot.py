@@ -1,7 +1,8 @@
 """Ahead-of-time compilation of every catalogued kernel for every target (issue 6). No GPU needed.
 
 The session fixture compiles each kernel x config x dtype x target once (worker processes, on-disk
-cache keyed by source hash and configuration, see ``kernels/aot.py``); the per-(kernel, target) tests
+cache keyed by source hash and configuration, see ``kernels/aot.py``; about 270 compiles, ~7 CPU-minutes
+cold on a 2-core CPU with 2 workers, seconds when ``~/.cache/tritonq/aot`` is warm); the per-(kernel, target) tests
 then fail with the checker's messages, which name kernel, config, dtype, target and the likely fix.
 The negative tests compile kernels that are wrong on purpose (``aot_bad_kernels.py``) and check that
 the failure is caught and worded that way.
@@ -79,6 +80,7 @@ def test_dequant_dispatch_avoids_gemm_for_bf16_on_sm75():
 # ------------------------------------------------------------------------------ the static matrix
 
 
+@pytest.mark.slow  # the first test to use the fixture pays for every compile: ~7 CPU-minutes cold, seconds warm
 @pytest.mark.parametrize("target", list(TARGETS))
 @pytest.mark.parametrize("kernel", [e.name for e in catalog.ENTRIES])
 def test_compiles_clean(static_rows, kernel, target):
@@ -92,6 +94,7 @@ def test_compiles_clean(static_rows, kernel, target):
     assert not failures, "\n".join(failures)
 
 
+@pytest.mark.slow
 def test_int4_gemv_m1_sm90_headline(static_rows):
     """Issue 6: at M = 1 on sm_90 the packed weights are read only with 128-bit loads, nothing spills,
     and the grid fills every SM at the kernel's occupancy on 4096 x 14336 (split-K where it must)."""
