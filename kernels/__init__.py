@@ -22,7 +22,7 @@ def hessian_accumulate(hessian: torch.Tensor, x: torch.Tensor, n_seen: int, forc
     """Fold a batch ``x`` [T, K] into the running-mean Hessian (fp32 [K, K], in place); returns tokens seen."""
     from . import hessian_accum
 
-    if use_triton(x, force):
+    if use_triton(x, force) and (force == "triton" or hessian_accum.kernel_usable(x)):
         return hessian_accum.hessian_accumulate_triton(hessian, x, n_seen)
     return hessian_accum.hessian_accumulate_ref(hessian, x, n_seen)
 

@@ -82,6 +82,9 @@ class KernelEntry:
     picks: Callable[[Any, Target, str], list[Pick]]  # (module, target, dtype) -> picks on bench shapes
     excluded: str = "excluded"  # optional attribute: (target, dtype, config) -> reason | None
     assume: dict[str, str] = field(default_factory=dict)  # arg -> "16" or "1" at the bench shapes
+    # True when the launcher itself consults ``excluded`` at run time and falls back to the reference
+    # (pick_config does not take the target); the catalog then drops and prints those picks.
+    launcher_checks_exclusion: bool = False
 
     def load(self) -> Any:
         return importlib.import_module(f"{__package__}.{self.module}")
@@ -159,7 +162,7 @@ _DEQUANT_ASSUME = {"M": "16", "N": "16", "K": "16", "group_size": "16", "tiles_p
 
 ENTRIES: tuple[KernelEntry, ...] = (
     KernelEntry("hessian_accum", "hessian_accum", "hessian_accum_kernel", "CONFIGS", "aot_signature",
-                ("fp16", "bf16", "fp32"), _picks_hessian,
+                ("fp16", "bf16", "fp32"), _picks_hessian, launcher_checks_exclusion=True,
                 assume={"T": "16", "K": "16", "stride_xt": "16", "stride_h": "16"}),
     KernelEntry("gptq_block", "gptq_block", "gptq_block_kernel", "BLOCK_CONFIGS", "aot_signature",
                 ("fp32",), _picks_gptq_block,

@@ -391,14 +391,15 @@ def pick_config(M: int, K: int, N: int, group_size: int, dtype: torch.dtype = to
                 kernel: str | None = None, num_warps: int = 4) -> Plan:
     """Heuristic plan for one call; the launcher's default (autotuning on a GPU starts from it).
 
-    GEMV for M <= GEMV_MAX_M, GEMM above; bf16 on sm_75 (no bf16 tensor cores) always takes the GEMV,
-    which runs on CUDA cores. The K split is the smallest power of two that fills ``num_sms`` at the
-    target occupancy (GEMV_CTAS_PER_SM / GEMM_CTAS_PER_SM), as required on sm_90 4096 x 14336.
+    GEMV for M <= GEMV_MAX_M, GEMM above; on sm_75 every M takes the GEMV, which runs on CUDA cores:
+    Triton 3.9 emits no tensor-core instruction there for fp16 or bf16 ``tl.dot`` (the AOT report shows
+    FMA only), and the 64x128 GEMM tile spills on sm_75. The K split is the smallest power of two that
+    fills ``num_sms`` at the target occupancy (GEMV_CTAS_PER_SM / GEMM_CTAS_PER_SM), as required on sm_90 4096 x 14336.
     """
     gs = K if group_size in (-1, 0) else group_size
     if kernel is None:
-        no_bf16_mma = dtype == torch.bfloat16 and tuple(capability) < (8, 0)
-        kernel = "gemv" if M <= GEMV_MAX_M or no_bf16_mma else "gemm"
+        no_mma = tuple(capability) < (8, 0)
+        kernel = "gemv" if M <= GEMV_MAX_M or no_mma else "gemm"
     if kernel == "gemv":
         bm = min(GEMV_BLOCK_M_MAX, triton.next_power_of_2(max(M, 1)))
         bk, per_k = _block_k(gs, K, 64 // bm, (16, 32, 64), act_order)
@@ -540,9 +541,10 @@ def _candidates(base: Plan, M: int, K: int, N: int, gs: int, dtype: torch.dtype,
     for 2-8 rows and no forced kernel, the small-M GEMM competes with the GEMV."""
     plans = [base]
     if base.kernel == "gemv":
-        plans.append(pick_config(M, K, N, gs, dtype, act_order=act_order, num_sms=num_sms,
-                                 capability=capability, kernel="gemv", num_warps=2))
-        if not forced and M > 1 and (dtype != torch.bfloat16 or tuple(capability) >= (8, 0)):
+        if triton.next_power_of_2(max(M, 1)) < 4:  # 2 warps with 4+ rows spill on every NVIDIA target (AOT)
+            plans.append(pick_config(M, K, N, gs, dtype, act_order=act_order, num_sms=num_sms,
+                                     capability=capability, kernel="gemv", num_warps=2))
+        if not forced and M > 1 and tuple(capability) >= (8, 0):
             plans.append(pick_config(M, K, N, gs, dtype, act_order=act_order, num_sms=num_sms,
                                      capability=capability, kernel="gemm"))
     else:

@@ -22,7 +22,8 @@ from .configs import LaunchConfig
 # BLOCK_H: Hessian tile edge; BLOCK_T: tokens per step of the reduction.
 CONFIGS: tuple[LaunchConfig, ...] = (
     LaunchConfig.of(num_warps=4, num_stages=2, BLOCK_H=32, BLOCK_T=32),
-    LaunchConfig.of(num_warps=4, num_stages=3, BLOCK_H=64, BLOCK_T=32),
+    # 2 stages: with 3 the fp16 tile spills on sm_86/sm_89 (AOT report)
+    LaunchConfig.of(num_warps=4, num_stages=2, BLOCK_H=64, BLOCK_T=32),
 )
 
 
@@ -89,8 +90,33 @@ def aot_signature(dtype: str, config: LaunchConfig) -> tuple[dict, dict]:
         "stride_xt": "i32", "stride_h": "i32", "alpha": "fp32", "beta": "fp32",
         "BLOCK_H": "constexpr", "BLOCK_T": "constexpr", "FP32_INPUT": "constexpr",
     }
-    constexprs = {**config.constexprs(), "FP32_INPUT": dtype == "fp32"}
+    constexprs = {**config.constexprs(), "FP32_INPUT": dtype == "fp32", "UPCAST": False}
     return signature, constexprs
+
+
+def excluded(target: str, dtype: str, config: LaunchConfig) -> str | None:
+    """Why the launcher never runs ``config`` for ``dtype`` on ``target`` (None: it may)."""
+    if target == "sm_75" and dtype in ("fp16", "bf16"):
+        return ("Triton emits no tensor-core dot on sm_75 (FMA fallback, and the 64-wide tile spills); "
+                "the dispatcher uses the cuBLAS reference there")
+    return None
+
+
+_TARGET_OF_DEVICE: dict[int, str | None] = {}
+
+
+def kernel_usable(x: torch.Tensor) -> bool:
+    """False where :func:`excluded` rules out the launch for ``x``'s device and dtype."""
+    if not x.is_cuda:
+        return True  # the interpreter
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    if index not in _TARGET_OF_DEVICE:
+        from .catalog import runtime_target
+
+        _TARGET_OF_DEVICE[index] = runtime_target(x.device)
+    target = _TARGET_OF_DEVICE[index]
+    dtype = _TORCH_TO_TRITON.get(x.dtype, "fp32")
+    return target is None or excluded(target, dtype, pick_config(x.shape[-1])) is None
 
 
 _PAIRS_CACHE: dict[tuple[int, str], torch.Tensor] = {}

@@ -10,6 +10,7 @@ the failure is caught and worded that way.
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,8 @@ def test_dispatcher_picks_only_listed_configs(entry):
 def test_dispatcher_honours_exclusions(entry):
     """A combination the module's excluded() names must never be what its dispatcher picks there."""
     mod = entry.load()
+    if entry.launcher_checks_exclusion:
+        pytest.skip("the launcher consults excluded() at run time (see test_hessian_on_sm75_goes_to_the_reference)")
     for tname, target in TARGETS.items():
         for dtype in entry.dtypes:
             picked = {p.config for p in entry.picks(mod, target, dtype)}
@@ -67,14 +70,29 @@ def test_dispatcher_honours_exclusions(entry):
                     "the dispatcher still picks it; make pick_config honour the exclusion")
 
 
-def test_dequant_dispatch_avoids_gemm_for_bf16_on_sm75():
-    """sm_75 has no bf16 tensor cores: the dispatcher takes the GEMV and the catalog compiles no bf16 GEMM."""
+def test_dequant_dispatch_avoids_gemm_on_sm75():
+    """Triton 3.9 emits no tensor-core dot on sm_75 (fp16 or bf16): the dispatcher takes the GEMV there and
+    the catalog compiles no GEMM for sm_75, while sm_80 still gets one."""
     from tritonq.kernels import dequant_matmul as dm
 
-    plan = dm.pick_config(64, 4096, 14336, 128, torch.bfloat16, capability=(7, 5), num_sms=40)
-    assert plan.kernel == "gemv"
-    combos, _ = catalog.combos(entries=(catalog.get_entry("dequant_gemm"),), targets=("sm_75",))
-    assert combos and all(c.dtype != "bf16" for c in combos)
+    for dtype in (torch.float16, torch.bfloat16):
+        plan = dm.pick_config(64, 4096, 14336, 128, dtype, capability=(7, 5), num_sms=40)
+        assert plan.kernel == "gemv"
+    on_75, _ = catalog.combos(entries=(catalog.get_entry("dequant_gemm"),), targets=("sm_75",))
+    on_80, _ = catalog.combos(entries=(catalog.get_entry("dequant_gemm"),), targets=("sm_80",))
+    assert not on_75 and on_80
+
+
+def test_hessian_on_sm75_goes_to_the_reference():
+    from tritonq.kernels import hessian_accum
+
+    assert hessian_accum.excluded("sm_75", "fp16", hessian_accum.CONFIGS[0])
+    assert hessian_accum.excluded("sm_80", "fp16", hessian_accum.CONFIGS[0]) is None
+    combos, printed = catalog.combos(entries=(catalog.get_entry("hessian_accum"),), targets=("sm_75",))
+    assert combos and all(c.dtype == "fp32" for c in combos)
+    assert any("sm_75" in line and "cuBLAS reference" in line for line in printed)
+    # and the launcher's run-time check reads the same rule
+    assert "excluded(target" in inspect.getsource(hessian_accum.kernel_usable)
 
 
 # ------------------------------------------------------------------------------ the static matrix
