@@ -33,7 +33,8 @@ def _add_quantize(sub) -> None:
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid (default)")
     p.set_defaults(sym=False)
     p.add_argument("--mse", action="store_true", help="search clipped ranges (shrink grid) per group")
-    p.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal")
+    p.add_argument("--act-order", nargs="?", const="static", default=None, choices=["static", "dynamic"],
+                   help="GPTQ: columns by decreasing Hessian diagonal; static groups (default) keep g_idx trivial")
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, fraction of the mean diagonal")
     p.add_argument("--block-size", type=int, default=128, help="GPTQ lazy-update block size")
     p.add_argument("--calib", default="pydoc",

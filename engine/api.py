@@ -40,7 +40,7 @@ class QuantizeOptions:
     group_size: int | None = None  # None: 128, or the largest of 64/32 that divides every layer
     sym: bool = False
     mse: bool = False
-    act_order: bool = False
+    act_order: bool | str = False  # False, 'static' (or True), 'dynamic'
     damp: float = 0.01
     block_size: int = 128
     calib: str = "pydoc"
@@ -207,7 +207,7 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
 def quantize_command(args) -> int:
     opts = QuantizeOptions(
         output=args.output, model=args.model, method=args.method, bits=args.bits, group_size=args.group_size,
-        sym=args.sym, mse=args.mse, act_order=args.act_order, damp=args.damp, block_size=args.block_size,
+        sym=args.sym, mse=args.mse, act_order=args.act_order or False, damp=args.damp, block_size=args.block_size,
         calib=args.calib, text_column=args.text_column, nsamples=args.nsamples, seqlen=args.seqlen,
         seed=args.seed, out_format=args.out_format, overwrite=args.overwrite, device=args.device,
         dtype=args.dtype, trust_remote_code=args.trust_remote_code, eval_data=args.eval_data,

@@ -2,8 +2,11 @@
 Transformers", ICLR 2023, arXiv:2210.17323), following ``../shared/docs/awq_family.md`` §2:
 
 1. dead inputs (``H_jj = 0``): ``H_jj = 1`` and ``W[:, j] = 0``;
-2. act-order: columns by decreasing ``diag(H)``, with *static groups*: every group's grid is fitted up
-   front on the unpermuted columns, so column ``j`` keeps group ``j // g`` and ``g_idx`` stays trivial;
+2. act-order: columns by decreasing ``diag(H)``; ``static`` groups (the default of ``--act-order``):
+   every group's grid is fitted up front on the unpermuted columns, so column ``j`` keeps group ``j // g``
+   and ``g_idx`` stays trivial; ``dynamic`` groups (GPTQModel's ``desc_act`` without static groups):
+   groups are runs of ``g`` columns in the permuted order, fitted when they start, and ``g_idx`` records
+   them (kernels then gather scales per input row);
 3. damping ``H += damp * mean(diag H) * I`` (retried with more damping on Cholesky failure);
 4. ``U = chol(H^-1)^T`` (upper), then blocked quantization with lazy trailing updates (128 columns),
    grids fitted from the up-to-date working tile at every group start (our default; the reference fits
@@ -27,17 +30,21 @@ class GPTQ(Method):
     needs_calibration = True
     needs_hessian = True
 
-    def __init__(self, act_order: bool = False, damp: float = 0.01, block_size: int = 128) -> None:
+    def __init__(self, act_order: bool | str = False, damp: float = 0.01, block_size: int = 128) -> None:
+        modes = {False: None, None: None, "none": None, True: "static", "static": "static", "dynamic": "dynamic"}
+        if act_order not in modes:
+            raise TritonqError(f"act-order must be static or dynamic, got {act_order!r}")
         if not 0 < damp < 10:
             raise TritonqError(f"--damp must be in (0, 10), got {damp}")
         if block_size < 1:
             raise TritonqError(f"--block-size must be positive, got {block_size}")
-        self.act_order = act_order
+        self.act_order = modes[act_order]
         self.damp = damp
         self.block_size = block_size
 
     def describe(self) -> dict:
-        return {"act_order": self.act_order, "static_groups": self.act_order, "damp": self.damp,
+        return {"act_order": self.act_order is not None, "act_order_groups": self.act_order,
+                "static_groups": self.act_order == "static", "damp": self.damp,
                 "block_size": self.block_size}
 
     def quantize_group(
@@ -61,16 +68,21 @@ class GPTQ(Method):
         if spec.group_size == -1:
             scale, zero = fit_groups(w, spec, label)  # per-row grid from the original weights
             preset = (scale, zero)
-        elif self.act_order:
+        elif self.act_order == "static":
             preset = fit_groups(w, spec, label)  # static groups: fixed before reordering
 
         perm = None
+        work_g_idx = g_idx
         if self.act_order:
             perm = torch.argsort(torch.diag(h), descending=True)
             w = w[:, perm]
             h = h[perm][:, perm]
+            if self.act_order == "static":
+                work_g_idx = g_idx[perm]
+            else:  # dynamic: groups are runs of g columns in the new order; g_idx records them
+                g_idx = torch.empty_like(g_idx)
+                g_idx[perm] = work_g_idx
         factor = inverse_cholesky(h, self.damp, label)
-        work_g_idx = g_idx[perm] if perm is not None else g_idx
         res = blocked_quantize(w, factor.upper, spec, work_g_idx, self.block_size, preset, force=force)
         q = res.weight
         if perm is not None:

@@ -141,3 +141,17 @@ def test_non_finite_hessian_is_a_clear_error():
     h[3, 3] = float("nan")
     with pytest.raises(TritonqError, match="non-finite values in the Hessian of layer"):
         GPTQ().quantize_group([w], h, GridSpec(bits=4, group_size=32), ["layer"])
+
+
+def test_dynamic_act_order_groups_follow_the_permutation():
+    w, _, h = _layer(seed=11)
+    spec = GridSpec(bits=3, group_size=32)
+    res = GPTQ(act_order="dynamic").quantize_group([w], h, spec, ["layer"])[0]
+    perm = torch.argsort(torch.diag(h), descending=True)
+    assert torch.equal(res.g_idx[perm].long(), torch.arange(w.shape[1]) // 32)
+    idx = res.g_idx.long()
+    codes = res.weight / res.scale[:, idx] + res.zero[:, idx]
+    assert torch.allclose(codes, codes.round(), atol=1e-3)
+    assert codes.round().min() >= 0 and codes.round().max() <= 7
+    rtn = RTN().quantize_group([w], None, spec, ["layer"])[0]
+    assert _objective(w, res.weight, h) < _objective(w, rtn.weight, h)
