@@ -22,8 +22,9 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
         raise TritonqError(f"output path {out} exists and is not a directory; choose another --output")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise TritonqError(f"output directory {out} is not empty; pass --overwrite or choose another --output")
-    if not out.parent.is_dir():
-        raise TritonqError(f"parent directory of the output {out.parent} does not exist; create it first")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise TritonqError(f"parent of the output {out.parent} is not a directory; choose another --output")
+    out.parent.mkdir(parents=True, exist_ok=True)  # `--output out/model` works in a fresh checkout
     return out
 
 

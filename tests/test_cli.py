@@ -111,7 +111,7 @@ def test_eval_missing_file(tiny_dir, tmp_path, capsys):
 
 
 def test_quantize_then_eval_json(tiny_dir, calib, tmp_path, capsys):
-    out = tmp_path / "q"
+    out = tmp_path / "new" / "q"  # missing parents are created
     assert main(_quantize_args(tiny_dir, calib, out, "--method", "gptq")) == 0
     summary = capsys.readouterr().out
     assert "Quantized" in summary and str(out) in summary
