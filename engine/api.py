@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -184,8 +185,6 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
             save_packed(fake_dir, tmp / "_packed", opts.out_format)
             for item in (tmp / "_packed").iterdir():
                 item.rename(tmp / item.name)
-            import shutil
-
             shutil.rmtree(fake_dir)
             (tmp / "_packed").rmdir()
     seconds["save"] = time.perf_counter() - t0
