@@ -85,8 +85,8 @@ def _save_quant_params(path: Path, layers: dict) -> None:
     save_file(tensors, str(path))
 
 
-def preflight(model_name: str, spec: GridSpec, trust_remote_code: bool = False):
-    """Adapter of the model and a check that the grid fits every linear, from the config alone."""
+def linear_widths(model_name: str, trust_remote_code: bool = False):
+    """Adapter of the model and the input width of every linear of a block, from the config alone."""
     from transformers import AutoModelForCausalLM
 
     config = load_config(model_name, trust_remote_code)
@@ -94,25 +94,18 @@ def preflight(model_name: str, spec: GridSpec, trust_remote_code: bool = False):
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     block = adapter.block_list(skeleton)[0]
-    for name in adapter.linear_names():
-        spec.groups_for(block.get_submodule(name).in_features, f"{adapter.blocks}.0.{name}")
-    return adapter
+    widths = {f"{adapter.blocks}.0.{name}": block.get_submodule(name).in_features for name in adapter.linear_names()}
+    return adapter, widths
 
 
-def default_group_spec(model_name: str, spec: GridSpec, trust_remote_code: bool = False) -> GridSpec:
+def default_group_size(widths: dict[str, int]) -> int:
     """Group 128 (the common default), or 64 / 32 when 128 does not divide the model (SmolLM2: 576)."""
     for group in (128, 64, 32):
-        candidate = dataclasses.replace(spec, group_size=group)
-        try:
-            preflight(model_name, candidate, trust_remote_code)
-        except TritonqError as exc:
-            if "does not divide" in str(exc):
-                continue
-            raise
-        if group != 128:
-            print(f"tritonq: group size 128 does not divide this model's layers; using {group}", file=sys.stderr)
-        return candidate
-    return spec  # preflight will report the problem
+        if all(k % group == 0 for k in widths.values()):
+            if group != 128:
+                print(f"tritonq: group size 128 does not divide this model's layers; using {group}", file=sys.stderr)
+            return group
+    return 128  # the grid check reports the problem
 
 
 def quantize(opts: QuantizeOptions) -> QuantizeSummary:
@@ -130,9 +123,11 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
 
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(opts.model, opts.trust_remote_code)
+    adapter, widths = linear_widths(opts.model, opts.trust_remote_code)  # from the config: fail before loading
     if opts.group_size is None:
-        spec = default_group_spec(opts.model, spec, opts.trust_remote_code)
-    adapter = preflight(opts.model, spec, opts.trust_remote_code)  # shapes from the config: fail before loading
+        spec = dataclasses.replace(spec, group_size=default_group_size(widths))
+    for name, k in widths.items():
+        spec.groups_for(k, name)
     seconds["preflight"] = time.perf_counter() - t0
 
     calib_meta = None

@@ -65,11 +65,9 @@ class GPTQ(Method):
 
         g_idx = default_g_idx(k, spec).to(w.device)
         preset = None
-        if spec.group_size == -1:
-            scale, zero = fit_groups(w, spec, label)  # per-row grid from the original weights
-            preset = (scale, zero)
-        elif self.act_order == "static":
-            preset = fit_groups(w, spec, label)  # static groups: fixed before reordering
+        if spec.group_size == -1 or self.act_order == "static":
+            # per-row grids, and static groups, are fitted on the original (unpermuted) weights
+            preset = fit_groups(w, spec, label)
 
         perm = None
         work_g_idx = g_idx

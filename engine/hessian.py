@@ -8,6 +8,7 @@ reformulation of §3; damping retries as GPTQModel's ``damp_auto_increment``
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 
@@ -120,15 +121,14 @@ def blocked_quantize(
         fit_on_host = spec.mse or group > 256
         fit_in_kernel = not fit_on_host
         width = group if fit_on_host else effective_block_size(block_size, group, k)
+        row_spec = dataclasses.replace(spec, group_size=-1)
     q_all = torch.empty_like(w)
     loss = 0.0
     for c0 in range(0, k, width):
         ncols = min(width, k - c0)
-        if fit_on_host:
-            for g0 in range(c0, c0 + ncols, group):
-                s, z = fit_groups(w[:, g0:g0 + group], GridSpec(spec.bits, -1, spec.sym, spec.mse,
-                                                                spec.max_shrink, spec.shrink_steps, spec.norm))
-                scale[:, g0 // group], zero[:, g0 // group] = s[:, 0], z[:, 0]
+        if fit_on_host:  # the block is exactly one group
+            s, z = fit_groups(w[:, c0:c0 + ncols], row_spec)
+            scale[:, c0 // group], zero[:, c0 // group] = s[:, 0], z[:, 0]
         q, err = kernels.gptq_quantize_block(w, factor, c0, ncols, scale, zero, g_idx, group, spec.maxq,
                                              spec.sym, fit_in_kernel, force=force)
         q_all[:, c0:c0 + ncols] = q

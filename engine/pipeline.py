@@ -41,18 +41,6 @@ class QuantizeReport:
     seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
 
 
-def _to(obj, device):
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, tuple):
-        return tuple(_to(o, device) for o in obj)
-    if isinstance(obj, list):
-        return [_to(o, device) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
-    return obj
-
-
 def capture_block_inputs(
     model: nn.Module, adapter: Adapter, batches: list[torch.Tensor], device: torch.device
 ) -> BlockInputs:
