@@ -182,8 +182,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warnings() -> None:
+    """Show each tritonq warning as one ``tritonq: warning: ...`` line; other warnings keep Python's format."""
+    import warnings
+
+    from .errors import TritonqWarning
+
+    python_show = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if issubclass(category, TritonqWarning):
+            print(f"tritonq: warning: {message}", file=sys.stderr)
+        else:
+            python_show(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> int:
-    from .engine.errors import TritonqError
+    from .errors import TritonqError
+
+    _one_line_warnings()
 
     parser = build_parser()
     args = parser.parse_args(argv)

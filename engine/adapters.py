@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from .errors import TritonqError
+from ..errors import TritonqError
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import torch
 from .. import __version__
 from .adapters import adapter_for
 from .data import calibration_windows, evaluation_windows, load_corpus, tokenize
-from .errors import TritonqError
+from ..errors import TritonqError
 from .grid import GridSpec
 from .methods import get_method
 from .model_io import load_config, load_model, load_tokenizer, resolve_device, resolve_dtype

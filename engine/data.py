@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import TritonqError
+from ..errors import TritonqError
 
 HUB_DATASETS = ("wikitext2", "c4", "pileval")
 

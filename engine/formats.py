@@ -41,7 +41,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from .errors import TritonqError
+from ..errors import TritonqError
 from .grid import codes_of, dequantize
 from .outputs import atomic_output_dir
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import TritonqError
+from ..errors import TritonqError
 from .grid import GridSpec, default_g_idx, fit_groups
 from .hessian import blocked_quantize, check_finite, inverse_cholesky
 from .methods import LayerResult, Method, split_rows

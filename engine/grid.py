@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import TritonqError
+from ..errors import TritonqError
 
 # Smallest scale we allow: fp16 has normal numbers down to 6.1e-5; a tinier scale would flush.
 MIN_SCALE = 2.0**-14

@@ -9,13 +9,12 @@ reformulation of §3; damping retries as GPTQModel's ``damp_auto_increment``
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from dataclasses import dataclass
 
 import torch
 
 from .. import kernels
-from .errors import TritonqError
+from ..errors import TritonqError, warn
 from .grid import GridSpec, fit_groups
 
 
@@ -64,8 +63,7 @@ def inverse_cholesky(hessian: torch.Tensor, damp: float, layer: str, max_tries: 
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
             if info.item() == 0 and torch.isfinite(upper).all():
                 if tried != damp:
-                    warnings.warn(f"{layer}: Cholesky failed at damp {damp}; succeeded with damp {tried:g}",
-                                  stacklevel=2)
+                    warn(f"{layer}: Cholesky failed at damp {damp}; succeeded with damp {tried:g}")
                 return InverseFactor(upper.contiguous(), tried)
         tried *= 10.0
     raise TritonqError(

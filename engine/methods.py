@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import TritonqError
+from ..errors import TritonqError
 from .grid import GridSpec
 
 

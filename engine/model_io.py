@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import TritonqError
+from ..errors import TritonqError
 
 SMOLLM2_NAME = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -12,7 +12,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import TritonqError
+from ..errors import TritonqError
 
 
 def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .errors import TritonqError
+from ..errors import TritonqError
 from .formats import PackedLinear
 
 

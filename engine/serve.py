@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .errors import TritonqError
+from ..errors import TritonqError
 
 # ---------------------------------------------------------------------------------------------------
 # loading

@@ -28,7 +28,6 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +35,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..engine.errors import TritonqError
+from ..errors import TritonqError, warn
 from .configs import LaunchConfig
 from .pack import unpack_int4
 
@@ -623,8 +622,7 @@ def _plan_for(kernel: str | None, x2: Tensor, qweight: Tensor, scales: Tensor, z
             try:
                 timings.append((do_bench(run, warmup=5, rep=20), cand))
             except Exception as exc:  # a candidate that fails to compile or launch is skipped, not fatal
-                warnings.warn(f"dequant_matmul: skipping {cand.config.label()} split {cand.split_k}: {exc}",
-                              stacklevel=3)
+                warn(f"dequant_matmul: skipping {cand.config.label()} split {cand.split_k}: {exc}")
         _TUNED[key] = min(timings, key=lambda tc: tc[0])[1] if timings else base
         if tune_file:
             _save_tune_file(tune_file)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..engine.errors import TritonqError
+from ..errors import TritonqError
 
 __all__ = ["pack_int4", "unpack_int4"]
 

@@ -17,7 +17,7 @@ os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from tritonq.engine.errors import TritonqError  # noqa: E402
+from tritonq.errors import TritonqError  # noqa: E402
 from tritonq.kernels import dequant_matmul as dm  # noqa: E402
 from tritonq.kernels.pack import pack_int4, unpack_int4  # noqa: E402
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tritonq.engine.errors import TritonqError
+from tritonq.errors import TritonqError
 from tritonq.engine.formats import (
     FORMATS,
     awq_pack,

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tritonq.engine.errors import TritonqError
+from tritonq.errors import TritonqError
 from tritonq.engine.gptq import GPTQ
 from tritonq.engine.grid import GridSpec, default_g_idx, fit_groups
 from tritonq.engine.hessian import inverse_cholesky

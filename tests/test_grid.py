@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 import torch
-from tritonq.engine.errors import TritonqError
+from tritonq.errors import TritonqError
 from tritonq.engine.grid import (
     GridSpec,
     codes_of,
