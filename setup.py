@@ -8,7 +8,7 @@ The folders ``kernels/``, ``engine/`` and ``bench/`` become ``tritonq.kernels``,
 from setuptools import setup
 from setuptools.command.build_py import build_py
 
-ROOT_MODULES = ("__init__", "cli", "errors")  # the only root-level .py files that belong to the package
+ROOT_MODULES = ("__init__", "cli", "commands", "errors")  # the only root-level .py files that belong to the package
 
 
 class BuildPy(build_py):

@@ -1,0 +1,75 @@
+"""CLI handlers: argparse namespaces -> engine calls; the engine never sees argparse.
+
+Each handler takes the parsed arguments of one subcommand, builds the engine's options, calls the
+engine, prints the one-line summary and returns the exit status.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, fields
+
+
+def method_flag_dest(field_name: str) -> str:
+    """argparse destination of a method option (prefixed so it cannot clash with a general flag)."""
+    return f"method_{field_name}"
+
+
+def method_options_from_args(args) -> dict:
+    """The chosen method's options that were given on the command line; a flag of another method is an error."""
+    from .engine.registry import METHODS, method_class
+    from .errors import TritonqError
+
+    cls = method_class(args.method)
+    own = {f.name for f in fields(cls.Options)}
+    given = {}
+    for other in METHODS.values():
+        for f in fields(other.Options):
+            value = getattr(args, method_flag_dest(f.name), None)
+            if value is None:
+                continue
+            if f.name not in own:
+                flag = "--" + f.name.replace("_", "-")
+                users = [m for m, c in METHODS.items() if f.name in {g.name for g in fields(c.Options)}]
+                raise TritonqError(f"{flag} does not apply to --method {args.method} (it is an option of "
+                                   f"{', '.join(users)})")
+            given[f.name] = value
+    return given
+
+
+def quantize(args) -> int:
+    from .engine.api import QuantizeOptions
+    from .engine.api import quantize as run_quantize
+
+    opts = QuantizeOptions(
+        output=args.output, model=args.model, method=args.method, method_options=method_options_from_args(args),
+        bits=args.bits, group_size=args.group_size, sym=args.sym, mse=args.mse, calib=args.calib,
+        text_column=args.text_column, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+        calib_batch=args.calib_batch, offload_activations=args.offload_activations, out_format=args.out_format,
+        overwrite=args.overwrite, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+        eval_data=args.eval_data, eval_windows=args.eval_windows, progress=not args.no_progress,
+    )
+    s = run_quantize(opts)
+    secs = s.seconds
+    grid = f"{opts.bits}-bit, group {s.group_size}, {'sym' if opts.sym else 'asym'}"
+    text = (f"Quantized {opts.model} with {opts.method.upper()} ({grid}) over {s.layers} linear layers in "
+            f"{secs.get('quantize_total', 0):.1f} s (load {secs.get('load', 0):.1f} s, "
+            f"save {secs.get('save', 0):.1f} s, total {secs['total']:.1f} s); wrote {s.output} ({opts.out_format}).")
+    if s.perplexity is not None:
+        text += f" Perplexity on {opts.eval_data} ({s.eval_windows} windows of {opts.eval_seqlen}): {s.perplexity:.2f}."
+    print(text)
+    return 0
+
+
+def evaluate(args) -> int:
+    from .engine.api import evaluate as run_evaluate
+
+    res = run_evaluate(args.model, args.data, args.max_windows, args.seqlen, args.device, args.dtype,
+                       progress=not args.json, trust_remote_code=args.trust_remote_code)
+    if args.json:
+        print(json.dumps({**asdict(res), "model": args.model, "data": args.data}))
+    else:
+        print(f"perplexity {res.perplexity:.4f} over {res.windows} windows of {res.seqlen} tokens "
+              f"({res.tokens} tokens) of {args.data}")
+    return 0 if math.isfinite(res.perplexity) else 1
