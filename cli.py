@@ -24,7 +24,6 @@ def _add_quantize(sub) -> None:
     p = sub.add_parser("quantize", help="quantize a causal LM layer by layer and save it")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="hub id, local directory, or 'smollm2' (the offline default model)")
-    p.add_argument("--method", default="gptq", help="rtn or gptq")
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=None,
                    help="-1 for per channel (default: 128, or 64/32 where 128 does not divide the model)")
@@ -33,16 +32,17 @@ def _add_quantize(sub) -> None:
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid (default)")
     p.set_defaults(sym=False)
     p.add_argument("--mse", action="store_true", help="search clipped ranges (shrink grid) per group")
-    p.add_argument("--act-order", nargs="?", const="static", default=None, choices=["static", "dynamic"],
-                   help="GPTQ: columns by decreasing Hessian diagonal; static groups (default) keep g_idx trivial")
-    p.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, fraction of the mean diagonal")
-    p.add_argument("--block-size", type=int, default=128, help="GPTQ lazy-update block size")
+    _add_method_args(p)
     p.add_argument("--calib", default="pydoc",
                    help="pydoc (offline default), a .txt/.jsonl file, or wikitext2 / c4 / pileval")
     p.add_argument("--text-column", default="text", help="field of a .jsonl calibration file")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--calib-batch", type=int, default=8,
+                   help="calibration windows per forward chunk (bounds the working activation memory)")
+    p.add_argument("--offload-activations", action="store_true",
+                   help="keep the cached calibration activations on the CPU between stages (large models)")
     p.add_argument("--output", required=True, help="output directory (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--format", default="fake", dest="out_format",
@@ -54,10 +54,44 @@ def _add_quantize(sub) -> None:
     p.set_defaults(handler=_run_quantize)
 
 
-def _run_quantize(args) -> int:
-    from .engine.api import quantize_command
+def _add_method_args(p: argparse.ArgumentParser) -> None:
+    """``--method`` from the registry, then one flag per field of every method's Options dataclass."""
+    from dataclasses import fields
 
-    return quantize_command(args)
+    from .commands import method_flag_dest
+    from .engine.registry import METHODS
+
+    lines = [f"  {name:8s} {cls.summary}" for name, cls in METHODS.items()]
+    p.epilog = "methods:\n" + "\n".join(lines)
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    # the registry checks the name (one-line error listing the methods), so no argparse ``choices`` here
+    p.add_argument("--method", default="gptq", metavar="{" + ",".join(METHODS) + "}",
+                   help="quantization method (see below; default gptq)")
+    seen: set[str] = set()
+    for cls in METHODS.values():
+        for f in fields(cls.Options):
+            if f.name in seen:  # the same option in two methods: one flag, each method keeps its default
+                continue
+            seen.add(f.name)
+            meta = dict(f.metadata)
+            users = [m for m, c in METHODS.items() if f.name in {g.name for g in fields(c.Options)}]
+            text = f"{meta.get('help', '')} [{', '.join(users)}; default {f.default}]"
+            flag = "--" + f.name.replace("_", "-")
+            kind = str(f.type)
+            if "choices" in meta:
+                p.add_argument(flag, dest=method_flag_dest(f.name), nargs="?", const=meta.get("const"),
+                               choices=meta["choices"], default=None, help=text)
+            elif kind == "bool":
+                p.add_argument(flag, dest=method_flag_dest(f.name), action="store_true", default=None, help=text)
+            else:
+                conv = int if kind == "int" else float if kind == "float" else str
+                p.add_argument(flag, dest=method_flag_dest(f.name), type=conv, default=None, help=text)
+
+
+def _run_quantize(args) -> int:
+    from .commands import quantize
+
+    return quantize(args)
 
 
 def _add_eval(sub) -> None:
@@ -72,9 +106,9 @@ def _add_eval(sub) -> None:
 
 
 def _run_eval(args) -> int:
-    from .engine.api import eval_command
+    from .commands import evaluate
 
-    return eval_command(args)
+    return evaluate(args)
 
 
 def _add_pack(sub) -> None:

@@ -1,35 +1,33 @@
-"""The Python API under the CLI: ``quantize(...)`` and ``evaluate(...)``, plus the two CLI handlers.
+"""The Python API under the CLI: ``quantize(...)`` and ``evaluate(...)``.
 
 Example::
 
     from tritonq.engine.api import QuantizeOptions, quantize
     summary = quantize(QuantizeOptions(model="smollm2", method="gptq", bits=4, group_size=64,
-                                       output="out/smollm2-w4g64"))
+                                       method_options={"damp": 0.1}, output="out/smollm2-w4g64"))
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .. import __version__
+from ..errors import TritonqError
 from .adapters import adapter_for
 from .data import calibration_windows, evaluation_windows, load_corpus, tokenize
-from ..errors import TritonqError
 from .grid import GridSpec
-from .methods import get_method
 from .model_io import load_config, load_model, load_tokenizer, resolve_device, resolve_dtype
 from .outputs import atomic_output_dir, check_output_dir
-
-CALIB_BATCH = 8  # calibration windows per forward pass
+from .registry import make_method
 
 
 @dataclass
@@ -41,14 +39,14 @@ class QuantizeOptions:
     group_size: int | None = None  # None: 128, or the largest of 64/32 that divides every layer
     sym: bool = False
     mse: bool = False
-    act_order: bool | str = False  # False, 'static' (or True), 'dynamic'
-    damp: float = 0.01
-    block_size: int = 128
+    method_options: Any = None  # the method's Options dataclass, a dict of its fields, or None (defaults)
     calib: str = "pydoc"
     text_column: str = "text"
     nsamples: int = 128
     seqlen: int = 512
     seed: int = 0
+    calib_batch: int = 8  # calibration windows per forward chunk: bounds the working activation memory
+    offload_activations: bool = False  # keep the cached calibration activations on the CPU between stages
     out_format: str = "fake"
     overwrite: bool = False
     device: str = "auto"
@@ -116,7 +114,9 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
         raise TritonqError(f"unknown --format {opts.out_format!r}; choose fake or one of {', '.join(PACKED_FORMATS)}")
     group_size = 128 if opts.group_size is None else opts.group_size
     spec = GridSpec(bits=opts.bits, group_size=group_size, sym=opts.sym, mse=opts.mse)
-    method = get_method(opts.method, act_order=opts.act_order, damp=opts.damp, block_size=opts.block_size)
+    method = make_method(opts.method, opts.method_options)
+    if opts.calib_batch < 1:
+        raise TritonqError(f"--calib-batch must be positive, got {opts.calib_batch}")
     check_output_dir(opts.output, opts.overwrite)
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device)
@@ -137,12 +137,12 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
         eval_corpus = load_corpus(opts.eval_data, split="test")
         eval_windows = evaluation_windows(tokenize(tokenizer, eval_corpus.text), opts.eval_seqlen,
                                           opts.eval_windows, eval_corpus.source)
-    if method.needs_calibration:
+    if method.calibrated:
         t0 = time.perf_counter()
         corpus = load_corpus(opts.calib, opts.text_column, split="train")
         windows = calibration_windows(tokenize(tokenizer, corpus.text), opts.nsamples, opts.seqlen, opts.seed,
                                       corpus.source)
-        batches = list(torch.split(windows, CALIB_BATCH))
+        batches = list(torch.split(windows, opts.calib_batch))
         calib_meta = {"name": opts.calib, "source": corpus.source, "sha256": corpus.sha256,
                       "nsamples": opts.nsamples, "seqlen": opts.seqlen, "seed": opts.seed}
         seconds["calibration_data"] = time.perf_counter() - t0
@@ -154,7 +154,9 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
     from .pipeline import quantize_blocks
 
     t0 = time.perf_counter()
-    report = quantize_blocks(model, adapter, method, spec, device, batches, progress=opts.progress)
+    store = torch.device("cpu") if opts.offload_activations else device
+    report = quantize_blocks(model, adapter, method, spec, device, batches, progress=opts.progress,
+                             store_device=store)
     seconds["quantize_total"] = time.perf_counter() - t0
     for stage, value in report.seconds.items():
         seconds[f"quantize_{stage}"] = value
@@ -198,27 +200,6 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
     return summary
 
 
-def quantize_command(args) -> int:
-    opts = QuantizeOptions(
-        output=args.output, model=args.model, method=args.method, bits=args.bits, group_size=args.group_size,
-        sym=args.sym, mse=args.mse, act_order=args.act_order or False, damp=args.damp, block_size=args.block_size,
-        calib=args.calib, text_column=args.text_column, nsamples=args.nsamples, seqlen=args.seqlen,
-        seed=args.seed, out_format=args.out_format, overwrite=args.overwrite, device=args.device,
-        dtype=args.dtype, trust_remote_code=args.trust_remote_code, eval_data=args.eval_data,
-        eval_windows=args.eval_windows, progress=not args.no_progress,
-    )
-    s = quantize(opts)
-    secs = s.seconds
-    grid = f"{opts.bits}-bit, group {s.group_size}, {'sym' if opts.sym else 'asym'}"
-    text = (f"Quantized {opts.model} with {opts.method.upper()} ({grid}) over {s.layers} linear layers in "
-            f"{secs.get('quantize_total', 0):.1f} s (load {secs.get('load', 0):.1f} s, "
-            f"save {secs.get('save', 0):.1f} s, total {secs['total']:.1f} s); wrote {s.output} ({opts.out_format}).")
-    if s.perplexity is not None:
-        text += f" Perplexity on {opts.eval_data} ({s.eval_windows} windows of {opts.eval_seqlen}): {s.perplexity:.2f}."
-    print(text)
-    return 0
-
-
 def evaluate(model_name: str, data: str, max_windows: int | None = None, seqlen: int = 2048,
              device: str = "auto", dtype: str = "auto", progress: bool = True, trust_remote_code: bool = False):
     """Perplexity of a model (hub id, directory, tritonq output, or ``smollm2``) on a text."""
@@ -243,14 +224,3 @@ def _is_packed_checkpoint(name: str) -> bool:
     if not config.is_file():
         return False
     return "quantization_config" in json.loads(config.read_text())
-
-
-def eval_command(args) -> int:
-    res = evaluate(args.model, args.data, args.max_windows, args.seqlen, args.device, args.dtype,
-                   progress=not args.json, trust_remote_code=args.trust_remote_code)
-    if args.json:
-        print(json.dumps({**asdict(res), "model": args.model, "data": args.data}))
-    else:
-        print(f"perplexity {res.perplexity:.4f} over {res.windows} windows of {res.seqlen} tokens "
-              f"({res.tokens} tokens) of {args.data}")
-    return 0 if math.isfinite(res.perplexity) else 1

@@ -17,76 +17,101 @@ The linears of a group share one Hessian, so their rows are stacked and solved a
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any
+
 import torch
 
 from ..errors import TritonqError
-from .grid import GridSpec, default_g_idx, fit_groups
-from .hessian import blocked_quantize, check_finite, inverse_cholesky
+from .grid import default_g_idx, fit_groups
+from .hessian import HessianAccumulator, blocked_quantize, check_finite, inverse_cholesky
 from .methods import LayerResult, Method, split_rows
+
+ACT_ORDERS = (None, "static", "dynamic")
+
+
+@dataclass(frozen=True)
+class GPTQOptions:
+    act_order: str | None = field(default=None, metadata={
+        "help": "columns by decreasing Hessian diagonal: static (grids fixed before reordering, trivial g_idx) "
+                "or dynamic (groups in permuted order, g_idx recorded); 'none' for the original order",
+        "choices": ("none", "static", "dynamic"), "const": "static"})
+    damp: float = field(default=0.01, metadata={"help": "damping, a fraction of the mean Hessian diagonal"})
+    block_size: int = field(default=128, metadata={"help": "lazy-update block width (columns)"})
+
+    def __post_init__(self) -> None:
+        if self.act_order == "none":
+            object.__setattr__(self, "act_order", None)
+        if self.act_order not in ACT_ORDERS:
+            raise TritonqError(f"act-order must be none, static or dynamic, got {self.act_order!r}")
+        if not 0 < self.damp < 10:
+            raise TritonqError(f"--damp must be in (0, 10), got {self.damp}")
+        if self.block_size < 1:
+            raise TritonqError(f"--block-size must be positive, got {self.block_size}")
 
 
 class GPTQ(Method):
     name = "gptq"
-    needs_calibration = True
-    needs_hessian = True
+    summary = "GPTQ: second-order error feedback through the inverse Hessian (Frantar et al. 2023)"
+    Options = GPTQOptions
 
-    def __init__(self, act_order: bool | str = False, damp: float = 0.01, block_size: int = 128) -> None:
-        modes = {False: None, None: None, "none": None, True: "static", "static": "static", "dynamic": "dynamic"}
-        if act_order not in modes:
-            raise TritonqError(f"act-order must be static or dynamic, got {act_order!r}")
-        if not 0 < damp < 10:
-            raise TritonqError(f"--damp must be in (0, 10), got {damp}")
-        if block_size < 1:
-            raise TritonqError(f"--block-size must be positive, got {block_size}")
-        self.act_order = modes[act_order]
-        self.damp = damp
-        self.block_size = block_size
+    def observe(self, group: Any) -> HessianAccumulator:
+        acc = HessianAccumulator(group.linears[0].in_features, group.device)
+        group.on_input(group.names[0], acc.add)  # the linears of a group share their input
+        return acc
 
     def describe(self) -> dict:
-        return {"act_order": self.act_order is not None, "act_order_groups": self.act_order,
-                "static_groups": self.act_order == "static", "damp": self.damp,
-                "block_size": self.block_size}
+        act_order = self.options.act_order
+        return {"act_order": act_order is not None, "act_order_groups": act_order,
+                "static_groups": act_order == "static", "damp": self.options.damp,
+                "block_size": self.options.block_size}
 
-    def quantize_group(
-        self, weights: list[torch.Tensor], hessian: torch.Tensor | None, spec: GridSpec, names: list[str],
-        force: str | None = None,
-    ) -> list[LayerResult]:
-        label = names[0] if len(names) == 1 else f"{names[0]} (+{len(names) - 1} sharing its input)"
-        assert hessian is not None
-        check_finite(hessian, label)
-        w = torch.cat([x.float() for x in weights], dim=0).to(hessian.device)
-        k = w.shape[1]
-        for name in names:
-            spec.groups_for(k, name)
-        h = hessian.clone()
-        dead = torch.diag(h) == 0
-        h[dead, dead] = 1.0
-        w[:, dead] = 0.0
+    def quantize(self, group: Any, state: HessianAccumulator, force: str | None = None) -> list[LayerResult]:
+        if state.tokens == 0:
+            raise TritonqError(f"GPTQ saw no calibration tokens for {group.label}; give calibration data")
+        weights = [lin.weight.data for lin in group.linears]
+        return solve(weights, state.hessian, group.spec, group.full_names, self.options, force=force)
 
-        g_idx = default_g_idx(k, spec).to(w.device)
-        preset = None
-        if spec.group_size == -1 or self.act_order == "static":
-            # per-row grids, and static groups, are fitted on the original (unpermuted) weights
-            preset = fit_groups(w, spec, label)
 
-        perm = None
-        work_g_idx = g_idx
-        if self.act_order:
-            perm = torch.argsort(torch.diag(h), descending=True)
-            w = w[:, perm]
-            h = h[perm][:, perm]
-            if self.act_order == "static":
-                work_g_idx = g_idx[perm]
-            else:  # dynamic: groups are runs of g columns in the new order; g_idx records them
-                g_idx = torch.empty_like(g_idx)
-                g_idx[perm] = work_g_idx
-        factor = inverse_cholesky(h, self.damp, label)
-        res = blocked_quantize(w, factor.upper, spec, work_g_idx, self.block_size, preset, force=force)
-        q = res.weight
-        if perm is not None:
-            q = q[:, torch.argsort(perm)]
-        info = {"loss": res.loss, "damp": factor.damp}
-        out = []
-        for qw, s, z in zip(split_rows(q, weights), split_rows(res.scale, weights), split_rows(res.zero, weights)):
-            out.append(LayerResult(qw, s, z, g_idx, dict(info)))
-        return out
+def solve(weights: list[torch.Tensor], hessian: torch.Tensor, spec, names: list[str], options: GPTQOptions,
+          force: str | None = None) -> list[LayerResult]:
+    """GPTQ of linears sharing one input (rows stacked), following the steps of the module docstring."""
+    label = names[0] if len(names) == 1 else f"{names[0]} (+{len(names) - 1} sharing its input)"
+    check_finite(hessian, label)
+    w = torch.cat([x.float() for x in weights], dim=0).to(hessian.device)
+    k = w.shape[1]
+    for name in names:
+        spec.groups_for(k, name)
+    h = hessian.clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+
+    act_order = options.act_order
+    g_idx = default_g_idx(k, spec).to(w.device)
+    preset = None
+    if spec.group_size == -1 or act_order == "static":
+        # per-row grids, and static groups, are fitted on the original (unpermuted) weights
+        preset = fit_groups(w, spec, label)
+
+    perm = None
+    work_g_idx = g_idx
+    if act_order:
+        perm = torch.argsort(torch.diag(h), descending=True)
+        w = w[:, perm]
+        h = h[perm][:, perm]
+        if act_order == "static":
+            work_g_idx = g_idx[perm]
+        else:  # dynamic: groups are runs of g columns in the new order; g_idx records them
+            g_idx = torch.empty_like(g_idx)
+            g_idx[perm] = work_g_idx
+    factor = inverse_cholesky(h, options.damp, label)
+    res = blocked_quantize(w, factor.upper, spec, work_g_idx, options.block_size, preset, force=force)
+    q = res.weight
+    if perm is not None:
+        q = q[:, torch.argsort(perm)]
+    info = {"loss": res.loss, "damp": factor.damp}
+    out = []
+    for qw, s, z in zip(split_rows(q, weights), split_rows(res.scale, weights), split_rows(res.zero, weights)):
+        out.append(LayerResult(qw, s, z, g_idx, dict(info)))
+    return out

@@ -1,18 +1,30 @@
-"""The interface every quantization method implements, and the registry of methods by name.
+"""The interface every quantization method implements.
 
-A method quantizes one *group* of linears that share an input (q/k/v, gate/up, ...): it gets their
-weights, the shared Hessian when it asks for one, and the grid; it returns, per linear, the
-fake-quantized weight and the grid parameters the packers need.
+The pipeline (``pipeline.py``) walks the linear groups of each block in dependency order. For each group
+it calls ``method.observe(group)``, where the method registers what it wants to see while the calibration
+tokens pass (inputs or outputs of named modules of the block, the attention's queries and keys after the
+rotary embedding); then it runs the calibration pass, only as far as those observations need; then it
+calls ``method.quantize(group, state)`` with whatever ``observe`` returned. ``quantize`` may fold scales
+through the adapter's pairs (``group.fold``) and returns, per linear, the fake-quantized weight and the
+grid parameters the packers need. ``wrap`` may replace a quantized linear for the rest of the block's
+propagation (activation quantization). The pipeline knows nothing else about a method.
+
+Adding a method is one file with a ``Method`` subclass (and an options dataclass) plus one line in
+``registry.py``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+import torch.nn as nn
 
 from ..errors import TritonqError
-from .grid import GridSpec
+
+if TYPE_CHECKING:
+    from .pipeline import Group
 
 
 @dataclass
@@ -24,40 +36,48 @@ class LayerResult:
     info: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class NoOptions:
+    """Options of a method that has none."""
+
+
 class Method:
-    """Base class: ``name``, whether calibration data and a Hessian are needed, and ``quantize_group``."""
+    """Base class. ``name`` keys the registry; ``Options`` is a frozen dataclass of the method's settings
+    (the CLI derives one flag per field, help text from ``field(metadata={"help": ...})``); ``calibrated``
+    says whether the method uses calibration data at all (RTN does not, so none is loaded)."""
 
-    name = "base"
-    needs_calibration = False
-    needs_hessian = False
+    name: ClassVar[str] = "base"
+    summary: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+    calibrated: ClassVar[bool] = True
 
-    def quantize_group(
-        self, weights: list[torch.Tensor], hessian: torch.Tensor | None, spec: GridSpec, names: list[str]
-    ) -> list[LayerResult]:
+    def __init__(self, options: Any = None) -> None:
+        self.options = options if options is not None else self.Options()
+        if not isinstance(self.options, self.Options):
+            raise TritonqError(f"{type(self).__name__} takes {self.Options.__name__} options, "
+                               f"got {type(self.options).__name__}")
+
+    def observe(self, group: Group) -> Any:
+        """Register observations on ``group`` (``group.on_input`` ...); the return value reaches ``quantize``."""
+        return None
+
+    def quantize(self, group: Group, state: Any) -> list[LayerResult]:
+        """Quantize ``group.linears`` after every calibration token has passed; one result per linear."""
         raise NotImplementedError
+
+    def wrap(self, group: Group, name: str, linear: nn.Module) -> nn.Module | None:
+        """A module to run in place of the quantized ``linear`` for the rest of this block's propagation."""
+        return None
 
     def describe(self) -> dict:
         """Method settings recorded in ``quantization.json``."""
-        return {}
+        return asdict(self.options)
+
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls.Options))
 
 
 def split_rows(stacked: torch.Tensor, weights: list[torch.Tensor]) -> list[torch.Tensor]:
     """Undo ``torch.cat(weights)`` along the output dimension."""
     return list(torch.split(stacked, [w.shape[0] for w in weights], dim=0))
-
-
-METHOD_NAMES = ("rtn", "gptq")
-
-
-def get_method(name: str, **options) -> Method:
-    """Instantiate a method by name with its options (unknown options for that method are ignored)."""
-    if name == "rtn":
-        from .rtn import RTN
-
-        return RTN()
-    if name == "gptq":
-        from .gptq import GPTQ
-
-        keys = ("act_order", "damp", "block_size")
-        return GPTQ(**{k: options[k] for k in keys if k in options})
-    raise TritonqError(f"unknown method {name!r}; choose one of: {', '.join(METHOD_NAMES)}")

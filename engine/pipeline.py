@@ -1,38 +1,61 @@
-"""The layer loop: capture the inputs of block 0, then for each decoder block accumulate the Hessians of
-its linear groups in dependency order (each group sees the already quantized groups before it),
-quantize them, and run the block again to produce the next block's inputs (quantized propagation,
-as GPTQ's ``llama_sequential`` with true-sequential order).
+"""The layer loop: one forward of each block over the calibration tokens, in stages at the group boundaries.
+
+Capture what enters block 0, then for every block and every linear group in dependency order:
+
+1. ``method.observe(group)`` registers what the method wants to see (inputs or outputs of named modules,
+   queries and keys after RoPE);
+2. the calibration chunks (``--calib-batch`` windows each) run through the block, each chunk stopping as
+   soon as every registered observation has fired for it, so all chunks advance in lockstep to the same
+   point of the block;
+3. ``method.quantize(group, state)`` solves and the weights are written into the block, so the groups
+   after it see quantized predecessors (true-sequential order, as GPTQ's ``llama_sequential``).
+
+Nothing expensive runs twice: a stage re-runs only the cheap modules before its stop point (norms,
+residual adds) and replays the sub-modules already done from cached outputs. When a group whose linear
+is a *tail* of a sub-module (``o_proj`` of the attention, ``down_proj`` of the MLP) is quantized, the
+chunks' inputs to it, saved when the stage stopped there, give the sub-module's final output
+(``tail(x)``), and later stages replay that output instead of computing attention or the MLP again. The
+last stage runs the rest of the block and yields the next block's inputs. Per block that is one forward
+of every linear and of the attention core, the same work as a plain forward.
+
+Memory: the chunks' block inputs, the replayed outputs (hidden size each) and, during the stage of a
+tail group, that group's inputs stay on ``store_device`` (the compute device by default, ``cpu`` to keep
+the accelerator for the working chunk); one chunk's intermediates are live at a time.
 
 Only the block being quantized sits on the compute device; the model stays on the CPU.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .adapters import Adapter
+from ..errors import TritonqError
+from .adapters import Adapter, ScalePair
 from .grid import GridSpec
-from .hessian import HessianAccumulator
 from .methods import LayerResult, Method
+
+OBSERVED_ATTENTION = "tritonq_observed"  # the attention interface that calls observers, then the real one
 
 
 class _StopForward(Exception):
-    """Raised by a hook once it has what it needs; the rest of the forward pass is skipped."""
+    """Raised by a hook once a chunk has reached every observation of the stage."""
 
 
 @dataclass
-class BlockInputs:
-    """Hidden states entering a block, one tensor per calibration batch, and the layer kwargs."""
+class Chunk:
+    """Hidden states entering a block for one calibration batch, and the layer kwargs."""
 
-    hidden: list[torch.Tensor]
-    kwargs: list[dict]
+    hidden: torch.Tensor
+    kwargs: dict
 
 
 @dataclass
@@ -41,9 +64,84 @@ class QuantizeReport:
     seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
 
 
+class Group:
+    """One linear group of one block as a method sees it: its modules, the grid, and the observation API.
+
+    ``names`` are relative to the block (``self_attn.q_proj``); ``full_names`` are the model's names.
+    Observers receive tensors on the compute device, once per calibration chunk.
+    """
+
+    def __init__(self, block: nn.Module, index: int, names: tuple[str, ...], adapter: Adapter, config: Any,
+                 spec: GridSpec, device: torch.device, done: set[str]) -> None:
+        self.block = block
+        self.index = index
+        self.names = names
+        self.full_names = [f"{adapter.blocks}.{index}.{n}" for n in names]
+        self.linears: list[nn.Linear] = [block.get_submodule(n) for n in names]
+        self.adapter = adapter
+        self.config = config
+        self.spec = spec
+        self.device = device
+        self._done = done  # linears of this block quantized before this group
+        self.input_hooks: list[tuple[str, Callable[[torch.Tensor], None]]] = []
+        self.output_hooks: list[tuple[str, Callable[[torch.Tensor, Any], None]]] = []
+        self.attention_hooks: list[Callable[[torch.Tensor, torch.Tensor], None]] = []
+
+    @property
+    def label(self) -> str:
+        n = len(self.full_names)
+        return self.full_names[0] if n == 1 else f"{self.full_names[0]} (+{n - 1} sharing its input)"
+
+    def on_input(self, name: str, fn: Callable[[torch.Tensor], None]) -> None:
+        """Call ``fn(x)`` with the first positional input of module ``name`` of the block."""
+        self.block.get_submodule(name)  # a typo fails here, not silently
+        self.input_hooks.append((name, fn))
+
+    def on_output(self, name: str, fn: Callable[[torch.Tensor, Any], None]) -> None:
+        """Call ``fn(x, output)`` with the input and the output of module ``name`` of the block."""
+        self.block.get_submodule(name)
+        self.output_hooks.append((name, fn))
+
+    def on_attention(self, fn: Callable[[torch.Tensor, torch.Tensor], None]) -> None:
+        """Call ``fn(query, key)`` with the attention's queries [B, heads, T, D] and keys [B, kv_heads, T, D]
+        after the rotary embedding (before grouped-query repetition)."""
+        self.attention_hooks.append(fn)
+
+    def fold(self, pair: ScalePair, scale: torch.Tensor) -> None:
+        """Divide ``pair.smooth``'s output channels by ``scale`` and multiply the balance linears' input
+        columns by it: the float block computes the same function (up to rounding)."""
+        touched = [pair.smooth, *pair.balance]
+        late = [n for n in touched if n in self._done]
+        if late:
+            raise TritonqError(f"cannot fold a scale into {late[0]} of block {self.index}: it is already quantized; "
+                               "fold before the group that holds it is quantized")
+        fold_scale(self.block, pair, scale)
+
+
+def fold_scale(block: nn.Module, pair: ScalePair, scale: torch.Tensor) -> None:
+    """Apply ``smooth.out /= s`` and ``balance.in *= s`` in place (norm weight and bias, or linear rows),
+    computing in at least fp32 and rounding once to each parameter's dtype."""
+
+    def rescale(param: torch.Tensor, factor: torch.Tensor, divide: bool) -> None:
+        work = torch.promote_types(param.dtype, torch.float32)
+        f = factor.to(device=param.device, dtype=work)
+        value = param.to(work) / f if divide else param.to(work) * f
+        param.copy_(value.to(param.dtype))
+
+    smooth = block.get_submodule(pair.smooth)
+    with torch.no_grad():
+        # a linear's output channels are its rows; a norm's are its affine weight (RMSNorm, LayerNorm)
+        rescale(smooth.weight, scale[:, None] if isinstance(smooth, nn.Linear) else scale, divide=True)
+        if getattr(smooth, "bias", None) is not None:
+            rescale(smooth.bias, scale, divide=True)
+        for name in pair.balance:
+            rescale(block.get_submodule(name).weight, scale[None, :], divide=False)
+
+
 def capture_block_inputs(
-    model: nn.Module, adapter: Adapter, batches: list[torch.Tensor], device: torch.device
-) -> BlockInputs:
+    model: nn.Module, adapter: Adapter, batches: list[torch.Tensor], device: torch.device,
+    store_device: torch.device | None = None,
+) -> list[Chunk]:
     """Run the embeddings on ``device`` and record what enters block 0 (hidden states and kwargs)."""
     blocks = adapter.block_list(model)
     moved = [blocks[0]]
@@ -54,11 +152,12 @@ def capture_block_inputs(
             continue  # optional module absent in this variant (e.g. OPT's project_in)
     for mod in moved:
         mod.to(device)
-    captured = BlockInputs([], [])
+    chunks: list[Chunk] = []
+    store = store_device or device
 
     def hook(_module, args, kwargs):
-        captured.hidden.append(args[0] if args else kwargs.pop("hidden_states"))
-        captured.kwargs.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        chunks.append(Chunk(hidden.to(store), {k: v for k, v in kwargs.items() if k != "hidden_states"}))
         raise _StopForward
 
     handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
@@ -72,7 +171,124 @@ def capture_block_inputs(
         handle.remove()
         for mod in moved:
             mod.to("cpu")
-    return captured
+    return chunks
+
+
+def _observed_attention(module, query, key, value, attention_mask, **kwargs):
+    """Attention interface used while a method observes queries and keys: observers, then the real one."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    for fn in module._tritonq_observers:
+        fn(query, key)
+    inner = module._tritonq_inner
+    if inner == "eager":  # the model file's own eager function is the default of get_interface
+        eager = sys.modules[type(module).__module__].eager_attention_forward
+        real = eager
+    else:
+        real = ALL_ATTENTION_FUNCTIONS.get_interface(inner, None)
+    return real(module, query, key, value, attention_mask, **kwargs)
+
+
+class _Stage:
+    """One stage of a block: hooks that stop every chunk after its last observation, and the replays.
+
+    A stage with no observations runs every chunk to the end of the block and returns the outputs.
+    """
+
+    def __init__(self, block: nn.Module, group: Group, replays: dict[str, tuple[bool, list]],
+                 tail_input: str | None, device: torch.device, store: torch.device,
+                 record: tuple[str, ...] = ()) -> None:
+        self.block, self.group, self.replays, self.device, self.store = block, group, replays, device, store
+        self.recorded: dict[str, list[torch.Tensor]] = {name: [] for name in record}  # outputs of done linears
+        self.tail_input = tail_input  # save the inputs of this linear (a tail) for its replay
+        self.tail_inputs: list[torch.Tensor] = []
+        self.events = (len(group.input_hooks) + len(group.output_hooks) + bool(group.attention_hooks)
+                       + (tail_input is not None))
+        self.fired = 0
+        self.chunk = 0
+        self.observe_seconds = 0.0
+
+    def _call(self, fn: Callable, *args) -> None:
+        t0 = time.perf_counter()
+        fn(*args)
+        self.observe_seconds += time.perf_counter() - t0
+        self.fired += 1
+        if self.fired == self.events:
+            raise _StopForward
+
+    def _attention(self, query: torch.Tensor, key: torch.Tensor) -> None:
+        for fn in self.group.attention_hooks:
+            fn(query, key)
+
+    def _install(self) -> Callable[[], None]:
+        """Register hooks and replays; returns the function that removes them."""
+        group, handles, patched = self.group, [], []
+        for name, fn in group.input_hooks:
+            handles.append(self.block.get_submodule(name).register_forward_pre_hook(
+                lambda _m, args, fn=fn: self._call(fn, args[0])))
+        for name, fn in group.output_hooks:
+            handles.append(self.block.get_submodule(name).register_forward_hook(
+                lambda _m, args, out, fn=fn: self._call(fn, args[0] if args else None, out)))
+        if self.tail_input is not None:
+            handles.append(self.block.get_submodule(self.tail_input).register_forward_pre_hook(
+                lambda _m, args: self._call(self.tail_inputs.append, args[0].to(self.store))))
+        for name, outputs in self.recorded.items():
+            handles.append(self.block.get_submodule(name).register_forward_hook(
+                lambda _m, _args, out, outputs=outputs: outputs.append(out.to(self.store))))
+        attention = None
+        if group.attention_hooks:
+            attention = self.block.get_submodule(group.adapter.attention)
+            attention._tritonq_observers = [lambda q, k: self._call(self._attention, q, k)]
+            attention._tritonq_inner = attention.config._attn_implementation
+            _register_observed_attention()
+            attention.config._attn_implementation = OBSERVED_ATTENTION
+        for parent, (as_tuple, outputs) in self.replays.items():
+            module = self.block.get_submodule(parent)
+            module.forward = self._replayer(outputs, as_tuple)
+            patched.append(module)
+
+        def remove() -> None:
+            for h in handles:
+                h.remove()
+            for module in patched:
+                del module.forward
+            if attention is not None:
+                attention.config._attn_implementation = attention._tritonq_inner
+                del attention._tritonq_observers, attention._tritonq_inner
+        return remove
+
+    def run(self, chunks: list[Chunk]) -> list[Chunk]:
+        """Run every chunk as far as the observations need; the outputs of chunks that ran to the end."""
+        outputs = []
+        remove = self._install()
+        try:
+            for c, chunk in enumerate(chunks):
+                self.chunk, self.fired = c, 0
+                try:
+                    out = _run_block(self.block, chunk.hidden.to(self.device), chunk.kwargs)
+                    outputs.append(Chunk(out.to(self.store), chunk.kwargs))
+                except _StopForward:
+                    continue
+                if self.events:
+                    raise TritonqError(
+                        f"{self.events - self.fired} observation(s) of {self.group.label} never fired in block "
+                        f"{self.group.index}: they watch a module that does not run at this stage (inside a "
+                        "sub-module already replayed from its cached output); observe it from an earlier group")
+        finally:
+            remove()
+        return outputs
+
+    def _replayer(self, outputs: list[torch.Tensor], as_tuple: bool) -> Callable:
+        def forward(*_args, **_kwargs):
+            out = outputs[self.chunk].to(self.device)
+            return (out, None) if as_tuple else out
+        return forward
+
+
+def _register_observed_attention() -> None:
+    from transformers.modeling_utils import AttentionInterface
+
+    AttentionInterface.register(OBSERVED_ATTENTION, _observed_attention)
 
 
 def _run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
@@ -80,24 +296,79 @@ def _run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Te
     return out[0] if isinstance(out, tuple) else out
 
 
-def _group_hessian(block: nn.Module, first: nn.Linear, inputs: BlockInputs, device) -> torch.Tensor:
-    """Hessian of the input shared by a group, from a forward pass stopped right after that input."""
-    acc = HessianAccumulator(first.in_features, device)
+def _swap_module(block: nn.Module, name: str, module: nn.Module) -> nn.Module:
+    parent_name, _, child = name.rpartition(".")
+    parent = block.get_submodule(parent_name) if parent_name else block
+    old = getattr(parent, child)
+    setattr(parent, child, module)
+    return old
 
-    def hook(_module, args):
-        acc.add(args[0])
-        raise _StopForward
 
-    handle = first.register_forward_pre_hook(hook)
-    try:
-        for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
-            try:
-                _run_block(block, hidden, kwargs)
-            except _StopForward:
-                pass
-    finally:
-        handle.remove()
-    return acc.hessian
+def quantize_block(
+    block: nn.Module, index: int, chunks: list[Chunk] | None, adapter: Adapter, config: Any, method: Method,
+    spec: GridSpec, device: torch.device, store: torch.device, report: QuantizeReport,
+) -> tuple[list[Chunk] | None, float]:
+    """Quantize one block (on ``device``) in place; returns the next block's inputs and the mean loss."""
+    replays: dict[str, tuple[bool, list]] = {}  # sub-module -> (returns a tuple, per-chunk outputs)
+    done: set[str] = set()
+    # quantized linears outside every tail's parent (OPT's fc1): their outputs are recorded in the next stage
+    # that runs them to the end and replayed after, so the last stage does not compute them again
+    unrecorded: list[str] = []
+    wrapped: list[tuple[str, nn.Module]] = []
+    losses = 0.0
+    for names in adapter.linear_groups:
+        group = Group(block, index, names, adapter, config, spec, device, set(done))
+        state = method.observe(group)
+        tail = adapter.tail_of(names[0]) if chunks else None
+        stage = _Stage(block, group, replays, names[0] if tail else None, device, store, tuple(unrecorded))
+        if chunks and stage.events:
+            t0 = time.perf_counter()
+            stage.run(chunks)
+            report.seconds["forward"] += time.perf_counter() - t0 - stage.observe_seconds
+            report.seconds["observe"] += stage.observe_seconds
+            _keep_complete_records(stage, replays, unrecorded, len(chunks))
+        t0 = time.perf_counter()
+        results = method.quantize(group, state)
+        if len(results) != len(names):
+            raise TritonqError(f"method {method.name} returned {len(results)} results for the {len(names)} "
+                               f"linears of {group.label}")
+        for lin, full, res in zip(group.linears, group.full_names, results):
+            lin.weight.data.copy_(res.weight.to(lin.weight.dtype))
+            report.layers[full] = LayerResult(res.weight.new_empty(0), res.scale.cpu(), res.zero.cpu(),
+                                              res.g_idx.cpu(), res.info)
+            losses += res.info.get("loss", 0.0) / len(results)
+        report.seconds["solve"] += time.perf_counter() - t0
+        for name, lin in zip(names, group.linears):
+            replacement = method.wrap(group, name, lin)
+            if replacement is not None:
+                wrapped.append((name, _swap_module(block, name, replacement)))
+        done.update(names)
+        unrecorded += [n for n in names if not any(n.startswith(t.parent + ".") for t in adapter.tails)]
+        if tail is not None:  # the sub-module's output is final now: replay it from here on
+            t0 = time.perf_counter()
+            last = block.get_submodule(tail.linear)
+            replays[tail.parent] = (tail.returns_tuple,
+                                    [last(x.to(device)).to(store) for x in stage.tail_inputs])
+            stage.tail_inputs.clear()
+            report.seconds["forward"] += time.perf_counter() - t0
+    out = None
+    if chunks:  # the rest of the block, replaying what is done: the next block's inputs
+        t0 = time.perf_counter()
+        last_stage = _Stage(block, Group(block, index, (), adapter, config, spec, device, done), replays, None,
+                            device, store)
+        out = last_stage.run(chunks)
+        report.seconds["forward"] += time.perf_counter() - t0
+    for name, original in wrapped:  # wrappers serve propagation only; the model keeps its linears
+        _swap_module(block, name, original)
+    return out, losses
+
+
+def _keep_complete_records(stage: _Stage, replays: dict, unrecorded: list[str], n_chunks: int) -> None:
+    """Outputs recorded for every chunk become replays (a chunk stopped before the linear records nothing)."""
+    for name, outputs in stage.recorded.items():
+        if len(outputs) == n_chunks:
+            replays[name] = (False, outputs)
+            unrecorded.remove(name)
 
 
 def quantize_blocks(
@@ -109,45 +380,26 @@ def quantize_blocks(
     batches: list[torch.Tensor] | None,
     progress: bool = True,
     on_block: Callable[[int, float], None] | None = None,
+    store_device: torch.device | None = None,
 ) -> QuantizeReport:
     """Quantize every decoder block of ``model`` in place; returns the grid parameters per linear."""
     report = QuantizeReport()
     blocks = adapter.block_list(model)
-    prefix = adapter.blocks
-    inputs = None
+    store = store_device or device
+    chunks = None
     with torch.no_grad():
-        if method.needs_calibration:
+        if batches:
             t0 = time.perf_counter()
-            inputs = capture_block_inputs(model, adapter, batches or [], device)
+            chunks = capture_block_inputs(model, adapter, batches, device, store)
             report.seconds["capture"] += time.perf_counter() - t0
         bar = tqdm(range(len(blocks)), desc=f"{method.name} blocks", unit="block", disable=not progress)
         for i in bar:
             block = blocks[i].to(device)
-            losses = 0.0
-            for group in adapter.linear_groups:
-                linears = [block.get_submodule(name) for name in group]
-                names = [f"{prefix}.{i}.{name}" for name in group]
-                hessian = None
-                if method.needs_hessian:
-                    t0 = time.perf_counter()
-                    hessian = _group_hessian(block, linears[0], inputs, device)
-                    report.seconds["hessian"] += time.perf_counter() - t0
-                t0 = time.perf_counter()
-                results = method.quantize_group([lin.weight.data for lin in linears], hessian, spec, names)
-                for lin, name, res in zip(linears, names, results):
-                    lin.weight.data.copy_(res.weight.to(lin.weight.dtype))
-                    report.layers[name] = LayerResult(
-                        res.weight.new_empty(0), res.scale.cpu(), res.zero.cpu(), res.g_idx.cpu(), res.info
-                    )
-                    losses += res.info.get("loss", 0.0) / len(results)
-                report.seconds["quantize"] += time.perf_counter() - t0
-            if inputs is not None:
-                t0 = time.perf_counter()
-                inputs.hidden = [_run_block(block, h, kw) for h, kw in zip(inputs.hidden, inputs.kwargs)]
-                report.seconds["propagate"] += time.perf_counter() - t0
+            chunks, loss = quantize_block(block, i, chunks, adapter, model.config, method, spec, device, store,
+                                          report)
             blocks[i] = block.to("cpu")
-            if method.needs_hessian:
-                bar.set_postfix(loss=f"{losses:.3g}")
+            if loss:
+                bar.set_postfix(loss=f"{loss:.3g}")
             if on_block is not None:
-                on_block(i, losses)
+                on_block(i, loss)
     return report

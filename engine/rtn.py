@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from .grid import GridSpec, default_g_idx, fake_quantize, fit_groups
@@ -10,16 +12,18 @@ from .methods import LayerResult, Method
 
 class RTN(Method):
     name = "rtn"
+    summary = "round to nearest on the min-max (or --mse) grid; no calibration data"
+    calibrated = False
 
-    def quantize_group(
-        self, weights: list[torch.Tensor], hessian: torch.Tensor | None, spec: GridSpec, names: list[str]
-    ) -> list[LayerResult]:
-        results = []
-        for weight, name in zip(weights, names):
-            k = weight.shape[1]
-            scale, zero = fit_groups(weight, spec, name)
-            g_idx = default_g_idx(k, spec).to(weight.device)
-            idx = g_idx.long()
-            q = fake_quantize(weight.float(), scale[:, idx], zero[:, idx], spec.maxq)
-            results.append(LayerResult(q, scale, zero, g_idx))
-        return results
+    def quantize(self, group: Any, state: Any) -> list[LayerResult]:
+        return [round_to_nearest(lin.weight.data, group.spec, name)
+                for lin, name in zip(group.linears, group.full_names)]
+
+
+def round_to_nearest(weight: torch.Tensor, spec: GridSpec, name: str = "layer") -> LayerResult:
+    """Fit every group of ``weight`` [N, K] and round each weight to its nearest grid point."""
+    scale, zero = fit_groups(weight, spec, name)
+    g_idx = default_g_idx(weight.shape[1], spec).to(weight.device)
+    idx = g_idx.long()
+    q = fake_quantize(weight.float(), scale[:, idx], zero[:, idx], spec.maxq)
+    return LayerResult(q, scale, zero, g_idx)

@@ -49,6 +49,7 @@ CASES = {
     "bits": (["--bits", "9"], "bits must be an integer from 2 to 8"),
     "method": (["--method", "magic"], "unknown method 'magic'; choose one of: rtn, gptq"),
     "format": (["--format", "zip"], "unknown --format 'zip'"),
+    "foreign_option": (["--method", "rtn", "--damp", "0.1"], "--damp does not apply to --method rtn"),
     "few_tokens": (["--nsamples", "500", "--seqlen", "512"], "fewer than --nsamples 500 x --seqlen 512"),
 }
 

@@ -2,11 +2,16 @@
 
 import pytest
 import torch
-from tritonq.errors import TritonqError
-from tritonq.engine.gptq import GPTQ
+from tritonq.engine.gptq import GPTQOptions, solve
 from tritonq.engine.grid import GridSpec, default_g_idx, fit_groups
 from tritonq.engine.hessian import inverse_cholesky
-from tritonq.engine.rtn import RTN
+from tritonq.engine.rtn import round_to_nearest
+from tritonq.errors import TritonqError
+
+
+def _opts(**overrides) -> GPTQOptions:
+    """The settings these tests were written for (no act-order, 1% damping) unless a test says otherwise."""
+    return GPTQOptions(**{"act_order": None, "damp": 0.01, **overrides})
 
 
 def _layer(n=24, k=96, tokens=400, seed=0):
@@ -46,8 +51,8 @@ def _gptq64(w, h, spec, damp=0.01):
 def test_gptq_matches_float64_transcription_and_beats_rtn(bits, group, sym):
     w, _, h = _layer(seed=bits + group)
     spec = GridSpec(bits=bits, group_size=group, sym=sym)
-    res = GPTQ(block_size=64).quantize_group([w], h, spec, ["layer"])[0]
-    rtn = RTN().quantize_group([w], None, spec, ["layer"])[0]
+    res = solve([w], h, spec, ["layer"], _opts(block_size=64))[0]
+    rtn = round_to_nearest(w, spec)
     if group != -1:  # per-channel grids are fitted up front on W in tritonq, at column 0 here: same thing
         ref = _gptq64(w, h, spec)
         # fp32 vs fp64 propagation can flip a rounding near a midpoint: compare objectives and most entries
@@ -61,8 +66,8 @@ def test_identity_hessian_gives_rtn():
     w, _, _ = _layer(seed=3)
     spec = GridSpec(bits=4, group_size=32)
     eye = torch.eye(w.shape[1])
-    res = GPTQ().quantize_group([w], eye, spec, ["layer"])[0]
-    rtn = RTN().quantize_group([w], None, spec, ["layer"])[0]
+    res = solve([w], eye, spec, ["layer"], _opts())[0]
+    rtn = round_to_nearest(w, spec)
     assert torch.allclose(res.weight, rtn.weight, atol=1e-6)
     assert torch.equal(res.scale, rtn.scale) and torch.equal(res.zero, rtn.zero)
 
@@ -71,7 +76,7 @@ def test_loss_equals_damped_objective():
     """sum_j (w_j - q_j)^2 / U_jj^2 / 2 over all columns equals tr((Q-W) H_damped (Q-W)^T) / 2."""
     w, _, h = _layer(seed=4)
     spec = GridSpec(bits=3, group_size=32)
-    res = GPTQ(damp=0.01).quantize_group([w], h, spec, ["layer"])[0]
+    res = solve([w], h, spec, ["layer"], _opts(damp=0.01))[0]
     hd = h + 0.01 * torch.diag(h).mean() * torch.eye(h.shape[0])
     assert res.info["loss"] == pytest.approx(0.5 * _objective(w, res.weight, hd), rel=1e-3)
 
@@ -80,16 +85,16 @@ def test_loss_equals_damped_objective():
 def test_block_size_does_not_change_the_result(block):
     w, _, h = _layer(seed=5)
     spec = GridSpec(bits=4, group_size=16)
-    base = GPTQ(block_size=16).quantize_group([w], h, spec, ["layer"])[0]
-    other = GPTQ(block_size=block).quantize_group([w], h, spec, ["layer"])[0]
+    base = solve([w], h, spec, ["layer"], _opts(block_size=16))[0]
+    other = solve([w], h, spec, ["layer"], _opts(block_size=block))[0]
     assert (other.weight - base.weight).abs().gt(1e-4).float().mean() < 0.01
 
 
 def test_triton_path_matches_reference_path():
     w, _, h = _layer(n=20, k=80, seed=6)
     spec = GridSpec(bits=4, group_size=16)
-    ref = GPTQ(block_size=32).quantize_group([w], h, spec, ["layer"], force="ref")[0]
-    tri = GPTQ(block_size=32).quantize_group([w], h, spec, ["layer"], force="triton")[0]
+    ref = solve([w], h, spec, ["layer"], _opts(block_size=32), force="ref")[0]
+    tri = solve([w], h, spec, ["layer"], _opts(block_size=32), force="triton")[0]
     assert (tri.weight - ref.weight).abs().gt(1e-4).float().mean() < 0.005
     assert tri.info["loss"] == pytest.approx(ref.info["loss"], rel=1e-3)
 
@@ -97,7 +102,7 @@ def test_triton_path_matches_reference_path():
 def test_act_order_static_groups_stay_on_their_grid():
     w, _, h = _layer(seed=7)
     spec = GridSpec(bits=3, group_size=32)
-    res = GPTQ(act_order=True).quantize_group([w], h, spec, ["layer"])[0]
+    res = solve([w], h, spec, ["layer"], _opts(act_order="static"))[0]
     assert torch.equal(res.g_idx, default_g_idx(w.shape[1], spec).to(res.g_idx.device))
     # static groups: every group's grid is fitted on the original (unpermuted) columns up front
     s0, z0 = fit_groups(w, spec)
@@ -105,7 +110,7 @@ def test_act_order_static_groups_stay_on_their_grid():
     idx = res.g_idx.long()
     codes = res.weight / res.scale[:, idx] + res.zero[:, idx]
     assert torch.allclose(codes, codes.round(), atol=1e-3)
-    rtn = RTN().quantize_group([w], None, spec, ["layer"])[0]
+    rtn = round_to_nearest(w, spec)
     assert _objective(w, res.weight, h) < _objective(w, rtn.weight, h)
 
 
@@ -113,8 +118,8 @@ def test_group_rows_are_solved_together_as_separately():
     w, _, h = _layer(seed=8)
     spec = GridSpec(bits=4, group_size=32)
     a, b = w[:10], w[10:]
-    together = GPTQ().quantize_group([a, b], h, spec, ["a", "b"])
-    alone = GPTQ().quantize_group([a], h, spec, ["a"])[0]
+    together = solve([a, b], h, spec, ["a", "b"], _opts())
+    alone = solve([a], h, spec, ["a"], _opts())[0]
     assert torch.allclose(together[0].weight, alone.weight, atol=1e-5)
     assert together[1].weight.shape == b.shape
 
@@ -123,7 +128,7 @@ def test_dead_columns_are_zeroed():
     w, _, h = _layer(seed=9)
     h[:, 5] = 0
     h[5, :] = 0
-    res = GPTQ().quantize_group([w], h, GridSpec(bits=4, group_size=32), ["layer"])[0]
+    res = solve([w], h, GridSpec(bits=4, group_size=32), ["layer"], _opts())[0]
     assert torch.all(res.weight[:, 5] == 0)
 
 
@@ -140,18 +145,18 @@ def test_non_finite_hessian_is_a_clear_error():
     w, _, h = _layer(seed=10)
     h[3, 3] = float("nan")
     with pytest.raises(TritonqError, match="non-finite values in the Hessian of layer"):
-        GPTQ().quantize_group([w], h, GridSpec(bits=4, group_size=32), ["layer"])
+        solve([w], h, GridSpec(bits=4, group_size=32), ["layer"], _opts())
 
 
 def test_dynamic_act_order_groups_follow_the_permutation():
     w, _, h = _layer(seed=11)
     spec = GridSpec(bits=3, group_size=32)
-    res = GPTQ(act_order="dynamic").quantize_group([w], h, spec, ["layer"])[0]
+    res = solve([w], h, spec, ["layer"], _opts(act_order="dynamic"))[0]
     perm = torch.argsort(torch.diag(h), descending=True)
     assert torch.equal(res.g_idx[perm].long(), torch.arange(w.shape[1]) // 32)
     idx = res.g_idx.long()
     codes = res.weight / res.scale[:, idx] + res.zero[:, idx]
     assert torch.allclose(codes, codes.round(), atol=1e-3)
     assert codes.round().min() >= 0 and codes.round().max() <= 7
-    rtn = RTN().quantize_group([w], None, spec, ["layer"])[0]
+    rtn = round_to_nearest(w, spec)
     assert _objective(w, res.weight, h) < _objective(w, rtn.weight, h)

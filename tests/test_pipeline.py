@@ -94,12 +94,13 @@ def test_family_end_to_end(tmp_path, family, calib_file, heldout):
 
 def test_act_order_and_per_channel_run(tmp_path, calib_file):
     src = make_family_model(tmp_path / "float", "llama", seed=1)
-    cases = ({"act_order": True, "group_size": 32}, {"act_order": "dynamic", "group_size": 32},
-             {"group_size": -1, "sym": True})
-    for i, extra in enumerate(cases):
+    cases = (({"act_order": "static"}, {"group_size": 32}), ({"act_order": "dynamic"}, {"group_size": 32}),
+             ({"act_order": None}, {"group_size": -1, "sym": True}))
+    for i, (method_options, extra) in enumerate(cases):
         out = tmp_path / f"out{i}"
         quantize(QuantizeOptions(output=str(out), model=str(src), method="gptq", bits=4, calib=str(calib_file),
-                                 nsamples=8, seqlen=128, device="cpu", progress=False, **extra))
+                                 nsamples=8, seqlen=128, device="cpu", progress=False,
+                                 method_options=method_options, **extra))
         meta = json.loads((out / "quantization.json").read_text())
-        assert meta["act_order"] == bool(extra.get("act_order"))
+        assert meta["act_order"] == bool(method_options["act_order"])
         assert meta["group_size"] == extra["group_size"]

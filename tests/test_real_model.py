@@ -38,7 +38,7 @@ def test_gptq_beats_rtn_at_3_bits_on_smollm2(tmp_path, capsys):
     meta = json.loads((tmp_path / "gptq" / "quantization.json").read_text())
     assert meta["architecture"] == "llama" and len(meta["layers"]) == 30 * 7
     assert meta["calibration"]["name"] == "pydoc" and meta["calibration"]["nsamples"] == 16
-    assert set(meta["seconds"]) >= {"load", "quantize_total", "quantize_hessian"}
+    assert set(meta["seconds"]) >= {"load", "quantize_total", "quantize_forward", "quantize_observe", "quantize_solve"}
     float_ppl = _eval("smollm2", capsys)
     rtn = _eval(tmp_path / "rtn", capsys)
     gptq = _eval(tmp_path / "gptq", capsys)

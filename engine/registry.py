@@ -1,0 +1,49 @@
+"""The methods by name. Adding a method: one file with a ``Method`` subclass, plus one entry here.
+
+The registry imports the method modules; a method module imports only ``methods.py`` (the base class)
+and the shared cores (grid, Hessian), never this file, so nothing imports in a circle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields, is_dataclass
+from typing import Any
+
+from ..errors import TritonqError
+from .gptq import GPTQ
+from .methods import Method
+from .rtn import RTN
+
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (RTN, GPTQ)}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Add a method class (usable as a decorator); a name already taken is refused."""
+    if cls.name in METHODS and METHODS[cls.name] is not cls:
+        raise TritonqError(f"a method named {cls.name!r} is already registered")
+    if not is_dataclass(cls.Options):
+        raise TritonqError(f"{cls.__name__}.Options must be a dataclass")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def method_class(name: str) -> type[Method]:
+    if name not in METHODS:
+        raise TritonqError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def make_method(name: str, options: Any = None) -> Method:
+    """Instantiate a method: ``options`` is its Options dataclass, a dict of its fields, or None (defaults).
+
+    A dict key that the method does not take is an error naming the method's options.
+    """
+    cls = method_class(name)
+    if isinstance(options, dict):
+        known = {f.name for f in fields(cls.Options)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            takes = ", ".join(sorted(known)) or "no options"
+            raise TritonqError(f"method {name} does not take {', '.join(unknown)} (it takes: {takes})")
+        options = cls.Options(**options)
+    return cls(options)
