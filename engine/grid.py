@@ -9,6 +9,8 @@ compressed-tensors checkpoint layouts, so packing is exact):
 * symmetric: ``scale = 2 * absmax / qmax`` and ``zero = 2^(b-1)`` (``absmax / 7.5`` at 4 bits);
 * scales are rounded to fp16-representable values so that the fp16 scales of the packed formats
   reproduce the fake-quantized weights bit for bit;
+* the min-max rule itself (and ``MIN_SCALE``) is :func:`tritonq.kernels.grid_rule.minmax_scale_zero`, shared
+  with the kernels' references; the GPTQ kernel's in-kernel fit is tested bit-exact against it;
 * optional shrink (MSE) search over clipped ranges, as GPTQ's ``Quantizer(mse=True)``:
   candidates ``p * [lo, hi]`` for ``p = 1 - i / grid``, error ``sum |Q(w) - w|^norm``.
 
@@ -23,9 +25,10 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import TritonqError
+from ..kernels.grid_rule import MIN_SCALE, minmax_scale_zero
 
-# Smallest scale we allow: fp16 has normal numbers down to 6.1e-5; a tinier scale would flush.
-MIN_SCALE = 2.0**-14
+__all__ = ["MIN_SCALE", "GridSpec", "codes_of", "default_g_idx", "dequantize", "fake_quantize", "fit_groups",
+           "fit_rows", "quantize_codes"]
 
 
 @dataclass(frozen=True)
@@ -74,20 +77,8 @@ class GridSpec:
 
 
 def _params_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: GridSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero from a range per row; ``lo <= 0 <= hi`` is enforced here."""
-    lo = torch.clamp(lo, max=0.0)
-    hi = torch.clamp(hi, min=0.0)
-    if spec.sym:
-        absmax = torch.maximum(-lo, hi)
-        scale = 2.0 * absmax / spec.maxq
-        zero = torch.full_like(scale, float(2 ** (spec.bits - 1)))
-    else:
-        scale = (hi - lo) / spec.maxq
-        zero = None
-    scale = torch.clamp(scale, min=MIN_SCALE).to(torch.float16).to(torch.float32)
-    if zero is None:
-        zero = torch.clamp(torch.round(-lo / scale), 0, spec.maxq)
-    return scale, zero
+    """Scale and zero from a range per row: the one min-max rule of :mod:`tritonq.kernels.grid_rule`."""
+    return minmax_scale_zero(lo, hi, spec.maxq, spec.sym)
 
 
 def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:

@@ -72,10 +72,20 @@ def inverse_cholesky(hessian: torch.Tensor, damp: float, layer: str, max_tries: 
     )
 
 
-def effective_block_size(block_size: int, group: int, in_features: int) -> int:
-    """Lazy-update block width: a multiple of the group size so every group starts a block."""
-    if group >= in_features:
-        return min(block_size, in_features)
+def check_block_size(block_size: int) -> None:
+    """Validate ``--block-size`` before any work starts (GPTQ's option check calls it).
+
+    Every positive width is supported: :func:`blocked_quantize` runs a lazy block wider than one kernel
+    launch holds (``kernels.gptq_max_cols()``, 256) as several launches with a trailing update between
+    them, which leaves the GPTQ result unchanged.
+    """
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise TritonqError(f"--block-size must be a positive integer (e.g. 128), got {block_size!r}")
+
+
+def effective_block_size(block_size: int, group: int) -> int:
+    """Lazy-update block width for grids fitted at group starts: a multiple of the group size, so that
+    every group starts a block and lies inside it (a group wider than ``block_size`` is one block)."""
     if group >= block_size:
         return group
     return (block_size // group) * group
@@ -102,13 +112,21 @@ def blocked_quantize(
 
     Grids: ``preset`` (scale, zero [N, G], read through ``g_idx``) if given; otherwise each group is
     fitted from the up-to-date working columns when it starts (in the kernel, or on the host when the
-    grid has a shrink search: blocks then hold exactly one group).
+    grid has a shrink search or a group is wider than one launch: blocks then hold exactly one group).
+
+    Lazy blocks of ``block_size`` columns (GPTQ §3, "lazy batch updates") run as launches of at most
+    ``kernels.gptq_max_cols()`` columns: inside a block, each launch is followed by the update of the
+    block's remaining columns by that launch's errors, and the block's errors then update every column
+    after the block in one GEMM. Both orders apply the same rank-1 updates of Algorithm 1 (only the fp32
+    summation order differs), so any ``block_size`` is supported.
     """
+    check_block_size(block_size)
     w = weight.float().clone()
     n, k = w.shape
     group = spec.effective_group(k)
     groups = k // group
     device = w.device
+    max_cols = kernels.gptq_max_cols()
     g_idx = g_idx.to(device=device, dtype=torch.int32).contiguous()
     if preset is not None:
         scale, zero = (t.to(device=device, dtype=torch.float32).contiguous() for t in preset)
@@ -116,21 +134,36 @@ def blocked_quantize(
     else:
         scale = torch.zeros(n, groups, device=device, dtype=torch.float32)
         zero = torch.zeros_like(scale)
-        fit_on_host = spec.mse or group > 256
+        # the kernel fits a group only when the whole group is in one launch
+        fit_on_host = spec.mse or group > max_cols
         fit_in_kernel = not fit_on_host
-        width = group if fit_on_host else effective_block_size(block_size, group, k)
+        width = group if fit_on_host else effective_block_size(block_size, group)
         row_spec = dataclasses.replace(spec, group_size=-1)
+    # launch width: with in-kernel fits a multiple of the group, so that every launch starts at a group start
+    sub = effective_block_size(max_cols, group) if fit_in_kernel else max_cols
     q_all = torch.empty_like(w)
     loss = 0.0
     for c0 in range(0, k, width):
         ncols = min(width, k - c0)
-        if fit_on_host:  # the block is exactly one group
-            s, z = fit_groups(w[:, c0:c0 + ncols], row_spec)
+        c1 = c0 + ncols
+        if fit_on_host:  # the block is exactly one group, fitted on its up-to-date columns
+            s, z = fit_groups(w[:, c0:c1], row_spec)
             scale[:, c0 // group], zero[:, c0 // group] = s[:, 0], z[:, 0]
-        q, err = kernels.gptq_quantize_block(w, factor, c0, ncols, scale, zero, g_idx, group, spec.maxq,
-                                             spec.sym, fit_in_kernel, force=force)
-        q_all[:, c0:c0 + ncols] = q
-        loss += 0.5 * float((err * err).sum())
-        if c0 + ncols < k:
-            kernels.trailing_update(w[:, c0 + ncols:], err, factor[c0:c0 + ncols, c0 + ncols:], force=force)
+        # errors of the block, transposed like the kernels' output ([ncols, N] rows; read as a column-major
+        # [N, ncols] view by the trailing update), filled launch by launch when the block needs several
+        err_t = torch.empty(ncols, n, device=device, dtype=torch.float32) if ncols > sub else None
+        for s0 in range(c0, c1, sub):
+            s1 = min(s0 + sub, c1)
+            q, err = kernels.gptq_quantize_block(w, factor, s0, s1 - s0, scale, zero, g_idx, group, spec.maxq,
+                                                 spec.sym, fit_in_kernel, force=force)
+            q_all[:, s0:s1] = q
+            loss += 0.5 * float((err * err).sum())
+            if err_t is None:
+                continue
+            err_t[s0 - c0:s1 - c0] = err.t()
+            if s1 < c1:
+                kernels.trailing_update(w[:, s1:c1], err, factor[s0:s1, s1:c1], force=force)
+        if c1 < k:
+            block_err = err if err_t is None else err_t.t()
+            kernels.trailing_update(w[:, c1:], block_err, factor[c0:c1, c1:], force=force)
     return BlockedResult(q_all, scale, zero, loss)

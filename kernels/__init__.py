@@ -1,7 +1,14 @@
 """tritonq.kernels: Triton kernels, each beside its PyTorch reference, and one dispatch function per op.
 
-Dispatch rule: CUDA tensors go to the Triton kernel, anything else to the reference. ``force="triton"``
-or ``force="ref"`` overrides it (tests run the Triton path on the CPU under ``TRITON_INTERPRET=1``).
+Dispatch rule: CUDA tensors go to the Triton kernel, anything else to the reference. ``force`` takes one
+vocabulary for every op, :data:`FORCE`: ``None`` (that rule), ``"triton"`` or ``"ref"`` (tests run the
+Triton path on the CPU under ``TRITON_INTERPRET=1``). Ops with several kernels take the choice as a
+separate argument (``dequant_matmul(..., kernel="gemv")``). Every bad argument raises
+:class:`tritonq.errors.TritonqError`. Each kernel module declares what its Triton path accepts as
+``LIMITS`` (:class:`.configs.KernelLimits`).
+
+This package imports nothing from ``tritonq.engine`` (``tests/test_kernels.py`` checks it): the error
+type lives in ``tritonq/errors.py`` and the grid rule in :mod:`.grid_rule`, below both.
 Importing this package imports no kernel module: each op imports its module on first use.
 """
 
@@ -9,12 +16,22 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import TritonqError
+
+FORCE: tuple[str | None, ...] = (None, "triton", "ref")
+
+
+def check_force(force: str | None) -> None:
+    """Raise :class:`TritonqError` unless ``force`` is one of :data:`FORCE`."""
+    if force not in FORCE:
+        raise TritonqError(f"force must be one of {FORCE}, got {force!r}")
+
 
 def use_triton(t: torch.Tensor, force: str | None = None) -> bool:
+    """Whether an op on ``t`` runs its Triton kernel: ``force`` if given, else whether ``t`` is on CUDA."""
+    check_force(force)
     if force is None:
         return t.is_cuda
-    if force not in ("triton", "ref"):
-        raise ValueError(f"force must be None, 'triton' or 'ref', got {force!r}")
     return force == "triton"
 
 
@@ -27,12 +44,26 @@ def hessian_accumulate(hessian: torch.Tensor, x: torch.Tensor, n_seen: int, forc
     return hessian_accum.hessian_accumulate_ref(hessian, x, n_seen)
 
 
-def gptq_quantize_block(w, u, c0, ncols, scale, zero, g_idx, group_size, maxq, sym, fit, force=None):
-    """Quantize columns ``[c0, c0+ncols)`` with in-block error feedback; see ``gptq_block.quantize_block_ref``."""
+def gptq_quantize_block(
+    w: torch.Tensor, u: torch.Tensor, c0: int, ncols: int, scale: torch.Tensor, zero: torch.Tensor,
+    g_idx: torch.Tensor, group_size: int, maxq: int, sym: bool, fit: bool, force: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize columns ``[c0, c0+ncols)`` with in-block error feedback; see ``gptq_block.quantize_block_ref``.
+
+    The Triton path takes at most ``gptq_block.LIMITS.max_cols`` columns per call (a :class:`TritonqError`
+    beyond); :func:`tritonq.engine.hessian.blocked_quantize` splits wider blocks.
+    """
     from . import gptq_block
 
     fn = gptq_block.quantize_block_triton if use_triton(w, force) else gptq_block.quantize_block_ref
     return fn(w, u, c0, ncols, scale, zero, g_idx, group_size, maxq, sym, fit)
+
+
+def gptq_max_cols() -> int:
+    """Widest block of columns one in-block GPTQ launch holds (``gptq_block.LIMITS.max_cols``)."""
+    from . import gptq_block
+
+    return gptq_block.LIMITS.max_cols
 
 
 def trailing_update(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor, force: str | None = None) -> None:
@@ -41,3 +72,23 @@ def trailing_update(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor, force: st
 
     fn = gptq_block.trailing_update_triton if use_triton(c, force) else gptq_block.trailing_update_ref
     fn(c, a, b)
+
+
+def check_dequant_limits(bits: int, group_size: int, in_features: int | None = None) -> None:
+    """Raise :class:`TritonqError` when the int-``bits`` dequant-matmul kernels cannot serve this grid.
+
+    For the engine's options check before work starts (a packed runtime layer is served by
+    ``dequant_matmul``); names the flag and the allowed values (``dequant_matmul.LIMITS``).
+    """
+    from . import dequant_matmul
+
+    lim = dequant_matmul.LIMITS
+    if lim.bits is not None and bits not in lim.bits:
+        raise TritonqError(f"the packed dequant-matmul kernels take --bits {' or '.join(map(str, lim.bits))}, "
+                           f"got --bits {bits}")
+    if group_size != -1 and (group_size < 1 or group_size % lim.group_multiple):
+        raise TritonqError(f"the packed dequant-matmul kernels take --group-size -1 or a positive multiple of "
+                           f"{lim.group_multiple}, got --group-size {group_size}")
+    if in_features is not None and in_features % lim.k_multiple:
+        raise TritonqError(f"the packed dequant-matmul kernels need input widths that are multiples of "
+                           f"{lim.k_multiple}, got {in_features}")

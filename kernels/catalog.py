@@ -5,8 +5,11 @@ finds every jitted function in the kernel modules and fails on one that is missi
 entry ahead of time for every target in :mod:`tritonq.kernels.targets` (see :mod:`tritonq.kernels.aot`).
 A new kernel is not done until it is listed here.
 
-An entry names, by attribute, the jitted kernel, the tuple of configs its launcher may use, and the
-``aot_signature``-style function that gives Triton's argument types. Its ``picks`` function runs the
+An entry names, by attribute, the jitted kernel, the tuple of configs its launcher may use, the
+``aot_signature``-style function that gives Triton's argument types and, optionally, the module's
+exclusion hook; the dtypes it compiles are the module's declared ``LIMITS.dtypes``. A named attribute
+the module does not define is an error (``tests/test_aot.py:test_catalog_hooks_exist``), not a silent
+"no exclusions". Its ``picks`` function runs the
 module's dispatch rule (``pick_config`` and any autotuning neighbours) over the shapes the benchmarks
 use (:data:`BENCH_SHAPES`) *for a given target* and returns the :class:`Pick` list: which config, which
 constexpr variant, for which case. The static tests compile exactly those picks, so the list and the
@@ -21,8 +24,8 @@ unless the dispatcher never picks it on that target. To say so, a kernel module 
     def excluded(target: str, dtype: str, config: LaunchConfig) -> str | None:
         '''A reason why the launcher never runs ``config`` on ``target`` for ``dtype``, else None.'''
 
-(``target`` is a name from ``targets.TARGETS``: "sm_75" ... "gfx942"; modules with several kernels may
-name one function per kernel, e.g. ``excluded_update``, in the entry's ``excluded`` field), and makes
+(``target`` is a name from ``targets.TARGETS``: "sm_75" ... "gfx942"; the entry names it in its
+``excluded`` field, and a module with several kernels may define one such function per kernel), and makes
 its launcher consult it: the runtime target is :func:`runtime_target` of the device. The catalog
 drops excluded picks and prints their reasons in ``tritonq bench static``; the agreement test checks
 that a dispatcher which takes the target (``pick_config(..., capability=...)``) never picks an
@@ -37,12 +40,12 @@ would run at those shapes; see the :mod:`tritonq.kernels.aot` docstring.
 from __future__ import annotations
 
 import importlib
-import inspect
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import TritonqError
 from .configs import LaunchConfig
 from .targets import TARGETS, Target
 
@@ -65,7 +68,8 @@ BENCH_SHAPES: dict[str, Any] = {
     "group_size": 128,
     "hessian_k": (4096, 11008),
     "hessian_k_small": (576,),  # the offline default model (SmolLM2-135M hidden size)
-    "gptq_block": (128, 256),  # --block-size values the engine accepts
+    # columns per in-block launch: each BLOCK_B; engine/hessian.py splits a wider --block-size into these
+    "gptq_block": (128, 256),
 }
 
 
@@ -78,9 +82,8 @@ class KernelEntry:
     kernel: str  # attribute of the jitted function
     configs: str  # attribute of the tuple of LaunchConfigs the launcher may use
     signature: str  # attribute of ``f(dtype, config, **variant) -> (signature, constexprs)``
-    dtypes: tuple[str, ...]
     picks: Callable[[Any, Target, str], list[Pick]]  # (module, target, dtype) -> picks on bench shapes
-    excluded: str = "excluded"  # optional attribute: (target, dtype, config) -> reason | None
+    excluded: str | None = None  # attribute of ``(target, dtype, config) -> reason | None``; None: no hook
     assume: dict[str, str] = field(default_factory=dict)  # arg -> "16" or "1" at the bench shapes
     # True when the launcher itself consults ``excluded`` at run time and falls back to the reference
     # (pick_config does not take the target); the catalog then drops and prints those picks.
@@ -89,12 +92,24 @@ class KernelEntry:
     def load(self) -> Any:
         return importlib.import_module(f"{__package__}.{self.module}")
 
+    @property
+    def dtypes(self) -> tuple[str, ...]:
+        """The dtypes to compile: what the module's Triton path declares it takes (``LIMITS.dtypes``)."""
+        return tuple(self.load().LIMITS.dtypes)
+
+    def hooks(self) -> tuple[str, ...]:
+        """Every attribute this entry names on its module."""
+        named = (self.kernel, self.configs, self.signature, "LIMITS", self.excluded)
+        return tuple(name for name in named if name is not None)
+
     def all_configs(self) -> tuple[LaunchConfig, ...]:
         return tuple(getattr(self.load(), self.configs))
 
     def exclusion(self, target: str, dtype: str, config: LaunchConfig) -> str | None:
-        fn = getattr(self.load(), self.excluded, None)
-        return fn(target, dtype, config) if fn is not None else None
+        if self.excluded is None:
+            return None
+        # no default: a hook named here but missing from the module must fail, not read as "never excluded"
+        return getattr(self.load(), self.excluded)(target, dtype, config)
 
     def aot_signature(self, dtype: str, config: LaunchConfig, variant: tuple = ()) -> tuple[dict, dict]:
         sig, consts = getattr(self.load(), self.signature)(dtype, config, **dict(variant))
@@ -135,10 +150,9 @@ def _dequant_plans(mod: Any, target: Target, dtype: str, ms: tuple[int, ...], ke
     for k, n in BENCH_SHAPES["matmul_kn"]:
         for m in ms:
             base = mod.pick_config(m, k, n, gs, tdtype, num_sms=target.sm_count, capability=_capability(target))
-            # the autotuner's neighbours (a private helper of the module: keep in step with its signature)
-            extra = {"forced": False} if "forced" in inspect.signature(mod._candidates).parameters else {}
-            cands = mod._candidates(base, m, k, n, gs, tdtype, False, target.sm_count, _capability(target),
-                                    **extra)
+            # the autotuner's neighbours, as it times them without a forced kernel
+            cands = mod.candidates(base, m, k, n, gs, tdtype, False, target.sm_count, _capability(target),
+                                   forced=False)
             for i, plan in enumerate(cands):
                 if plan.kernel != kernel:
                     continue
@@ -162,22 +176,23 @@ _DEQUANT_ASSUME = {"M": "16", "N": "16", "K": "16", "group_size": "16", "tiles_p
 
 ENTRIES: tuple[KernelEntry, ...] = (
     KernelEntry("hessian_accum", "hessian_accum", "hessian_accum_kernel", "CONFIGS", "aot_signature",
-                ("fp16", "bf16", "fp32"), _picks_hessian, launcher_checks_exclusion=True,
+                _picks_hessian, excluded="excluded", launcher_checks_exclusion=True,
                 assume={"T": "16", "K": "16", "stride_xt": "16", "stride_h": "16"}),
     KernelEntry("gptq_block", "gptq_block", "gptq_block_kernel", "BLOCK_CONFIGS", "aot_signature",
-                ("fp32",), _picks_gptq_block,
+                _picks_gptq_block,
                 # c0 and ncols are multiples of the 128-column block at the bench shapes
                 assume={"N": "16", "c0": "16", "ncols": "16", "stride_w": "16", "stride_u": "16", "stride_q": "16",
                         "stride_e": "16"}),
     KernelEntry("trailing_update", "gptq_block", "trailing_update_kernel", "UPDATE_CONFIGS",
-                "aot_signature_update", ("fp32",), _picks_update, excluded="excluded_update",
+                "aot_signature_update", _picks_update,
                 # engine/hessian.py: C = W[:, c0+B:] (row-major), A = err^T.t() (column-major), B = U slice
                 assume={"M": "16", "N": "16", "K": "16", "stride_cm": "16", "stride_cn": "1", "stride_am": "1",
                         "stride_ak": "16", "stride_bk": "16", "stride_bn": "1"}),
+    # dequant_matmul routes around sm_75 in pick_config itself (no tensor-core dot): no exclusion hook
     KernelEntry("dequant_gemv", "dequant_matmul", "dequant_gemv_kernel", "GEMV_CONFIGS", "aot_signature_gemv",
-                ("fp16", "bf16"), _picks_dequant("gemv"), excluded="excluded_gemv", assume=_DEQUANT_ASSUME),
+                _picks_dequant("gemv"), assume=_DEQUANT_ASSUME),
     KernelEntry("dequant_gemm", "dequant_matmul", "dequant_gemm_kernel", "GEMM_CONFIGS", "aot_signature_gemm",
-                ("fp16", "bf16"), _picks_dequant("gemm"), excluded="excluded_gemm", assume=_DEQUANT_ASSUME),
+                _picks_dequant("gemm"), assume=_DEQUANT_ASSUME),
 )
 
 
@@ -185,10 +200,10 @@ def get_entry(name: str) -> KernelEntry:
     for e in ENTRIES:
         if e.name == name:
             return e
-    raise KeyError(f"no kernel {name!r} in the catalog; known: {', '.join(e.name for e in ENTRIES)}")
+    raise TritonqError(f"no kernel {name!r} in the catalog; known: {', '.join(e.name for e in ENTRIES)}")
 
 
-_NOT_KERNEL_MODULES = {"aot", "catalog", "configs", "targets"}
+_NOT_KERNEL_MODULES = {"aot", "catalog", "configs", "grid_rule", "targets"}
 
 
 def discover_kernels() -> set[tuple[str, str]]:

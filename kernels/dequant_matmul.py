@@ -8,12 +8,13 @@ Arguments (the contract every caller codes against)
   ``[r, n]`` holds the unsigned code of input row ``8r + j`` (GPTQ's ``qweight``; the transpose of
   compressed-tensors' ``weight_packed``; see :mod:`tritonq.kernels.pack`).
 - ``scales``: [G, N] fp16/bf16 (fp32 allowed), ``G = K // group_size``; ``group_size == K`` (or -1)
-  means per channel. ``zeros``: [G, N] floats holding the integer zero point z in 0..15, or ``None``
-  for the symmetric grid (z = 8).
+  means per channel; other group sizes are positive multiples of 8 (``LIMITS``). ``zeros``: [G, N]
+  floats holding the integer zero point z in 0..15, or ``None`` for the symmetric grid (z = 8).
 - ``w[k, n] = scales[g, n] * (q[k, n] - z[g, n])`` with ``g = k // group_size``, or ``g = g_idx[k]``
   when ``g_idx`` (int32 [K], act-order) is given; then ``G`` must be ``ceil(K / group_size)``.
-- ``force``: ``None`` (CUDA tensors -> Triton kernels, anything else -> reference), ``"ref"``,
-  ``"gemv"`` or ``"gemm"``.
+- ``force``: the package's one vocabulary (``tritonq.kernels.FORCE``): ``None`` (CUDA fp16/bf16 tensors
+  -> Triton kernels, anything else -> reference), ``"triton"`` or ``"ref"``; ``kernel``: ``None`` (the
+  dispatcher picks), ``"gemv"`` or ``"gemm"`` (:data:`KERNEL_CHOICES`), for the Triton path.
 
 For the AOT catalog: two kernels, ``dequant_gemv_kernel`` / ``dequant_gemm_kernel`` (also ``KERNELS``),
 with ``GEMV_CONFIGS`` / ``GEMM_CONFIGS`` (``CONFIGS`` is both), ``aot_signature_gemv`` /
@@ -36,15 +37,25 @@ import triton.language as tl
 from torch import Tensor
 
 from ..errors import TritonqError, warn
-from .configs import LaunchConfig
+from . import check_force
+from .configs import KernelLimits, LaunchConfig
 from .pack import unpack_int4
 
-__all__ = ["CONFIGS", "GEMM_CONFIGS", "GEMV_CONFIGS", "KERNELS", "Plan", "aot_signature", "dequant_matmul",
-           "dequant_matmul_ref", "dequant_matmul_triton", "dequantize_int4", "grid", "k_split", "kernel_for",
-           "pick_config", "aot_attrs"]
+__all__ = ["CONFIGS", "GEMM_CONFIGS", "GEMV_CONFIGS", "KERNELS", "KERNEL_CHOICES", "LIMITS", "Plan", "aot_signature",
+           "candidates", "dequant_matmul", "dequant_matmul_ref", "dequant_matmul_triton", "dequantize_int4", "grid",
+           "k_split", "kernel_for", "pick_config", "aot_attrs"]
 
-_FORCE = (None, "ref", "gemv", "gemm")
+# The Triton kernels: 16-bit activations; 4-bit codes, 8 to an int32 word along K, so K and the group size
+# are multiples of 8 (a group never splits a packed word). The reference also takes fp32 activations.
+LIMITS = KernelLimits(dtypes=("fp16", "bf16"), bits=(4,), group_multiple=8, k_multiple=8)
+KERNEL_CHOICES: tuple[str | None, ...] = (None, "gemv", "gemm")
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+_TL_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def _effective_group(group_size: int, K: int) -> int:
+    """The group size along K: -1 (per channel) means one group of all K inputs."""
+    return K if group_size == -1 else group_size
 
 
 def _check_args(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int,
@@ -55,17 +66,17 @@ def _check_args(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None
                            f"{tuple(qweight.shape)}; pack codes with tritonq.kernels.pack.pack_int4")
     K = x.shape[-1]
     N = qweight.shape[1]
-    if K % 8 != 0:
-        raise TritonqError(f"K (x.shape[-1]) must be a multiple of 8 for int4 packing, got K={K}; "
-                           "pad the input features to a multiple of 8")
+    if K % LIMITS.k_multiple != 0:
+        raise TritonqError(f"K (x.shape[-1]) must be a multiple of {LIMITS.k_multiple} for int4 packing, got K={K}; "
+                           f"pad the input features to a multiple of {LIMITS.k_multiple}")
     if qweight.shape[0] * 8 != K:
         raise TritonqError(f"qweight has {qweight.shape[0]} packed rows = {qweight.shape[0] * 8} inputs, "
                            f"but x has K={K}; qweight must be [K // 8, N] packed along K")
     if x.dtype not in _FLOATS:
         raise TritonqError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
-    gs = K if group_size in (-1, 0) else group_size
-    if gs <= 0 or gs % 8 != 0:
-        raise TritonqError(f"group_size must be a positive multiple of 8, or -1 (per channel), "
+    gs = _effective_group(group_size, K)
+    if gs <= 0 or gs % LIMITS.group_multiple != 0:
+        raise TritonqError(f"group_size must be a positive multiple of {LIMITS.group_multiple}, or -1 (per channel), "
                            f"got {group_size}")
     if g_idx is None:
         if K % gs != 0:
@@ -98,7 +109,7 @@ def dequantize_int4(qweight: Tensor, scales: Tensor, zeros: Tensor | None, group
     """Dense fp32 weight [K, N] from the packed form: ``s[g, n] * (q[k, n] - z[g, n])``."""
     q = unpack_int4(qweight).float()
     K = q.shape[0]
-    gs = K if group_size in (-1, 0) else group_size
+    gs = _effective_group(group_size, K)
     g = torch.arange(K, device=q.device) // gs if g_idx is None else g_idx.long()
     s = scales.float()[g]
     z = zeros.float()[g] if zeros is not None else 8.0
@@ -395,7 +406,7 @@ def pick_config(M: int, K: int, N: int, group_size: int, dtype: torch.dtype = to
     FMA only), and the 64x128 GEMM tile spills on sm_75. The K split is the smallest power of two that
     fills ``num_sms`` at the target occupancy (GEMV_CTAS_PER_SM / GEMM_CTAS_PER_SM), as required on sm_90 4096 x 14336.
     """
-    gs = K if group_size in (-1, 0) else group_size
+    gs = _effective_group(group_size, K)
     if kernel is None:
         no_mma = tuple(capability) < (8, 0)
         kernel = "gemv" if M <= GEMV_MAX_M or no_mma else "gemm"
@@ -427,13 +438,9 @@ def grid(plan: Plan, M: int, N: int, K: int) -> tuple[int, int, int]:
     """Launch grid of ``plan``: (output tiles, K splits, 1) for both kernels (GEMV tiles: n-major, m fastest;
     GEMM tiles: swizzled in groups of GROUP_M rows)."""
     meta = plan.config.constexprs()
-    split = k_split(plan, K)[0]
-    if plan.kernel == "gemv":
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split, 1)
-    return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split, 1)
+    return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), k_split(plan, K)[0], 1)
 
 
-_TL_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 KERNELS = {"gemv": dequant_gemv_kernel, "gemm": dequant_gemm_kernel}
 
 
@@ -442,23 +449,22 @@ def kernel_for(config: LaunchConfig) -> str:
     return "gemm" if "GROUP_M" in config.constexprs() else "gemv"
 
 
-def aot_signature(dtype: str, config: LaunchConfig, *, scale_dtype: str | None = None, atomic: bool = True,
-                  has_zeros: bool = True, per_k: bool = False, has_gidx: bool = False,
-                  has_bias: bool = False) -> tuple[dict, dict]:
+def aot_signature(dtype: str, config: LaunchConfig, *, atomic: bool = True,
+                  per_k: bool = False) -> tuple[dict, dict]:
     """Argument types and constexprs of ``KERNELS[kernel_for(config)]`` for ``triton.compile``.
 
-    The defaults describe the hot path: asymmetric groups, no act-order, split K (fp32 atomic output).
-    ``atomic=False`` is the variant a plan with ``split_k == 1`` launches.
+    The variants the catalog compiles (``catalog._dequant_plans``): split K or not (``atomic``: fp32 atomic
+    output; ``atomic=False`` is what a plan with ``split_k == 1`` launches) and the scale gather
+    (``per_k``). The other flags are fixed at the hot path: asymmetric groups in x's dtype, no act-order,
+    no bias (their other settings only remove loads).
     """
-    sdt = scale_dtype or dtype
     signature = {
-        "x_ptr": f"*{dtype}", "w_ptr": "*i32", "s_ptr": f"*{sdt}", "z_ptr": f"*{sdt}", "gidx_ptr": "*i32",
+        "x_ptr": f"*{dtype}", "w_ptr": "*i32", "s_ptr": f"*{dtype}", "z_ptr": f"*{dtype}", "gidx_ptr": "*i32",
         "bias_ptr": f"*{dtype}", "out_ptr": "*fp32" if atomic else f"*{dtype}",
         "M": "i32", "N": "i32", "K": "i32", "group_size": "i32", "tiles_per_split": "i32",
         "stride_xm": "i32", "stride_om": "i32",
     }
-    flags = {"HAS_ZEROS": has_zeros, "PER_K": per_k or has_gidx, "HAS_GIDX": has_gidx, "HAS_BIAS": has_bias,
-             "ATOMIC": atomic}
+    flags = {"HAS_ZEROS": True, "PER_K": per_k, "HAS_GIDX": False, "HAS_BIAS": False, "ATOMIC": atomic}
     if kernel_for(config) == "gemm":
         flags["UPCAST_DOT"] = False
     constexprs = {**config.constexprs(), **flags}
@@ -480,12 +486,12 @@ def aot_attrs(signature: dict) -> dict:
             if ty.startswith("*") or name in _ALIGNED_INTS}
 
 
-def aot_signature_gemv(dtype: str, config: LaunchConfig, **variant: bool | str) -> tuple[dict, dict]:
+def aot_signature_gemv(dtype: str, config: LaunchConfig, **variant: bool) -> tuple[dict, dict]:
     assert kernel_for(config) == "gemv"
     return aot_signature(dtype, config, **variant)
 
 
-def aot_signature_gemm(dtype: str, config: LaunchConfig, **variant: bool | str) -> tuple[dict, dict]:
+def aot_signature_gemm(dtype: str, config: LaunchConfig, **variant: bool) -> tuple[dict, dict]:
     assert kernel_for(config) == "gemm"
     return aot_signature(dtype, config, **variant)
 
@@ -534,10 +540,13 @@ _TUNED: dict[str, Plan] = {}
 _TUNE_FILE_LOADED: set[str] = set()
 
 
-def _candidates(base: Plan, M: int, K: int, N: int, gs: int, dtype: torch.dtype, act_order: bool,
-                num_sms: int, capability: tuple[int, int], forced: bool) -> list[Plan]:
+def candidates(base: Plan, M: int, K: int, N: int, gs: int, dtype: torch.dtype, act_order: bool,
+               num_sms: int, capability: tuple[int, int], forced: bool) -> list[Plan]:
     """A handful of neighbours of the heuristic plan: other warp counts / tiles, half and double split;
-    for 2-8 rows and no forced kernel, the small-M GEMM competes with the GEMV."""
+    for 2-8 rows and no forced kernel, the small-M GEMM competes with the GEMV.
+
+    The autotuner times these on a GPU; the AOT catalog compiles them (``catalog._dequant_plans``).
+    """
     plans = [base]
     if base.kernel == "gemv":
         if triton.next_power_of_2(max(M, 1)) < 4:  # 2 warps with 4+ rows spill on every NVIDIA target (AOT)
@@ -605,10 +614,9 @@ def _plan_for(kernel: str | None, x2: Tensor, qweight: Tensor, scales: Tensor, z
                        kernel=kernel)
     if not on_gpu or os.environ.get("TRITONQ_AUTOTUNE", "1") == "0":
         return base
-    if torch.cuda.is_current_stream_capturing():
-        return _TUNED.get(_plan_key(kernel or "auto", M, K, N, gs, x2.dtype, zeros is not None, act_order,
-                                    x2.device), base)
     key = _plan_key(kernel or "auto", M, K, N, gs, x2.dtype, zeros is not None, act_order, x2.device)
+    if torch.cuda.is_current_stream_capturing():
+        return _TUNED.get(key, base)
     tune_file = os.environ.get("TRITONQ_TUNE_FILE")
     if tune_file:
         _load_tune_file(tune_file)
@@ -616,7 +624,7 @@ def _plan_for(kernel: str | None, x2: Tensor, qweight: Tensor, scales: Tensor, z
         from triton.testing import do_bench
 
         timings = []
-        for cand in _candidates(base, M, K, N, gs, x2.dtype, act_order, num_sms, capability, kernel is not None):
+        for cand in candidates(base, M, K, N, gs, x2.dtype, act_order, num_sms, capability, kernel is not None):
             def run(c: Plan = cand) -> Tensor:
                 return _launch(c, x2, qweight, scales, zeros, gs, g_idx, bias)
             try:
@@ -636,9 +644,11 @@ def dequant_matmul_triton(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Ten
 
     ``kernel`` forces "gemv" or "gemm"; ``plan`` fixes config and split (tests and the bench use it).
     """
+    if kernel not in KERNEL_CHOICES:
+        raise TritonqError(f"kernel must be one of {KERNEL_CHOICES}, got {kernel!r}")
     gs = _check_args(x, qweight, scales, zeros, group_size, g_idx, bias)
-    if x.dtype not in (torch.float16, torch.bfloat16):
-        raise TritonqError(f"the Triton kernels take float16 or bfloat16 activations, got {x.dtype}; "
+    if _TL_DTYPE[x.dtype] not in LIMITS.dtypes:
+        raise TritonqError(f"the Triton kernels take {' or '.join(LIMITS.dtypes)} activations, got {x.dtype}; "
                            "cast x or use force='ref'")
     K = x.shape[-1]
     N = qweight.shape[1]
@@ -661,16 +671,19 @@ def dequant_matmul_triton(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Ten
 
 def dequant_matmul(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, *, group_size: int,
                    g_idx: Tensor | None = None, bias: Tensor | None = None,
-                   force: str | None = None) -> Tensor:
+                   force: str | None = None, kernel: str | None = None) -> Tensor:
     """``x @ dequantize(qweight, scales, zeros) + bias`` in x's dtype; the dispatch of this op.
 
-    ``force=None``: CUDA fp16/bf16 tensors run the Triton kernels (GEMV for at most ``GEMV_MAX_M`` rows,
-    GEMM above, see :func:`pick_config`), anything else the reference. ``"ref"``, ``"gemv"`` and
-    ``"gemm"`` pick one path (the kernels also run on CPU tensors under ``TRITON_INTERPRET=1``).
+    ``force`` (:data:`tritonq.kernels.FORCE`): ``None``: CUDA fp16/bf16 tensors run the Triton kernels,
+    anything else the reference; ``"triton"`` or ``"ref"`` pick one path (the kernels also run on CPU
+    tensors under ``TRITON_INTERPRET=1``). ``kernel`` (:data:`KERNEL_CHOICES`) picks the Triton kernel:
+    ``None`` lets :func:`pick_config` choose (GEMV for at most ``GEMV_MAX_M`` rows, GEMM above),
+    ``"gemv"`` or ``"gemm"`` force one; it is checked on every path.
     """
-    if force not in _FORCE:
-        raise TritonqError(f"force must be one of {_FORCE}, got {force!r}")
-    if force == "ref" or (force is None and (not x.is_cuda or x.dtype == torch.float32)):
+    check_force(force)
+    if kernel not in KERNEL_CHOICES:
+        raise TritonqError(f"kernel must be one of {KERNEL_CHOICES}, got {kernel!r}")
+    if force == "ref" or (force is None and (not x.is_cuda or _TL_DTYPE.get(x.dtype) not in LIMITS.dtypes)):
         return dequant_matmul_ref(x, qweight, scales, zeros, group_size=group_size, g_idx=g_idx, bias=bias)
     return dequant_matmul_triton(x, qweight, scales, zeros, group_size=group_size, g_idx=g_idx, bias=bias,
-                                 kernel=force)
+                                 kernel=kernel)

@@ -9,10 +9,11 @@ block, so the Triton kernel gives each program a tile of rows and keeps the whol
 registers for all ``B`` sequential steps: one launch per block instead of ~10 per column.
 
 The grid (``engine/grid.py`` conventions) is either fitted in the kernel at the first column of every
-group from the up-to-date working tile (``FIT``; blocks start at group starts), or read per column from
-precomputed ``scale``/``zero`` [N, G] through ``g_idx`` (``PRESET``: per-channel grids, static groups
-with act-order). The same two kernels serve BoA's two-sided updates later (``../shared/docs/boa.md``
-§10): the trailing update is a general ``C -= A @ B``.
+group from the up-to-date working tile (``FIT``; blocks start at group starts; the rule is
+:func:`.grid_rule.minmax_scale_zero`, transcribed in the kernel and tested bit-exact against it), or
+read per column from precomputed ``scale``/``zero`` [N, G] through ``g_idx`` (``PRESET``: per-channel
+grids, static groups with act-order). The same two kernels serve BoA's two-sided updates later
+(``../shared/docs/boa.md`` §10): the trailing update is a general ``C -= A @ B``.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import LaunchConfig
+from ..errors import TritonqError
+from .configs import KernelLimits, LaunchConfig
+from .grid_rule import MIN_SCALE, minmax_scale_zero
 
-MIN_SCALE = 2.0**-14  # keep equal to engine.grid.MIN_SCALE
 REF_SUB_BLOCK = 16  # lazy sub-block width of the CPU reference
 
 # In-block kernel: BLOCK_N rows per program, BLOCK_B >= the block width (power of two).
@@ -39,6 +41,30 @@ UPDATE_CONFIGS: tuple[LaunchConfig, ...] = (
 )
 CONFIGS = BLOCK_CONFIGS + UPDATE_CONFIGS
 
+# The in-block kernel keeps the whole [BLOCK_N, BLOCK_B] tile in registers, so one launch holds at most
+# the largest BLOCK_B columns; with FIT a group must lie inside one launch. Wider lazy blocks are split
+# into launches of at most ``max_cols`` columns by the engine (``engine/hessian.py:blocked_quantize``),
+# and wider groups are fitted on the host. Both kernels work on the fp32 working copy of the weights.
+LIMITS = KernelLimits(dtypes=("fp32",), max_cols=max(c.constexprs()["BLOCK_B"] for c in BLOCK_CONFIGS))
+
+
+def check_launch(c0: int, ncols: int, group_size: int, fit: bool, width_limit: bool = True) -> None:
+    """Raise :class:`TritonqError` for a block the in-block kernel cannot take (see :data:`LIMITS`).
+
+    ``width_limit=False`` skips the column limit (the CPU reference holds any width).
+    """
+    if width_limit and not 1 <= ncols <= LIMITS.max_cols:
+        raise TritonqError(
+            f"the GPTQ block kernel takes 1 to {LIMITS.max_cols} columns per launch, got {ncols}; split wider "
+            "blocks into sub-blocks with a trailing update between them, as engine/hessian.py:blocked_quantize does"
+        )
+    if fit and (c0 % group_size or ncols % group_size):
+        raise TritonqError(
+            f"fitting grids in the GPTQ block kernel needs whole groups in one launch: columns [{c0}, {c0 + ncols}) "
+            f"do not start and end on multiples of the group size {group_size}; fit such groups on the host "
+            "and pass fit=False"
+        )
+
 
 def quantize_block_ref(
     w: torch.Tensor, u: torch.Tensor, c0: int, ncols: int, scale: torch.Tensor, zero: torch.Tensor,
@@ -51,6 +77,7 @@ def quantize_block_ref(
     ``w`` is not modified. The tile is kept transposed ([ncols, N], one column per contiguous row) so that
     each step is a contiguous row read and one rank-1 BLAS update: this is the engine's CPU path.
     """
+    check_launch(c0, ncols, group_size, fit, width_limit=False)
     tile = w[:, c0:c0 + ncols].t().contiguous()
     u_blk = u[c0:c0 + ncols, c0:c0 + ncols]
     q_out = torch.empty_like(tile)
@@ -67,17 +94,7 @@ def quantize_block_ref(
             if fit:
                 if (c0 + i) % group_size == 0:
                     grp = tile[i:i + group_size]
-                    lo = torch.clamp(grp.amin(dim=0), max=0.0)
-                    hi = torch.clamp(grp.amax(dim=0), min=0.0)
-                    if sym:
-                        s = 2.0 * torch.maximum(-lo, hi) / maxq
-                    else:
-                        s = (hi - lo) / maxq
-                    s = torch.clamp(s, min=MIN_SCALE).to(torch.float16).to(torch.float32)
-                    if sym:
-                        z = torch.full_like(s, float((maxq + 1) // 2))
-                    else:
-                        z = torch.clamp(torch.round(-lo / s), 0, maxq)
+                    s, z = minmax_scale_zero(grp.amin(dim=0), grp.amax(dim=0), maxq, sym)
                     scale[:, g] = s
                     zero[:, g] = z
             else:
@@ -183,14 +200,13 @@ def trailing_update_kernel(
 
 
 def pick_config(block_width: int) -> LaunchConfig:
-    """In-block kernel config: the smallest BLOCK_B that holds the block (block sizes above 256 are refused)."""
-    for config in BLOCK_CONFIGS:
-        if block_width <= config.constexprs()["BLOCK_B"]:
-            return config
-    raise ValueError(f"GPTQ block width {block_width} exceeds 256 columns")
+    """In-block kernel config: the smallest BLOCK_B that holds the block (at most ``LIMITS.max_cols``)."""
+    check_launch(0, block_width, 1, False)
+    return next(c for c in BLOCK_CONFIGS if block_width <= c.constexprs()["BLOCK_B"])
 
 
 def pick_update_config() -> LaunchConfig:
+    """Trailing-update GEMM config (one tile shape serves every width)."""
     return UPDATE_CONFIGS[0]
 
 
@@ -219,6 +235,7 @@ def quantize_block_triton(
     g_idx: torch.Tensor, group_size: int, maxq: int, sym: bool, fit: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton launcher with the semantics of :func:`quantize_block_ref`."""
+    check_launch(c0, ncols, group_size, fit)
     n = w.shape[0]
     # the kernel assumes unit column strides; a Cholesky factor is often a transposed view
     w, u = w.contiguous(), u.contiguous()

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import LaunchConfig
+from .configs import KernelLimits, LaunchConfig
 
 # BLOCK_H: Hessian tile edge; BLOCK_T: tokens per step of the reduction.
 CONFIGS: tuple[LaunchConfig, ...] = (
@@ -81,6 +81,8 @@ def pick_config(k: int) -> LaunchConfig:
 
 
 _TORCH_TO_TRITON = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+# Inputs of any other dtype are cast to fp32 by the launcher; any width K is tiled.
+LIMITS = KernelLimits(dtypes=("fp16", "bf16", "fp32"))
 
 
 def aot_signature(dtype: str, config: LaunchConfig) -> tuple[dict, dict]:
@@ -133,7 +135,7 @@ def _tile_pairs(n_tiles: int, device: torch.device) -> torch.Tensor:
 def hessian_accumulate_triton(hessian: torch.Tensor, x: torch.Tensor, n_seen: int) -> int:
     """Triton launcher with the semantics of :func:`hessian_accumulate_ref`."""
     t, k = x.shape
-    if x.dtype not in _TORCH_TO_TRITON:
+    if _TORCH_TO_TRITON.get(x.dtype) not in LIMITS.dtypes:
         x = x.float()
     x = x.contiguous()
     n_new = n_seen + t

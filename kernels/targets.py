@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import TritonqError
+
 KB = 1024
 
 
@@ -153,11 +155,11 @@ ROOFLINE_TARGETS = ("sm_90", "gfx942")  # H100 and MI300X, the two parts the rep
 
 
 def get_target(name: str) -> Target:
-    """Look a target up by name (``sm_90``, ``gfx942``, ...); raises ``KeyError`` naming the known ones."""
+    """Look a target up by name (``sm_90``, ``gfx942``, ...); raises ``TritonqError`` naming the known ones."""
     try:
         return TARGETS[name]
     except KeyError:
-        raise KeyError(f"unknown target {name!r}; known: {', '.join(TARGETS)}") from None
+        raise TritonqError(f"unknown target {name!r}; known: {', '.join(TARGETS)}") from None
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,34 @@ def test_catalog_lists_every_kernel():
 
 
 @pytest.mark.parametrize("entry", catalog.ENTRIES, ids=lambda e: e.name)
+def test_catalog_hooks_exist(entry):
+    """Every attribute an entry names (kernel, configs, signature, LIMITS, exclusion hook) is defined by
+    its module: a misspelt or missing exclusion hook must not read as "nothing excluded"."""
+    mod = entry.load()
+    missing = [name for name in entry.hooks() if not hasattr(mod, name)]
+    assert not missing, f"{entry.name}: kernels/{entry.module}.py defines none of {missing}"
+    assert entry.dtypes and set(entry.dtypes) <= {"fp16", "bf16", "fp32"}
+
+
+def test_every_exclusion_hook_is_named_by_the_catalog():
+    """The reverse: an ``excluded*`` function in a kernel module that no entry names is never consulted."""
+    named = {(e.module, e.excluded) for e in catalog.ENTRIES if e.excluded}
+    loaded = {e.module: e.load() for e in catalog.ENTRIES}
+    defined = {(m, attr) for m, mod in loaded.items() for attr, obj in vars(mod).items()
+               if attr.startswith("excluded") and callable(obj)}
+    assert defined == named
+
+
+def test_missing_hook_fails_loudly():
+    import dataclasses
+
+    entry = dataclasses.replace(catalog.get_entry("gptq_block"), excluded="excluded_nowhere")
+    assert "excluded_nowhere" in entry.hooks()
+    with pytest.raises(AttributeError):
+        entry.exclusion("sm_90", "fp32", entry.all_configs()[0])
+
+
+@pytest.mark.parametrize("entry", catalog.ENTRIES, ids=lambda e: e.name)
 def test_dispatcher_picks_only_listed_configs(entry):
     configs = set(entry.all_configs())
     mod = entry.load()

@@ -69,7 +69,7 @@ CASES = [
 def test_kernel_matches_reference_fp16(kernel, M, K, N, group_size, sym):
     x, qw, s, z, _, _ = _problem(M, K, N, group_size, torch.float16, sym, False, seed=M * 1000 + K + N)
     ref = dm.dequant_matmul_ref(x, qw, s, z, group_size=group_size)
-    y = dm.dequant_matmul(x, qw, s, z, group_size=group_size, force=kernel)
+    y = dm.dequant_matmul(x, qw, s, z, group_size=group_size, force="triton", kernel=kernel)
     _assert_close(y, ref, torch.float16)
 
 
@@ -78,7 +78,7 @@ def test_kernel_matches_reference_fp16(kernel, M, K, N, group_size, sym):
 def test_kernel_matches_reference_bf16(kernel, M, group_size):
     x, qw, s, z, _, b = _problem(M, 256, 80, group_size, torch.bfloat16, False, False, seed=M, bias=True)
     ref = dm.dequant_matmul_ref(x, qw, s, z, group_size=group_size, bias=b)
-    y = dm.dequant_matmul(x, qw, s, z, group_size=group_size, bias=b, force=kernel)
+    y = dm.dequant_matmul(x, qw, s, z, group_size=group_size, bias=b, force="triton", kernel=kernel)
     _assert_close(y, ref, torch.bfloat16)
 
 
@@ -90,7 +90,7 @@ def test_act_order_g_idx(kernel, M, K, group_size, sym):
     # the reference itself must differ from the sequential grouping, or the test proves nothing
     seq = dm.dequant_matmul_ref(x, qw, s, z, group_size=group_size, bias=b)
     assert not torch.allclose(ref.float(), seq.float(), atol=1e-2)
-    y = dm.dequant_matmul(x, qw, s, z, group_size=group_size, g_idx=g_idx, bias=b, force=kernel)
+    y = dm.dequant_matmul(x, qw, s, z, group_size=group_size, g_idx=g_idx, bias=b, force="triton", kernel=kernel)
     _assert_close(y, ref, torch.float16)
 
 
@@ -122,7 +122,9 @@ def test_batched_input_and_dispatch():
     x, qw, s, z, _, _ = _problem(3, 256, 64, 128, torch.float16, False, False, seed=7, batch=(2,))
     ref = dm.dequant_matmul_ref(x, qw, s, z, group_size=128)
     assert ref.shape == (2, 3, 64)
-    _assert_close(dm.dequant_matmul(x, qw, s, z, group_size=128, force="gemv"), ref, torch.float16)
+    _assert_close(dm.dequant_matmul(x, qw, s, z, group_size=128, force="triton", kernel="gemv"), ref, torch.float16)
+    # force="triton" without a kernel: the dispatcher's choice (6 rows: the GEMV)
+    _assert_close(dm.dequant_matmul(x, qw, s, z, group_size=128, force="triton"), ref, torch.float16)
     # CPU tensors without force take the reference; fp32 input is accepted there
     assert torch.equal(dm.dequant_matmul(x, qw, s, z, group_size=128), ref)
     y32 = dm.dequant_matmul(x.float(), qw, s, z, group_size=128)
@@ -209,6 +211,10 @@ def test_errors_name_the_problem():
     with pytest.raises(TritonqError, match="g_idx"):
         dm.dequant_matmul(x, qw, s, z, group_size=32, g_idx=torch.zeros(5, dtype=torch.int32))
     with pytest.raises(TritonqError, match="force"):
-        dm.dequant_matmul(x, qw, s, z, group_size=32, force="triton")
-    with pytest.raises(TritonqError, match="float16 or bfloat16"):
-        dm.dequant_matmul(x.float(), qw, s, z, group_size=32, force="gemv")
+        dm.dequant_matmul(x, qw, s, z, group_size=32, force="gemv")  # a kernel choice is not a force value
+    with pytest.raises(TritonqError, match="kernel must be one of"):
+        dm.dequant_matmul(x, qw, s, z, group_size=32, force="triton", kernel="triton")
+    with pytest.raises(TritonqError, match="fp16 or bf16 activations"):
+        dm.dequant_matmul(x.float(), qw, s, z, group_size=32, force="triton", kernel="gemv")
+    with pytest.raises(TritonqError, match="group_size must be"):
+        dm.dequant_matmul(x, qw, s, z, group_size=0)

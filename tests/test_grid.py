@@ -4,7 +4,6 @@ import itertools
 
 import pytest
 import torch
-from tritonq.errors import TritonqError
 from tritonq.engine.grid import (
     GridSpec,
     codes_of,
@@ -14,6 +13,7 @@ from tritonq.engine.grid import (
     fit_groups,
     fit_rows,
 )
+from tritonq.errors import TritonqError
 
 
 @pytest.mark.parametrize("bits,sym", list(itertools.product([2, 3, 4, 8], [False, True])))
@@ -98,3 +98,67 @@ def test_bad_specs_have_clear_errors():
         GridSpec(group_size=0)
     with pytest.raises(TritonqError, match="does not divide the input width 576 of model.layers.0.q"):
         GridSpec(group_size=128).groups_for(576, "model.layers.0.q")
+
+
+# ------------------------------------------------------------------------------ the one grid rule
+
+
+def _ranges(rows: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random per-row ranges over six decades (the smallest hit MIN_SCALE), some all-positive or all-negative."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, 24, generator=gen) * torch.logspace(-7, 1, rows)[:, None]
+    w[::5] = w[::5].abs()
+    w[1::5] = -w[1::5].abs()
+    return w.amin(dim=1), w.amax(dim=1)
+
+
+@pytest.mark.parametrize("bits,sym", list(itertools.product([2, 3, 4, 8], [False, True])))
+def test_host_fit_is_the_shared_rule_and_matches_float64(bits, sym):
+    from tritonq.kernels.grid_rule import MIN_SCALE, minmax_scale_zero
+
+    maxq = 2**bits - 1
+    lo, hi = _ranges(60, seed=bits + 10 * sym)
+    scale, zero = minmax_scale_zero(lo, hi, maxq, sym)
+    # the host fit (no shrink search) is this rule, bit for bit
+    w = torch.stack([lo, hi, torch.zeros_like(lo)], dim=1)
+    s_host, z_host = fit_rows(w, GridSpec(bits=bits, group_size=-1, sym=sym))
+    assert torch.equal(s_host, scale) and torch.equal(z_host, zero)
+    # and the rule is the documented formula, evaluated in float64 (the scale then rounded to fp16)
+    lo64, hi64 = lo.double().clamp(max=0), hi.double().clamp(min=0)
+    s64 = (2 * torch.maximum(-lo64, hi64) if sym else hi64 - lo64) / maxq
+    s64 = s64.clamp(min=MIN_SCALE).half().double()
+    # fp32 arithmetic before the fp16 rounding moves a scale by at most one fp16 step
+    assert torch.all((scale.double() - s64).abs() <= s64 * 2.0**-10)
+    assert (scale == MIN_SCALE).any() and (scale > MIN_SCALE).any()  # both regimes are exercised
+    if sym:
+        assert torch.all(zero == 2 ** (bits - 1))
+    else:
+        z64 = torch.clamp(torch.round(-lo64 / scale.double()), 0, maxq)
+        assert torch.all((zero.double() - z64).abs() <= 1)  # a tie may round the other way in fp32
+        assert (zero == z64).float().mean() > 0.95
+
+
+def _assignments(path, name: str) -> list[int]:
+    import ast
+
+    tree = ast.parse(path.read_text())
+    return [node.lineno for node in ast.walk(tree)
+            if isinstance(node, (ast.Assign, ast.AnnAssign))
+            and any(isinstance(t, ast.Name) and t.id == name
+                    for t in (node.targets if isinstance(node, ast.Assign) else [node.target]))]
+
+
+def test_min_scale_is_defined_once():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    found = {str(p.relative_to(root)): lines for p in sorted(root.rglob("*.py"))
+             if ".venv" not in p.parts and "tests" not in p.parts and (lines := _assignments(p, "MIN_SCALE"))}
+    assert list(found) == ["kernels/grid_rule.py"], f"MIN_SCALE assigned in {found}; import it from kernels.grid_rule"
+    assert len(found["kernels/grid_rule.py"]) == 1
+
+
+def test_min_scale_check_can_fail(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("MIN_SCALE = 2.0**-14\nx: float = 1\nMIN_SCALE: float = 1e-5\n")
+    assert _assignments(bad, "MIN_SCALE") == [1, 3]
