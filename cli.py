@@ -122,9 +122,9 @@ def _add_pack(sub) -> None:
 
 
 def _run_pack(args) -> int:
-    from .engine.formats import pack_command
+    from .commands import pack
 
-    return pack_command(args)
+    return pack(args)
 
 
 def _add_generate(sub) -> None:

@@ -73,3 +73,13 @@ def evaluate(args) -> int:
         print(f"perplexity {res.perplexity:.4f} over {res.windows} windows of {res.seqlen} tokens "
               f"({res.tokens} tokens) of {args.data}")
     return 0 if math.isfinite(res.perplexity) else 1
+
+
+def pack(args) -> int:
+    """``tritonq pack SRC --format F --output OUT [--overwrite]``: pack a tritonq output, print its size."""
+    from .engine.formats import save_packed
+
+    out = save_packed(args.src, args.output, args.out_format, overwrite=args.overwrite)
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    print(f"wrote {args.out_format} checkpoint to {out} ({size / 2**20:.1f} MiB)")
+    return 0

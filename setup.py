@@ -44,10 +44,10 @@ setup(
         "safetensors>=0.4",
         "tqdm>=4.60",
         "numpy>=1.24",
+        "compressed-tensors>=0.18",  # writes and reads the compressed-tensors format (engine/formats.py)
     ],
     extras_require={
-        "test": ["pytest>=7", "ruff>=0.5", "httpx>=0.27", "fastapi>=0.110", "uvicorn>=0.29",
-                 "compressed-tensors>=0.15"],
+        "test": ["pytest>=7", "ruff>=0.5", "httpx>=0.27", "fastapi>=0.110", "uvicorn>=0.29"],
         "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
         "gguf": ["gguf>=0.10", "accelerate>=0.30"],
         "eval": ["lm-eval>=0.4"],
