@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tritonq.errors import TritonqError
 from tritonq.engine.formats import (
     FORMATS,
     awq_pack,
@@ -25,6 +24,7 @@ from tritonq.engine.formats import (
     save_packed,
     source_layers,
 )
+from tritonq.errors import TritonqError
 
 from .helpers import make_fake_dir
 
@@ -424,3 +424,213 @@ def test_bfloat16_model_keeps_exact_fp16_scales(tmp_path):
     assert weights["weights"]["scale_dtype"] == "torch.float16"
     assert load_file(str(out / "model.safetensors"))[f"{Q}.weight_scale"].dtype == torch.float16
     _assert_round_trip(src, out)
+
+
+# --------------------------------------------------------------------------------------------------
+# the registry: every format class on fresh random grids, the library's own output, refused tampering
+
+
+def _random_record(n: int, k: int, spec, gen: torch.Generator, act_order: bool, min_zero: int = 0):
+    """A record drawn at random (codes, zero points, fp16-valued scales, g_idx), not derived from weights."""
+    from tritonq.engine.formats import QuantizedWeight
+
+    g = spec.effective_group(k)
+    groups = k // g
+    codes = torch.randint(0, spec.maxq + 1, (n, k), generator=gen).to(torch.uint8)
+    if spec.sym:
+        zero = torch.full((n, groups), float(2 ** (spec.bits - 1)))
+    else:
+        zero = torch.randint(min_zero, spec.maxq + 1, (n, groups), generator=gen).float()
+    scale = (torch.rand(n, groups, generator=gen) * 0.05 + 2**-10).half().float()
+    order = torch.randperm(k, generator=gen) if act_order else torch.arange(k)
+    g_idx = torch.empty(k, dtype=torch.int32)
+    g_idx[order] = (torch.arange(k) // g).to(torch.int32)
+    return QuantizedWeight(codes, scale, zero, g_idx)
+
+
+def _write_checkpoint(path: Path, fmt: str, records: dict, spec, model_dtype=torch.float32) -> Path:
+    """Only the packed tensors and config of ``FORMATS[fmt]``: enough for ``read_packed``."""
+    packer = FORMATS[fmt]
+    tensors = {}
+    for name, q in records.items():
+        tensors.update(packer.write(name, q, spec, model_dtype))
+    path.mkdir()
+    save_file(tensors, str(path / "model.safetensors"))
+    qcfg = packer.config(spec, model_dtype=model_dtype, ignore=["lm_head"], act_order=False, desc_act=False,
+                         version="test")
+    (path / "config.json").write_text(json.dumps({"quantization_config": qcfg}))
+    return path
+
+
+REGISTRY_CASES = [
+    # (format, bits, group_size, sym, act_order, N, K)
+    ("compressed-tensors", 4, 32, False, False, 64, 128),
+    ("compressed-tensors", 4, -1, True, False, 64, 128),
+    ("compressed-tensors", 3, 32, False, False, 24, 96),  # words split elements; zero points too
+    ("compressed-tensors", 8, 16, True, False, 40, 48),
+    ("compressed-tensors", 4, 32, False, True, 64, 128),
+    ("gptq", 4, 32, True, True, 64, 128),
+    ("gptq", 8, -1, True, False, 32, 64),
+    ("gptq_v2", 2, 32, False, True, 64, 128),
+    ("gptq_v2", 4, 64, False, False, 48, 128),
+    ("awq", 4, 32, False, False, 64, 128),
+    ("awq", 4, 128, True, False, 32, 256),
+]
+
+
+def test_registry_holds_one_class_per_format():
+    from tritonq.engine.formats import DEFAULT_FORMAT, PackedFormat
+
+    assert list(FORMATS) == ["compressed-tensors", "gptq", "gptq_v2", "awq"] and DEFAULT_FORMAT in FORMATS
+    for name, fmt in FORMATS.items():
+        assert isinstance(fmt, PackedFormat) and fmt.name == name
+    assert len({type(f) for f in FORMATS.values()}) == len(FORMATS)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize(("fmt", "bits", "group_size", "sym", "act_order", "n", "k"), REGISTRY_CASES)
+def test_each_format_class_round_trips_random_grids(tmp_path, fmt, bits, group_size, sym, act_order, n, k, seed):
+    from tritonq.engine.formats import checkpoint_format
+    from tritonq.engine.grid import GridSpec
+
+    spec = GridSpec(bits=bits, group_size=group_size, sym=sym)
+    FORMATS[fmt].check(spec)
+    gen = torch.Generator().manual_seed(seed)
+    min_zero = 1 if fmt == "gptq" else 0  # v1 stores z - 1 (the refusal of z = 0 is tested above)
+    records = {f"layer{i}.proj": _random_record(n, k, spec, gen, act_order, min_zero) for i in range(2)}
+    out = _write_checkpoint(tmp_path / "ckpt", fmt, records, spec)
+    assert checkpoint_format(out) == fmt
+    got = {name: (s, q) for name, s, q in read_packed(out)}
+    assert set(got) == set(records)
+    for name, q in records.items():
+        s, back = got[name]
+        assert (s.bits, s.group_size) == (bits, group_size), name
+        for field in ("codes", "scale", "zero", "g_idx"):
+            assert torch.equal(getattr(back, field), getattr(q, field)), (name, field)
+
+
+def _library_checkpoint(src: Path, path: Path, sym: bool, group_size: int) -> Path:
+    """``src``'s grid written by compressed-tensors itself, the way llm-compressor saves (see below)."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        QuantizationScheme,
+        apply_quantization_config,
+    )
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(src)
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=sym, strategy="group", group_size=group_size)
+    apply_quantization_config(model, QuantizationConfig(
+        config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=args)}, ignore=["lm_head"]))
+    params = load_file(str(src / "quant_params.safetensors"))
+    for name, module in model.named_modules():
+        if getattr(module, "quantization_scheme", None) is None:
+            continue
+        module.weight_scale.data = params[f"{name}.scale"].to(module.weight_scale.dtype)
+        if not sym:  # compressed-tensors keeps signed zero points z - 2^(b-1)
+            module.weight_zero_point.data = (params[f"{name}.zero"] - 8).to(module.weight_zero_point.dtype)
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
+    compressor.compress_model(model)
+    model.save_pretrained(path)
+    compressor.update_config(path)
+    return path
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_compressed_tensors_export_equals_the_librarys_own(fake_dir, tmp_path, sym):
+    pytest.importorskip("compressed_tensors")
+    src = fake_dir(bits=4, group_size=32, sym=sym, act_order=False)
+    ours = save_packed(src, tmp_path / "ours", "compressed-tensors")
+    theirs = _library_checkpoint(src, tmp_path / "theirs", sym, 32)
+    a, b = load_file(str(ours / "model.safetensors")), load_file(str(theirs / "model.safetensors"))
+    assert set(a) == set(b)
+    for key in a:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+    qa = json.loads((ours / "config.json").read_text())["quantization_config"]
+    qb = json.loads((theirs / "config.json").read_text())["quantization_config"]
+    assert qa == qb
+
+
+def _nudge(src: Path, file: str, key: str, dtype: torch.dtype) -> None:
+    """Move one value of one tensor to the next ``dtype`` value up: the smallest possible modification."""
+    tensors = load_file(str(src / file))
+    t = tensors[key]
+    v = t.view(-1)[5].to(dtype)
+    t.view(-1)[5] = torch.nextafter(v, torch.tensor(float("inf"), dtype=dtype)).to(t.dtype)
+    save_file(tensors, str(src / file), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize(
+    ("dtype", "file"),
+    [
+        (torch.float32, "model.safetensors"),
+        (torch.bfloat16, "model.safetensors"),
+        # one fp16 step of a scale (still a valid fp16 scale): the fp32 weights no longer match the grid.
+        # Not for bf16 weights: their rounding may absorb so small a change, and then the packed grid still
+        # reproduces every stored weight bit for bit, which is all that packing promises.
+        (torch.float32, "quant_params.safetensors"),
+    ],
+)
+def test_tampered_directories_are_refused(tmp_path, dtype, file):
+    src = make_fake_dir(tmp_path / "src", sym=False)
+    if dtype == torch.bfloat16:
+        tensors = load_file(str(src / "model.safetensors"))
+        save_file({k: v.to(dtype) for k, v in tensors.items()}, str(src / "model.safetensors"),
+                  metadata={"format": "pt"})
+        cfg = json.loads((src / "config.json").read_text())
+        (src / "config.json").write_text(json.dumps({**cfg, "dtype": "bfloat16"}))
+    assert save_packed(src, tmp_path / "ok", "gptq_v2").is_dir()  # untouched: packs
+    if file == "model.safetensors":
+        _nudge(src, file, f"{Q}.weight", dtype)
+    else:
+        _nudge(src, file, f"{Q}.scale", torch.float16)
+    for fmt in FORMATS:
+        with pytest.raises(TritonqError, match=rf"{Q}: .* not points of the grid .* modified"):
+            save_packed(src, tmp_path / fmt, fmt)
+        assert not (tmp_path / fmt).exists()
+
+
+def test_records_in_memory_pack_like_the_directory(fake_dir, tmp_path):
+    src = fake_dir(bits=4, group_size=32, sym=False, act_order=True)
+    records = _source(src)
+    for fmt in ("compressed-tensors", "gptq_v2"):
+        a = load_file(str(save_packed(src, tmp_path / f"dir-{fmt}", fmt) / "model.safetensors"))
+        b = load_file(str(save_packed(src, tmp_path / f"mem-{fmt}", fmt, layers=records) / "model.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), fmt
+    with pytest.raises(TritonqError, match="name different layers"):
+        save_packed(src, tmp_path / "bad", "gptq_v2", layers=dict(list(records.items())[1:]))
+
+
+def test_writers_refuse_scales_their_dtype_cannot_hold():
+    from tritonq.engine.grid import GridSpec
+
+    spec = GridSpec(bits=4, group_size=32, sym=True)
+    q = _random_record(16, 64, spec, torch.Generator().manual_seed(0), act_order=False)
+    q.scale[0, 0] = 1 / 3  # not an fp16 value
+    for fmt in ("gptq", "awq"):
+        with pytest.raises(TritonqError, match="not representable in float16"):
+            FORMATS[fmt].write("x", q, spec, torch.float32)
+    with pytest.raises(TritonqError, match="not representable in float16"):
+        FORMATS["compressed-tensors"].write("x", q, spec, torch.bfloat16)  # bf16 models keep fp16 scales
+    assert FORMATS["compressed-tensors"].write("x", q, spec, torch.float32)["x.weight_scale"][0, 0] == 1 / 3
+
+
+def test_missing_compressed_tensors_names_the_install(monkeypatch):
+    from tritonq.engine.grid import GridSpec
+
+    monkeypatch.setitem(__import__("sys").modules, "compressed_tensors", None)  # makes the import fail
+    with pytest.raises(TritonqError, match="pip install"):
+        FORMATS["compressed-tensors"].check(GridSpec())
+
+
+def test_pack_command_prints_what_it_wrote(fake_dir, tmp_path, capsys):
+    import argparse
+
+    from tritonq.commands import pack
+
+    src = fake_dir(bits=4, group_size=32, sym=True, act_order=False)
+    args = argparse.Namespace(src=str(src), output=str(tmp_path / "out"), out_format="gptq", overwrite=False)
+    assert pack(args) == 0
+    assert capsys.readouterr().out.startswith(f"wrote gptq checkpoint to {tmp_path / 'out'} (")
