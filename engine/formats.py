@@ -34,6 +34,7 @@ The serving path uses :class:`PackedLinear`, the runtime layout of ``kernels/deq
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -333,6 +334,7 @@ def _matches(name: str, targets: Iterable[str], *, linear: bool) -> bool:
     return False
 
 
+@functools.cache
 def _compressed_tensors() -> SimpleNamespace:
     """The parts of compressed-tensors we use, imported on first use (importing tritonq stays cheap)."""
     try:
@@ -434,7 +436,7 @@ class CompressedTensorsFormat(PackedFormat):
         # so a bf16 model keeps fp16 scales and declares them (QuantizationArgs.scale_dtype).
         return model_dtype if model_dtype in (torch.float16, torch.float32, torch.float64) else torch.float16
 
-    def _scheme(self, spec: GridSpec, model_dtype: torch.dtype, act_order: bool):
+    def _scheme(self, spec: GridSpec, model_dtype: torch.dtype, act_order: bool) -> object:
         ct = _compressed_tensors()
         scale_dtype = self.scale_dtype(model_dtype)
         args = ct.Args(
@@ -448,7 +450,10 @@ class CompressedTensorsFormat(PackedFormat):
         )
         return ct.Scheme(targets=["Linear"], weights=args, format="pack-quantized")
 
-    def config(self, spec, *, model_dtype, ignore, act_order, desc_act, version) -> dict:
+    def config(
+        self, spec: GridSpec, *, model_dtype: torch.dtype, ignore: list[str], act_order: bool, desc_act: bool,
+        version: str,
+    ) -> dict:
         ct = _compressed_tensors()
         qconfig = ct.Config(
             config_groups={"group_0": self._scheme(spec, model_dtype, act_order and not desc_act)},
@@ -468,7 +473,7 @@ class CompressedTensorsFormat(PackedFormat):
         return {"version": ct.version, "quant_method": ct.method, "sparsity_config": {}, "transform_config": {},
                 **body}
 
-    def write(self, name, q, spec, model_dtype) -> dict[str, Tensor]:
+    def write(self, name: str, q: QuantizedWeight, spec: GridSpec, model_dtype: torch.dtype) -> dict[str, Tensor]:
         ct = _compressed_tensors()
         n, k = q.shape
         mid = 2 ** (spec.bits - 1)
@@ -544,7 +549,7 @@ class CompressedTensorsFormat(PackedFormat):
             raise TritonqError("compressed-tensors config has no weight config_groups")
         return groups
 
-    def read(self, store, qcfg) -> Iterator[tuple[str, GridSpec, QuantizedWeight]]:
+    def read(self, store: TensorStore, qcfg: dict) -> Iterator[tuple[str, GridSpec, QuantizedWeight]]:
         ct = _compressed_tensors()
         groups = self._weight_groups(qcfg)
         ignore = list(qcfg.get("ignore") or [])
@@ -610,7 +615,10 @@ class GptqFormat(PackedFormat):
         if spec.bits not in (2, 4, 8):
             raise TritonqError(f"tritonq writes GPTQ with 2, 4 or 8 bits, got {spec.bits}; use compressed-tensors")
 
-    def config(self, spec, *, model_dtype, ignore, act_order, desc_act, version) -> dict:
+    def config(
+        self, spec: GridSpec, *, model_dtype: torch.dtype, ignore: list[str], act_order: bool, desc_act: bool,
+        version: str,
+    ) -> dict:
         cfg = {
             "quant_method": "gptq",
             "checkpoint_format": self.name,
@@ -629,7 +637,7 @@ class GptqFormat(PackedFormat):
             cfg["dynamic"] = {f"-:^{re.escape(m)}$": {} for m in block_ignores}
         return cfg
 
-    def write(self, name, q, spec, model_dtype) -> dict[str, Tensor]:
+    def write(self, name: str, q: QuantizedWeight, spec: GridSpec, model_dtype: torch.dtype) -> dict[str, Tensor]:
         zeros = q.zero.t().to(torch.int64)  # [G, N]
         if not self.v2:
             if int(zeros.min()) < 1:
@@ -656,7 +664,7 @@ class GptqFormat(PackedFormat):
             )
         return variant == self.name
 
-    def read(self, store, qcfg) -> Iterator[tuple[str, GridSpec, QuantizedWeight]]:
+    def read(self, store: TensorStore, qcfg: dict) -> Iterator[tuple[str, GridSpec, QuantizedWeight]]:
         try:
             bits = int(qcfg["bits"])
             gs = int(qcfg["group_size"])
@@ -728,7 +736,10 @@ class AwqFormat(PackedFormat):
                 f"{spec.group_size}); use --format compressed-tensors or gptq_v2"
             )
 
-    def config(self, spec, *, model_dtype, ignore, act_order, desc_act, version) -> dict:
+    def config(
+        self, spec: GridSpec, *, model_dtype: torch.dtype, ignore: list[str], act_order: bool, desc_act: bool,
+        version: str,
+    ) -> dict:
         return {
             "quant_method": "awq",
             "bits": 4,
@@ -738,7 +749,7 @@ class AwqFormat(PackedFormat):
             "modules_to_not_convert": ignore or None,
         }
 
-    def write(self, name, q, spec, model_dtype) -> dict[str, Tensor]:
+    def write(self, name: str, q: QuantizedWeight, spec: GridSpec, model_dtype: torch.dtype) -> dict[str, Tensor]:
         if not _is_default_g_idx(q.g_idx, spec.effective_group(q.shape[1])):
             raise TritonqError(
                 f"{name}: AWQ has no g_idx and cannot store group act-order; use --format gptq_v2 or "
@@ -758,7 +769,7 @@ class AwqFormat(PackedFormat):
             raise TritonqError(f"AWQ version {version!r} is not supported; tritonq reads the GEMM layout")
         return True
 
-    def read(self, store, qcfg) -> Iterator[tuple[str, GridSpec, QuantizedWeight]]:
+    def read(self, store: TensorStore, qcfg: dict) -> Iterator[tuple[str, GridSpec, QuantizedWeight]]:
         bits = int(qcfg.get("bits", qcfg.get("w_bit", 4)))  # vLLM accepts both spellings (formats doc §1.2)
         gs = int(qcfg.get("group_size", qcfg.get("q_group_size", 128)))
         if bits != 4:

@@ -618,11 +618,16 @@ def test_writers_refuse_scales_their_dtype_cannot_hold():
 
 
 def test_missing_compressed_tensors_names_the_install(monkeypatch):
+    from tritonq.engine import formats
     from tritonq.engine.grid import GridSpec
 
     monkeypatch.setitem(__import__("sys").modules, "compressed_tensors", None)  # makes the import fail
-    with pytest.raises(TritonqError, match="pip install"):
-        FORMATS["compressed-tensors"].check(GridSpec())
+    formats._compressed_tensors.cache_clear()  # forget the library found by earlier tests
+    try:
+        with pytest.raises(TritonqError, match="pip install"):
+            FORMATS["compressed-tensors"].check(GridSpec())
+    finally:
+        formats._compressed_tensors.cache_clear()
 
 
 def test_pack_command_prints_what_it_wrote(fake_dir, tmp_path, capsys):
