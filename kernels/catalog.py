@@ -9,11 +9,11 @@ An entry names, by attribute, the jitted kernel, the tuple of configs its launch
 ``aot_signature``-style function that gives Triton's argument types and, optionally, the module's
 exclusion hook; the dtypes it compiles are the module's declared ``LIMITS.dtypes``. A named attribute
 the module does not define is an error (``tests/test_aot.py:test_catalog_hooks_exist``), not a silent
-"no exclusions". Its ``picks`` function runs the
-module's dispatch rule (``pick_config`` and any autotuning neighbours) over the shapes the benchmarks
-use (:data:`BENCH_SHAPES`) *for a given target* and returns the :class:`Pick` list: which config, which
-constexpr variant, for which case. The static tests compile exactly those picks, so the list and the
-dispatcher cannot drift apart; ``TRITONQ_AOT_FULL=1`` also compiles every config in the module's tuple.
+"no exclusions". Its ``picks`` function runs the module's dispatch rule (``pick_config`` and the
+autotuner's ``candidates``) over the shapes the benchmarks use (:data:`BENCH_SHAPES`) *for a given
+target* and returns the :class:`Pick` list: which config, which constexpr variant, for which case.
+The static tests compile exactly those picks, so the list and the dispatcher cannot drift apart;
+``TRITONQ_AOT_FULL=1`` also compiles every config in the module's tuple.
 
 How a kernel module excludes a target (the dispatcher-exclusion contract)
 --------------------------------------------------------------------------
