@@ -147,7 +147,7 @@ def _interpreter_check(as_json: bool) -> int:
             ref = dequant_matmul_ref(x, qw, s, z, group_size=GROUP).float()
             for kernel in ("gemv", "gemm"):
                 t0 = time.perf_counter()
-                y = dequant_matmul(x, qw, s, z, group_size=GROUP, force=kernel).float()
+                y = dequant_matmul(x, qw, s, z, group_size=GROUP, force="triton", kernel=kernel).float()
                 wall = time.perf_counter() - t0
                 err = (y - ref).abs().max().item()
                 good = err <= 2.0**-9 * (1.0 + ref.abs().max().item())

@@ -24,7 +24,7 @@ import torch
 
 from ..errors import TritonqError
 from .grid import default_g_idx, fit_groups
-from .hessian import HessianAccumulator, blocked_quantize, check_finite, inverse_cholesky
+from .hessian import HessianAccumulator, blocked_quantize, check_block_size, check_finite, inverse_cholesky
 from .methods import LayerResult, Method, split_rows
 
 ACT_ORDERS = (None, "static", "dynamic")
@@ -46,8 +46,7 @@ class GPTQOptions:
             raise TritonqError(f"act-order must be none, static or dynamic, got {self.act_order!r}")
         if not 0 < self.damp < 10:
             raise TritonqError(f"--damp must be in (0, 10), got {self.damp}")
-        if self.block_size < 1:
-            raise TritonqError(f"--block-size must be positive, got {self.block_size}")
+        check_block_size(self.block_size)
 
 
 class GPTQ(Method):

@@ -346,10 +346,10 @@ def quantize_block(
         unrecorded += [n for n in names if not any(n.startswith(t.parent + ".") for t in adapter.tails)]
         if tail is not None:  # the sub-module's output is final now: replay it from here on
             t0 = time.perf_counter()
-            last = block.get_submodule(tail.linear)
-            replays[tail.parent] = (tail.returns_tuple,
-                                    [last(x.to(device)).to(store) for x in stage.tail_inputs])
-            stage.tail_inputs.clear()
+            last, outputs = block.get_submodule(tail.linear), []
+            while stage.tail_inputs:  # free each input as its output is made: the peak stays one list
+                outputs.append(last(stage.tail_inputs.pop(0).to(device)).to(store))
+            replays[tail.parent] = (tail.returns_tuple, outputs)
             report.seconds["forward"] += time.perf_counter() - t0
     out = None
     if chunks:  # the rest of the block, replaying what is done: the next block's inputs
