@@ -16,15 +16,22 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import TritonqError
+# No package-relative import at module level: transformers probes a top-level ``kernels`` package, and from a
+# checkout's root this directory is what it finds; importing it must not fail. Errors are imported lazily.
 
 FORCE: tuple[str | None, ...] = (None, "triton", "ref")
+
+
+def _error() -> type:
+    from ..errors import TritonqError
+
+    return TritonqError
 
 
 def check_force(force: str | None) -> None:
     """Raise :class:`TritonqError` unless ``force`` is one of :data:`FORCE`."""
     if force not in FORCE:
-        raise TritonqError(f"force must be one of {FORCE}, got {force!r}")
+        raise _error()(f"force must be one of {FORCE}, got {force!r}")
 
 
 def use_triton(t: torch.Tensor, force: str | None = None) -> bool:
@@ -84,11 +91,11 @@ def check_dequant_limits(bits: int, group_size: int, in_features: int | None = N
 
     lim = dequant_matmul.LIMITS
     if lim.bits is not None and bits not in lim.bits:
-        raise TritonqError(f"the packed dequant-matmul kernels take --bits {' or '.join(map(str, lim.bits))}, "
+        raise _error()(f"the packed dequant-matmul kernels take --bits {' or '.join(map(str, lim.bits))}, "
                            f"got --bits {bits}")
     if group_size != -1 and (group_size < 1 or group_size % lim.group_multiple):
-        raise TritonqError(f"the packed dequant-matmul kernels take --group-size -1 or a positive multiple of "
+        raise _error()(f"the packed dequant-matmul kernels take --group-size -1 or a positive multiple of "
                            f"{lim.group_multiple}, got --group-size {group_size}")
     if in_features is not None and in_features % lim.k_multiple:
-        raise TritonqError(f"the packed dequant-matmul kernels need input widths that are multiples of "
+        raise _error()(f"the packed dequant-matmul kernels need input widths that are multiples of "
                            f"{lim.k_multiple}, got {in_features}")
