@@ -68,7 +68,6 @@ class QuantizeSummary:
     group_size: int | None = None
 
 
-PACKED_FORMATS = ("compressed-tensors", "gptq", "gptq_v2", "awq")
 
 
 def _save_quant_params(path: Path, layers: dict) -> None:
@@ -110,8 +109,10 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
     """Load, calibrate, quantize block by block, save atomically, optionally evaluate."""
     started = time.perf_counter()
     seconds: dict[str, float] = {}
-    if opts.out_format not in ("fake", *PACKED_FORMATS):
-        raise TritonqError(f"unknown --format {opts.out_format!r}; choose fake or one of {', '.join(PACKED_FORMATS)}")
+    from .formats import FORMATS
+
+    if opts.out_format not in ("fake", *FORMATS):
+        raise TritonqError(f"unknown --format {opts.out_format!r}; choose fake or one of {', '.join(FORMATS)}")
     group_size = 128 if opts.group_size is None else opts.group_size
     spec = GridSpec(bits=opts.bits, group_size=group_size, sym=opts.sym, mse=opts.mse)
     method = make_method(opts.method, opts.method_options)
