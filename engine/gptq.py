@@ -32,11 +32,12 @@ ACT_ORDERS = (None, "static", "dynamic")
 
 @dataclass(frozen=True)
 class GPTQOptions:
-    act_order: str | None = field(default=None, metadata={
+    # defaults chosen on calibration-side evidence (held-out pydoc, and a second corpus), bench/RESULTS.md
+    act_order: str | None = field(default="static", metadata={
         "help": "columns by decreasing Hessian diagonal: static (grids fixed before reordering, trivial g_idx) "
                 "or dynamic (groups in permuted order, g_idx recorded); 'none' for the original order",
         "choices": ("none", "static", "dynamic"), "const": "static"})
-    damp: float = field(default=0.01, metadata={"help": "damping, a fraction of the mean Hessian diagonal"})
+    damp: float = field(default=0.1, metadata={"help": "damping, a fraction of the mean Hessian diagonal"})
     block_size: int = field(default=128, metadata={"help": "lazy-update block width (columns)"})
 
     def __post_init__(self) -> None:
