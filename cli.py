@@ -137,9 +137,9 @@ def _add_generate(sub) -> None:
 
 
 def _run_generate(args) -> int:
-    from .engine.serve import generate_command
+    from .commands import generate
 
-    return generate_command(args)
+    return generate(args)
 
 
 def _add_serve(sub) -> None:
@@ -152,9 +152,9 @@ def _add_serve(sub) -> None:
 
 
 def _run_serve(args) -> int:
-    from .engine.serve import serve_command
+    from .commands import serve
 
-    return serve_command(args)
+    return serve(args)
 
 
 def _add_bench(sub) -> None:

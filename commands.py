@@ -83,3 +83,61 @@ def pack(args) -> int:
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     print(f"wrote {args.out_format} checkpoint to {out} ({size / 2**20:.1f} MiB)")
     return 0
+
+
+def generate(args) -> int:
+    """``tritonq generate DIR --prompt P [--max-new-tokens N]``: greedy continuation, then tokens/s on stderr.
+
+    The text streams to stdout as it is decoded; the timing line goes to stderr so stdout holds only the text.
+    """
+    import sys
+    import time
+
+    from .engine import serve as packed
+    from .errors import TritonqError
+
+    if args.max_new_tokens < 1:
+        raise TritonqError("--max-new-tokens must be at least 1")
+    model, tokenizer = packed.load_packed_model(args.model, args.device, args.dtype)
+    chat = packed.has_chat_template(tokenizer)
+    ids = packed.user_prompt_ids(tokenizer, args.prompt)
+    state = packed.Completion()
+    t0 = time.perf_counter()
+    for delta in packed.stream_text(model, tokenizer, ids, args.max_new_tokens, state=state):
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+    packed.synchronize(model)
+    t1 = time.perf_counter()
+    sys.stdout.write("\n")
+    n = len(state.tokens) + (state.finish_reason == "stop")  # the stop token was decoded too
+    tps = n / (t1 - t0) if t1 > t0 else float("inf")
+    print(
+        f"[{n} tokens in {t1 - t0:.2f} s: {tps:.1f} tokens/s; prompt {len(ids)} tokens"
+        f"{', chat template' if chat else ''}; device {model.device}, {model.dtype}]",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def serve(args) -> int:
+    """``tritonq serve DIR [--host 127.0.0.1] [--port 8000]``: the OpenAI-compatible server until interrupted."""
+    import sys
+    from pathlib import Path
+
+    from .errors import TritonqError
+
+    try:
+        import uvicorn
+
+        from .engine.openai_server import create_app
+    except ImportError:
+        raise TritonqError("tritonq serve needs FastAPI and uvicorn: pip install 'tritonq[serve]'") from None
+    from .engine.serve import load_packed_model
+
+    model, tokenizer = load_packed_model(args.model, args.device, args.dtype)
+    model_id = Path(args.model).resolve().name
+    app = create_app(model, tokenizer, model_id)
+    print(f"serving {model_id} on http://{args.host}:{args.port}/v1 ({model.device}, {model.dtype})",
+          file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0

@@ -13,24 +13,21 @@ from __future__ import annotations
 import json
 import time
 
-import torch
-
-from ..engine.serve import dequantized_copy, generate_tokens, load_packed_model, prompt_ids
+from ..engine.serve import dequantized_copy, generate_tokens, load_packed_model, prompt_ids, synchronize
 
 PROMPT = "The history of quantization in signal processing"
 
 
 def _decode_rate(model, ids: list[int], new_tokens: int) -> dict:
     def run(n: int) -> tuple[float, float, list[int]]:
-        sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
-        sync()
+        synchronize(model)
         t0 = time.perf_counter()
         it = generate_tokens(model, ids, n)
         out = [next(it)]
-        sync()
+        synchronize(model)
         t1 = time.perf_counter()
         out.extend(it)
-        sync()
+        synchronize(model)
         return t1 - t0, time.perf_counter() - t1, out
 
     run(min(4, new_tokens))  # warm-up: kernels compiled/tuned, caches allocated

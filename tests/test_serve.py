@@ -1,4 +1,5 @@
-"""Packed-model serving: ``tritonq generate``, ``tritonq bench decode`` and the OpenAI-compatible server.
+"""Packed-model serving: ``tritonq generate``, ``tritonq bench decode`` and the OpenAI-compatible server
+(``engine/serve.py`` loads and generates, ``engine/openai_server.py`` speaks HTTP, ``commands.py`` holds the CLI).
 
 The server is started by the real CLI in a subprocess on loopback and driven with httpx. Greedy outputs
 are compared with the fake-quantized model run by transformers (same weights, float32).
@@ -217,3 +218,11 @@ def test_quant_linear_dense_cache_matches_kernel_path(dirs):
     y = layer(x)
     layer.cache_dense = True
     torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)
+
+
+def test_serve_library_imports_no_http_stack():
+    """Loading and generation are a library: importing them pulls in neither FastAPI nor uvicorn."""
+    code = ("import sys, tritonq.engine.serve; "
+            "print(sorted(m for m in ('fastapi', 'uvicorn', 'pydantic') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "[]"
