@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 import torch
 
 from .. import __version__
-from ..errors import TritonqError
+from ..errors import TritonqError, warn
 from .adapters import adapter_for
 from .data import calibration_windows, evaluation_windows, load_corpus, tokenize
 from .grid import GridSpec
@@ -100,7 +99,7 @@ def default_group_size(widths: dict[str, int]) -> int:
     for group in (128, 64, 32):
         if all(k % group == 0 for k in widths.values()):
             if group != 128:
-                print(f"tritonq: group size 128 does not divide this model's layers; using {group}", file=sys.stderr)
+                warn(f"group size 128 does not divide this model's layers; using {group}")
             return group
     return 128  # the grid check reports the problem
 
