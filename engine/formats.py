@@ -364,6 +364,14 @@ def _compressed_tensors() -> SimpleNamespace:
 # the formats
 
 
+def _qweight_layers(store: TensorStore) -> Iterator[tuple[str, Tensor, Tensor, Tensor]]:
+    """``(name, qweight, scales, qzeros)`` of every layer stored in the GPTQ / AWQ tensor naming."""
+    for key in store.keys():
+        if key.endswith(".qweight"):
+            name = key[: -len(".qweight")]
+            yield name, store.get(key), store.get(f"{name}.scales", "scales"), store.get(f"{name}.qzeros", "qzeros")
+
+
 class PackedFormat:
     """One on-disk layout: its rules, its ``quantization_config``, and the tensors of one linear.
 
@@ -673,13 +681,7 @@ class GptqFormat(PackedFormat):
         if bits not in (2, 4, 8):
             raise TritonqError(f"GPTQ checkpoints with {bits} bits are not supported (2, 4 or 8)")
         spec = GridSpec(bits, gs, bool(qcfg.get("sym", True)))
-        for key in store.keys():
-            if not key.endswith(".qweight"):
-                continue
-            name = key[: -len(".qweight")]
-            qweight = store.get(key)
-            scales = store.get(f"{name}.scales", "scales")
-            qzeros = store.get(f"{name}.qzeros", "qzeros")
+        for name, qweight, scales, qzeros in _qweight_layers(store):
             if scales.dim() != 2 or qweight.dim() != 2 or qweight.dtype != torch.int32:
                 raise TritonqError(f"{name}: qweight must be int32 [K*{bits}/32, N] and scales [G, N]")
             groups, n = scales.shape
@@ -775,13 +777,7 @@ class AwqFormat(PackedFormat):
         if bits != 4:
             raise TritonqError(f"AWQ GEMM checkpoints with {bits} bits are not supported (4 only)")
         spec = GridSpec(4, gs, False)
-        for key in store.keys():
-            if not key.endswith(".qweight"):
-                continue
-            name = key[: -len(".qweight")]
-            qweight = store.get(key)
-            scales = store.get(f"{name}.scales", "scales")
-            qzeros = store.get(f"{name}.qzeros", "qzeros")
+        for name, qweight, scales, qzeros in _qweight_layers(store):
             if qweight.dim() != 2 or scales.dim() != 2 or qweight.dtype != torch.int32:
                 raise TritonqError(f"{name}: AWQ qweight must be int32 [K, N/8] and scales [G, N]")
             k, n = qweight.shape[0], scales.shape[1]
