@@ -59,7 +59,7 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     from dataclasses import fields
 
     from .commands import method_flag_dest
-    from .engine.registry import METHODS
+    from .engine.registry import METHODS, methods_with_option
 
     lines = [f"  {name:8s} {cls.summary}" for name, cls in METHODS.items()]
     p.epilog = "methods:\n" + "\n".join(lines)
@@ -74,7 +74,7 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
                 continue
             seen.add(f.name)
             meta = dict(f.metadata)
-            users = [m for m, c in METHODS.items() if f.name in {g.name for g in fields(c.Options)}]
+            users = methods_with_option(f.name)
             text = f"{meta.get('help', '')} [{', '.join(users)}; default {f.default}]"
             flag = "--" + f.name.replace("_", "-")
             kind = str(f.type)

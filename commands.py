@@ -18,7 +18,7 @@ def method_flag_dest(field_name: str) -> str:
 
 def method_options_from_args(args) -> dict:
     """The chosen method's options that were given on the command line; a flag of another method is an error."""
-    from .engine.registry import METHODS, method_class
+    from .engine.registry import METHODS, method_class, methods_with_option
     from .errors import TritonqError
 
     cls = method_class(args.method)
@@ -31,7 +31,7 @@ def method_options_from_args(args) -> dict:
                 continue
             if f.name not in own:
                 flag = "--" + f.name.replace("_", "-")
-                users = [m for m, c in METHODS.items() if f.name in {g.name for g in fields(c.Options)}]
+                users = methods_with_option(f.name)
                 raise TritonqError(f"{flag} does not apply to --method {args.method} (it is an option of "
                                    f"{', '.join(users)})")
             given[f.name] = value

@@ -27,6 +27,11 @@ def register(cls: type[Method]) -> type[Method]:
     return cls
 
 
+def methods_with_option(option: str) -> list[str]:
+    """Names of the registered methods whose Options have a field ``option``."""
+    return [name for name, cls in METHODS.items() if option in {f.name for f in fields(cls.Options)}]
+
+
 def method_class(name: str) -> type[Method]:
     if name not in METHODS:
         raise TritonqError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")
