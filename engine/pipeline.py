@@ -86,6 +86,7 @@ class Group:
         self.input_hooks: list[tuple[str, Callable[[torch.Tensor], None]]] = []
         self.output_hooks: list[tuple[str, Callable[[torch.Tensor, Any], None]]] = []
         self.attention_hooks: list[Callable[[torch.Tensor, torch.Tensor], None]] = []
+        self.call_hooks: list[tuple[str, Callable[[tuple, dict], None]]] = []
 
     @property
     def label(self) -> str:
@@ -101,6 +102,17 @@ class Group:
         """Call ``fn(x, output)`` with the input and the output of module ``name`` of the block."""
         self.block.get_submodule(name)
         self.output_hooks.append((name, fn))
+
+    def on_call(self, name: str, fn: Callable[[tuple, dict], None]) -> None:
+        """Call ``fn(args, kwargs)`` with the whole call of module ``name`` (positional and keyword arguments,
+        e.g. the attention's hidden states, position embeddings and mask), before it runs: enough to call the
+        module again later, as AWQ does to score candidate scales on the module's output."""
+        self.block.get_submodule(name)
+        self.call_hooks.append((name, fn))
+
+    def is_quantized(self, name: str) -> bool:
+        """Whether linear ``name`` of this block was quantized by an earlier group (a fold into it is refused)."""
+        return name in self._done
 
     def on_attention(self, fn: Callable[[torch.Tensor, torch.Tensor], None]) -> None:
         """Call ``fn(query, key)`` with the attention's queries [B, heads, T, D] and keys [B, kv_heads, T, D]
@@ -202,8 +214,8 @@ class _Stage:
         self.recorded: dict[str, list[torch.Tensor]] = {name: [] for name in record}  # outputs of done linears
         self.tail_input = tail_input  # save the inputs of this linear (a tail) for its replay
         self.tail_inputs: list[torch.Tensor] = []
-        self.events = (len(group.input_hooks) + len(group.output_hooks) + bool(group.attention_hooks)
-                       + (tail_input is not None))
+        self.events = (len(group.input_hooks) + len(group.output_hooks) + len(group.call_hooks)
+                       + bool(group.attention_hooks) + (tail_input is not None))
         self.fired = 0
         self.chunk = 0
         self.observe_seconds = 0.0
@@ -226,6 +238,9 @@ class _Stage:
         for name, fn in group.input_hooks:
             handles.append(self.block.get_submodule(name).register_forward_pre_hook(
                 lambda _m, args, fn=fn: self._call(fn, args[0])))
+        for name, fn in group.call_hooks:
+            handles.append(self.block.get_submodule(name).register_forward_pre_hook(
+                lambda _m, args, kwargs, fn=fn: self._call(fn, args, kwargs), with_kwargs=True))
         for name, fn in group.output_hooks:
             handles.append(self.block.get_submodule(name).register_forward_hook(
                 lambda _m, args, out, fn=fn: self._call(fn, args[0] if args else None, out)))
