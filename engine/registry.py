@@ -10,11 +10,12 @@ from dataclasses import fields, is_dataclass
 from typing import Any
 
 from ..errors import TritonqError
+from .boa import BoA
 from .gptq import GPTQ
 from .methods import Method
 from .rtn import RTN
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (RTN, GPTQ)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (RTN, GPTQ, BoA)}
 
 
 def register(cls: type[Method]) -> type[Method]:
