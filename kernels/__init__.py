@@ -99,3 +99,14 @@ def check_dequant_limits(bits: int, group_size: int, in_features: int | None = N
     if in_features is not None and in_features % lim.k_multiple:
         raise _error()(f"the packed dequant-matmul kernels need input widths that are multiples of "
                            f"{lim.k_multiple}, got {in_features}")
+
+
+def awq_scale_loss(w: torch.Tensor, x: torch.Tensor, scales: torch.Tensor, group_size: int, maxq: int, sym: bool,
+                   force: str | None = None) -> torch.Tensor:
+    """AWQ's loss of every candidate scale vector ``scales`` [A, K] for the linear ``w`` [N, K] on inputs
+    ``x`` [T, K]: fp32 [A]; see ``awq_search``. Grids the kernel does not take use the reference."""
+    from . import awq_search
+
+    if use_triton(w, force) and (force == "triton" or awq_search.kernel_usable(w, group_size)):
+        return awq_search.awq_loss_triton(w, x, scales, group_size, maxq, sym)
+    return awq_search.awq_loss_ref(w, x, scales, group_size, maxq, sym)

@@ -171,6 +171,11 @@ def _picks_dequant(kernel: str) -> Callable[[Any, Target, str], list[Pick]]:
     return picks
 
 
+def _picks_awq(mod: Any, target: Target, dtype: str) -> list[Pick]:
+    groups = sorted({64, BENCH_SHAPES["group_size"]})  # SmolLM2's group and the common one
+    return [Pick(mod.pick_config(g), f"group={g}", (("GROUP", g),), dtype) for g in groups]
+
+
 _DEQUANT_ASSUME = {"M": "16", "N": "16", "K": "16", "group_size": "16", "tiles_per_split": "16",
                    "stride_xm": "16", "stride_om": "16"}
 
@@ -188,6 +193,8 @@ ENTRIES: tuple[KernelEntry, ...] = (
                 # engine/hessian.py: C = W[:, c0+B:] (row-major), A = err^T.t() (column-major), B = U slice
                 assume={"M": "16", "N": "16", "K": "16", "stride_cm": "16", "stride_cn": "1", "stride_am": "1",
                         "stride_ak": "16", "stride_bk": "16", "stride_bn": "1"}),
+    KernelEntry("awq_search", "awq_search", "awq_loss_kernel", "CONFIGS", "aot_signature", _picks_awq,
+                assume={"N": "16", "K": "16", "T": "16", "stride_w": "16", "stride_x": "16", "stride_s": "16"}),
     # dequant_matmul routes around sm_75 in pick_config itself (no tensor-core dot): no exclusion hook
     KernelEntry("dequant_gemv", "dequant_matmul", "dequant_gemv_kernel", "GEMV_CONFIGS", "aot_signature_gemv",
                 _picks_dequant("gemv"), assume=_DEQUANT_ASSUME),

@@ -1,0 +1,163 @@
+"""AWQ's scale grid search for one linear: the loss of every candidate scale vector, without storing the
+candidate weights. The PyTorch reference and the Triton kernel.
+
+For candidate ``a`` with per-input-channel scales ``s_a`` (``[A, K]``), the weight AWQ would keep is
+``Q(W * s_a) / s_a`` (``Q`` = fake quantization on the min-max grid of :mod:`.grid_rule`, groups of
+``group_size`` input columns), and its loss is the mean squared output error on the cached inputs ``X``
+(``[T, K]``)::
+
+    loss[a] = sum_{t, n} (x_t . (Q(W s_a) / s_a - W)_n)^2 / (T * N)
+
+(Lin et al., "AWQ: Activation-aware Weight Quantization", MLSys 2024, arXiv:2306.00978, §3.2; the loss of
+llm-awq's ``_search_module_scale`` for a group of one linear, ``../shared/docs/awq_family.md`` §3.3.)
+
+The kernel: one program per (candidate, tile of output rows, tile of tokens); it walks the input width one
+quantization group at a time, fits the group's grid on ``W * s`` in registers, forms the weight error
+``Q(W s)/s - W`` of that group and accumulates ``X_tile @ error^T`` (fp32, IEEE products), then adds the
+sum of squares of its output tile to ``loss[a]``. No candidate weight reaches memory.
+
+The reference materialises a few candidates at a time and, when there are more tokens than input columns,
+uses the Gram form ``tr(E X^T X E^T)`` (``§3.6 (b)``: ``N K^2`` per candidate instead of ``T N K``), which is
+what the engine runs on the CPU. Both compute the weight error with the same fp32 operations in the same
+order, so the errors agree bit for bit and the losses up to summation order.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .configs import KernelLimits, LaunchConfig
+from .grid_rule import MIN_SCALE, minmax_scale_zero
+
+CONFIGS: tuple[LaunchConfig, ...] = (
+    LaunchConfig.of(num_warps=4, num_stages=2, BLOCK_N=32, BLOCK_T=64),
+)
+# Inputs in any of these dtypes (weights and scales are fp32); group sizes: powers of two from 16 to 256
+# (one group is one tile of the reduction); per-channel grids and other sizes use the reference.
+LIMITS = KernelLimits(dtypes=("fp16", "bf16", "fp32"))
+KERNEL_GROUPS = (16, 32, 64, 128, 256)
+CANDIDATE_CHUNK = 4  # candidates the reference materialises at once (memory: CHUNK x N x K fp32)
+
+
+def scaled_weight_error(w: torch.Tensor, scales: torch.Tensor, group_size: int, maxq: int,
+                        sym: bool) -> torch.Tensor:
+    """``Q(W * s_a) / s_a - W`` for every candidate: ``[A, N, K]`` fp32 (``group_size=-1``: one group per row)."""
+    n, k = w.shape
+    g = k if group_size == -1 else group_size
+    ws = w.float()[None] * scales.float()[:, None, :]  # [A, N, K]
+    grouped = ws.reshape(ws.shape[0], n, k // g, g)
+    scale, zero = minmax_scale_zero(grouped.amin(dim=3), grouped.amax(dim=3), maxq, sym)
+    scale, zero = scale[..., None], zero[..., None]
+    codes = torch.clamp(torch.round(grouped / scale) + zero, 0, maxq)
+    deq = (scale * (codes - zero)).reshape(ws.shape)
+    return deq / scales.float()[:, None, :] - w.float()[None]
+
+
+def awq_loss_ref(w: torch.Tensor, x: torch.Tensor, scales: torch.Tensor, group_size: int, maxq: int,
+                 sym: bool) -> torch.Tensor:
+    """Reference: ``loss[a]`` (fp32 ``[A]``) as in the module docstring; ``x`` [T, K], ``scales`` [A, K]."""
+    t, k = x.shape
+    n = w.shape[0]
+    xf = x.float()
+    gram = xf.t() @ xf if t > k else None
+    out = []
+    for a0 in range(0, scales.shape[0], CANDIDATE_CHUNK):
+        err = scaled_weight_error(w, scales[a0:a0 + CANDIDATE_CHUNK], group_size, maxq, sym)
+        if gram is not None:
+            total = ((err @ gram) * err).sum(dim=(1, 2))
+        else:
+            total = (xf[None] @ err.transpose(1, 2)).pow(2).sum(dim=(1, 2))
+        out.append(total / (t * n))
+    return torch.cat(out)
+
+
+@triton.jit
+def awq_loss_kernel(
+    w_ptr, x_ptr, s_ptr, loss_ptr, N, K, T, stride_w, stride_x, stride_s, maxq, min_scale, inv_count,
+    BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr,
+):
+    """Program (a, rows tile, tokens tile): adds sum((X_tile @ (Q(W s_a)/s_a - W)_tile^T)^2) * inv_count."""
+    a = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    toks = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, GROUP)
+    row_ok = rows < N
+    tok_ok = toks < T
+    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, GROUP):
+        kk = k0 + cols
+        w = tl.load(w_ptr + rows[:, None] * stride_w + kk[None, :], mask=row_ok[:, None], other=0.0)
+        s = tl.load(s_ptr + a * stride_s + kk)
+        ws = w * s[None, :]
+        lo = tl.minimum(tl.min(ws, axis=1), 0.0)
+        hi = tl.maximum(tl.max(ws, axis=1), 0.0)
+        if SYM:
+            scale = tl.math.div_rn(2.0 * tl.maximum(-lo, hi), maxq.to(tl.float32))
+        else:
+            scale = tl.math.div_rn(hi - lo, maxq.to(tl.float32))
+        scale = tl.maximum(scale, min_scale).to(tl.float16).to(tl.float32)
+        if SYM:
+            zero = tl.zeros((BLOCK_N,), dtype=tl.float32) + ((maxq + 1) // 2).to(tl.float32)
+        else:
+            zr = -tl.math.div_rn(lo, scale)
+            zf = tl.floor(zr + 0.5)
+            zf = tl.where(((zf - zr) == 0.5) & ((zf - 2.0 * tl.floor(zf * 0.5)) != 0.0), zf - 1.0, zf)
+            zero = tl.minimum(tl.maximum(zf, 0.0), maxq.to(tl.float32))
+        u = tl.math.div_rn(ws, scale[:, None])
+        r = tl.floor(u + 0.5)
+        r = tl.where(((r - u) == 0.5) & ((r - 2.0 * tl.floor(r * 0.5)) != 0.0), r - 1.0, r)  # half to even
+        code = tl.minimum(tl.maximum(r + zero[:, None], 0.0), maxq.to(tl.float32))
+        deq = scale[:, None] * (code - zero[:, None])
+        err = tl.math.div_rn(deq, s[None, :]) - w
+        x = tl.load(x_ptr + toks[:, None] * stride_x + kk[None, :], mask=tok_ok[:, None], other=0.0)
+        acc = tl.dot(x.to(tl.float32), tl.trans(err), acc, input_precision="ieee")
+    tl.atomic_add(loss_ptr + a, tl.sum(tl.sum(acc * acc, axis=1), axis=0) * inv_count)
+
+
+def pick_config(group_size: int) -> LaunchConfig:
+    """One configuration: 32 rows x 64 tokens per program (the error tile is 32 x GROUP fp32 registers)."""
+    return CONFIGS[0]
+
+
+def kernel_usable(w: torch.Tensor, group_size: int) -> bool:
+    """Whether the Triton path takes this grid (one group is one reduction tile)."""
+    return group_size in KERNEL_GROUPS and w.shape[1] % group_size == 0
+
+
+def aot_signature(dtype: str, config: LaunchConfig, GROUP: int = 64) -> tuple[dict, dict]:
+    """Argument types for ahead-of-time compilation of :func:`awq_loss_kernel` (``dtype``: the inputs')."""
+    sig = {"w_ptr": "*fp32", "x_ptr": f"*{dtype}", "s_ptr": "*fp32", "loss_ptr": "*fp32", "N": "i32", "K": "i32",
+           "T": "i32", "stride_w": "i32", "stride_x": "i32", "stride_s": "i32", "maxq": "i32", "min_scale": "fp32",
+           "inv_count": "fp32", "BLOCK_N": "constexpr", "BLOCK_T": "constexpr", "GROUP": "constexpr",
+           "SYM": "constexpr"}
+    return sig, {**config.constexprs(), "GROUP": GROUP, "SYM": False}
+
+
+_TORCH_TO_TRITON = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def awq_loss_triton(w: torch.Tensor, x: torch.Tensor, scales: torch.Tensor, group_size: int, maxq: int,
+                    sym: bool) -> torch.Tensor:
+    """Triton launcher with the semantics of :func:`awq_loss_ref`."""
+    from ..errors import TritonqError
+
+    if not kernel_usable(w, group_size):
+        raise TritonqError(f"the AWQ search kernel takes group sizes {KERNEL_GROUPS} dividing the input width; "
+                           f"got group size {group_size} for width {w.shape[1]}")
+    if _TORCH_TO_TRITON.get(x.dtype) not in LIMITS.dtypes:
+        x = x.float()
+    if x.dtype == torch.bfloat16 and not x.is_cuda:
+        x = x.float()  # the interpreter has no bf16 loads into fp32 math; values are unchanged
+    w, x, scales = w.float().contiguous(), x.contiguous(), scales.float().contiguous()
+    n, k = w.shape
+    t = x.shape[0]
+    loss = torch.zeros(scales.shape[0], dtype=torch.float32, device=w.device)
+    config = pick_config(group_size)
+    meta = config.constexprs()
+    grid = (scales.shape[0], triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(t, meta["BLOCK_T"]))
+    awq_loss_kernel[grid](w, x, scales, loss, n, k, t, w.stride(0), x.stride(0), scales.stride(0), maxq, MIN_SCALE,
+                          1.0 / (t * n), GROUP=group_size, SYM=sym, num_warps=config.num_warps,
+                          num_stages=config.num_stages, **meta)
+    return loss
