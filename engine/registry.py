@@ -10,12 +10,13 @@ from dataclasses import fields, is_dataclass
 from typing import Any
 
 from ..errors import TritonqError
+from .awq import AWQ, AWQGPTQ
 from .boa import BoA
 from .gptq import GPTQ
 from .methods import Method
 from .rtn import RTN
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (RTN, GPTQ, BoA)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (RTN, GPTQ, BoA, AWQ, AWQGPTQ)}
 
 
 def register(cls: type[Method]) -> type[Method]:
