@@ -3,7 +3,8 @@
 On a GPU: the Hessian kernel against the fp32 PyTorch reference (``addmm`` on fp32 copies, the way
 llm-compressor/GPTQ accumulate) and the blocked GPTQ solve (in-block Triton kernel + Triton trailing
 update) against the PyTorch reference solve of the same blocks, on Llama-like layer shapes, timed with
-``triton.testing.do_bench`` in one run; ratios are reference time / kernel time.
+``triton.testing.do_bench`` in one run, and AWQ's scale-search loss of one linear (kernel: no candidate
+weights stored; reference: candidates a few at a time, Gram form); ratios are reference time / kernel time.
 Without a GPU: the references on the CPU and the kernels in the interpreter on tiny shapes, checked
 against each other -- a proof that the bench works, not a speed measurement, and it says so.
 ``--end-to-end`` adds the per-stage wall time of quantizing the default model.
@@ -23,8 +24,10 @@ from ..engine.hessian import blocked_quantize, inverse_cholesky
 GPU_SHAPES = {  # (in_features K, out_features N) of Llama-2-7B / Llama-3-8B layers
     "hessian": [(4096, 4096), (4096, 16384), (11008, 4096), (11008, 16384), (14336, 4096), (14336, 16384)],
     "gptq": [(4096, 4096), (11008, 4096), (14336, 4096)],
+    # AWQ scale search of one linear (o_proj / down_proj): (K, N), 4096 cached tokens, 20 candidates
+    "awq": [(4096, 4096), (11008, 4096), (14336, 4096)],
 }
-CPU_SHAPES = {"hessian": [(96, 200)], "gptq": [(96, 40)]}
+CPU_SHAPES = {"hessian": [(96, 200)], "gptq": [(96, 40)], "awq": [(128, 40)]}
 
 
 def _timer(device: torch.device):
@@ -86,6 +89,34 @@ def bench_gptq(device: torch.device, shapes, kernel_force: str) -> list[dict]:
     return rows
 
 
+def bench_awq(device: torch.device, shapes, kernel_force: str) -> list[dict]:
+    """AWQ's candidate scoring for one linear: every ratio's loss, kernel (no candidate weights stored)
+    against the reference (candidates materialised a few at a time, Gram form)."""
+    timer = _timer(device)
+    group = 128 if device.type == "cuda" else 32
+    tokens, n_cand = (4096, 20) if device.type == "cuda" else (96, 4)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    rows = []
+    for k, n in shapes:
+        x = torch.randn(tokens, k, device=device) * (1 + 4 * torch.rand(k, device=device))
+        w = torch.randn(n, k, device=device) * 0.02
+        ratios = torch.arange(n_cand, device=device)[:, None] / n_cand
+        scales = x.abs().mean(0)[None] ** ratios
+        x = x.to(dtype)
+        out = {}
+
+        def run(force, out=out, w=w, x=x, scales=scales):
+            out[force] = kernels.awq_scale_loss(w, x, scales, group, 15, False, force=force)
+
+        t_ref = timer(lambda: run("ref"))
+        t_ker = timer(lambda: run(kernel_force))
+        diff = float(((out["ref"] - out[kernel_force]).abs() / out["ref"]).max())
+        rows.append({"op": "awq_search", "K": k, "N": n, "tokens": tokens, "candidates": n_cand, "ref_s": t_ref,
+                     "kernel_s": t_ker, "speedup": t_ref / t_ker, "max_rel_diff": diff,
+                     "same_argmin": bool(out["ref"].argmin() == out[kernel_force].argmin())})
+    return rows
+
+
 def end_to_end(device: torch.device) -> dict:
     import tempfile
 
@@ -109,6 +140,7 @@ def main(args) -> int:
                   "(tiny shapes; a correctness proof, not a speed measurement)")
             return 1
     rows = bench_hessian(device, shapes["hessian"], "triton") + bench_gptq(device, shapes["gptq"], "triton")
+    rows += bench_awq(device, shapes["awq"], "triton")
     result = {"device": torch.cuda.get_device_name() if on_gpu else "cpu (Triton interpreter: NOT a speed measurement)",
               "rows": rows}
     if getattr(args, "end_to_end", False):

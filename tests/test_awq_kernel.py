@@ -72,3 +72,10 @@ def test_bf16_inputs_and_unsupported_groups():
         kernels.awq_scale_loss(w, x.float(), scales, 48, 15, False, force="triton")
     per_row = kernels.awq_scale_loss(w, x.float(), scales, -1, 15, False)  # reference on the CPU
     assert per_row.shape == (2,) and torch.isfinite(per_row).all()
+
+
+def test_bench_quant_has_an_awq_row():
+    from tritonq.bench import quant_time
+
+    rows = quant_time.bench_awq(torch.device("cpu"), quant_time.CPU_SHAPES["awq"], "triton")
+    assert rows and all(r["op"] == "awq_search" and r["max_rel_diff"] < 1e-5 and r["same_argmin"] for r in rows)
