@@ -145,6 +145,12 @@ def test_module_search_picks_the_float64_argmin():
     order = torch.sort(expected).values
     assert order[1] - order[0] > 10 * LOSS_RTOL * order[0]
     assert best == int(torch.argmin(expected)) and best > 0
+    # scored in bf16 (a copy of the module; the float module is untouched): losses within 2%, same choice here
+    best16, losses16 = awq.search_module_scale(mlp, [mlp.gate_proj, mlp.up_proj], calls, cands, SPEC,
+                                               dtype=torch.bfloat16)
+    assert all(torch.equal(a, b) for a, b in zip(before, weights)) and mlp.gate_proj.weight.dtype == torch.float32
+    torch.testing.assert_close(losses16, expected, rtol=2e-2, atol=0)
+    assert best16 == best
 
 
 @pytest.mark.parametrize("sym_grid,sym_clip", [(False, False), (False, True), (True, True)])
@@ -292,3 +298,18 @@ def test_awq_model_packs_and_serves_through_quantlinear(tmp_path, fmt):
     float_norm = AutoModelForCausalLM.from_pretrained(src).model.layers[0].input_layernorm.weight
     folded = AutoModelForCausalLM.from_pretrained(fake).model.layers[0].input_layernorm.weight
     assert not torch.equal(float_norm, folded)  # the scales live in the norms of the packed model
+
+
+def test_search_sample_takes_whole_windows():
+    from tritonq.engine.adapters import ScalePair
+
+    obs = awq.PairObserver(ScalePair("n", ("a.x", "a.y")), "a", sample_tokens=40)
+    cos = torch.randn(1, 16, 4)
+    per_window = torch.randn(8, 1, 16, 16)
+    for _ in range(2):
+        obs.add_call((), {"hidden_states": torch.randn(8, 16, 4), "position_embeddings": (cos, cos),
+                          "attention_mask": per_window, "use_cache": False})
+    assert len(obs.calls) == 1 and obs.sampled == 48  # ceil(40 / 16) = 3 windows, then the sample is full
+    kwargs = obs.calls[0][1]
+    assert kwargs["hidden_states"].shape[0] == 3 and kwargs["attention_mask"].shape[0] == 3
+    assert kwargs["position_embeddings"][0] is cos and kwargs["use_cache"] is False
