@@ -54,14 +54,16 @@ def inverse_cholesky(hessian: torch.Tensor, damp: float, layer: str, max_tries: 
     """
     mean_diag = torch.mean(torch.diag(hessian)).item()
     eye = torch.eye(hessian.shape[0], device=hessian.device, dtype=hessian.dtype)
+    # With J the order reversal, J H J = L L^T gives H^-1 = (J L^-1 J)^T (J L^-1 J), and J L^-1 J is
+    # upper triangular with a positive diagonal: it is U. One Cholesky and one triangular solve instead of
+    # a Cholesky, an inverse and a second Cholesky (half the time on the CPU, and no less accurate).
+    reversed_h = hessian.flip(0, 1)
     tried = damp
     for _ in range(max_tries):
-        lower, info = torch.linalg.cholesky_ex(hessian + tried * mean_diag * eye)
+        lower, info = torch.linalg.cholesky_ex(reversed_h + tried * mean_diag * eye)
         if info.item() == 0:
-            # cholesky_solve against I: same result as cholesky_inverse, several times faster on the CPU
-            inverse = torch.cholesky_solve(eye, lower)
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            if info.item() == 0 and torch.isfinite(upper).all():
+            upper = torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1)
+            if torch.isfinite(upper).all():
                 if tried != damp:
                     warn(f"{layer}: Cholesky failed at damp {damp}; succeeded with damp {tried:g}")
                 return InverseFactor(upper.contiguous(), tried)

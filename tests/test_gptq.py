@@ -132,6 +132,20 @@ def test_dead_columns_are_zeroed():
     assert torch.all(res.weight[:, 5] == 0)
 
 
+@pytest.mark.parametrize("k", [7, 96])
+def test_inverse_factor_matches_float64(k):
+    """U is upper triangular with U^T U = (H + damp * mean(diag H) * I)^-1, as float64 computes it."""
+    torch.manual_seed(k)
+    a = torch.randn(k, 2 * k) * (1 + torch.rand(k, 1))
+    h = (a @ a.t() / k).float()
+    factor = inverse_cholesky(h, 0.05, "layer")
+    h64 = h.double() + 0.05 * h.double().diag().mean() * torch.eye(k, dtype=torch.float64)
+    u64 = torch.linalg.cholesky(torch.linalg.inv(h64), upper=True)
+    assert torch.equal(factor.upper, torch.triu(factor.upper))
+    assert (factor.upper.double() - u64).abs().max() / u64.abs().max() < 1e-5
+    assert factor.damp == 0.05
+
+
 def test_cholesky_failure_is_retried_with_more_damping():
     k = 32
     v = torch.randn(k, 2)

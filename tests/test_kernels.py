@@ -37,6 +37,37 @@ def test_hessian_kernel_matches_float64(dtype, tokens, width):
     assert (hessian_tri - hessian_tri.t()).abs().max() / scale < 1e-6
 
 
+@pytest.mark.parametrize("width", [257, 600])
+def test_hessian_reference_tiles_match_float64(width):
+    """The CPU reference forms only the tiles on and above the diagonal (uneven edges here) and mirrors them."""
+    torch.manual_seed(width)
+    hessian, n = torch.zeros(width, width), 0
+    seen = []
+    for tokens in (90, 41):
+        x = torch.randn(tokens, width) * (1 + torch.rand(width))
+        seen.append(x.double())
+        n = kernels.hessian_accumulate(hessian, x, n, force="ref")
+    xs = torch.cat(seen)
+    h64 = 2.0 / xs.shape[0] * xs.t() @ xs
+    scale = h64.abs().max()
+    assert (hessian.double() - h64).abs().max() / scale < HESSIAN_RTOL
+    # tiles off the diagonal are mirrored exactly; diagonal tiles are symmetric up to summation order
+    assert (hessian - hessian.t()).abs().max() / scale < 1e-6
+    edge = kernels.hessian_accum.REF_TILE // 2  # inside the first tile for both widths (2 and 3 tiles)
+    assert torch.equal(hessian[:edge, width - 5:], hessian[width - 5:, :edge].t())
+
+
+def test_reference_rounding_equals_torch_round_after_the_clamp():
+    """The reference rounds with the fp32 magic number; after the clamp to the grid it equals torch.round."""
+    torch.manual_seed(1)
+    x = torch.cat([(torch.rand(20000) - 0.5) * 2.0 ** torch.randint(0, 40, (20000,)).float(),
+                   torch.tensor([0.5, 1.5, 2.5, -0.5, -2.5, 2.0**22 - 0.5, 1e30, -1e30, float("inf"), -float("inf")])])
+    low = -torch.randint(0, 256, x.shape).float()
+    high = low + 255
+    magic = (x + gptq_block._ROUNDER) - gptq_block._ROUNDER
+    assert torch.equal(magic.clamp(low, high), torch.round(x).clamp(low, high))
+
+
 def _factor(k, seed):
     gen = torch.Generator().manual_seed(seed)
     a = torch.randn(k, 3 * k, generator=gen)
