@@ -43,6 +43,7 @@ likewise; the spec's "ratio 0 is RTN" holds for version 2 only).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -120,7 +121,9 @@ class PairObserver:
         self.pair = pair
         self.parent = parent  # module whose output scores candidates; None: the single balance linear
         self.sample_tokens = sample_tokens
-        self.abs_sum: torch.Tensor | None = None
+        self.abs_sum: torch.Tensor | None = None  # fp64 sums per channel of |x|, x^2 and x
+        self.sq_sum: torch.Tensor | None = None
+        self.sum: torch.Tensor | None = None
         self.tokens = 0
         self.calls: list[tuple[tuple, dict]] = []
         self.inputs: list[torch.Tensor] = []
@@ -131,8 +134,12 @@ class PairObserver:
 
     def add_stat(self, x: torch.Tensor) -> None:
         flat = x.reshape(-1, x.shape[-1]).float()
-        part = flat.abs().sum(dim=0, dtype=torch.float64)
-        self.abs_sum = part if self.abs_sum is None else self.abs_sum + part
+        parts = (flat.abs().sum(dim=0, dtype=torch.float64), flat.square().sum(dim=0, dtype=torch.float64),
+                 flat.sum(dim=0, dtype=torch.float64))
+        if self.abs_sum is None:
+            self.abs_sum, self.sq_sum, self.sum = parts
+        else:
+            self.abs_sum, self.sq_sum, self.sum = self.abs_sum + parts[0], self.sq_sum + parts[1], self.sum + parts[2]
         self.tokens += flat.shape[0]
         if self.parent is None and not self._sample_full():
             self.inputs.append(x.reshape(-1, x.shape[-1]))
@@ -151,11 +158,23 @@ class PairObserver:
         self.calls.append((args, dict(kwargs)))
         self.sampled += windows * per_window
 
-    def mean_abs(self) -> torch.Tensor:
+    def _mean(self, total: torch.Tensor | None) -> torch.Tensor:
         if not self.tokens:
             raise TritonqError(f"AWQ saw no calibration tokens for the inputs of {self.pair.balance[0]}; "
                                "give calibration data")
-        return (self.abs_sum / self.tokens).float()
+        return (total / self.tokens).float()
+
+    def mean_abs(self) -> torch.Tensor:
+        """``E|x_j|`` (AWQ's activation statistic)."""
+        return self._mean(self.abs_sum)
+
+    def mean_sq(self) -> torch.Tensor:
+        """``E[x_j^2]`` (DH-AWQ's "L2 salience")."""
+        return self._mean(self.sq_sum)
+
+    def mean(self) -> torch.Tensor:
+        """``E[x_j]`` (DH-AWQ's mean input)."""
+        return self._mean(self.sum)
 
     def sample_inputs(self) -> torch.Tensor:
         x = torch.cat(self.inputs)
@@ -274,16 +293,22 @@ def _cast(value: Any, dtype: torch.dtype) -> Any:
     return value
 
 
+Quantizer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (W, s) -> the weight kept, Q(W s) / s
+
+
 def search_module_scale(module: nn.Module, linears: list[nn.Linear], calls: list[tuple[tuple, dict]],
                         candidates: torch.Tensor, spec: GridSpec, label: str = "module",
-                        dtype: torch.dtype | None = None) -> tuple[int, torch.Tensor]:
+                        dtype: torch.dtype | None = None,
+                        quantizer: Quantizer | None = None) -> tuple[int, torch.Tensor]:
     """Score every candidate by the mean squared error of ``module``'s output when each of ``linears`` holds
     ``Q(W s)/s``, against its float output on the same ``calls``; restores the weights. (best, losses).
 
     ``dtype``: run the forwards on a copy of the module in that dtype (the references score in the model's
     half precision; on the CPU bf16 matmuls are ~3x faster than fp32). The candidates' weights are computed
-    in fp32 either way and the squared errors summed in fp64.
+    in fp32 either way and the squared errors summed in fp64. ``quantizer``: ``(W, s) -> Q(W s)/s`` (default:
+    rounding on the grid, :func:`fake_quantize_scaled`).
     """
+    quantizer = quantizer or (lambda w, s: fake_quantize_scaled(w, s, spec))
     if dtype is not None and dtype != linears[0].weight.dtype:
         import copy
 
@@ -293,13 +318,13 @@ def search_module_scale(module: nn.Module, linears: list[nn.Linear], calls: list
         linears_work = [module.get_submodule(n) for n in lin_names]
         calls = [(_cast(a, dtype), _cast(k, dtype)) for a, k in calls]
         originals = [lin.weight.data.float() for lin in linears]
-        return _score_candidates(module, linears_work, originals, calls, candidates, spec, label)
+        return _score_candidates(module, linears_work, originals, calls, candidates, quantizer, label)
     return _score_candidates(module, linears, [lin.weight.data.clone() for lin in linears], calls, candidates,
-                             spec, label)
+                             quantizer, label)
 
 
 def _score_candidates(module: nn.Module, linears: list[nn.Linear], originals: list[torch.Tensor],
-                      calls: list[tuple[tuple, dict]], candidates: torch.Tensor, spec: GridSpec,
+                      calls: list[tuple[tuple, dict]], candidates: torch.Tensor, quantizer: Quantizer,
                       label: str) -> tuple[int, torch.Tensor]:
     with torch.no_grad():
         targets = [_call(module, a, k).float() for a, k in calls]
@@ -307,7 +332,7 @@ def _score_candidates(module: nn.Module, linears: list[nn.Linear], originals: li
         try:
             for i, s in enumerate(candidates):
                 for lin, w in zip(linears, originals):
-                    lin.weight.data.copy_(fake_quantize_scaled(w, s, spec).to(lin.weight.dtype))
+                    lin.weight.data.copy_(quantizer(w.float(), s).to(lin.weight.dtype))
                 total, count = 0.0, 0
                 for (a, k), target in zip(calls, targets):
                     total += float((_call(module, a, k).float() - target).pow(2).sum(dtype=torch.float64))
@@ -327,6 +352,18 @@ def search_linear_scale(weight: torch.Tensor, inputs: torch.Tensor, candidates: 
     losses = kernels.awq_scale_loss(weight.float(), inputs, candidates.to(weight.device), g, spec.maxq, spec.sym,
                                     force=force)
     return pick_best(losses.cpu(), label), losses.cpu()
+
+
+def search_linear_scale_with(weight: torch.Tensor, inputs: torch.Tensor, candidates: torch.Tensor,
+                             quantizer: Quantizer, label: str = "linear") -> tuple[int, torch.Tensor]:
+    """:func:`search_linear_scale` for another quantizer than rounding (torch, Gram form ``tr(E X^T X E^T)``)."""
+    x = inputs.reshape(-1, inputs.shape[-1]).float()
+    gram = x.t() @ x
+    losses = torch.empty(candidates.shape[0], dtype=torch.float64)
+    for i, s in enumerate(candidates):
+        err = quantizer(weight.float(), s.to(weight.device)) - weight.float()
+        losses[i] = float(((err @ gram) * err).sum(dtype=torch.float64)) / (x.shape[0] * weight.shape[0])
+    return pick_best(losses, label), losses
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -439,6 +476,14 @@ class AWQ(Method):
         group.on_input(group.names[0], gram.add)
         return gram
 
+    def candidates(self, obs: PairObserver, weights: list[torch.Tensor], spec: GridSpec) -> torch.Tensor:
+        """The candidate scales ``[A, K]`` of one pair."""
+        return scales_for(obs, weights, spec, self.options)
+
+    def scaled_quantizer(self, obs: PairObserver, spec: GridSpec) -> Quantizer | None:
+        """``(W, s) -> Q(W s)/s`` used inside the search; None: rounding on the grid (the kernel's path)."""
+        return None
+
     def search_and_fold(self, group: Any, state: AWQState) -> torch.Tensor | None:
         """Search and fold every pair the group owns; the scale now on the group's own input (or None)."""
         input_scale = None
@@ -446,14 +491,17 @@ class AWQ(Method):
             pair = obs.pair
             linears = [group.block.get_submodule(n) for n in pair.balance]
             weights = [lin.weight.data for lin in linears]
-            candidates = scales_for(obs, weights, group.spec, self.options)
+            candidates = self.candidates(obs, weights, group.spec)
+            quantizer = self.scaled_quantizer(obs, group.spec)
             label = f"{pair.smooth} -> {', '.join(pair.balance)} of block {group.index}"
             if obs.parent is not None:
                 module = group.block.get_submodule(obs.parent)
                 best, _losses = search_module_scale(module, linears, obs.calls, candidates, group.spec, label,
-                                                    SEARCH_DTYPES[self.options.search_dtype])
-            else:
+                                                    SEARCH_DTYPES[self.options.search_dtype], quantizer)
+            elif quantizer is None:
                 best, _losses = search_linear_scale(weights[0], obs.sample_inputs(), candidates, group.spec, label)
+            else:
+                best, _losses = search_linear_scale_with(weights[0], obs.sample_inputs(), candidates, quantizer, label)
             s = candidates[best].to(weights[0].device)
             group.fold(pair, s)
             obs.calls, obs.inputs = [], []
