@@ -12,11 +12,12 @@ from typing import Any
 from ..errors import TritonqError
 from .awq import AWQ, AWQGPTQ
 from .boa import BoA
+from .dh_awq import DHAWQ
 from .gptq import GPTQ
 from .methods import Method
 from .rtn import RTN
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (RTN, GPTQ, BoA, AWQ, AWQGPTQ)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (RTN, GPTQ, BoA, AWQ, AWQGPTQ, DHAWQ)}
 
 
 def register(cls: type[Method]) -> type[Method]:
