@@ -41,11 +41,12 @@ number of times (boa.md §9.4).
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from .. import kernels
 from ..errors import TritonqError
 from ..kernels.grid_rule import minmax_scale_zero
 from .gptq import GPTQOptions
@@ -57,6 +58,7 @@ from .methods import LayerResult, Method
 QPARAMS = ("minmax", "mmse", "hessian")
 SHRINK_STEPS = 100  # upstream's candidate ranges p = 1 - k/100, k = 0..99
 SEARCH_NORM = 2.4  # GPTQ's error norm, used by the mmse score
+ROW_BLOCK = 16  # rows per call of the row sweep; one batched GEMM carries their residuals to the later rows
 VALUE_CHUNK = 128  # query positions per chunk of the block_v attention
 ROPE_CHUNK = 256  # positions per chunk of the RoPE average
 
@@ -287,7 +289,7 @@ def boa_solve(weight: torch.Tensor, h_col: torch.Tensor, h_row: torch.Tensor | N
             h_row = torch.stack([hr[p][:, p] for hr, p in zip(h_row, row_perm)])
         u_row = torch.stack([inverse_cholesky(hr, options.row_damp, f"{label} head {i} (row factor)").upper
                              for i, hr in enumerate(h_row)])
-        q = two_sided_sweep(w, u_col, u_row, scale, zero, work_g_idx, spec, options.block_size, force)
+        q = two_sided_sweep(w, u_col.contiguous(), u_row, scale, zero, work_g_idx, spec, force)
     else:
         res = blocked_quantize(w.reshape(heads * rows, d), u_col, spec, work_g_idx, options.block_size,
                                (scale.reshape(heads * rows, groups), zero.reshape(heads * rows, groups)), force=force)
@@ -321,21 +323,23 @@ def _objective(w: torch.Tensor, q: torch.Tensor, h_col: torch.Tensor, h_row: tor
 
 
 def two_sided_sweep(w: torch.Tensor, u_col: torch.Tensor, u_row: torch.Tensor, scale: torch.Tensor,
-                    zero: torch.Tensor, g_idx: torch.Tensor, spec: GridSpec, block_size: int,
-                    force: str | None = None) -> torch.Tensor:
+                    zero: torch.Tensor, g_idx: torch.Tensor, spec: GridSpec, force: str | None = None) -> torch.Tensor:
     """Rows of every head in turn: GPTQ sweep of row ``i`` of all heads with ``u_col``, then the later rows
-    ``i'`` take ``-= U_row[i, i'] / U_row[i, i] * (w_i - q_i)`` (boa.md §2 step 5). Returns q [G, r, d]."""
-    w = w.clone()
+    ``i'`` take ``-= U_row[i, i'] / U_row[i, i] * (w_i - q_i)`` (boa.md §2 step 5), lazily: inside a block
+    of :data:`ROW_BLOCK` rows one kernel call (``kernels.boa_sweep_rows``), after it one batched GEMM for all
+    later rows (``kernels.boa_cross_update``). Returns q [G, r, d]."""
+    w = w.float().contiguous().clone()
     heads, rows, d = w.shape
-    coef = u_row / torch.diagonal(u_row, dim1=1, dim2=2)[..., None]  # coef[g, i, i'] = U[i, i'] / U[i, i]
+    coef = (u_row / torch.diagonal(u_row, dim1=1, dim2=2)[..., None]).contiguous()  # U[i, i'] / U[i, i]
+    scale, zero = scale.contiguous(), zero.contiguous()
+    g_idx = g_idx.to(device=w.device, dtype=torch.int32).contiguous()
     q = torch.empty_like(w)
-    row_spec = replace(spec, mse=False)
-    for i in range(rows):
-        wi = w[:, i, :].contiguous()
-        res = blocked_quantize(wi, u_col, row_spec, g_idx, block_size, (scale[:, i], zero[:, i]), force=force)
-        q[:, i] = res.weight
-        if i + 1 < rows:
-            w[:, i + 1:, :].sub_(coef[:, i, i + 1:, None] * (wi - res.weight)[:, None, :])
+    for r0 in range(0, rows, ROW_BLOCK):
+        r1 = min(r0 + ROW_BLOCK, rows)
+        q[:, r0:r1], delta = kernels.boa_sweep_rows(w, u_col, coef, scale, zero, g_idx, r0, r1 - r0,
+                                              spec.effective_group(d), spec.maxq, spec.sym, force=force)
+        if r1 < rows:
+            kernels.boa_cross_update(w[:, r1:], coef[:, r0:r1, r1:].transpose(1, 2), delta, force=force)
     return q
 
 

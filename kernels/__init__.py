@@ -81,6 +81,25 @@ def trailing_update(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor, force: st
     fn(c, a, b)
 
 
+def boa_sweep_rows(
+    w: torch.Tensor, u: torch.Tensor, coef: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+    g_idx: torch.Tensor, r0: int, nrows: int, group_size: int, maxq: int, sym: bool, force: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BoA's sweep of rows ``[r0, r0+nrows)`` of every head of ``w`` [G, R, K]; see ``boa_rows.boa_rows_ref``."""
+    from . import boa_rows as mod
+
+    fn = mod.boa_rows_triton if use_triton(w, force) else mod.boa_rows_ref
+    return fn(w, u, coef, scale, zero, g_idx, r0, nrows, group_size, maxq, sym)
+
+
+def boa_cross_update(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor, force: str | None = None) -> None:
+    """``c[g] -= a[g] @ b[g]`` for every head, in place (fp32): BoA's cross-row update after a block of rows."""
+    from . import boa_cross
+
+    fn = boa_cross.cross_update_triton if use_triton(c, force) else boa_cross.cross_update_ref
+    fn(c, a, b)
+
+
 def check_dequant_limits(bits: int, group_size: int, in_features: int | None = None) -> None:
     """Raise :class:`TritonqError` when the int-``bits`` dequant-matmul kernels cannot serve this grid.
 

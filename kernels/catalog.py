@@ -176,6 +176,10 @@ def _picks_awq(mod: Any, target: Target, dtype: str) -> list[Pick]:
     return [Pick(mod.pick_config(g), f"group={g}", (("GROUP", g),), dtype) for g in groups]
 
 
+def _picks_boa(mod: Any, target: Target, dtype: str) -> list[Pick]:
+    return [Pick(mod.pick_config(), "q/k heads (one config)", (), dtype)]
+
+
 _DEQUANT_ASSUME = {"M": "16", "N": "16", "K": "16", "group_size": "16", "tiles_per_split": "16",
                    "stride_xm": "16", "stride_om": "16"}
 
@@ -195,6 +199,13 @@ ENTRIES: tuple[KernelEntry, ...] = (
                         "stride_ak": "16", "stride_bk": "16", "stride_bn": "1"}),
     KernelEntry("awq_search", "awq_search", "awq_loss_kernel", "CONFIGS", "aot_signature", _picks_awq,
                 assume={"N": "16", "K": "16", "T": "16", "stride_w": "16", "stride_x": "16", "stride_s": "16"}),
+    # engine/boa.py: w [G, R, K] and the U factor row-major; K multiple of 16 at the bench shapes (Llama q_proj)
+    KernelEntry("boa_rows", "boa_rows", "boa_rows_kernel", "CONFIGS", "aot_signature", _picks_boa,
+                assume={"K": "16", "stride_wr": "16", "stride_u": "16", "stride_qr": "16"}),
+    # C = later rows of w (row-major), A = coef slice transposed (unit row stride), B = the residuals
+    KernelEntry("boa_cross", "boa_cross", "boa_cross_kernel", "CONFIGS", "aot_signature", _picks_boa,
+                assume={"N": "16", "stride_cm": "16", "stride_cn": "1", "stride_am": "1", "stride_bk": "16",
+                        "stride_bn": "1"}),
     # dequant_matmul routes around sm_75 in pick_config itself (no tensor-core dot): no exclusion hook
     KernelEntry("dequant_gemv", "dequant_matmul", "dequant_gemv_kernel", "GEMV_CONFIGS", "aot_signature_gemv",
                 _picks_dequant("gemv"), assume=_DEQUANT_ASSUME),

@@ -228,3 +228,38 @@ def test_bad_options_are_clear_errors():
         BoAOptions(row_damp=0)
     with pytest.raises(TritonqError, match="does not take"):
         registry.make_method("boa", {"act_order": "static"})
+
+
+def test_block_v_hessians_equal_those_from_the_models_causal_attention(tmp_path, monkeypatch):
+    """The value factors built in query chunks equal sum_h (A_h X)^T (A_h X) with the attention
+    probabilities of transformers' eager attention (causal mask included, boa.md §9.1)."""
+    from transformers import AutoModelForCausalLM
+    from tritonq.engine import boa as boa_module
+
+    src = make_family_model(tmp_path / "float", "llama")
+    eager = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, attn_implementation="eager").eval()
+    ids = _batches(n=2, seqlen=40, batch=2)[0]
+    seen = {}
+    block0 = eager.model.layers[0]
+    handle = block0.self_attn.q_proj.register_forward_pre_hook(lambda _m, a: seen.setdefault("x", a[0]))
+    with torch.no_grad():
+        probs = eager(input_ids=ids, output_attentions=True).attentions[0]  # [B, H, T, T]
+    handle.remove()
+    assert torch.all(probs.triu(1) == 0)
+    ax = torch.einsum("bhtu,bud->bhtd", probs.double(), seen["x"].double())
+    expected = torch.einsum("bgrti,bgrtj->gij", ax.reshape(2, 2, 2, 40, -1), ax.reshape(2, 2, 2, 40, -1))
+    expected = expected * 2.0 / (2 * 40 * 2)
+
+    class Capture(boa_module.BoA):
+        def quantize(self, group, state, force=None):
+            if isinstance(state, boa_module.AttentionStats) and group.index == 0:
+                self.value = state.value_hessians()
+            return super().quantize(group, state, force)
+
+    monkeypatch.setattr(boa_module, "VALUE_CHUNK", 16)  # several chunks, the last one partial
+    model = _load(src)
+    method = Capture(BoAOptions(block_v=True))
+    with torch.no_grad():
+        quantize_blocks(model, adapter_for(model.config), method, GridSpec(bits=4, group_size=32),
+                        torch.device("cpu"), [ids], progress=False)
+    torch.testing.assert_close(method.value.double(), expected, rtol=1e-4, atol=1e-5)
