@@ -37,11 +37,11 @@ from .methods import LayerResult
 @dataclass(frozen=True)
 class DHAWQOptions:
     n_grid: int = field(default=20, metadata={"help": "ratios a = i / n_grid, i = 0 .. n_grid (dh-awq tries 1)"})
-    search_tokens: int = field(default=0, metadata={
+    search_tokens: int = field(default=4096, metadata={
         "help": "calibration tokens (whole windows) the scale candidates are scored on; 0 = all"})
     search_dtype: str = field(default="auto", metadata={
-        "help": "dtype of the module forwards that score candidates: auto (the model's), float32, bfloat16, "
-                "float16", "choices": tuple(SEARCH_DTYPES), "const": "bfloat16"})
+        "help": "dtype of the module forwards that score candidates: auto (the model's; bfloat16 for a float32 "
+                "model on the CPU), float32, bfloat16, float16", "choices": tuple(SEARCH_DTYPES), "const": "bfloat16"})
     max_flip_percent: float = field(default=0.01, metadata={
         "help": "most weights per row the heuristic rounding may flip, as a fraction of the row"})
     knee_tolerance: float = field(default=0.0, metadata={

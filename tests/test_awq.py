@@ -313,3 +313,11 @@ def test_search_sample_takes_whole_windows():
     kwargs = obs.calls[0][1]
     assert kwargs["hidden_states"].shape[0] == 3 and kwargs["attention_mask"].shape[0] == 3
     assert kwargs["position_embeddings"][0] is cos and kwargs["use_cache"] is False
+
+
+@pytest.mark.parametrize("spec", [GridSpec(bits=3, group_size=16), GridSpec(bits=4, group_size=-1, sym=True)])
+def test_grouped_fake_quant_is_rtn_bit_for_bit(spec):
+    from tritonq.engine.rtn import round_to_nearest
+
+    w = torch.randn(24, 64, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(awq.fake_quantize_grouped(w, spec), round_to_nearest(w, spec).weight)
