@@ -321,3 +321,9 @@ def test_grouped_fake_quant_is_rtn_bit_for_bit(spec):
 
     w = torch.randn(24, 64, generator=torch.Generator().manual_seed(8))
     assert torch.equal(awq.fake_quantize_grouped(w, spec), round_to_nearest(w, spec).weight)
+
+
+def test_search_losses_pick_the_first_minimum_and_refuse_all_nan():
+    assert awq.pick_best(torch.tensor([3.0, 1.0, 1.0, float("nan")]), "x") == 1  # strict <: first on ties
+    with pytest.raises(TritonqError, match="non-finite loss"):
+        awq.pick_best(torch.tensor([float("nan"), float("inf")]), "block 0")
