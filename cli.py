@@ -20,6 +20,18 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-remote-code", action="store_true")
 
 
+def _add_act_args(p: argparse.ArgumentParser, what: str) -> None:
+    """Dynamic activation quantization flags (``engine/act_quant.py``), shared by every method."""
+    p.add_argument("--act-bits", type=int, choices=[8, 6, 4], default=None,
+                   help=f"quantize every quantized linear's input at run time ({what})")
+    p.add_argument("--act-scheme", choices=["per-token", "per-tensor"], default=None,
+                   help="activation range per token or per sequence (default: the method's, else per-token)")
+    act_sym = p.add_mutually_exclusive_group()
+    act_sym.add_argument("--act-sym", dest="act_sym", action="store_true", default=None,
+                         help="symmetric activation grid (default: the method's, else symmetric)")
+    act_sym.add_argument("--act-asym", dest="act_sym", action="store_false", help="asymmetric activation grid")
+
+
 def _add_quantize(sub) -> None:
     p = sub.add_parser("quantize", help="quantize a causal LM layer by layer and save it")
     p.add_argument("--model", default=DEFAULT_MODEL,
@@ -32,6 +44,7 @@ def _add_quantize(sub) -> None:
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid (default)")
     p.set_defaults(sym=False)
     p.add_argument("--mse", action="store_true", help="search clipped ranges (shrink grid) per group")
+    _add_act_args(p, "during propagation and in the saved model; default: none, or the method's")
     _add_method_args(p)
     p.add_argument("--calib", default="pydoc",
                    help="pydoc (offline default), a .txt/.jsonl file, or wikitext2 / c4 / pileval")
@@ -101,6 +114,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--max-windows", type=int, default=None)
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_act_args(p, "overrides the checkpoint's setting; on a float model, every block linear")
     _add_model_args(p)
     p.set_defaults(handler=_run_eval)
 

@@ -44,7 +44,8 @@ def quantize(args) -> int:
 
     opts = QuantizeOptions(
         output=args.output, model=args.model, method=args.method, method_options=method_options_from_args(args),
-        bits=args.bits, group_size=args.group_size, sym=args.sym, mse=args.mse, calib=args.calib,
+        bits=args.bits, group_size=args.group_size, sym=args.sym, mse=args.mse, act_bits=args.act_bits,
+        act_scheme=args.act_scheme, act_sym=args.act_sym, calib=args.calib,
         text_column=args.text_column, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
         calib_batch=args.calib_batch, offload_activations=args.offload_activations, out_format=args.out_format,
         overwrite=args.overwrite, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
@@ -66,7 +67,8 @@ def evaluate(args) -> int:
     from .engine.api import evaluate as run_evaluate
 
     res = run_evaluate(args.model, args.data, args.max_windows, args.seqlen, args.device, args.dtype,
-                       progress=not args.json, trust_remote_code=args.trust_remote_code)
+                       progress=not args.json, trust_remote_code=args.trust_remote_code, act_bits=args.act_bits,
+                       act_scheme=args.act_scheme, act_sym=args.act_sym)
     if args.json:
         print(json.dumps({**asdict(res), "model": args.model, "data": args.data}))
     else:

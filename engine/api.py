@@ -21,6 +21,7 @@ import torch
 
 from .. import __version__
 from ..errors import TritonqError, warn
+from .act_quant import WithActivationQuant, apply_activation_quant, block_linear_names, resolve_act_spec, saved_act_spec
 from .adapters import adapter_for
 from .data import calibration_windows, evaluation_windows, load_corpus, tokenize
 from .grid import GridSpec
@@ -39,6 +40,9 @@ class QuantizeOptions:
     sym: bool = False
     mse: bool = False
     method_options: Any = None  # the method's Options dataclass, a dict of its fields, or None (defaults)
+    act_bits: int | None = None  # dynamic activation quantization (engine/act_quant.py); None: the method's default
+    act_scheme: str | None = None  # per-token or per-tensor (None: the method's default, else per-token)
+    act_sym: bool | None = None  # None: the method's default, else symmetric
     calib: str = "pydoc"
     text_column: str = "text"
     nsamples: int = 128
@@ -115,6 +119,9 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
     group_size = 128 if opts.group_size is None else opts.group_size
     spec = GridSpec(bits=opts.bits, group_size=group_size, sym=opts.sym, mse=opts.mse)
     method = make_method(opts.method, opts.method_options)
+    act = resolve_act_spec(getattr(method, "default_act", None), opts.act_bits, opts.act_scheme, opts.act_sym)
+    if act is not None:
+        method = WithActivationQuant(method, act)
     if opts.calib_batch < 1:
         raise TritonqError(f"--calib-batch must be positive, got {opts.calib_batch}")
     check_output_dir(opts.output, opts.overwrite)
@@ -165,12 +172,15 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
     with atomic_output_dir(opts.output, opts.overwrite) as tmp:
         fake_dir = tmp if opts.out_format == "fake" else tmp / "_fake"
         fake_dir.mkdir(exist_ok=True)
+        if act is not None:  # the saved config says how the model runs (eval, serve and export read it)
+            model.config.tritonq_activations = act.describe()
         model.save_pretrained(fake_dir, safe_serialization=True)
         tokenizer.save_pretrained(fake_dir)
         _save_quant_params(fake_dir / "quant_params.safetensors", report.layers)
         meta = {
             "method": method.name, **method.describe(), "bits": spec.bits, "group_size": spec.group_size,
-            "sym": spec.sym, "mse": spec.mse, "model": opts.model, "architecture": adapter.family,
+            "sym": spec.sym, "mse": spec.mse, "activations": None if act is None else act.describe(),
+            "model": opts.model, "architecture": adapter.family,
             "dtype": str(dtype).replace("torch.", ""), "device": str(device), "calibration": calib_meta,
             "tritonq_version": __version__, "layers": sorted(report.layers),
             "seconds": {k: round(v, 3) for k, v in seconds.items()},
@@ -192,6 +202,8 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
         from .evaluate import perplexity
 
         t0 = time.perf_counter()
+        if act is not None:
+            apply_activation_quant(model, act, sorted(report.layers))
         result = perplexity(model, eval_windows, device, progress=opts.progress)
         seconds["eval"] = time.perf_counter() - t0
         summary.perplexity = result.perplexity
@@ -201,8 +213,12 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
 
 
 def evaluate(model_name: str, data: str, max_windows: int | None = None, seqlen: int = 2048,
-             device: str = "auto", dtype: str = "auto", progress: bool = True, trust_remote_code: bool = False):
-    """Perplexity of a model (hub id, directory, tritonq output, or ``smollm2``) on a text."""
+             device: str = "auto", dtype: str = "auto", progress: bool = True, trust_remote_code: bool = False,
+             act_bits: int | None = None, act_scheme: str | None = None, act_sym: bool | None = None):
+    """Perplexity of a model (hub id, directory, tritonq output, or ``smollm2``) on a text.
+
+    Activations are quantized as the checkpoint records (``quantization.json`` / ``config.json``); ``act_*``
+    override that, or quantize a float model's block inputs (the W16A8 ``act_only`` ablation)."""
     from .evaluate import perplexity
 
     dev = resolve_device(device)
@@ -216,7 +232,24 @@ def evaluate(model_name: str, data: str, max_windows: int | None = None, seqlen:
         model, _ = load_packed_model(model_name, device=str(dev), dtype=str(dt).replace("torch.", ""))
     else:
         model = load_model(model_name, dt, trust_remote_code)
+    apply_run_activation_quant(model, model_name, act_bits, act_scheme, act_sym)
     return perplexity(model, windows, dev, progress=progress)
+
+
+def apply_run_activation_quant(model, model_name: str, bits: int | None, scheme: str | None,
+                               sym: bool | None) -> None:
+    """Wrap the quantized linears (every block linear for a float model) as the saved or given setting says."""
+    saved = saved_act_spec(model_name) if Path(model_name).is_dir() else None
+    act = resolve_act_spec(saved, bits, scheme, sym)
+    if act is None:
+        return
+    meta = Path(model_name) / "quantization.json"
+    if meta.is_file():
+        names = json.loads(meta.read_text())["layers"]
+    else:
+        names = [n for n, m in model.named_modules() if type(m).__name__ == "QuantLinear"]
+        names = names or block_linear_names(model, adapter_for(model.config))
+    apply_activation_quant(model, act, names)
 
 
 def _is_packed_checkpoint(name: str) -> bool:

@@ -54,6 +54,7 @@ def load_packed_model(directory: str | os.PathLike, device: str = "auto", dtype:
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+    from .act_quant import apply_activation_quant, saved_act_spec
     from .formats import float_tensors, load_packed_layers
     from .qlinear import QuantLinear, parameters_on_meta, swap_linears
 
@@ -82,6 +83,9 @@ def load_packed_model(directory: str | os.PathLike, device: str = "auto", dtype:
             f"{path} lacks tensors for {len(missing)} parameters (e.g. {missing[0]}); "
             "the checkpoint is incomplete"
         )
+    act = saved_act_spec(path)
+    if act is not None:  # a W8A8 / W4A8 checkpoint runs on quantized inputs, as it was calibrated
+        apply_activation_quant(model, act, sorted(layers))
     model.to(dev).eval()
     cache = dev.type != "cuda" if cache_dense is None else cache_dense
     for mod in model.modules():
