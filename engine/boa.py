@@ -41,6 +41,8 @@ number of times (boa.md §9.4).
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -334,13 +336,29 @@ def two_sided_sweep(w: torch.Tensor, u_col: torch.Tensor, u_row: torch.Tensor, s
     scale, zero = scale.contiguous(), zero.contiguous()
     g_idx = g_idx.to(device=w.device, dtype=torch.int32).contiguous()
     q = torch.empty_like(w)
-    for r0 in range(0, rows, ROW_BLOCK):
-        r1 = min(r0 + ROW_BLOCK, rows)
-        q[:, r0:r1], delta = kernels.boa_sweep_rows(w, u_col, coef, scale, zero, g_idx, r0, r1 - r0,
-                                              spec.effective_group(d), spec.maxq, spec.sym, force=force)
-        if r1 < rows:
-            kernels.boa_cross_update(w[:, r1:], coef[:, r0:r1, r1:].transpose(1, 2), delta, force=force)
+    with _one_thread(not kernels.use_triton(w, force)):
+        for r0 in range(0, rows, ROW_BLOCK):
+            r1 = min(r0 + ROW_BLOCK, rows)
+            q[:, r0:r1], delta = kernels.boa_sweep_rows(w, u_col, coef, scale, zero, g_idx, r0, r1 - r0,
+                                                        spec.effective_group(d), spec.maxq, spec.sym, force=force)
+            if r1 < rows:
+                kernels.boa_cross_update(w[:, r1:], coef[:, r0:r1, r1:].transpose(1, 2), delta, force=force)
     return q
+
+
+@contextmanager
+def _one_thread(active: bool) -> Iterator[None]:
+    """Run the CPU reference single-threaded: its matrices are [heads, ...] slivers, and handing each tiny
+    product to a thread pool costs more than the product (7x slower with 2 threads on a busy 2-core host)."""
+    if not active:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class BoA(Method):
