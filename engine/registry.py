@@ -16,8 +16,9 @@ from .dh_awq import DHAWQ
 from .gptq import GPTQ
 from .methods import Method
 from .rtn import RTN
+from .smoothquant import SmoothQuant
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (RTN, GPTQ, BoA, AWQ, AWQGPTQ, DHAWQ)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (RTN, GPTQ, BoA, AWQ, AWQGPTQ, DHAWQ, SmoothQuant)}
 
 
 def register(cls: type[Method]) -> type[Method]:
