@@ -11,6 +11,7 @@ from typing import Any
 
 from ..errors import TritonqError
 from .awq import AWQ, AWQGPTQ
+from .awrq import AWRQ
 from .boa import BoA
 from .dh_awq import DHAWQ
 from .gptq import GPTQ
@@ -18,7 +19,7 @@ from .methods import Method
 from .rtn import RTN
 from .smoothquant import SmoothQuant
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (RTN, GPTQ, BoA, AWQ, AWQGPTQ, DHAWQ, SmoothQuant)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (RTN, GPTQ, BoA, AWQ, AWQGPTQ, DHAWQ, SmoothQuant, AWRQ)}
 
 
 def register(cls: type[Method]) -> type[Method]:
