@@ -10,6 +10,10 @@ The roofline is the bytes a call must move (packed weights + scales + zeros + x 
 device-to-device copy bandwidth (read + write), which is what a streaming read can reach; the spec-sheet
 peak is higher (H100 SXM: 3.35 TB/s vs ~3.0 TB/s measured, kernels_perf.md §2).
 
+W8A8 rows (``kernels/int8_matmul.py``: the per-token activation quantization kernel, then the int8 GEMM with
+the scales in the epilogue) are timed the same way against fp16 ``torch.matmul`` and ``torch._int_mm`` (int8
+GEMM alone, no quantization or scales; M > 16 only, its CUDA requirement), with warm weights (one copy).
+
 Without a GPU the kernels run in the Triton interpreter on tiny shapes to show that the command works
 and the results are right; those timings are interpreter wall times, not speed measurements, and the
 report says so.
@@ -121,13 +125,15 @@ def _cuda_bench(as_json: bool) -> int:
     m1 = [r for r in rows if r["M"] == 1 and (r["K"], r["N"]) in LARGE]
     met = all(r["speedup"] >= TARGET_M1_SPEEDUP for r in m1)
     result = {"device": props.name, "mode": "cuda", "copy_bandwidth_Bps": bw, "group_size": GROUP,
-              "rows": rows, "target_m1_speedup": TARGET_M1_SPEEDUP, "target_met": met}
+              "rows": rows, "target_m1_speedup": TARGET_M1_SPEEDUP, "target_met": met,
+              "w8a8_rows": _w8a8_cuda_rows(True)}
     if as_json:
         print(json.dumps(result, indent=1))
     else:
         worst = min((r["speedup"] for r in m1), default=float("nan"))
         print(f"M=1 large shapes: worst speedup {worst:.2f}x, target {TARGET_M1_SPEEDUP}x "
               f"{'met' if met else 'NOT met'}")
+        _w8a8_cuda_rows(False)
     return 0
 
 
@@ -157,12 +163,72 @@ def _interpreter_check(as_json: bool) -> int:
                 if not as_json:
                     print(f"{kernel:>6} {M:>3} {K:>5} {N:>5} {err:>10.2e} {ref.abs().max().item():>10.2e} "
                           f"{wall:>7.2f}{'' if good else '  MISMATCH'}")
+    w8a8, w8a8_ok = _w8a8_interpreter_rows(as_json)
+    ok &= w8a8_ok
     if as_json:
         print(json.dumps({"mode": "interpreter", "speed_measured": False, "note": note, "rows": rows,
-                          "all_match": ok}, indent=1))
+                          "w8a8_rows": w8a8, "all_match": ok}, indent=1))
     else:
         print("all results match the reference" if ok else "MISMATCH against the reference")
     return 0 if ok else 1
+
+
+def _w8a8_cuda_rows(as_json: bool) -> list[dict]:
+    from ..kernels.int8_matmul import w8a8_linear_ref, w8a8_linear_triton
+
+    rows = []
+    if not as_json:
+        print("W8A8 (per-token int8 activations, per-channel int8 weights), warm weights, CUDA graphs")
+        print(f"{'M':>4} {'K':>6} {'N':>6} {'w8a8 us':>9} {'fp16 us':>9} {'_int_mm us':>10} {'vs fp16':>8}")
+    for K, N in SHAPES_KN:
+        wq = torch.randint(-128, 128, (N, K), dtype=torch.int8, device="cuda")
+        ws = torch.rand(N, device="cuda") * 0.01
+        wf = torch.randn(K, N, device="cuda", dtype=torch.float16)
+        wt = wq.t()  # [K, N] column-major view: what _int_mm takes as its second operand
+        for M in MS:
+            x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+            err = (w8a8_linear_triton(x, wq, ws).float() - w8a8_linear_ref(x, wq, ws).float()).abs().max().item()
+            t_q = _graph_time_us([lambda x=x, wq=wq, ws=ws: w8a8_linear_triton(x, wq, ws)])
+            t_f = _graph_time_us([lambda x=x, wf=wf: torch.matmul(x, wf)])
+            t_i = None
+            if M > 16:
+                xq = torch.randint(-128, 128, (M, K), dtype=torch.int8, device="cuda")
+                t_i = _graph_time_us([lambda xq=xq, wt=wt: torch._int_mm(xq, wt)])
+            row = {"M": M, "K": K, "N": N, "w8a8_us": t_q, "fp16_us": t_f, "int_mm_us": t_i,
+                   "speedup_vs_fp16": t_f / t_q, "max_abs_err": err}
+            rows.append(row)
+            if not as_json:
+                ti = f"{t_i:>10.2f}" if t_i is not None else f"{'-':>10}"
+                print(f"{M:>4} {K:>6} {N:>6} {t_q:>9.2f} {t_f:>9.2f} {ti} {row['speedup_vs_fp16']:>7.2f}x")
+    return rows
+
+
+def _w8a8_interpreter_rows(as_json: bool) -> tuple[list[dict], bool]:
+    from ..kernels.int8_matmul import w8a8_linear_ref, w8a8_linear_triton
+
+    if not as_json:
+        print("W8A8 (per-token quantization kernel + int8 GEMM), interpreter, against the reference; "
+              "torch._int_mm needs CUDA and is not run here")
+    rows, ok = [], True
+    for K, N in CPU_SHAPES_KN:
+        g = torch.Generator().manual_seed(K)
+        wq = torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=g)
+        ws = torch.rand(N, generator=g) * 0.01
+        for M in CPU_MS:
+            x = torch.randn(M, K, generator=g)
+            ref = w8a8_linear_ref(x, wq, ws)
+            t0 = time.perf_counter()
+            y = w8a8_linear_triton(x, wq, ws)
+            wall = time.perf_counter() - t0
+            err = (y - ref).abs().max().item()
+            good = err <= 1e-5 * (1.0 + ref.abs().max().item())
+            ok &= good
+            rows.append({"kernel": "w8a8", "M": M, "K": K, "N": N, "max_abs_err": err, "interpreter_wall_s": wall,
+                         "ok": good})
+            if not as_json:
+                print(f"{'w8a8':>6} {M:>3} {K:>5} {N:>5} {err:>10.2e} {ref.abs().max().item():>10.2e} "
+                      f"{wall:>7.2f}{'' if good else '  MISMATCH'}")
+    return rows, ok
 
 
 def main(args) -> int:

@@ -129,3 +129,14 @@ def awq_scale_loss(w: torch.Tensor, x: torch.Tensor, scales: torch.Tensor, group
     if use_triton(w, force) and (force == "triton" or awq_search.kernel_usable(w, group_size)):
         return awq_search.awq_loss_triton(w, x, scales, group_size, maxq, sym)
     return awq_search.awq_loss_ref(w, x, scales, group_size, maxq, sym)
+
+
+def w8a8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
+                force: str | None = None) -> torch.Tensor:
+    """W8A8 linear: per-token int8 quantization of ``x`` [..., K], int8 GEMM with int8 ``wq`` [N, K] and
+    per-channel ``w_scale`` [N] in the epilogue; see ``int8_matmul``."""
+    from . import int8_matmul
+
+    triton_ok = use_triton(x, force) and (force == "triton" or int8_matmul.kernel_usable(x))
+    fn = int8_matmul.w8a8_linear_triton if triton_ok else int8_matmul.w8a8_linear_ref
+    return fn(x, wq, w_scale, bias)

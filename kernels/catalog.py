@@ -180,6 +180,18 @@ def _picks_boa(mod: Any, target: Target, dtype: str) -> list[Pick]:
     return [Pick(mod.pick_config(), "q/k heads (one config)", (), dtype)]
 
 
+def _picks_int8_gemm(mod: Any, target: Target, dtype: str) -> list[Pick]:
+    picks = {}
+    for m in BENCH_SHAPES["matmul_m_dispatch"]:
+        config = mod.pick_gemm_config(m)
+        picks.setdefault(config, Pick(config, f"M={m}", (("HAS_BIAS", False),), dtype))
+    return list(picks.values())
+
+
+def _picks_int8_quant(mod: Any, target: Target, dtype: str) -> list[Pick]:
+    return [Pick(mod.pick_quant_config(), "per-token rows (one config)", (), dtype)]
+
+
 _DEQUANT_ASSUME = {"M": "16", "N": "16", "K": "16", "group_size": "16", "tiles_per_split": "16",
                    "stride_xm": "16", "stride_om": "16"}
 
@@ -206,6 +218,12 @@ ENTRIES: tuple[KernelEntry, ...] = (
     KernelEntry("boa_cross", "boa_cross", "boa_cross_kernel", "CONFIGS", "aot_signature", _picks_boa,
                 assume={"N": "16", "stride_cm": "16", "stride_cn": "1", "stride_am": "1", "stride_bk": "16",
                         "stride_bn": "1"}),
+    # W8A8: activations [M, K] and int8 weights [N, K] row-major; K, N multiples of 16 at the bench shapes
+    KernelEntry("int8_gemm", "int8_matmul", "int8_gemm_kernel", "GEMM_CONFIGS", "aot_signature_gemm",
+                _picks_int8_gemm, excluded="excluded", launcher_checks_exclusion=True,
+                assume={"N": "16", "K": "16", "stride_am": "16", "stride_bn": "16", "stride_cm": "16"}),
+    KernelEntry("int8_quant", "int8_matmul", "quantize_per_token_kernel", "QUANT_CONFIGS", "aot_signature_quant",
+                _picks_int8_quant, assume={"K": "16", "stride_x": "16", "stride_q": "16"}),
     # dequant_matmul routes around sm_75 in pick_config itself (no tensor-core dot): no exclusion hook
     KernelEntry("dequant_gemv", "dequant_matmul", "dequant_gemv_kernel", "GEMV_CONFIGS", "aot_signature_gemv",
                 _picks_dequant("gemv"), assume=_DEQUANT_ASSUME),
