@@ -118,6 +118,9 @@ class ActQuantLinear(nn.Module):
         return self.linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        run_quantized = getattr(self.linear, "forward_act", None)  # an int8 runtime layer quantizes for real
+        if run_quantized is not None:
+            return run_quantized(x, self.spec)
         return self.linear(fake_quantize_activation(x, self.spec))
 
     def extra_repr(self) -> str:
@@ -200,7 +203,19 @@ def saved_act_spec(directory: str | Path) -> ActSpec | None:
         record = json.loads(meta.read_text()).get("activations")
         return ActSpec.from_record(record) if record else None
     cfg = path / "config.json"
-    if cfg.is_file():
-        record = json.loads(cfg.read_text()).get("tritonq_activations")
-        return ActSpec.from_record(record) if record else None
+    if not cfg.is_file():
+        return None
+    config = json.loads(cfg.read_text())
+    if config.get("tritonq_activations"):
+        return ActSpec.from_record(config["tritonq_activations"])
+    groups = (config.get("quantization_config") or {}).get("config_groups") or {}
+    for group in groups.values():  # a compressed-tensors checkpoint from another tool (llm-compressor)
+        inputs = group.get("input_activations")
+        if inputs:
+            if not inputs.get("dynamic") or inputs.get("strategy") not in ("token", "tensor"):
+                raise TritonqError(f"{path}: input activations {inputs.get('strategy')!r} "
+                                   f"(dynamic={inputs.get('dynamic')}) are not supported; tritonq runs dynamic "
+                                   "per-token or per-tensor activation quantization")
+            scheme = "per-token" if inputs["strategy"] == "token" else "per-tensor"
+            return ActSpec(int(inputs["num_bits"]), scheme, bool(inputs.get("symmetric", True)))
     return None

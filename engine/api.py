@@ -246,9 +246,8 @@ def apply_run_activation_quant(model, model_name: str, bits: int | None, scheme:
     meta = Path(model_name) / "quantization.json"
     if meta.is_file():
         names = json.loads(meta.read_text())["layers"]
-    else:
-        names = [n for n, m in model.named_modules() if type(m).__name__ == "QuantLinear"]
-        names = names or block_linear_names(model, adapter_for(model.config))
+    else:  # a packed checkpoint (its layers already wrapped by load_packed_model: re-set) or a float model
+        names = block_linear_names(model, adapter_for(model.config))
     apply_activation_quant(model, act, names)
 
 

@@ -137,6 +137,18 @@ class PackedLinear:
     bias: Tensor | None = None
 
 
+@dataclass
+class PackedInt8Linear:
+    """Runtime layout of the W8A8 GEMM (``kernels/int8_matmul.py``): ``weight`` int8 [N, K] (symmetric codes,
+    ``w = scale[n] * weight[n, k]``), ``scale`` fp32 [N] per output channel."""
+
+    weight: Tensor
+    scale: Tensor
+    in_features: int
+    out_features: int
+    bias: Tensor | None = None
+
+
 # ---------------------------------------------------------------------------------------------------
 # bit packing along the last dimension (LSB first, dense across words as compressed-tensors' packer)
 
@@ -340,6 +352,7 @@ def _compressed_tensors() -> SimpleNamespace:
     try:
         import compressed_tensors
         from compressed_tensors.base import QUANTIZATION_METHOD
+        from compressed_tensors.compressors.naive_quantized.base import IntQuantizationCompressor
         from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
         from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
         from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
@@ -352,6 +365,7 @@ def _compressed_tensors() -> SimpleNamespace:
         version=compressed_tensors.__version__,
         method=QUANTIZATION_METHOD,
         compressor=PackedQuantizationCompressor,
+        int_compressor=IntQuantizationCompressor,
         pack=pack_to_int32,
         unpack=unpack_from_int32,
         Args=QuantizationArgs,
@@ -426,6 +440,12 @@ class PackedFormat:
 class CompressedTensorsFormat(PackedFormat):
     """compressed-tensors ``pack-quantized``, through the compressed-tensors library (formats doc §1.3).
 
+    With activation quantization (``quantization.json`` ``activations``) every config group also carries
+    ``input_activations`` (dynamic, per token or per tensor), and W8A8 - 8-bit symmetric per-channel weights
+    with 8-bit activations - is written as llm-compressor writes it for vLLM's int8 kernels:
+    ``int-quantized``, an int8 ``weight`` [N, K] and ``weight_scale`` [N, 1], through the library's
+    ``IntQuantizationCompressor``.
+
     The library decides the layout: ``PackedQuantizationCompressor.compress`` quantizes the grid point of
     every weight with our scale and zero point and packs it, and we check that it recovered our codes.
     Group act-order is the exception: compressed-tensors >= 0.19 has no g_idx in its compressor (it always
@@ -434,7 +454,7 @@ class CompressedTensorsFormat(PackedFormat):
     """
 
     name = "compressed-tensors"
-    tensor_names = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
+    tensor_names = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx", "weight")
 
     def check(self, spec: GridSpec) -> None:
         _compressed_tensors()  # a missing library fails here, before any weight is read
@@ -444,7 +464,14 @@ class CompressedTensorsFormat(PackedFormat):
         # so a bf16 model keeps fp16 scales and declares them (QuantizationArgs.scale_dtype).
         return model_dtype if model_dtype in (torch.float16, torch.float32, torch.float64) else torch.float16
 
-    def _scheme(self, spec: GridSpec, model_dtype: torch.dtype, act_order: bool) -> object:
+    @staticmethod
+    def int_quantized(spec: GridSpec, activations: dict | None) -> bool:
+        """Whether the layout is ``int-quantized`` (W8A8 per-channel symmetric) rather than ``pack-quantized``."""
+        return bool(activations) and spec.bits == 8 and spec.sym and spec.group_size == -1 \
+            and int(activations["bits"]) == 8
+
+    def _scheme(self, spec: GridSpec, model_dtype: torch.dtype, act_order: bool,
+                activations: dict | None = None) -> object:
         ct = _compressed_tensors()
         scale_dtype = self.scale_dtype(model_dtype)
         args = ct.Args(
@@ -456,17 +483,22 @@ class CompressedTensorsFormat(PackedFormat):
             actorder="static" if act_order else None,
             scale_dtype=None if scale_dtype == model_dtype else scale_dtype,
         )
-        return ct.Scheme(targets=["Linear"], weights=args, format="pack-quantized")
+        inputs = None
+        if activations:
+            inputs = ct.Args(num_bits=int(activations["bits"]), type="int", symmetric=bool(activations["sym"]),
+                             strategy="token" if activations["scheme"] == "per-token" else "tensor", dynamic=True)
+        fmt = "int-quantized" if self.int_quantized(spec, activations) else "pack-quantized"
+        return ct.Scheme(targets=["Linear"], weights=args, input_activations=inputs, format=fmt)
 
     def config(
         self, spec: GridSpec, *, model_dtype: torch.dtype, ignore: list[str], act_order: bool, desc_act: bool,
-        version: str,
+        version: str, activations: dict | None = None,
     ) -> dict:
         ct = _compressed_tensors()
         qconfig = ct.Config(
-            config_groups={"group_0": self._scheme(spec, model_dtype, act_order and not desc_act)},
+            config_groups={"group_0": self._scheme(spec, model_dtype, act_order and not desc_act, activations)},
             ignore=list(ignore),
-            format="pack-quantized",
+            format="int-quantized" if self.int_quantized(spec, activations) else "pack-quantized",
             quantization_status="compressed",
         )
         # the keys and values ModelCompressor.update_config writes (model_compressor.py)
@@ -481,7 +513,8 @@ class CompressedTensorsFormat(PackedFormat):
         return {"version": ct.version, "quant_method": ct.method, "sparsity_config": {}, "transform_config": {},
                 **body}
 
-    def write(self, name: str, q: QuantizedWeight, spec: GridSpec, model_dtype: torch.dtype) -> dict[str, Tensor]:
+    def write(self, name: str, q: QuantizedWeight, spec: GridSpec, model_dtype: torch.dtype,
+              activations: dict | None = None) -> dict[str, Tensor]:
         ct = _compressed_tensors()
         n, k = q.shape
         mid = 2 ** (spec.bits - 1)
@@ -489,7 +522,14 @@ class CompressedTensorsFormat(PackedFormat):
             raise TritonqError(f"{name}: a symmetric compressed-tensors grid needs every zero point at {mid}")
         scale = _stored_scale(name, q.scale, self.scale_dtype(model_dtype))
         zero = None if spec.sym else _signed(q.zero, spec.bits)
-        if _is_default_g_idx(q.g_idx, spec.effective_group(k)):
+        if self.int_quantized(spec, activations):
+            scheme = self._scheme(spec, model_dtype, act_order=False, activations=activations)
+            out = ct.int_compressor.compress({"weight": q.dequantize(), "weight_scale": scale}, scheme)
+            if out["weight"].dtype != torch.int8 or not torch.equal(out["weight"].to(torch.int16),
+                                                                     _signed(q.codes, 8).to(torch.int16)):
+                raise TritonqError(f"{name}: compressed-tensors {ct.version} quantized the grid points to other "
+                                   "int8 codes than tritonq's; try compressed-tensors 0.20")
+        elif _is_default_g_idx(q.g_idx, spec.effective_group(k)):
             state = {"weight": q.dequantize(), "weight_scale": scale}
             if zero is not None:
                 state["weight_zero_point"] = zero
@@ -524,15 +564,12 @@ class CompressedTensorsFormat(PackedFormat):
             w = group.get("weights")
             if w is None:
                 continue
-            if gfmt != "pack-quantized":
+            if gfmt not in ("pack-quantized", "int-quantized"):
                 raise TritonqError(
                     f"compressed-tensors format {gfmt!r} (group {gname}) is not supported; "
-                    "tritonq reads pack-quantized int weights"
+                    "tritonq reads pack-quantized and int-quantized int weights"
                 )
-            if group.get("input_activations"):
-                raise TritonqError(
-                    f"group {gname} quantizes activations; tritonq serves weight-only (W*A16) schemes"
-                )
+            # input_activations (dynamic) are read by act_quant.saved_act_spec and applied at run time
             w = dict(w)
             # 'group' (alias 'dynamic') left the schema in compressed-tensors 0.19 but is still on the hub
             group_order = str(w.get("actorder")).lower() in ("group", "dynamic")
@@ -562,6 +599,9 @@ class CompressedTensorsFormat(PackedFormat):
         groups = self._weight_groups(qcfg)
         ignore = list(qcfg.get("ignore") or [])
         for key in store.keys():
+            if key.endswith(".weight") and f"{key}_scale" in store:  # int-quantized: int8 codes, per channel
+                yield self._read_int8(store, key[: -len(".weight")], groups, ignore)
+                continue
             if not key.endswith(".weight_packed"):
                 continue
             name = key[: -len(".weight_packed")]
@@ -610,6 +650,29 @@ class CompressedTensorsFormat(PackedFormat):
             q = QuantizedWeight(codes.to(torch.uint8), scale, zero, g_idx, store.maybe(f"{name}.bias"))
             _check_layer(name, q, spec)
             yield name, spec, q
+
+
+    def _read_int8(self, store: TensorStore, name: str, groups: list, ignore: list[str]):
+        if _matches(name, ignore, linear=False):
+            raise TritonqError(f"{name} has int8 weights but is listed in 'ignore'; the checkpoint is inconsistent")
+        args = next((a for targets, a, _ in groups if _matches(name, targets, linear=True)), None)
+        if args is None:
+            raise TritonqError(f"{name} has int8 weights but no config group targets it")
+        if int(args.num_bits) != 8 or args.strategy != "channel" or not args.symmetric:
+            raise TritonqError(f"{name}: int-quantized weights must be 8-bit symmetric per channel; got "
+                               f"{args.num_bits}-bit {args.strategy} symmetric={args.symmetric}")
+        weight = store.get(f"{name}.weight")
+        n, k = weight.shape
+        if weight.dtype != torch.int8:
+            raise TritonqError(f"{name}: int-quantized weight must be int8, got {weight.dtype}")
+        scale = store.get(f"{name}.weight_scale", "weight_scale").float().reshape(n, -1)
+        if scale.shape[1] != 1:
+            raise TritonqError(f"{name}: weight_scale must be [{n}, 1], got {tuple(scale.shape)}")
+        spec = GridSpec(8, -1, True)
+        q = QuantizedWeight(_unsigned(weight.to(torch.int16), 8).to(torch.uint8), scale, torch.full((n, 1), 128.0),
+                            _default_g_idx(k, k), store.maybe(f"{name}.bias"))
+        _check_layer(name, q, spec)
+        return name, spec, q
 
 
 class GptqFormat(PackedFormat):
@@ -936,8 +999,13 @@ def save_packed(
     for key in weights.keys():
         if key.removesuffix(".weight") not in quantized:
             tensors[key] = weights.get(key)
+    activations = meta.get("activations")
+    act_kw = {"activations": activations} if activations and isinstance(packer, CompressedTensorsFormat) else {}
+    if activations and not act_kw:
+        warn(f"the {fmt} config cannot say how activations are quantized; tritonq keeps its record "
+             "(tritonq_activations in config.json), other loaders will run the model weight-only")
     for name, q in quantized.items():
-        tensors.update(packer.write(name, q, spec, model_dtype))
+        tensors.update(packer.write(name, q, spec, model_dtype, **act_kw))
         if q.bias is not None:
             tensors[f"{name}.bias"] = q.bias
     qcfg = packer.config(
@@ -947,6 +1015,7 @@ def save_packed(
         act_order=bool(meta.get("act_order")),
         desc_act=desc_act,
         version=__version__,
+        **act_kw,
     )
     _warn_marlin(quantized)
     config = {**config, "quantization_config": qcfg}
@@ -1017,10 +1086,13 @@ def float_tensors(directory: str | os.PathLike, quantized: set[str]) -> Iterator
         yield key, store.get(key)
 
 
-def to_runtime(q: QuantizedWeight, spec: GridSpec) -> PackedLinear:
-    """Convert an integer record into the int4 kernel's runtime layout."""
+def to_runtime(q: QuantizedWeight, spec: GridSpec) -> PackedLinear | PackedInt8Linear:
+    """Convert an integer record into the runtime layout of its kernel (int4 dequant-matmul, or W8A8 int8)."""
     from ..kernels.pack import pack_int4
 
+    if spec.bits == 8 and spec.sym and spec.group_size == -1:
+        n, k = q.shape
+        return PackedInt8Linear(_signed(q.codes, 8).to(torch.int8), q.scale.reshape(n).float(), k, n, q.bias)
     if spec.bits != 4:
         raise TritonqError(
             f"the int4 dequant-matmul kernel serves 4-bit weights only; this checkpoint has {spec.bits} bits"
@@ -1042,6 +1114,6 @@ def to_runtime(q: QuantizedWeight, spec: GridSpec) -> PackedLinear:
     )
 
 
-def load_packed_layers(directory: str | os.PathLike) -> dict[str, PackedLinear]:
+def load_packed_layers(directory: str | os.PathLike) -> dict[str, PackedLinear | PackedInt8Linear]:
     """Every quantized linear of a packed checkpoint (any supported format) in the runtime layout."""
     return {name: to_runtime(q, spec) for name, spec, q in read_packed(directory)}

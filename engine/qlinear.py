@@ -17,7 +17,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..errors import TritonqError
-from .formats import PackedLinear
+from .formats import PackedInt8Linear, PackedLinear
 
 
 class QuantLinear(nn.Module):
@@ -65,6 +65,43 @@ class QuantLinear(nn.Module):
         )
 
 
+class Int8Linear(nn.Module):
+    """y = x @ W^T + b with W stored as int8 codes and one scale per output channel (W8A8, ``int-quantized``).
+
+    Alone it runs weight-only (the dequantized weight); wrapped in ``act_quant.ActQuantLinear`` with the
+    per-token symmetric 8-bit setting it runs W8A8 through :meth:`forward_act`: on CUDA the fused per-token
+    quantization kernel and the int8 GEMM (``kernels/int8_matmul.py``), elsewhere their PyTorch references.
+    """
+
+    def __init__(self, packed: PackedInt8Linear, dtype: torch.dtype = torch.float16) -> None:
+        super().__init__()
+        self.in_features = packed.in_features
+        self.out_features = packed.out_features
+        self.register_buffer("qweight", packed.weight.to(torch.int8).contiguous())
+        self.register_buffer("weight_scale", packed.scale.float().contiguous())
+        self.register_buffer("bias", None if packed.bias is None else packed.bias.to(dtype))
+
+    def dequantized_weight(self) -> Tensor:
+        return self.qweight.float() * self.weight_scale[:, None]
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.dequantized_weight().to(x.dtype)
+        return nn.functional.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    def forward_act(self, x: Tensor, spec) -> Tensor:
+        """The layer on inputs quantized as ``spec`` says; the int8 path when it is per-token sym 8-bit."""
+        if spec.bits == 8 and spec.sym and spec.scheme == "per-token":
+            from ..kernels import w8a8_linear
+
+            return w8a8_linear(x, self.qweight, self.weight_scale, self.bias)
+        from .act_quant import fake_quantize_activation
+
+        return self.forward(fake_quantize_activation(x, spec))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits=8, per-channel, sym"
+
+
 @contextlib.contextmanager
 def parameters_on_meta() -> Iterator[None]:
     """Create every ``nn.Parameter`` on the meta device while buffers stay real.
@@ -88,8 +125,9 @@ def parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = original
 
 
-def swap_linears(model: nn.Module, layers: dict[str, PackedLinear], dtype: torch.dtype) -> None:
-    """Replace each named ``nn.Linear`` by a ``QuantLinear``; shapes must match the architecture."""
+def swap_linears(model: nn.Module, layers: dict[str, PackedLinear | PackedInt8Linear], dtype: torch.dtype) -> None:
+    """Replace each named ``nn.Linear`` by a ``QuantLinear`` (``Int8Linear`` for int8 weights); shapes must match
+    the architecture."""
     for name, packed in layers.items():
         parent_name, _, leaf = name.rpartition(".")
         try:
@@ -112,4 +150,5 @@ def swap_linears(model: nn.Module, layers: dict[str, PackedLinear], dtype: torch
                 f"{name}: the model {'has' if old.bias is not None else 'has no'} bias but the "
                 "checkpoint disagrees"
             )
-        setattr(parent, leaf, QuantLinear(packed, dtype))
+        runtime = Int8Linear if isinstance(packed, PackedInt8Linear) else QuantLinear
+        setattr(parent, leaf, runtime(packed, dtype))
