@@ -28,7 +28,7 @@ from .configs import KernelLimits, LaunchConfig
 from .gptq_block import quantize_block_ref, trailing_update_ref
 
 CONFIGS: tuple[LaunchConfig, ...] = (
-    LaunchConfig.of(num_warps=8, num_stages=1, BLOCK_G=16, BLOCK_B=128, BLOCK_T=32),
+    LaunchConfig.of(num_warps=4, num_stages=1, BLOCK_G=16, BLOCK_B=64, BLOCK_T=32),
 )
 LIMITS = KernelLimits(dtypes=("fp32",))
 
@@ -76,11 +76,12 @@ def boa_rows_ref(w: torch.Tensor, u: torch.Tensor, coef: torch.Tensor, scale: to
 @triton.jit
 def boa_rows_kernel(
     w_ptr, u_ptr, coef_ptr, q_ptr, d_ptr, scale_ptr, zero_ptr, gidx_ptr,
-    G, K, r0, nrows, stride_wg, stride_wr, stride_u, stride_cg, stride_cr, stride_qg, stride_qr,
-    stride_sg, stride_sr, maxq,
+    G, R, K, NG, r0, nrows, maxq,
     BLOCK_G: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    """Heads [pid*BLOCK_G, +BLOCK_G), rows [r0, r0+nrows). q and delta: [G, nrows, K] (stride_q*).
+    """Heads [pid*BLOCK_G, +BLOCK_G), rows [r0, r0+nrows). Every tensor is contiguous (few scalar arguments:
+    AMD targets spill scalar registers otherwise): w [G, R, K], u [K, K], coef [G, R, R], q and delta
+    [G, nrows, K], scale and zero [G, R, NG].
 
     Row ``i`` is swept in place in ``w`` (its trailing columns take the lazy updates); ``delta`` first holds
     the row's values before the sweep, then the residual. A barrier separates every store from loads of
@@ -91,6 +92,8 @@ def boa_rows_kernel(
     cols = tl.arange(0, BLOCK_B)
     tcols = tl.arange(0, BLOCK_T)
     h_ok = heads < G
+    stride_wg, stride_wr, stride_u, stride_cg, stride_cr = R * K, K, K, R * R, R
+    stride_qg, stride_qr, stride_sg, stride_sr = nrows * K, K, R * NG, NG
     for ii in range(0, nrows):
         i = r0 + ii
         w_row = w_ptr + heads[:, None] * stride_wg + i * stride_wr
@@ -155,8 +158,7 @@ def aot_signature(dtype: str, config: LaunchConfig) -> tuple[dict, dict]:
     """AOT argument types of :func:`boa_rows_kernel` (fp32 only: the working weights)."""
     sig = {name: "*fp32" for name in ("w_ptr", "u_ptr", "coef_ptr", "q_ptr", "d_ptr", "scale_ptr", "zero_ptr")}
     sig["gidx_ptr"] = "*i32"
-    for name in ("G", "K", "r0", "nrows", "stride_wg", "stride_wr", "stride_u", "stride_cg", "stride_cr",
-                 "stride_qg", "stride_qr", "stride_sg", "stride_sr", "maxq"):
+    for name in ("G", "R", "K", "NG", "r0", "nrows", "maxq"):
         sig[name] = "i32"
     sig.update({"BLOCK_G": "constexpr", "BLOCK_B": "constexpr", "BLOCK_T": "constexpr"})
     return sig, config.constexprs()
@@ -169,10 +171,9 @@ def boa_rows_triton(w: torch.Tensor, u: torch.Tensor, coef: torch.Tensor, scale:
     the lazy width does not change the result; ``group_size``/``sym`` are carried by the preset grids)."""
     check_args(w, u, coef, scale, r0, nrows)
     for name, t in (("w", w), ("u", u), ("coef", coef), ("scale", scale), ("zero", zero)):
-        if t.stride(-1) != 1:
-            raise TritonqError(f"the BoA row sweep needs unit column strides; {name} has {tuple(t.stride())}")
-    if scale.stride() != zero.stride():
-        raise TritonqError("the BoA row sweep needs scale and zero of the same layout")
+        if not t.is_contiguous():
+            raise TritonqError(f"the BoA row sweep kernel needs contiguous tensors; {name} has strides "
+                               f"{tuple(t.stride())} (pass .contiguous())")
     heads, _, k = w.shape
     config = pick_config()
     meta = config.constexprs()
@@ -181,8 +182,7 @@ def boa_rows_triton(w: torch.Tensor, u: torch.Tensor, coef: torch.Tensor, scale:
     g_idx = g_idx.to(device=w.device, dtype=torch.int32).contiguous()
     grid = (triton.cdiv(heads, meta["BLOCK_G"]),)
     boa_rows_kernel[grid](
-        w, u, coef, q, delta, scale, zero, g_idx, heads, k, r0, nrows, w.stride(0), w.stride(1), u.stride(0),
-        coef.stride(0), coef.stride(1), q.stride(0), q.stride(1), scale.stride(0), scale.stride(1), maxq,
+        w, u, coef, q, delta, scale, zero, g_idx, heads, w.shape[1], k, scale.shape[2], r0, nrows, maxq,
         num_warps=config.num_warps, num_stages=config.num_stages, **meta,
     )
     return q, delta

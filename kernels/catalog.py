@@ -210,10 +210,11 @@ ENTRIES: tuple[KernelEntry, ...] = (
                 assume={"M": "16", "N": "16", "K": "16", "stride_cm": "16", "stride_cn": "1", "stride_am": "1",
                         "stride_ak": "16", "stride_bk": "16", "stride_bn": "1"}),
     KernelEntry("awq_search", "awq_search", "awq_loss_kernel", "CONFIGS", "aot_signature", _picks_awq,
+                excluded="excluded", launcher_checks_exclusion=True,
                 assume={"N": "16", "K": "16", "T": "16", "stride_w": "16", "stride_x": "16", "stride_s": "16"}),
-    # engine/boa.py: w [G, R, K] and the U factor row-major; K multiple of 16 at the bench shapes (Llama q_proj)
+    # engine/boa.py: contiguous tensors; K a multiple of 16 at the bench shapes (Llama q_proj)
     KernelEntry("boa_rows", "boa_rows", "boa_rows_kernel", "CONFIGS", "aot_signature", _picks_boa,
-                assume={"K": "16", "stride_wr": "16", "stride_u": "16", "stride_qr": "16"}),
+                assume={"K": "16"}),
     # C = later rows of w (row-major), A = coef slice transposed (unit row stride), B = the residuals
     KernelEntry("boa_cross", "boa_cross", "boa_cross_kernel", "CONFIGS", "aot_signature", _picks_boa,
                 assume={"N": "16", "stride_cm": "16", "stride_cn": "1", "stride_am": "1", "stride_bk": "16",
