@@ -126,7 +126,7 @@ def awq_scale_loss(w: torch.Tensor, x: torch.Tensor, scales: torch.Tensor, group
     ``x`` [T, K]: fp32 [A]; see ``awq_search``. Grids the kernel does not take use the reference."""
     from . import awq_search
 
-    if use_triton(w, force) and (force == "triton" or awq_search.kernel_usable(w, group_size)):
+    if use_triton(w, force) and (force == "triton" or awq_search.kernel_usable(w, group_size, x)):
         return awq_search.awq_loss_triton(w, x, scales, group_size, maxq, sym)
     return awq_search.awq_loss_ref(w, x, scales, group_size, maxq, sym)
 

@@ -13,13 +13,14 @@ llm-awq's ``_search_module_scale`` for a group of one linear, ``../shared/docs/a
 
 The kernel: one program per (candidate, tile of output rows, tile of tokens); it walks the input width one
 quantization group at a time, fits the group's grid on ``W * s`` in registers, forms the weight error
-``Q(W s)/s - W`` of that group and accumulates ``X_tile @ error^T`` (fp32, IEEE products), then adds the
+``Q(W s)/s - W`` of that group and accumulates ``X_tile @ error^T`` (fp32 inputs: IEEE fp32 products; fp16/bf16
+inputs: the error rounded to the inputs' dtype, tensor-core products, fp32 accumulation), then adds the
 sum of squares of its output tile to ``loss[a]``. No candidate weight reaches memory.
 
 The reference materialises a few candidates at a time and, when there are more tokens than input columns,
 uses the Gram form ``tr(E X^T X E^T)`` (``§3.6 (b)``: ``N K^2`` per candidate instead of ``T N K``), which is
 what the engine runs on the CPU. Both compute the weight error with the same fp32 operations in the same
-order, so the errors agree bit for bit and the losses up to summation order.
+order, so the errors agree bit for bit and, for fp32 inputs, the losses up to summation order.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from .configs import KernelLimits, LaunchConfig
 from .grid_rule import MIN_SCALE, minmax_scale_zero
 
 CONFIGS: tuple[LaunchConfig, ...] = (
-    LaunchConfig.of(num_warps=4, num_stages=2, BLOCK_N=32, BLOCK_T=64),
+    LaunchConfig.of(num_warps=4, num_stages=1, BLOCK_N=16, BLOCK_T=32),
 )
 # Inputs in any of these dtypes (weights and scales are fp32); group sizes: powers of two from 16 to 256
 # (one group is one tile of the reduction); per-channel grids and other sizes use the reference.
@@ -76,7 +77,7 @@ def awq_loss_ref(w: torch.Tensor, x: torch.Tensor, scales: torch.Tensor, group_s
 @triton.jit
 def awq_loss_kernel(
     w_ptr, x_ptr, s_ptr, loss_ptr, N, K, T, stride_w, stride_x, stride_s, maxq, min_scale, inv_count,
-    BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, HALF: tl.constexpr,
 ):
     """Program (a, rows tile, tokens tile): adds sum((X_tile @ (Q(W s_a)/s_a - W)_tile^T)^2) * inv_count."""
     a = tl.program_id(0)
@@ -112,7 +113,10 @@ def awq_loss_kernel(
         deq = scale[:, None] * (code - zero[:, None])
         err = tl.math.div_rn(deq, s[None, :]) - w
         x = tl.load(x_ptr + toks[:, None] * stride_x + kk[None, :], mask=tok_ok[:, None], other=0.0)
-        acc = tl.dot(x.to(tl.float32), tl.trans(err), acc, input_precision="ieee")
+        if HALF:  # 16-bit inputs: the error in their dtype, tensor-core dot with fp32 accumulation
+            acc = tl.dot(x, tl.trans(err.to(x.dtype)), acc)
+        else:
+            acc = tl.dot(x, tl.trans(err), acc, input_precision="ieee")
     tl.atomic_add(loss_ptr + a, tl.sum(tl.sum(acc * acc, axis=1), axis=0) * inv_count)
 
 
@@ -121,9 +125,32 @@ def pick_config(group_size: int) -> LaunchConfig:
     return CONFIGS[0]
 
 
-def kernel_usable(w: torch.Tensor, group_size: int) -> bool:
-    """Whether the Triton path takes this grid (one group is one reduction tile)."""
-    return group_size in KERNEL_GROUPS and w.shape[1] % group_size == 0
+def excluded(target: str, dtype: str, config: LaunchConfig) -> str | None:
+    """Why the launcher never runs ``config`` for ``dtype`` on ``target`` (None: it may)."""
+    if target == "sm_75" and dtype in ("fp16", "bf16"):
+        return ("Triton emits no tensor-core dot on sm_75 (FMA fallback, and the 16-bit tile spills); "
+                "the dispatcher uses the PyTorch reference there")
+    return None
+
+
+_TARGET_OF_DEVICE: dict[int, str | None] = {}
+
+
+def kernel_usable(w: torch.Tensor, group_size: int, x: torch.Tensor | None = None) -> bool:
+    """Whether the Triton path takes this grid (one group is one reduction tile) and, on a GPU, whether
+    :func:`excluded` allows the launch for ``x``'s device and dtype."""
+    if group_size not in KERNEL_GROUPS or w.shape[1] % group_size:
+        return False
+    if x is None or not x.is_cuda:
+        return True
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    if index not in _TARGET_OF_DEVICE:
+        from .catalog import runtime_target
+
+        _TARGET_OF_DEVICE[index] = runtime_target(x.device)
+    target = _TARGET_OF_DEVICE[index]
+    dtype = _TORCH_TO_TRITON.get(x.dtype, "fp32")
+    return target is None or excluded(target, dtype, pick_config(group_size)) is None
 
 
 def aot_signature(dtype: str, config: LaunchConfig, GROUP: int = 64) -> tuple[dict, dict]:
@@ -131,8 +158,8 @@ def aot_signature(dtype: str, config: LaunchConfig, GROUP: int = 64) -> tuple[di
     sig = {"w_ptr": "*fp32", "x_ptr": f"*{dtype}", "s_ptr": "*fp32", "loss_ptr": "*fp32", "N": "i32", "K": "i32",
            "T": "i32", "stride_w": "i32", "stride_x": "i32", "stride_s": "i32", "maxq": "i32", "min_scale": "fp32",
            "inv_count": "fp32", "BLOCK_N": "constexpr", "BLOCK_T": "constexpr", "GROUP": "constexpr",
-           "SYM": "constexpr"}
-    return sig, {**config.constexprs(), "GROUP": GROUP, "SYM": False}
+           "SYM": "constexpr", "HALF": "constexpr"}
+    return sig, {**config.constexprs(), "GROUP": GROUP, "SYM": False, "HALF": dtype in ("fp16", "bf16")}
 
 
 _TORCH_TO_TRITON = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -158,6 +185,7 @@ def awq_loss_triton(w: torch.Tensor, x: torch.Tensor, scales: torch.Tensor, grou
     meta = config.constexprs()
     grid = (scales.shape[0], triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(t, meta["BLOCK_T"]))
     awq_loss_kernel[grid](w, x, scales, loss, n, k, t, w.stride(0), x.stride(0), scales.stride(0), maxq, MIN_SCALE,
-                          1.0 / (t * n), GROUP=group_size, SYM=sym, num_warps=config.num_warps,
+                          1.0 / (t * n), GROUP=group_size, SYM=sym, HALF=x.dtype != torch.float32,
+                          num_warps=config.num_warps,
                           num_stages=config.num_stages, **meta)
     return loss

@@ -79,3 +79,11 @@ def test_bench_quant_has_an_awq_row():
 
     rows = quant_time.bench_awq(torch.device("cpu"), quant_time.CPU_SHAPES["awq"], "triton")
     assert rows and all(r["op"] == "awq_search" and r["max_rel_diff"] < 1e-5 and r["same_argmin"] for r in rows)
+
+
+def test_fp16_inputs_use_a_half_precision_error():
+    w, x, scales = _case(64, 64, 24, 3, seed=11, dtype=torch.float16)
+    tri = kernels.awq_scale_loss(w, x, scales, 32, 15, False, force="triton")
+    l64 = _loss64(w, x.float(), scales, 32, 15, False)
+    # the weight error rounded to fp16 (11-bit significand): about 1e-3 relative on the loss
+    torch.testing.assert_close(tri.double(), l64, rtol=5e-3, atol=0)
