@@ -351,7 +351,8 @@ def _first_lines(text: str, n: int) -> str:
 
 _RES_RE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
 _SASS_LOAD_RE = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?(LDG|LDGSTS|UTMALDG|UBLKCP)(\.[\w.]+)?\s")
-_SASS_MMA_RE = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?(HMMA|HGMMA|UTCHMMA|UTCQMMA|UTCMMA|IMMA|QGMMA)\b")
+_SASS_MMA_RE = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?"
+                          r"(HMMA|HGMMA|UTCHMMA|UTCQMMA|UTCMMA|IMMA|QGMMA|IGMMA|UTCIMMA)\b")  # + int8: IGMMA, UTCIMMA
 
 
 def _parse_cubin(cubin: bytes, report: StaticReport) -> None:

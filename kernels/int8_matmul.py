@@ -6,8 +6,10 @@ per-token and per-channel scales applied in the epilogue. PyTorch references bes
 (SmoothQuant's per-token scheme, Xiao et al. 2023 §4; the engine's ``act_quant`` per-token symmetric grid).
 
 The GEMM accumulates in int32 through ``tl.dot(..., out_dtype=tl.int32)``, which lowers to the int8 tensor
-core instructions (IMMA ``mma.sync ... s8.s8.s32`` on sm_75+, MFMA ``i32_16x16x32_i8`` / ``i8`` on CDNA);
-``tritonq bench static`` reports which one the compiled code uses. K tails are masked to zero, which is exact.
+core instructions: IMMA on sm_80/86/89, IGMMA (wgmma) on sm_90, UTCIMMA (tcgen05) on sm_100, MFMA i8 on
+gfx90a/gfx942 (counted in the "mma" column of ``tritonq bench static``); on sm_75 Triton has no int8 MMA and
+the kernel does not compile, so the dispatcher uses the reference there (:func:`excluded`). K tails are masked
+to zero, which is exact.
 
 The reference computes the integer product exactly in floating point: fp32 holds every partial sum while
 ``K * 128 * 128 < 2^24``, fp64 beyond (products of int8 codes are at most 2^14).
@@ -26,7 +28,7 @@ MIN_SCALE = 1e-5  # the engine's act_quant.MIN_ACT_SCALE: an all-zero token keep
 
 GEMM_CONFIGS: tuple[LaunchConfig, ...] = (
     LaunchConfig.of(num_warps=4, num_stages=3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64),
-    LaunchConfig.of(num_warps=4, num_stages=3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64),
+    LaunchConfig.of(num_warps=8, num_stages=3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64),  # 4 warps spill on sm_8x
 )
 QUANT_CONFIGS: tuple[LaunchConfig, ...] = (LaunchConfig.of(num_warps=4, num_stages=1, BLOCK_K=1024),)
 LIMITS = KernelLimits(dtypes=("fp16", "bf16", "fp32"))
