@@ -305,10 +305,13 @@ def _cast(value: Any, dtype: torch.dtype) -> Any:
 
 
 def search_dtype(name: str, weight: torch.Tensor) -> torch.dtype | None:
-    """The dtype candidates are scored in: ``auto`` is the model's, except bfloat16 for float32 on the CPU
-    (~3x faster matmuls there; the references score in the model's half precision, AutoAWQ loads fp16)."""
+    """The dtype candidates are scored in: ``auto`` is the model's, except bfloat16 for float32 on a CPU with
+    native bf16 arithmetic (AVX512-BF16 or AMX: ~3x faster matmuls there; the references score in the model's
+    half precision, AutoAWQ loads fp16). CPUs without it emulate bf16, slower than fp32, so they keep fp32."""
     if name == "auto":
-        return torch.bfloat16 if weight.dtype == torch.float32 and weight.device.type == "cpu" else None
+        native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        on_cpu_fp32 = weight.dtype == torch.float32 and weight.device.type == "cpu"
+        return torch.bfloat16 if on_cpu_fp32 and native_bf16 else None
     return SEARCH_DTYPES[name]
 
 

@@ -327,3 +327,14 @@ def test_search_losses_pick_the_first_minimum_and_refuse_all_nan():
     assert awq.pick_best(torch.tensor([3.0, 1.0, 1.0, float("nan")]), "x") == 1  # strict <: first on ties
     with pytest.raises(TritonqError, match="non-finite loss"):
         awq.pick_best(torch.tensor([float("nan"), float("inf")]), "block 0")
+
+
+def test_auto_search_dtype_uses_bf16_only_where_the_cpu_has_it(monkeypatch):
+    w32 = torch.zeros(2, 2)
+    cases = [(True, False, torch.bfloat16), (False, True, torch.bfloat16), (False, False, None)]
+    for avx512_bf16, amx, expect in cases:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert awq.search_dtype("auto", w32) is expect
+    assert awq.search_dtype("auto", w32.half()) is None  # a half model is scored in its own dtype
+    assert awq.search_dtype("float32", w32) is torch.float32
