@@ -63,3 +63,13 @@ def test_bench_matmul_w8a8_rows_in_the_interpreter():
 
     rows, ok = _w8a8_interpreter_rows(as_json=True)
     assert ok and len(rows) == 6 and all(r["max_abs_err"] < 1e-3 for r in rows)
+
+
+def test_sm75_is_excluded_and_integer_mma_is_counted():
+    from tritonq.kernels import aot
+
+    config = im.GEMM_CONFIGS[0]
+    assert im.excluded("sm_75", "fp16", config) and im.excluded("sm_90", "fp16", config) is None
+    for op in ("IMMA.16832.S8.S8", "IGMMA.64x64x32.S8.S8", "UTCIMMA", "HMMA.16816.F32"):
+        assert aot._SASS_MMA_RE.match(f"        /*0420*/                   {op} R24, R2, R4, R24 ;"), op
+    assert not aot._SASS_MMA_RE.match("        /*0420*/                   IMAD R24, R2, R4, R24 ;")
