@@ -30,11 +30,11 @@ import torch
 import torch.nn as nn
 
 from ..errors import TritonqError
+from ..kernels.grid_rule import MIN_ACT_SCALE
 from .methods import LayerResult, Method
 
 ACT_BITS = (8, 6, 4)
 ACT_SCHEMES = ("per-token", "per-tensor")
-MIN_ACT_SCALE = 1e-5  # SmoothQuant's clamp: an all-zero token keeps a finite scale
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,9 @@ import torch
 # Smallest scale allowed: the smallest normal fp16 number (2^-14 = 6.1e-5). A smaller scale would be a
 # subnormal or flush to zero in the fp16 scales of the checkpoint formats.
 MIN_SCALE = 2.0**-14
+# Smallest dynamic activation scale (SmoothQuant's clamp): an all-zero token keeps a finite scale. Shared by
+# the engine's activation quantizer and the int8 kernels' per-token quantization.
+MIN_ACT_SCALE = 1e-5
 
 
 def minmax_scale_zero(lo: torch.Tensor, hi: torch.Tensor, maxq: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,9 +22,9 @@ import triton
 import triton.language as tl
 
 from .configs import KernelLimits, LaunchConfig
+from .grid_rule import MIN_ACT_SCALE
 
 QMAX = 127
-MIN_SCALE = 1e-5  # the engine's act_quant.MIN_ACT_SCALE: an all-zero token keeps a finite scale
 
 GEMM_CONFIGS: tuple[LaunchConfig, ...] = (
     LaunchConfig.of(num_warps=4, num_stages=3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64),
@@ -41,7 +41,7 @@ LIMITS = KernelLimits(dtypes=("fp16", "bf16", "fp32"))
 def quantize_per_token_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference: int8 codes [M, K] and fp32 scales [M] of the rows of ``x`` [M, K]."""
     xf = x.float()
-    scale = (xf.abs().amax(dim=-1) / QMAX).clamp(min=MIN_SCALE)
+    scale = (xf.abs().amax(dim=-1) / QMAX).clamp(min=MIN_ACT_SCALE)
     codes = torch.clamp(torch.round(xf / scale[:, None]), -QMAX - 1, QMAX).to(torch.int8)
     return codes, scale
 
@@ -177,7 +177,7 @@ def quantize_per_token_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     q = torch.empty(m, k, dtype=torch.int8, device=x.device)
     s = torch.empty(m, dtype=torch.float32, device=x.device)
     config = pick_quant_config()
-    quantize_per_token_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), MIN_SCALE, num_warps=config.num_warps,
+    quantize_per_token_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), MIN_ACT_SCALE, num_warps=config.num_warps,
                                     num_stages=config.num_stages, **config.constexprs())
     return q, s
 
