@@ -506,6 +506,10 @@ class AWQ(Method):
         """``(W, s) -> Q(W s)/s`` used inside the search; None: rounding on the grid (the kernel's path)."""
         return None
 
+    def fold_pair(self, group: Any, obs: PairObserver, scale: torch.Tensor) -> None:
+        """Fold the chosen ``scale`` (as wide as the balance input) of one pair into the block."""
+        group.fold(obs.pair, scale)
+
     def search_and_fold(self, group: Any, state: AWQState) -> torch.Tensor | None:
         """Search and fold every pair the group owns; the scale now on the group's own input (or None)."""
         input_scale = None
@@ -525,7 +529,7 @@ class AWQ(Method):
             else:
                 best, _losses = search_linear_scale_with(weights[0], obs.sample_inputs(), candidates, quantizer, label)
             s = candidates[best].to(weights[0].device)
-            group.fold(pair, s)
+            self.fold_pair(group, obs, s)
             obs.calls, obs.inputs = [], []
             if set(pair.balance) <= set(group.names):
                 input_scale = s
