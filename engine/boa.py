@@ -329,7 +329,7 @@ def two_sided_sweep(w: torch.Tensor, u_col: torch.Tensor, u_row: torch.Tensor, s
     """Rows of every head in turn: GPTQ sweep of row ``i`` of all heads with ``u_col``, then the later rows
     ``i'`` take ``-= U_row[i, i'] / U_row[i, i] * (w_i - q_i)`` (boa.md §2 step 5), lazily: inside a block
     of :data:`ROW_BLOCK` rows one kernel call (``kernels.boa_sweep_rows``), after it one batched GEMM for all
-    later rows (``kernels.boa_cross_update``). Returns q [G, r, d]."""
+    later rows (``kernels.trailing_update``). Returns q [G, r, d]."""
     w = w.float().contiguous().clone()
     heads, rows, d = w.shape
     coef = (u_row / torch.diagonal(u_row, dim1=1, dim2=2)[..., None]).contiguous()  # U[i, i'] / U[i, i]
@@ -342,7 +342,7 @@ def two_sided_sweep(w: torch.Tensor, u_col: torch.Tensor, u_row: torch.Tensor, s
             q[:, r0:r1], delta = kernels.boa_sweep_rows(w, u_col, coef, scale, zero, g_idx, r0, r1 - r0,
                                                         spec.effective_group(d), spec.maxq, spec.sym, force=force)
             if r1 < rows:
-                kernels.boa_cross_update(w[:, r1:], coef[:, r0:r1, r1:].transpose(1, 2), delta, force=force)
+                kernels.trailing_update(w[:, r1:], coef[:, r0:r1, r1:].transpose(1, 2), delta, force=force)
     return q
 
 

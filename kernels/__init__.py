@@ -74,7 +74,8 @@ def gptq_max_cols() -> int:
 
 
 def trailing_update(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor, force: str | None = None) -> None:
-    """``c -= a @ b`` in place (fp32): GPTQ's lazy update of the columns after a block."""
+    """``c -= a @ b`` in place (fp32): GPTQ's lazy update of the columns after a block; with a leading batch
+    axis (``c[g] -= a[g] @ b[g]``), BoA's cross-row update of every head after a block of rows."""
     from . import gptq_block
 
     fn = gptq_block.trailing_update_triton if use_triton(c, force) else gptq_block.trailing_update_ref
@@ -90,14 +91,6 @@ def boa_sweep_rows(
 
     fn = mod.boa_rows_triton if use_triton(w, force) else mod.boa_rows_ref
     return fn(w, u, coef, scale, zero, g_idx, r0, nrows, group_size, maxq, sym)
-
-
-def boa_cross_update(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor, force: str | None = None) -> None:
-    """``c[g] -= a[g] @ b[g]`` for every head, in place (fp32): BoA's cross-row update after a block of rows."""
-    from . import boa_cross
-
-    fn = boa_cross.cross_update_triton if use_triton(c, force) else boa_cross.cross_update_ref
-    fn(c, a, b)
 
 
 def check_dequant_limits(bits: int, group_size: int, in_features: int | None = None) -> None:

@@ -8,8 +8,9 @@ by every head, ``coef[g, i, i'] = U_row[g][i, i'] / U_row[g][i, i]``. For rows `
 turn: GPTQ on row ``i`` of every head with ``U`` (grids preset per row and group: ``scale``/``zero``
 [G, R, groups] read through ``g_idx``) gives ``q_i``; ``delta_i = w_i - q_i`` (``w_i`` before its sweep);
 every later row ``i' < r0 + n`` of the block takes ``w_i' -= coef[:, i, i'] * delta_i``. The rows after
-the block are left to one batched GEMM with the block's residuals (``kernels/boa_cross.py``), which is
-exact because they are not read inside the block (GPTQ's lazy-batch argument, applied across rows).
+the block are left to one GEMM with the block's residuals, batched over heads
+(``gptq_block.trailing_update_kernel``), which is exact because they are not read inside the block
+(GPTQ's lazy-batch argument, applied across rows).
 
 The kernel gives each program ``BLOCK_G`` heads and runs the whole row block in one launch: per row, a
 ``[BLOCK_G, BLOCK_B]`` tile of columns stays in registers for its ``BLOCK_B`` sequential steps, and the

@@ -215,10 +215,6 @@ ENTRIES: tuple[KernelEntry, ...] = (
     # engine/boa.py: contiguous tensors; K a multiple of 16 at the bench shapes (Llama q_proj)
     KernelEntry("boa_rows", "boa_rows", "boa_rows_kernel", "CONFIGS", "aot_signature", _picks_boa,
                 assume={"K": "16"}),
-    # C = later rows of w (row-major), A = coef slice transposed (unit row stride), B = the residuals
-    KernelEntry("boa_cross", "boa_cross", "boa_cross_kernel", "CONFIGS", "aot_signature", _picks_boa,
-                assume={"N": "16", "stride_cm": "16", "stride_cn": "1", "stride_am": "1", "stride_bk": "16",
-                        "stride_bn": "1"}),
     # W8A8: activations [M, K] and int8 weights [N, K] row-major; K, N multiples of 16 at the bench shapes
     KernelEntry("int8_gemm", "int8_matmul", "int8_gemm_kernel", "GEMM_CONFIGS", "aot_signature_gemm",
                 _picks_int8_gemm, excluded="excluded", launcher_checks_exclusion=True,

@@ -12,8 +12,8 @@ The grid (``engine/grid.py`` conventions) is either fitted in the kernel at the 
 group from the up-to-date working tile (``FIT``; blocks start at group starts; the rule is
 :func:`.grid_rule.minmax_scale_zero`, transcribed in the kernel and tested bit-exact against it), or
 read per column from precomputed ``scale``/``zero`` [N, G] through ``g_idx`` (``PRESET``: per-channel
-grids, static groups with act-order). The same two kernels serve BoA's two-sided updates later
-(``../shared/docs/boa.md`` §10): the trailing update is a general ``C -= A @ B``.
+grids, static groups with act-order). The same two kernels serve BoA's two-sided updates
+(``../shared/docs/boa.md`` §10): the trailing update is a general ``C -= A @ B``, batched over heads.
 """
 
 from __future__ import annotations
@@ -123,9 +123,25 @@ def quantize_block_ref(
     return q_out.t(), err_out.t()
 
 
+def check_update_args(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``C -= A @ B`` takes C [M, N], A [M, K], B [K, N], or the same with a leading batch axis, all fp32."""
+    batched = c.dim() == 3
+    if c.dim() not in (2, 3) or a.dim() != c.dim() or b.dim() != c.dim() or (batched and not (
+            a.shape[0] == b.shape[0] == c.shape[0])) or a.shape[-2] != c.shape[-2] or b.shape[-1] != c.shape[-1] \
+            or a.shape[-1] != b.shape[-2]:
+        raise TritonqError(f"the trailing update takes C [(G,) M, N], A [(G,) M, K], B [(G,) K, N]; got "
+                           f"{tuple(c.shape)}, {tuple(a.shape)}, {tuple(b.shape)}")
+    if any(t.dtype != torch.float32 for t in (c, a, b)):
+        raise TritonqError("the trailing update works in fp32")
+
+
 def trailing_update_ref(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """Reference of :func:`trailing_update_kernel`: ``c -= a @ b`` in place (fp32)."""
-    c.sub_(a @ b)
+    """Reference of :func:`trailing_update_kernel`: ``c -= a @ b`` in place (fp32), per batch entry when 3-D."""
+    check_update_args(c, a, b)
+    if c.dim() == 3:
+        c.baddbmm_(a, b, alpha=-1.0)
+    else:
+        c.sub_(a @ b)
 
 
 @triton.jit
@@ -188,27 +204,28 @@ def gptq_block_kernel(
 @triton.jit
 def trailing_update_kernel(
     c_ptr, a_ptr, b_ptr, M, N, K,
-    stride_cm, stride_cn, stride_am, stride_ak, stride_bk, stride_bn,
+    stride_cg, stride_cm, stride_cn, stride_ag, stride_am, stride_ak, stride_bg, stride_bk, stride_bn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """C[M, N] -= A[M, K] @ B[K, N], fp32 with IEEE products (GPTQ's lazy batch update)."""
+    """C[g] -= A[g] @ B[g] for batch entry g = program_id(2), fp32 with IEEE products: GPTQ's lazy update of
+    the columns after a block (one entry, batch strides 0) and BoA's cross-row update of every head at once."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    g = tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
-        a = tl.load(a_ptr + rm[:, None] * stride_am + kk[None, :] * stride_ak,
+        a = tl.load(a_ptr + g * stride_ag + rm[:, None] * stride_am + kk[None, :] * stride_ak,
                     mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
-        b = tl.load(b_ptr + kk[:, None] * stride_bk + rn[None, :] * stride_bn,
+        b = tl.load(b_ptr + g * stride_bg + kk[:, None] * stride_bk + rn[None, :] * stride_bn,
                     mask=(kk[:, None] < K) & (rn[None, :] < N), other=0.0)
         acc = tl.dot(a, b, acc, input_precision="ieee")
     mask = (rm[:, None] < M) & (rn[None, :] < N)
-    offs = rm[:, None] * stride_cm + rn[None, :] * stride_cn
-    c = tl.load(c_ptr + offs, mask=mask, other=0.0)
-    tl.store(c_ptr + offs, c - acc, mask=mask)
+    offs = c_ptr + g * stride_cg + rm[:, None] * stride_cm + rn[None, :] * stride_cn
+    tl.store(offs, tl.load(offs, mask=mask, other=0.0) - acc, mask=mask)
 
 
 def pick_config(block_width: int) -> LaunchConfig:
@@ -237,7 +254,8 @@ def aot_signature(dtype: str, config: LaunchConfig) -> tuple[dict, dict]:
 def aot_signature_update(dtype: str, config: LaunchConfig) -> tuple[dict, dict]:
     """AOT argument types of :func:`trailing_update_kernel` (fp32 only)."""
     sig = {"c_ptr": "*fp32", "a_ptr": "*fp32", "b_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32"}
-    sig.update({name: "i32" for name in ("stride_cm", "stride_cn", "stride_am", "stride_ak", "stride_bk", "stride_bn")})
+    sig.update({name: "i32" for name in ("stride_cg", "stride_cm", "stride_cn", "stride_ag", "stride_am", "stride_ak",
+                                         "stride_bg", "stride_bk", "stride_bn")})
     sig.update({"BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"})
     return sig, config.constexprs()
 
@@ -264,15 +282,18 @@ def quantize_block_triton(
 
 
 def trailing_update_triton(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """Triton launcher: ``c -= a @ b`` in place."""
-    m, k = a.shape
-    n = b.shape[1]
+    """Triton launcher: ``c -= a @ b`` in place (any strides), per batch entry when 3-D."""
+    check_update_args(c, a, b)
+    if c.dim() == 2:  # one batch entry: batch strides 0
+        c, a, b = c.unsqueeze(0), a.unsqueeze(0), b.unsqueeze(0)
+    batch, m, n = c.shape
+    k = a.shape[2]
     if m == 0 or n == 0 or k == 0:
         return
     config = pick_update_config()
     meta = config.constexprs()
-    grid = (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))
+    grid = (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]), batch)
     trailing_update_kernel[grid](
-        c, a, b, m, n, k, c.stride(0), c.stride(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        c, a, b, m, n, k, *c.stride(), *a.stride(), *b.stride(),
         num_warps=config.num_warps, num_stages=config.num_stages, **meta,
     )

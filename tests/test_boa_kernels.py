@@ -1,6 +1,6 @@
-"""BoA's kernels (kernels/boa_rows.py, kernels/boa_cross.py) in the Triton interpreter against their PyTorch
-references, and the references against a float64 row-by-row transcription; shapes that are not multiples
-of the blocks (heads, rows, columns) included."""
+"""BoA's kernels (kernels/boa_rows.py; the batched trailing update of kernels/gptq_block.py) in the Triton
+interpreter against their PyTorch references, and the references against a float64 row-by-row
+transcription; shapes that are not multiples of the blocks (heads, rows, columns) included."""
 
 import pytest
 import torch
@@ -87,8 +87,8 @@ def test_cross_update_kernel_matches_reference(heads, m, n, k):
     coef = torch.randn(heads, k, m, generator=gen)
     b = torch.randn(heads, k, n, generator=gen)
     c_ref, c_tri = c.clone(), c.clone()
-    kernels.boa_cross_update(c_ref, coef.transpose(1, 2), b, force="ref")  # the engine's transposed view
-    kernels.boa_cross_update(c_tri, coef.transpose(1, 2), b, force="triton")
+    kernels.trailing_update(c_ref, coef.transpose(1, 2), b, force="ref")  # the engine's transposed view
+    kernels.trailing_update(c_tri, coef.transpose(1, 2), b, force="triton")
     torch.testing.assert_close(c_tri, c_ref, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(c_ref.double(), c.double() - coef.double().transpose(1, 2) @ b.double(),
                                rtol=1e-5, atol=1e-4)
@@ -116,7 +116,7 @@ def test_bad_arguments_are_clear_errors():
     with pytest.raises(TritonqError, match="fp32"):
         kernels.boa_sweep_rows(w.double(), u, coef, s, z, g_idx, 0, 4, 16, spec.maxq, False, force="triton")
     with pytest.raises(TritonqError, match="takes C"):
-        kernels.boa_cross_update(w, coef[:, :3], w, force="ref")
+        kernels.trailing_update(w, coef[:, :3], w, force="ref")
 
 
 def test_bench_boa_row_runs_the_kernel_and_agrees():
