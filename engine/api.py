@@ -112,10 +112,10 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
     """Load, calibrate, quantize block by block, save atomically, optionally evaluate."""
     started = time.perf_counter()
     seconds: dict[str, float] = {}
-    from .formats import FORMATS
+    from .formats import GGUF_FORMAT, OUTPUT_FORMATS
 
-    if opts.out_format not in ("fake", *FORMATS):
-        raise TritonqError(f"unknown --format {opts.out_format!r}; choose fake or one of {', '.join(FORMATS)}")
+    if opts.out_format not in ("fake", *OUTPUT_FORMATS):
+        raise TritonqError(f"unknown --format {opts.out_format!r}; choose fake or one of {', '.join(OUTPUT_FORMATS)}")
     group_size = 128 if opts.group_size is None else opts.group_size
     spec = GridSpec(bits=opts.bits, group_size=group_size, sym=opts.sym, mse=opts.mse)
     method = make_method(opts.method, opts.method_options)
@@ -135,6 +135,11 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
         spec = dataclasses.replace(spec, group_size=default_group_size(widths))
     for name, k in widths.items():
         spec.groups_for(k, name)
+    if opts.out_format == GGUF_FORMAT:  # grid, architecture and tokenizer must fit GGUF before calibration
+        from .gguf_export import check_gguf_request, tokenizer_json_of
+
+        check_gguf_request(spec, load_config(opts.model, opts.trust_remote_code).to_dict(),
+                           tokenizer_json_of(tokenizer), method.describe().get("act_order_groups"))
     seconds["preflight"] = time.perf_counter() - t0
 
     calib_meta = None

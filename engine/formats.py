@@ -871,10 +871,14 @@ FORMATS: dict[str, PackedFormat] = {
 }
 
 
+GGUF_FORMAT = "gguf"  # a single-file export (engine/gguf_export.py), written by save_packed, not read back
+OUTPUT_FORMATS = (*FORMATS, GGUF_FORMAT)  # every --format of 'tritonq pack' (and, with fake, of quantize)
+
+
 def get_format(name: str) -> PackedFormat:
     """The format registered under ``name``; a clear error listing the choices otherwise."""
     if name not in FORMATS:
-        raise TritonqError(f"unknown format {name!r}; choose one of {', '.join(FORMATS)}")
+        raise TritonqError(f"unknown format {name!r}; choose one of {', '.join(OUTPUT_FORMATS)}")
     return FORMATS[name]
 
 
@@ -971,10 +975,15 @@ def save_packed(
     weights (:meth:`QuantizedWeight.from_grid`). Non-quantized tensors (embeddings, norms, lm_head, biases)
     are copied unchanged; tokenizer and generation files are copied; ``config.json`` gains the format's
     ``quantization_config`` (plus the format's side files, e.g. GPTQ's ``quantize_config.json``). The output
-    appears atomically. Returns the output path.
+    appears atomically. Returns the output path. ``fmt="gguf"`` writes ``out_dir/model.gguf`` instead
+    (:func:`tritonq.engine.gguf_export.save_gguf`).
     """
     from .. import __version__
 
+    if fmt == GGUF_FORMAT:  # one file of ggml blocks, not a safetensors checkpoint
+        from .gguf_export import save_gguf
+
+        return save_gguf(src_dir, out_dir, overwrite=overwrite, layers=layers)
     packer = get_format(fmt)
     config, spec, meta = read_source(src_dir)
     packer.check(spec)
