@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -200,28 +201,27 @@ def _load_failed(what: str, name: str, exc: BaseException) -> TritonqError:
     )
 
 
+def _from_pretrained(what: str, auto_class: Any, name: str, trust_remote_code: bool) -> Any:
+    source = resolve_model(name)
+    try:
+        with quiet_hub():
+            return auto_class.from_pretrained(source.src, trust_remote_code=trust_remote_code, **source.kwargs)
+    except Exception as exc:  # noqa: BLE001 - report one clear line
+        raise _load_failed(what, name, exc) from None
+
+
 def load_tokenizer(name: str, trust_remote_code: bool = False):
     """The tokenizer of ``name`` (see :func:`resolve_model` for what ``name`` may be)."""
     from transformers import AutoTokenizer
 
-    source = resolve_model(name)
-    try:
-        with quiet_hub():
-            return AutoTokenizer.from_pretrained(source.src, trust_remote_code=trust_remote_code, **source.kwargs)
-    except Exception as exc:  # noqa: BLE001 - report one clear line
-        raise _load_failed("tokenizer", name, exc) from None
+    return _from_pretrained("tokenizer", AutoTokenizer, name, trust_remote_code)
 
 
 def load_config(name: str, trust_remote_code: bool = False):
     """The model config of ``name``."""
     from transformers import AutoConfig
 
-    source = resolve_model(name)
-    try:
-        with quiet_hub():
-            return AutoConfig.from_pretrained(source.src, trust_remote_code=trust_remote_code, **source.kwargs)
-    except Exception as exc:  # noqa: BLE001 - report one clear line
-        raise _load_failed("config", name, exc) from None
+    return _from_pretrained("config", AutoConfig, name, trust_remote_code)
 
 
 def load_model(name: str, dtype: torch.dtype, trust_remote_code: bool = False):
