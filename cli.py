@@ -109,11 +109,22 @@ def _run_quantize(args) -> int:
 
 
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="perplexity of a model or a tritonq output directory")
+    p = sub.add_parser("eval", help="perplexity, or lm-eval task accuracy, of a model or a tritonq output")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
-    p.add_argument("--data", default="wikitext2", help="a text file, or wikitext2 / c4 (hub)")
+    p.add_argument("--data", default=None,
+                   help="perplexity on a text file, or wikitext2 / c4 (hub); default wikitext2 unless --tasks")
     p.add_argument("--max-windows", type=int, default=None)
     p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--tasks", default=None,
+                   help="lm-eval tasks, comma-separated (e.g. arc_easy,hellaswag); needs the eval extra")
+    p.add_argument("--limit", type=float, default=None,
+                   help="at most N examples per task (a fraction if below 1); not comparable with full runs")
+    p.add_argument("--batch-size", type=int, default=1, help="lm-eval batch size (default 1)")
+    p.add_argument("--num-fewshot", type=int, default=0, help="examples in each prompt (default 0: zero-shot)")
+    p.add_argument("--include-path", action="append", default=None, metavar="DIR",
+                   help="a folder of lm-eval task YAML files (repeatable), for local tasks")
+    p.add_argument("--record", action="store_true",
+                   help="store the scores in the output's quantization.json, for 'tritonq report'")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_act_args(p, "overrides the checkpoint's setting; on a float model, every block linear")
     _add_model_args(p)
@@ -124,6 +135,35 @@ def _run_eval(args) -> int:
     from .commands import evaluate
 
     return evaluate(args)
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="one Markdown table across quantized outputs (settings, scores, times, sizes)")
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="directories written by 'tritonq quantize' or 'pack'")
+    p.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="also draw perplexity against bits per method (needs the plot extra)")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON instead of the table")
+    p.set_defaults(handler=_run_report)
+
+
+def _run_report(args) -> int:
+    from .commands import report
+
+    return report(args)
+
+
+def _add_plot(sub) -> None:
+    p = sub.add_parser("plot", help="plot a saved 'tritonq bench matmul|decode --json' result")
+    p.add_argument("kind", choices=["matmul", "decode"])
+    p.add_argument("result", metavar="RESULT.json")
+    p.add_argument("--output", "-o", required=True, metavar="FILE.png")
+    p.set_defaults(handler=_run_plot)
+
+
+def _run_plot(args) -> int:
+    from .commands import plot
+
+    return plot(args)
 
 
 def _add_pack(sub) -> None:
@@ -184,12 +224,16 @@ def _add_bench(sub) -> None:
 
     m = bench.add_parser("matmul", help="int4 dequant-matmul vs torch.matmul fp16")
     m.add_argument("--json", action="store_true")
+    m.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="draw speedup against M per shape (CUDA only; needs the plot extra)")
     m.set_defaults(handler=_run_bench_matmul)
 
     d = bench.add_parser("decode", help="tokens/s of a packed model vs its float original")
     d.add_argument("model", help="packed checkpoint directory")
     d.add_argument("--max-new-tokens", type=int, default=64)
     d.add_argument("--json", action="store_true")
+    d.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="draw tokens/s packed vs float (prints the JSON result; needs the plot extra)")
     _add_model_args(d)
     d.set_defaults(handler=_run_bench_decode)
 
@@ -212,9 +256,9 @@ def _run_bench_matmul(args) -> int:
 
 
 def _run_bench_decode(args) -> int:
-    from .bench.decode import main as bench_main
+    from .commands import bench_decode
 
-    return bench_main(args)
+    return bench_decode(args)
 
 
 def _run_bench_static(args) -> int:
@@ -227,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tritonq", description="Post-training quantization on Triton kernels")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command")
-    for add in (_add_quantize, _add_eval, _add_pack, _add_generate, _add_serve, _add_bench):
+    for add in (_add_quantize, _add_eval, _add_pack, _add_generate, _add_serve, _add_bench, _add_report, _add_plot):
         add(sub)
     return parser
 

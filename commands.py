@@ -64,17 +64,155 @@ def quantize(args) -> int:
 
 
 def evaluate(args) -> int:
-    from .engine.api import evaluate as run_evaluate
+    """``tritonq eval``: perplexity on ``--data`` (default wikitext2), and/or lm-eval ``--tasks``.
 
-    res = run_evaluate(args.model, args.data, args.max_windows, args.seqlen, args.device, args.dtype,
-                       progress=not args.json, trust_remote_code=args.trust_remote_code, act_bits=args.act_bits,
-                       act_scheme=args.act_scheme, act_sym=args.act_sym)
-    if args.json:
-        print(json.dumps({**asdict(res), "model": args.model, "data": args.data}))
+    With ``--tasks`` alone only the tasks run; with both, perplexity first. ``--record`` stores each score in
+    the output's ``quantization.json`` (checked before any work), where ``tritonq report`` finds it."""
+    from .errors import TritonqError
+
+    tasks = None
+    if args.tasks is not None:
+        from .engine.zero_shot import parse_tasks
+
+        tasks = parse_tasks(args.tasks)
     else:
-        print(f"perplexity {res.perplexity:.4f} over {res.windows} windows of {res.seqlen} tokens "
-              f"({res.tokens} tokens) of {args.data}")
-    return 0 if math.isfinite(res.perplexity) else 1
+        given = [flag for flag, value in (("--limit", args.limit), ("--include-path", args.include_path))
+                 if value is not None]
+        if given:
+            raise TritonqError(f"{', '.join(given)} applies to lm-eval tasks; add --tasks NAME[,NAME...]")
+    data = args.data if args.data is not None or tasks else "wikitext2"
+    if args.record:
+        from pathlib import Path
+
+        from .engine.report import QUANT_JSON
+
+        if not (Path(args.model) / QUANT_JSON).is_file():
+            raise TritonqError(f"--record stores scores in {QUANT_JSON}, which {args.model} does not have; give a "
+                               f"directory written by 'tritonq quantize' (format fake), or drop --record")
+    out: dict = {"model": args.model}
+    status = 0
+    if data is not None:
+        from .engine.api import evaluate as run_evaluate
+
+        res = run_evaluate(args.model, data, args.max_windows, args.seqlen, args.device, args.dtype,
+                           progress=not args.json, trust_remote_code=args.trust_remote_code, act_bits=args.act_bits,
+                           act_scheme=args.act_scheme, act_sym=args.act_sym)
+        out.update({**asdict(res), "data": data})
+        if args.record:
+            from .engine.report import PERPLEXITY, perplexity_label, record_evaluation
+
+            record_evaluation(args.model, PERPLEXITY, perplexity_label(data, res.windows, res.seqlen),
+                              {**asdict(res), "data": data})
+        if not args.json:
+            print(f"perplexity {res.perplexity:.4f} over {res.windows} windows of {res.seqlen} tokens "
+                  f"({res.tokens} tokens) of {data}")
+        status = 0 if math.isfinite(res.perplexity) else 1
+    if tasks:
+        from .engine.zero_shot import run_tasks, task_table
+
+        limit = args.limit
+        if limit is not None and limit >= 1 and float(limit).is_integer():
+            limit = int(limit)
+        res = run_tasks(args.model, tasks, limit=limit, batch_size=args.batch_size, num_fewshot=args.num_fewshot,
+                        include_path=args.include_path, device=args.device, dtype=args.dtype,
+                        trust_remote_code=args.trust_remote_code, act_bits=args.act_bits, act_scheme=args.act_scheme,
+                        act_sym=args.act_sym)
+        scores = {name: asdict(score) for name, score in res.tasks.items()}
+        out["lm_eval"] = {"tasks": scores, "num_fewshot": res.num_fewshot, "limit": res.limit,
+                          "batch_size": res.batch_size, "lm_eval_version": res.lm_eval_version}
+        if args.record:
+            from .engine.report import LM_EVAL, record_evaluation, task_label
+
+            for name, score in scores.items():
+                record_evaluation(args.model, LM_EVAL, task_label(name, res.num_fewshot, res.limit),
+                                  {**score, "num_fewshot": res.num_fewshot, "limit": res.limit,
+                                   "lm_eval_version": res.lm_eval_version})
+        if not args.json:
+            shots = f"{res.num_fewshot}-shot" + ("" if res.limit is None else f", limit {res.limit:g} per task")
+            print(f"lm-eval {res.lm_eval_version} on {args.model} ({shots}):")
+            print(task_table(res))
+    if args.json:
+        print(json.dumps(out))
+    return status
+
+
+def report(args) -> int:
+    """``tritonq report DIR... [--plot FILE.png] [--json]``: one Markdown table across outputs; the plot."""
+    from .engine.report import markdown_table, read_output
+
+    if args.plot:
+        from .bench.plots import check_png_path, require_matplotlib
+
+        require_matplotlib()
+        check_png_path(args.plot)
+    summaries = [read_output(d) for d in args.dirs]
+    if args.json:
+        rows = [{**asdict(s), "path": str(s.path)} for s in summaries]
+        print(json.dumps(rows, indent=1))
+    else:
+        print(markdown_table(summaries))
+    if args.plot:
+        import sys
+
+        from .bench.plots import plot_perplexity_vs_bits
+
+        print(f"wrote {plot_perplexity_vs_bits(summaries, args.plot)}", file=sys.stderr)
+    return 0
+
+
+def bench_decode(args) -> int:
+    """``tritonq bench decode``; with ``--plot``, its JSON is printed and drawn (packed vs float tokens/s)."""
+    from .bench.decode import main as decode_main
+
+    if not getattr(args, "plot", None):
+        return decode_main(args)
+    import contextlib
+    import io
+    import sys
+
+    from .bench.plots import check_png_path, plot_decode, require_matplotlib
+    from .errors import TritonqError
+
+    require_matplotlib()
+    check_png_path(args.plot)
+    args.json = True  # the plot reads the JSON result; it is also what is printed
+    captured = io.StringIO()
+    with contextlib.redirect_stdout(captured):
+        status = decode_main(args)
+    text = captured.getvalue()
+    sys.stdout.write(text)
+    start = text.find("{")
+    try:
+        result, _ = json.JSONDecoder().raw_decode(text[start:]) if start >= 0 else (None, 0)
+    except json.JSONDecodeError:
+        result = None
+    if not isinstance(result, dict):
+        raise TritonqError("bench decode printed no JSON result to plot")
+    print(f"wrote {plot_decode(result, args.plot)}", file=sys.stderr)
+    return status
+
+
+def plot(args) -> int:
+    """``tritonq plot {matmul,decode} RESULT.json --output FILE.png``: plot a saved bench result."""
+    import sys
+    from pathlib import Path
+
+    from .bench.plots import check_png_path, plot_decode, plot_matmul_speedup, require_matplotlib
+    from .errors import TritonqError
+
+    require_matplotlib()
+    check_png_path(args.output)
+    src = Path(args.result)
+    if not src.is_file():
+        raise TritonqError(f"{src} does not exist; give the JSON file a 'tritonq bench {args.kind} --json' run wrote")
+    try:
+        result = json.loads(src.read_text())
+    except json.JSONDecodeError as exc:
+        raise TritonqError(f"{src} is not JSON ({exc.msg}, line {exc.lineno}); give the output of "
+                           f"'tritonq bench {args.kind} --json'") from None
+    draw = plot_matmul_speedup if args.kind == "matmul" else plot_decode
+    print(f"wrote {draw(result, args.output)}", file=sys.stderr)
+    return 0
 
 
 def pack(args) -> int:

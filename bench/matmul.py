@@ -88,7 +88,7 @@ def _copy_bandwidth() -> float:
     return 2 * 2 * n / (us * 1e-6)
 
 
-def _cuda_bench(as_json: bool) -> int:
+def _cuda_bench(as_json: bool, plot: str | None = None) -> int:
     from ..kernels.dequant_matmul import dequant_matmul, dequant_matmul_ref
 
     props = torch.cuda.get_device_properties(0)
@@ -134,6 +134,10 @@ def _cuda_bench(as_json: bool) -> int:
         print(f"M=1 large shapes: worst speedup {worst:.2f}x, target {TARGET_M1_SPEEDUP}x "
               f"{'met' if met else 'NOT met'}")
         _w8a8_cuda_rows(False)
+    if plot:
+        from .plots import plot_matmul_speedup
+
+        print(f"wrote {plot_matmul_speedup(result, plot)}", file=sys.stderr)
     return 0
 
 
@@ -233,8 +237,20 @@ def _w8a8_interpreter_rows(as_json: bool) -> tuple[list[dict], bool]:
 
 def main(args) -> int:
     as_json = bool(getattr(args, "json", False))
-    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        return _cuda_bench(as_json)
+    plot = getattr(args, "plot", None)
+    gpu = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
+    if plot:  # checked before the long part
+        from ..errors import TritonqError
+        from .plots import check_png_path, require_matplotlib
+
+        if not gpu:
+            raise TritonqError("--plot needs a CUDA GPU: without one, bench matmul only checks the kernels in the "
+                               "Triton interpreter and times nothing (plot a GPU run's --json output with "
+                               "'tritonq plot matmul RESULT.json -o FILE.png')")
+        require_matplotlib()
+        check_png_path(plot)
+    if gpu:
+        return _cuda_bench(as_json, plot)
     if "tritonq.kernels.dequant_matmul" in sys.modules and os.environ.get("TRITON_INTERPRET", "0") != "1":
         # triton.jit decided at import time that the kernels are compiled; rerun interpreted
         import subprocess

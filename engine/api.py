@@ -213,6 +213,12 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
         seconds["eval"] = time.perf_counter() - t0
         summary.perplexity = result.perplexity
         summary.eval_windows = result.windows
+        if opts.out_format == "fake":  # packed outputs keep no quantization.json; `tritonq report` reads this
+            from .report import PERPLEXITY, perplexity_label, record_evaluation
+
+            record_evaluation(opts.output, PERPLEXITY, perplexity_label(opts.eval_data, result.windows, result.seqlen),
+                              {**dataclasses.asdict(result), "data": opts.eval_data},
+                              seconds={"save": seconds["save"], "eval": seconds["eval"]})
     seconds["total"] = time.perf_counter() - started
     return summary
 
@@ -227,18 +233,28 @@ def evaluate(model_name: str, data: str, max_windows: int | None = None, seqlen:
     from .evaluate import perplexity
 
     dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
     tokenizer = load_tokenizer(model_name, trust_remote_code)
     corpus = load_corpus(data, split="test")
     windows = evaluation_windows(tokenize(tokenizer, corpus.text), seqlen, max_windows, corpus.source)
+    model = load_evaluation_model(model_name, dev, resolve_dtype(dtype, dev), trust_remote_code, act_bits,
+                                  act_scheme, act_sym)
+    return perplexity(model, windows, dev, progress=progress)
+
+
+def load_evaluation_model(model_name: str, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False,
+                          act_bits: int | None = None, act_scheme: str | None = None, act_sym: bool | None = None):
+    """The model as it runs: packed int4 through ``QuantLinear``, anything else as float (fake-quantized) weights.
+
+    Activation quantization is applied as the checkpoint records it, or as ``act_*`` override (see ``evaluate``).
+    Shared by perplexity and the lm-eval tasks (``engine/zero_shot.py``), so both score the same model."""
     if _is_packed_checkpoint(model_name):  # packed int4: our QuantLinear path, no float weights
         from .serve import load_packed_model
 
-        model, _ = load_packed_model(model_name, device=str(dev), dtype=str(dt).replace("torch.", ""))
+        model, _ = load_packed_model(model_name, device=str(device), dtype=str(dtype).replace("torch.", ""))
     else:
-        model = load_model(model_name, dt, trust_remote_code)
+        model = load_model(model_name, dtype, trust_remote_code)
     apply_run_activation_quant(model, model_name, act_bits, act_scheme, act_sym)
-    return perplexity(model, windows, dev, progress=progress)
+    return model
 
 
 def apply_run_activation_quant(model, model_name: str, bits: int | None, scheme: str | None,

@@ -1,0 +1,172 @@
+"""``tritonq report``: one Markdown table across several quantized outputs, from what each output records.
+
+A ``tritonq quantize`` output keeps its settings, stage times (``seconds``) and, once evaluated, its scores in
+``quantization.json``. Scores land there under ``evaluations`` through :func:`record_evaluation`, written by
+``quantize --eval-data`` and by ``tritonq eval DIR --record`` (perplexity and lm-eval tasks alike):
+
+    "evaluations": {"perplexity": {"wikitext2_test.txt 8x2048": {"perplexity": 19.3, "windows": 8, ...}},
+                    "lm_eval": {"arc_easy 0-shot": {"metrics": {"acc": 0.41, ...}, "samples": 2376, ...}}}
+
+Packed checkpoints (``tritonq pack``) carry no ``quantization.json``; for them the grid is read from the
+``quantization_config`` of ``config.json`` and the method is unknown. Nothing here loads a model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import TritonqError
+from .outputs import atomic_write
+
+QUANT_JSON = "quantization.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")  # what counts as weights on disk
+PERPLEXITY = "perplexity"
+LM_EVAL = "lm_eval"
+
+
+@dataclass
+class OutputSummary:
+    """What one output directory records, flattened for the table."""
+
+    path: Path
+    method: str
+    bits: int | None
+    group_size: int | None
+    sym: bool | None
+    activations: str  # "" (weights only) or e.g. "A8 per-token sym"
+    out_format: str  # fake, or the packed format named by config.json
+    perplexities: dict[str, float] = field(default_factory=dict)  # label -> perplexity
+    task_scores: dict[str, float] = field(default_factory=dict)  # "task setting metric" -> value
+    seconds: dict[str, float] = field(default_factory=dict)
+    weight_bytes: int = 0
+
+
+def record_evaluation(directory: str | os.PathLike, kind: str, label: str, record: dict,
+                      seconds: dict[str, float] | None = None) -> Path:
+    """Add (or replace) one score in ``DIR/quantization.json`` under ``evaluations[kind][label]``, atomically.
+
+    ``seconds`` are merged into the stage times (``eval``, ``save``: the stages that end after the file is
+    first written). Raises :class:`TritonqError` where the directory has no ``quantization.json``."""
+    path = Path(directory) / QUANT_JSON
+    if not path.is_file():
+        raise TritonqError(f"{directory} has no {QUANT_JSON}, so there is nowhere to record the score; --record "
+                           f"takes a directory written by 'tritonq quantize' (format fake)")
+    meta = json.loads(path.read_text())
+    meta.setdefault("evaluations", {}).setdefault(kind, {})[label] = record
+    if seconds:
+        meta.setdefault("seconds", {}).update({k: round(float(v), 3) for k, v in seconds.items()})
+    atomic_write(path, (json.dumps(meta, indent=2) + "\n").encode())
+    return path
+
+
+def perplexity_label(data: str, windows: int, seqlen: int) -> str:
+    """How a perplexity is named: the data's file name (or hub name) and ``windows x seqlen``."""
+    return f"{Path(data).name} {windows}x{seqlen}"
+
+
+def task_label(task: str, num_fewshot: int, limit: int | float | None) -> str:
+    """How an lm-eval score is named: the task, its shots, and ``limit N`` when not all examples ran."""
+    return f"{task} {num_fewshot}-shot" + ("" if limit is None else f" limit {limit:g}")
+
+
+def _activation_text(act: dict | None) -> str:
+    if not act:
+        return ""
+    sym = act.get("sym")
+    return " ".join(str(p) for p in (f"A{act.get('bits', '?')}", act.get("scheme"),
+                                     None if sym is None else ("sym" if sym else "asym")) if p)
+
+
+def _packed_grid(qconfig: dict) -> tuple[int | None, int | None, bool | None, str]:
+    """bits, group, sym and format name from a ``quantization_config`` (compressed-tensors, GPTQ or AWQ)."""
+    groups = qconfig.get("config_groups")
+    if isinstance(groups, dict) and groups:
+        weights = next(iter(groups.values())).get("weights") or {}
+        group = weights.get("group_size")
+        if weights.get("strategy") == "channel":
+            group = -1
+        fmt = "compressed-tensors " + str(qconfig.get("format", "")).strip()
+        return weights.get("num_bits"), group, weights.get("symmetric"), fmt.strip()
+    method = str(qconfig.get("quant_method", "packed"))
+    fmt = method + (f" {qconfig['checkpoint_format']}" if qconfig.get("checkpoint_format") else "")
+    return qconfig.get("bits", qconfig.get("w_bit")), qconfig.get("group_size", qconfig.get("q_group_size")), \
+        qconfig.get("sym"), fmt
+
+
+def weight_bytes(directory: Path) -> int:
+    """Bytes on disk of the weight files in ``directory`` (safetensors, bin, gguf, pt)."""
+    return sum(f.stat().st_size for f in directory.iterdir() if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
+
+
+def read_output(directory: str | os.PathLike) -> OutputSummary:
+    """The summary of one output directory; a clear error where it is neither a tritonq nor a packed output."""
+    path = Path(directory)
+    if not path.is_dir():
+        raise TritonqError(f"{directory} is not a directory; give output directories of 'tritonq quantize' or pack")
+    meta_path, config_path = path / QUANT_JSON, path / "config.json"
+    if meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise TritonqError(f"{meta_path} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
+        summary = OutputSummary(path, str(meta.get("method", "?")), meta.get("bits"), meta.get("group_size"),
+                                meta.get("sym"), _activation_text(meta.get("activations")), "fake")
+    elif config_path.is_file() and "quantization_config" in (config := json.loads(config_path.read_text())):
+        qconfig = config["quantization_config"]
+        bits, group, sym, fmt = _packed_grid(qconfig if isinstance(qconfig, dict) else {})
+        meta = {}
+        summary = OutputSummary(path, "?", bits, group, sym, "", fmt)
+    else:
+        raise TritonqError(f"{directory} has neither {QUANT_JSON} nor a quantization_config in config.json; "
+                           f"give output directories of 'tritonq quantize' or 'tritonq pack'")
+    evaluations = meta.get("evaluations") or {}
+    for label, rec in (evaluations.get(PERPLEXITY) or {}).items():
+        if isinstance(rec, dict) and isinstance(rec.get("perplexity"), int | float):
+            summary.perplexities[label] = float(rec["perplexity"])
+    for label, rec in (evaluations.get(LM_EVAL) or {}).items():
+        for metric, value in ((rec or {}).get("metrics") or {}).items():
+            if isinstance(value, int | float):
+                summary.task_scores[f"{label} {metric}"] = float(value)
+    summary.seconds = {k: float(v) for k, v in (meta.get("seconds") or {}).items() if isinstance(v, int | float)}
+    summary.weight_bytes = weight_bytes(path)
+    return summary
+
+
+def _union(dicts) -> list[str]:
+    keys: list[str] = []
+    for d in dicts:
+        keys += [k for k in d if k not in keys]
+    return keys
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "sym" if value else "asym"
+    return str(value)
+
+
+def markdown_table(summaries: list[OutputSummary]) -> str:
+    """One row per output: grid, scores (perplexity, lm-eval metrics), stage seconds, weight size in MiB.
+
+    Columns are the union over all outputs, in order of first appearance; a missing value is ``-``."""
+    ppl_keys = _union(s.perplexities for s in summaries)
+    task_keys = _union(s.task_scores for s in summaries)
+    time_keys = _union(s.seconds for s in summaries)
+    header = (["output", "method", "format", "bits", "group", "grid", "activations"]
+              + [f"ppl {k}" for k in ppl_keys] + task_keys + [f"{k} s" for k in time_keys] + ["weights MiB"])
+    rows = []
+    for s in summaries:
+        rows.append([s.path.name or str(s.path), s.method, s.out_format, _cell(s.bits), _cell(s.group_size),
+                     _cell(s.sym), s.activations or "-"]
+                    + [f"{s.perplexities[k]:.2f}" if k in s.perplexities else "-" for k in ppl_keys]
+                    + [f"{s.task_scores[k]:.4f}" if k in s.task_scores else "-" for k in task_keys]
+                    + [f"{s.seconds[k]:.1f}" if k in s.seconds else "-" for k in time_keys]
+                    + [f"{s.weight_bytes / 2**20:.1f}"])
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)

@@ -1,0 +1,126 @@
+"""``tritonq report``: the Markdown table from outputs' quantization.json (and packed config.json), exactly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import tiny_tokenizer
+from tritonq.cli import main
+from tritonq.engine.report import markdown_table, read_output, record_evaluation
+
+
+def _output(path: Path, meta: dict | None = None, config: dict | None = None, weights: dict | None = None) -> Path:
+    path.mkdir(parents=True)
+    if meta is not None:
+        (path / "quantization.json").write_text(json.dumps(meta))
+    (path / "config.json").write_text(json.dumps(config or {"model_type": "llama"}))
+    (path / "tokenizer.json").write_bytes(b"x" * 5000)  # not weights: not counted
+    for name, size in (weights or {}).items():
+        (path / name).write_bytes(b"\0" * size)
+    return path
+
+
+@pytest.fixture
+def outputs(tmp_path):
+    gptq = _output(tmp_path / "gptq-w4", {
+        "method": "gptq", "bits": 4, "group_size": 64, "sym": False, "activations": None,
+        "seconds": {"load": 1.5, "quantize_total": 10.26},
+        "evaluations": {"perplexity": {"wiki.txt 8x2048": {"perplexity": 20.123, "windows": 8}},
+                        "lm_eval": {"arc_easy 0-shot": {"metrics": {"acc": 0.5, "acc_norm": 0.25}, "samples": 4}}},
+    }, weights={"model.safetensors": 2**20, "quant_params.safetensors": 3 * 2**19})
+    rtn = _output(tmp_path / "rtn-w3", {
+        "method": "rtn", "bits": 3, "group_size": 64, "sym": True, "seconds": {"load": 2.0, "save": 0.54},
+        "evaluations": {"perplexity": {"wiki.txt 8x2048": {"perplexity": 25.5}}},
+    })
+    packed = _output(tmp_path / "packed", config={"quantization_config": {
+        "quant_method": "compressed-tensors", "format": "pack-quantized",
+        "config_groups": {"group_0": {"weights": {"num_bits": 4, "group_size": 64, "symmetric": False,
+                                                  "strategy": "group"}}}}}, weights={"model.safetensors": 2**19})
+    sq = _output(tmp_path / "sq", {
+        "method": "smoothquant", "bits": 8, "group_size": -1, "sym": True,
+        "activations": {"bits": 8, "scheme": "per-token", "sym": True, "dynamic": True}, "seconds": {"load": 3.0},
+    })
+    return [gptq, rtn, packed, sq]
+
+
+EXPECTED = """\
+| output | method | format | bits | group | grid | activations | ppl wiki.txt 8x2048 | arc_easy 0-shot acc | \
+arc_easy 0-shot acc_norm | load s | quantize_total s | save s | weights MiB |
+| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |
+| gptq-w4 | gptq | fake | 4 | 64 | asym | - | 20.12 | 0.5000 | 0.2500 | 1.5 | 10.3 | - | 2.5 |
+| rtn-w3 | rtn | fake | 3 | 64 | sym | - | 25.50 | - | - | 2.0 | - | 0.5 | 0.0 |
+| packed | ? | compressed-tensors pack-quantized | 4 | 64 | asym | - | - | - | - | - | - | - | 0.5 |
+| sq | smoothquant | fake | 8 | -1 | sym | A8 per-token sym | - | - | - | 3.0 | - | - | 0.0 |"""
+
+
+def test_table_across_outputs_is_exact(outputs, capsys):
+    assert markdown_table([read_output(d) for d in outputs]) == EXPECTED
+    assert main(["report", *map(str, outputs)]) == 0
+    assert capsys.readouterr().out.strip() == EXPECTED
+
+
+def test_json_rows(outputs, capsys):
+    assert main(["report", str(outputs[0]), str(outputs[2]), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["method"] for r in rows] == ["gptq", "?"]
+    assert rows[0]["perplexities"] == {"wiki.txt 8x2048": 20.123}
+    assert rows[0]["weight_bytes"] == 2**20 + 3 * 2**19
+    assert rows[1]["out_format"] == "compressed-tensors pack-quantized"
+
+
+def test_record_evaluation_adds_scores_and_times(outputs):
+    d = outputs[1]
+    (d / "quantization.json").chmod(0o604)
+    record_evaluation(d, "perplexity", "c4 4x512", {"perplexity": 31.0}, seconds={"eval": 4.25})
+    record_evaluation(d, "perplexity", "wiki.txt 8x2048", {"perplexity": 24.0})  # replaces
+    meta = json.loads((d / "quantization.json").read_text())
+    assert meta["method"] == "rtn"  # the rest is kept
+    assert meta["seconds"] == {"load": 2.0, "save": 0.54, "eval": 4.25}
+    s = read_output(d)
+    assert s.perplexities == {"wiki.txt 8x2048": 24.0, "c4 4x512": 31.0}
+    assert not list(d.glob(".quantization.json.*"))  # no temporary file left behind
+    assert (d / "quantization.json").stat().st_mode & 0o777 == 0o604  # the rewrite keeps the permissions
+
+
+def test_bad_directories_are_one_clear_error(tmp_path, capsys):
+    rc = main(["report", str(tmp_path / "missing")])
+    assert rc == 2 and "is not a directory" in capsys.readouterr().err
+    empty = tmp_path / "float"
+    empty.mkdir()
+    (empty / "config.json").write_text("{}")
+    rc = main(["report", str(empty)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "neither quantization.json nor a quantization_config" in err
+    with pytest.raises(Exception, match="no quantization.json"):
+        record_evaluation(empty, "perplexity", "x", {"perplexity": 1.0})
+
+
+def test_quantize_with_eval_data_records_the_perplexity(tmp_path, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    src = tmp_path / "src"
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=259, max_position_embeddings=256)
+    LlamaForCausalLM(config).save_pretrained(src)
+    tiny_tokenizer().save_pretrained(src)
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 200, encoding="utf-8")
+    out = tmp_path / "q"
+    assert main(["quantize", "--model", str(src), "--method", "rtn", "--group-size", "32", "--device", "cpu",
+                 "--no-progress", "--output", str(out), "--eval-data", str(text), "--eval-windows", "2"]) == 0
+    said = capsys.readouterr().out
+    s = read_output(out)
+    assert list(s.perplexities) == ["text.txt 2x2048"]
+    assert f"{s.perplexities['text.txt 2x2048']:.2f}" in said  # the same number the summary line printed
+    assert {"load", "quantize_total", "save", "eval"} <= set(s.seconds)
+    # and `tritonq eval --record` adds a second score beside it, from the same model
+    assert main(["eval", str(out), "--data", str(text), "--seqlen", "128", "--max-windows", "3", "--record",
+                 "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    s = read_output(out)
+    assert set(s.perplexities) == {"text.txt 2x2048", "text.txt 3x128"}
+    assert f"{s.perplexities['text.txt 3x128']:.4f}" in printed
