@@ -10,6 +10,7 @@ from dataclasses import fields, is_dataclass
 from typing import Any
 
 from ..errors import TritonqError
+from .aboa import ABoA
 from .awq import AWQ, AWQGPTQ
 from .awrq import AWRQ
 from .boa import BoA
@@ -19,7 +20,8 @@ from .methods import Method
 from .rtn import RTN
 from .smoothquant import SmoothQuant
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (RTN, GPTQ, BoA, AWQ, AWQGPTQ, DHAWQ, SmoothQuant, AWRQ)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (RTN, GPTQ, BoA, ABoA, AWQ, AWQGPTQ, DHAWQ, SmoothQuant,
+                                                                AWRQ)}
 
 
 def register(cls: type[Method]) -> type[Method]:
