@@ -469,7 +469,7 @@ def save_gguf(
 
 
 def save_float_gguf(model_dir: str | os.PathLike, out_file: str | os.PathLike, out_type: str = "f32",
-                    overwrite: bool = False) -> Path:
+                    overwrite: bool = False, name: str | None = None) -> Path:
     """A float Hugging Face Llama checkpoint as one GGUF file (F32, F16 or BF16 matrices; norms F32).
 
     The same layout as :func:`save_gguf` without quantized blocks: the input of llama.cpp's own quantizer
@@ -493,7 +493,7 @@ def save_float_gguf(model_dir: str | os.PathLike, out_file: str | os.PathLike, o
           "bf16": gguf.LlamaFileType.MOSTLY_BF16}[out_type]
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
-        _write_file(tmp, config, src, src.name, plans, int(ft), {}, gguf)
+        _write_file(tmp, config, src, name or src.name, plans, int(ft), {}, gguf)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)

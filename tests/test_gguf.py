@@ -351,14 +351,15 @@ def test_llama_cpp_logits_match_the_fake_quantized_model(tmp_path, sym, monkeypa
     """llama.cpp's logits on the GGUF against transformers' on the same grid points (fp32, CPU).
 
     Tolerance: llama.cpp multiplies Q4 blocks with activations it rounds to 8-bit blocks (Q8_0 / Q8_1) and
-    keeps the embedding and output in F16, so logits differ by about 1% of their spread; we require the
-    largest difference below 5% of the logits' standard deviation. The same file written without the
-    rotary row permutation must miss that bound by far (the check can fail).
+    keeps the embedding and output in F16, so logits differ by about 2% of their spread (rms; measured
+    1.7%) here; we require rms < 5% and max < 25% of the logits' standard deviation. Weights are drawn
+    with std 0.1 so attention is not uniform: the same file written without the rotary row permutation
+    is then off by about 60% rms and must be at least 10x worse (the check can fail).
     """
     llama_cpp = pytest.importorskip("llama_cpp")
     from transformers import LlamaForCausalLM
 
-    src = fake_dir(tmp_path / "src", sym=sym, seed=7)
+    src = fake_dir(tmp_path / "src", sym=sym, seed=7, config_overrides={"initializer_range": 0.1})
     out = save_packed(src, tmp_path / "out", "gguf")
     ids = [260, *bpe_tokenizer().encode(TEXT)][:48]
     model = LlamaForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
@@ -366,9 +367,9 @@ def test_llama_cpp_logits_match_the_fake_quantized_model(tmp_path, sym, monkeypa
         ref = model(torch.tensor([ids])).logits[0].double().numpy()
     got = _llama_cpp_logits(llama_cpp, out / GGUF_FILE, ids)
     spread = ref.std()
-    err = np.abs(got - ref).max() / spread
-    assert err < 0.05, err
+    rms = np.sqrt(((got - ref) ** 2).mean()) / spread
+    assert rms < 0.05 and np.abs(got - ref).max() / spread < 0.25, rms
     monkeypatch.setattr(gguf_export, "_row_order", lambda key, config: None)
     wrong = save_packed(src, tmp_path / "wrong", "gguf")
-    err_wrong = np.abs(_llama_cpp_logits(llama_cpp, wrong / GGUF_FILE, ids) - ref).max() / spread
-    assert err_wrong > 4 * max(err, 0.05), (err, err_wrong)
+    rms_wrong = np.sqrt(((_llama_cpp_logits(llama_cpp, wrong / GGUF_FILE, ids) - ref) ** 2).mean()) / spread
+    assert rms_wrong > 10 * rms, (rms, rms_wrong)
