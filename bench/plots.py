@@ -172,7 +172,8 @@ def _rate(entry) -> tuple[float, float | None, float | None] | None:
 
 def _stage_rate(side: dict, stage: str) -> tuple[float, float | None, float | None] | None:
     """The ``stage`` (decode or prefill) tokens/s of one side, under whichever key names it."""
-    keys = [k for k in side if stage in k and ("tokens_per_s" in k or "tok_s" in k or "tokens/s" in k)]
+    keys = [k for k in side if stage in k and "bound" not in k
+            and ("tokens_per_s" in k or "tok_s" in k or "tokens/s" in k)]
     keys.sort(key=lambda k: ("median" not in k, len(k)))  # prefer an explicit median, then the plainest name
     for k in keys:
         rate = _rate(side[k])
@@ -205,9 +206,25 @@ def decode_rates(results) -> dict[str, dict[str, dict[str, tuple]]]:
     return out
 
 
+def decode_bounds(results) -> dict[str, dict[str, float]]:
+    """``{model label: {side: tokens/s}}``: the bandwidth bound on decode (``decode_bound_tokens_per_s``), if given."""
+    items = results if isinstance(results, list) else [results]
+    out: dict[str, dict[str, float]] = {}
+    for i, res in enumerate(items):
+        if not isinstance(res, dict):
+            continue
+        label = str(res.get("model") or res.get("name") or (f"run {i + 1}" if len(items) > 1 else "model"))
+        for side in ("packed", "float"):
+            bound = (res.get(side) or {}).get("decode_bound_tokens_per_s")
+            if isinstance(bound, int | float) and math.isfinite(bound):
+                out.setdefault(label, {})[side] = float(bound)
+    return out
+
+
 def plot_decode(results, path: str | os.PathLike) -> Path:
     """Bars of tokens/s, packed int4 beside float, per model; decode (and prefill, where reported) panels."""
     data = decode_rates(results)
+    bounds = decode_bounds(results)
     if "decode" not in data:
         raise TritonqError("this bench decode result has no packed/float decode tokens/s to plot (expected the "
                            "JSON of 'tritonq bench decode --json')")
@@ -227,6 +244,13 @@ def plot_decode(results, path: str | os.PathLike) -> Path:
                 errs[1].append(rate[2] - rate[0] if rate[2] is not None else 0.0)
             name = "packed int4" if side == "packed" else "float"
             ax.bar(xs, ys, width, yerr=errs if any(errs[0] + errs[1]) else None, capsize=3, label=name)
+            if stage == "decode":  # the bandwidth bound of each bar, as a short black line above it
+                marks = [(i + (j - 0.5) * width, bounds[lab][side]) for i, lab in enumerate(labels)
+                         if side in bounds.get(lab, {})]
+                if marks:
+                    ax.hlines([b for _, b in marks], [x - width / 2 for x, _ in marks],
+                              [x + width / 2 for x, _ in marks], colors="black", linewidths=1.5,
+                              label="bandwidth bound" if j == 1 else None)
         for i, label in enumerate(labels):
             pair = models[label]
             if "packed" in pair and "float" in pair and pair["float"][0] > 0:

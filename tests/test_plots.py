@@ -6,7 +6,7 @@ import json
 import sys
 
 import pytest
-from tritonq.bench.plots import decode_rates, matmul_speedups, perplexity_series
+from tritonq.bench.plots import decode_bounds, decode_rates, matmul_speedups, perplexity_series
 from tritonq.cli import main
 from tritonq.engine.report import OutputSummary
 
@@ -36,6 +36,7 @@ MATMUL = {"device": "NVIDIA H100", "mode": "cuda", "rows": [
 DECODE_NOW = {"device": "cpu", "packed": {"prefill_ms": 10.0, "decode_tokens_per_s": 30.0},
               "float": {"prefill_ms": 12.0, "decode_tokens_per_s": 15.0}, "speedup": 2.0}
 DECODE_SPREAD = [{"model": "smollm2", "packed": {"decode_tokens_per_s": {"median": 40.0, "min": 38.0, "max": 41.0},
+                                                 "decode_bound_tokens_per_s": 95.0,
                                                  "prefill_tokens_per_s": {"median": 900.0}},
                   "float": {"decode_tokens_per_s": {"median": 20.0, "min": 19.0, "max": 22.0}}},
                  {"model": "llama-2048", "packed": {"decode_tokens_per_s_median": 8.0, "decode_tokens_per_s_min": 7.0,
@@ -69,6 +70,7 @@ def test_decode_rates_read_today_and_median_spread_shapes():
         "decode": {"smollm2": {"packed": (40.0, 38.0, 41.0), "float": (20.0, 19.0, 22.0)},
                    "llama-2048": {"packed": (8.0, 7.0, 9.0), "float": (3.0, None, None)}},
         "prefill": {"smollm2": {"packed": (900.0, None, None)}}}
+    assert decode_bounds(DECODE_SPREAD) == {"smollm2": {"packed": 95.0}}  # drawn as a mark, never read as a rate
 
 
 @needs_matplotlib
