@@ -185,7 +185,7 @@ def _run_pack(args) -> int:
 
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a packed int4 model")
-    p.add_argument("model", help="packed checkpoint directory")
+    p.add_argument("model", help="packed checkpoint directory (or a float model, for comparison)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
     _add_model_args(p)
@@ -200,7 +200,7 @@ def _run_generate(args) -> int:
 
 def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server for a packed model")
-    p.add_argument("model", help="packed checkpoint directory")
+    p.add_argument("model", help="packed checkpoint directory (or a float model, for comparison)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     _add_model_args(p)
@@ -228,8 +228,14 @@ def _add_bench(sub) -> None:
                    help="draw speedup against M per shape (CUDA only; needs the plot extra)")
     m.set_defaults(handler=_run_bench_matmul)
 
-    d = bench.add_parser("decode", help="tokens/s of a packed model vs its float original")
-    d.add_argument("model", help="packed checkpoint directory")
+    d = bench.add_parser("decode", help="tokens/s and memory of a packed model vs its float original")
+    d.add_argument("model", nargs="?", default=None, help="packed checkpoint directory")
+    d.add_argument("--random-llama", action="store_true",
+                   help="bench a random-weight Llama (hidden 2048, intermediate 5632), RTN 4-bit g64; no download")
+    d.add_argument("--layers", type=int, default=4, help="layers of the random Llama")
+    d.add_argument("--config", default=None, help="a config.json for the random-weight model instead")
+    d.add_argument("--runs", type=int, default=5, help="timed runs per model (median, min, max)")
+    d.add_argument("--prompt-tokens", type=int, default=32)
     d.add_argument("--max-new-tokens", type=int, default=64)
     d.add_argument("--json", action="store_true")
     d.add_argument("--plot", default=None, metavar="FILE.png",

@@ -238,7 +238,7 @@ def generate(args) -> int:
 
     if args.max_new_tokens < 1:
         raise TritonqError("--max-new-tokens must be at least 1")
-    model, tokenizer = packed.load_packed_model(args.model, args.device, args.dtype)
+    model, tokenizer = packed.load_generation_model(args.model, args.device, args.dtype)
     chat = packed.has_chat_template(tokenizer)
     ids = packed.user_prompt_ids(tokenizer, args.prompt)
     state = packed.Completion()
@@ -272,9 +272,9 @@ def serve(args) -> int:
         from .engine.openai_server import create_app
     except ImportError:
         raise TritonqError("tritonq serve needs FastAPI and uvicorn: pip install 'tritonq[serve]'") from None
-    from .engine.serve import load_packed_model
+    from .engine.serve import load_generation_model
 
-    model, tokenizer = load_packed_model(args.model, args.device, args.dtype)
+    model, tokenizer = load_generation_model(args.model, args.device, args.dtype)
     model_id = Path(args.model).resolve().name
     app = create_app(model, tokenizer, model_id)
     print(f"serving {model_id} on http://{args.host}:{args.port}/v1 ({model.device}, {model.dtype})",

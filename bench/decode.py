@@ -1,68 +1,344 @@
-"""``tritonq bench decode DIR``: decode tokens/s of a packed model against its float original.
+"""``tritonq bench decode``: prefill and decode tokens/s, and memory, of a packed int4 model against its float model.
 
-The float original is the same model with every ``QuantLinear`` replaced by a dense ``nn.Linear``
-holding the dequantized weights (same architecture, device and dtype), so the comparison isolates
-the int4 dequant-matmul against a dense matmul, as marlin's ``bench.py`` compares with a dense
-baseline. Both models decode the same prompt greedily for ``--max-new-tokens`` tokens without
-stopping at end-of-sequence; one untimed warm-up run precedes each timed run. The packed model runs
-its real path (no dense cache), so off CUDA this measures the PyTorch reference of the kernel.
+Two sources. ``tritonq bench decode DIR`` benches a packed checkpoint; its float model is the same model
+with every ``QuantLinear`` replaced by a dense ``nn.Linear`` holding the dequantized weights (the
+fake-quantized model: same architecture, device and dtype), as marlin's ``bench.py`` compares with a
+dense baseline. ``tritonq bench decode --random-llama [--layers N | --config config.json]`` builds a
+random-weight Llama from a config (hidden 2048, intermediate 5632 by default: shapes where decode is
+bandwidth-bound), nothing downloaded; its packed model is RTN 4-bit group 64 (asymmetric) of those
+weights and its float model the RTN fake-quantized weights, so both compute the same function.
+
+Each side runs in a fresh Python process, so that its resident memory (RSS) is its own. There, one
+untimed warm-up precedes ``--runs`` timed runs; a run prefills ``--prompt-tokens`` tokens and then
+decodes ``--max-new-tokens`` tokens greedily (KV-cached, no stop at end-of-sequence) through
+:func:`tritonq.engine.serve.generate_tokens`, the path of ``tritonq generate`` and ``serve``. Reported:
+the median tokens/s of the runs with their min and max; weight bytes (all parameters and buffers, and
+those of the quantized linears alone) and RSS after the runs, above the process's RSS before the model
+was built; the machine's copy bandwidth (a large ``Tensor.copy_``: bytes read plus bytes written per
+second); and the decode bound it implies, bandwidth / weight bytes read per token (every weight but the
+input embedding table, of which a token reads one row).
 """
 
 from __future__ import annotations
 
 import json
+import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
-from ..engine.serve import dequantized_copy, generate_tokens, load_packed_model, prompt_ids, synchronize
+from ..errors import TritonqError
 
 PROMPT = "The history of quantization in signal processing"
 
+#: The random-weight Llama: TinyLlama-1.1B's shapes (hidden 2048, intermediate 5632, 32 heads, 4 KV heads,
+#: vocabulary 32000) with a few layers.
+RANDOM_LLAMA = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4,
+                    vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                    bos_token_id=1, eos_token_id=2)
+RANDOM_GROUP_SIZE = 64
+SIDES = ("packed", "float")
 
-def _decode_rate(model, ids: list[int], new_tokens: int) -> dict:
-    def run(n: int) -> tuple[float, float, list[int]]:
+
+# ---------------------------------------------------------------------------------------------------
+# measurements
+
+
+def rss_bytes() -> dict[str, int]:
+    """Resident set size now and at its peak (``VmRSS``, ``VmHWM`` of /proc/self/status); zeros elsewhere."""
+    out = {"rss": 0, "peak_rss": 0}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out["rss" if key == "VmRSS" else "peak_rss"] = int(value.split()[0]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+def memory_bandwidth(mib: int = 512, repeats: int = 7) -> dict:
+    """Copy bandwidth of this machine: a ``mib``-MiB float32 ``copy_`` (far above any cache), median of
+    ``repeats``; counts the bytes read and the bytes written."""
+    import torch
+
+    n = mib * 2**20 // 4
+    src = torch.ones(n, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # touch every page first
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    return {"copy_mib": mib, "copy_gb_per_s": 2 * n * 4 / med / 1e9,
+            "copy_gb_per_s_max": 2 * n * 4 / min(times) / 1e9}
+
+
+def weight_bytes(model) -> dict[str, int]:
+    """Bytes of the model's tensors (each storage once), of its quantized linears' tensors (``QuantLinear``
+    buffers, or the float weights of the same linears), and those read per decoded token."""
+    import torch.nn as nn
+
+    from ..engine.qlinear import QuantLinear
+
+    seen: set[int] = set()
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    linears = 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantLinear):
+            linears += sum(b.numel() * b.element_size() for b in mod.buffers() if b is not mod.bias)
+        elif isinstance(mod, nn.Linear) and ".layers." in f".{name}":
+            linears += mod.weight.numel() * mod.weight.element_size()
+    embed = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight.data_ptr() == embed.data_ptr()
+    per_token = total - (0 if tied else embed.numel() * embed.element_size())
+    return {"total": total, "quantized_linears": linears, "read_per_token": per_token}
+
+
+def _timed_runs(model, ids: list[int], new_tokens: int, runs: int) -> dict:
+    from ..engine.serve import generate_tokens, synchronize
+
+    def once(n: int) -> tuple[float, float, list[int]]:
         synchronize(model)
         t0 = time.perf_counter()
         it = generate_tokens(model, ids, n)
-        out = [next(it)]
+        out = [next(it)]  # the first token comes from the prefill's logits
         synchronize(model)
         t1 = time.perf_counter()
         out.extend(it)
         synchronize(model)
         return t1 - t0, time.perf_counter() - t1, out
 
-    run(min(4, new_tokens))  # warm-up: kernels compiled/tuned, caches allocated
-    prefill_s, decode_s, out = run(new_tokens)
-    steps = max(len(out) - 1, 1)
-    return {"prefill_ms": 1e3 * prefill_s, "decode_tokens_per_s": steps / decode_s if decode_s else float("inf"),
-            "tokens": out}
+    once(min(4, new_tokens))  # warm-up: caches allocated, kernels picked
+    prefill, decode, tokens = [], [], []
+    for _ in range(runs):
+        p, d, tokens = once(new_tokens)
+        prefill.append(len(ids) / p)
+        decode.append((len(tokens) - 1) / d if d > 0 else float("inf"))
+
+    def summary(rates: list[float]) -> dict:
+        return {"median": statistics.median(rates), "min": min(rates), "max": max(rates)}
+
+    return {"prefill_tokens_per_s": summary(prefill), "decode_tokens_per_s": summary(decode), "tokens": tokens}
+
+
+# ---------------------------------------------------------------------------------------------------
+# the two models
+
+
+def random_llama_config(layers: int = 4, config_path: str | None = None, **overrides):
+    """The random-weight Llama's config: :data:`RANDOM_LLAMA` with ``layers`` layers, or a config.json."""
+    from transformers import AutoConfig, LlamaConfig
+
+    if config_path is not None:
+        path = Path(config_path)
+        if not path.is_file():
+            raise TritonqError(f"config {path} does not exist; give a Hugging Face config.json")
+        config = AutoConfig.from_pretrained(path.parent if path.name == "config.json" else path)
+    else:
+        config = LlamaConfig(**{**RANDOM_LLAMA, "num_hidden_layers": layers})
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def random_llama(config, side: str, dtype, seed: int = 0):
+    """A random-weight causal LM from ``config``: RTN 4-bit g64 of its block linears, packed in
+    ``QuantLinear`` (``side="packed"``) or fake-quantized in float (``side="float"``)."""
+    import torch
+    import torch.nn as nn
+    from transformers import AutoModelForCausalLM
+
+    from ..engine.formats import QuantizedWeight, to_runtime
+    from ..engine.grid import GridSpec, codes_of
+    from ..engine.qlinear import swap_linears
+    from ..engine.rtn import round_to_nearest
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    spec = GridSpec(bits=4, group_size=RANDOM_GROUP_SIZE, sym=False)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in f".{n}"]
+    packed = {}
+    for name in names:
+        lin = model.get_submodule(name)
+        res = round_to_nearest(lin.weight.data, spec, name)
+        if side == "float":
+            lin.weight.data = res.weight.to(dtype)
+            continue
+        codes = codes_of(res.weight, res.scale, res.zero, res.g_idx, spec.maxq)
+        bias = None if lin.bias is None else lin.bias.data
+        packed[name] = to_runtime(QuantizedWeight(codes, res.scale, res.zero, res.g_idx, bias), spec)
+        lin.weight = None  # free the float weight now: the process holds one layer's floats at a time
+    if packed:
+        swap_linears(model, packed, dtype)
+    return model.to(dtype)
+
+
+def _build(source: dict, side: str, device: str, dtype: str):
+    """(model, prompt ids) of one side; the packed model on the CPU runs PyTorch's int4 op."""
+    import gc
+
+    import torch
+
+    from ..engine.qlinear import use_cpu_int4
+    from ..engine.serve import dequantized_copy, load_packed_model, prompt_ids, resolve_device_dtype
+
+    dev, dt = resolve_device_dtype(device, dtype)
+    if source["kind"] == "random":
+        config = random_llama_config(source["layers"], source.get("config"))
+        model = random_llama(config, side, dt, source.get("seed", 0)).to(dev)
+        if side == "packed" and dev.type == "cpu":
+            use_cpu_int4(model)
+        gen = torch.Generator().manual_seed(source.get("seed", 0))
+        ids = torch.randint(0, config.vocab_size, (source["prompt_tokens"],), generator=gen).tolist()
+        return model, ids
+    if side == "packed":
+        model, tokenizer = load_packed_model(source["path"], device, dtype)
+    else:  # the fake-quantized model, from the exact (fp16-scale) reference weights
+        packed, tokenizer = load_packed_model(source["path"], device, dtype, cpu_int4=False)
+        model = dequantized_copy(packed)
+        del packed
+        gc.collect()
+    ids = prompt_ids(tokenizer, PROMPT)
+    ids = (ids * (source["prompt_tokens"] // max(len(ids), 1) + 1))[: source["prompt_tokens"]]
+    return model, ids
+
+
+def run_side(source: dict, side: str, device: str, dtype: str, runs: int, new_tokens: int) -> dict:
+    """Build one side and time it (in this process; :func:`main` calls it in a fresh one per side)."""
+    import torch
+    import transformers  # noqa: F401  (imported before the baseline: its libraries are not the model's)
+    from transformers import AutoModelForCausalLM  # noqa: F401
+
+    before = rss_bytes()
+    model, ids = _build(source, side, device, dtype)
+    timed = _timed_runs(model, ids, new_tokens, runs)
+    after = rss_bytes()
+    return {
+        **timed, "prompt_tokens": len(ids), "new_tokens": new_tokens, "threads": torch.get_num_threads(),
+        "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."),
+        "weight_bytes": weight_bytes(model),
+        "rss_bytes": after["rss"] - before["rss"], "peak_rss_bytes": after["peak_rss"] - before["rss"],
+    }
+
+
+def _side_in_subprocess(source: dict, side: str, args) -> dict:
+    with tempfile.TemporaryDirectory(prefix="tritonq-bench-") as tmp:
+        out = Path(tmp) / "side.json"
+        job = {"source": source, "side": side, "device": args.device, "dtype": args.dtype,
+               "runs": args.runs, "new_tokens": args.max_new_tokens, "out": str(out)}
+        code = "import sys; from tritonq.bench.decode import _child; _child(sys.argv[1])"
+        # -P and cwd=tmp: a checkout's own kernels/ folder must not shadow the Hugging Face ``kernels`` package
+        proc = subprocess.run([sys.executable, "-P", "-c", code, json.dumps(job)], cwd=tmp,
+                              capture_output=True, text=True)
+        if proc.returncode != 0 or not out.is_file():
+            raise TritonqError(f"the {side} side of the benchmark failed:\n{proc.stderr[-3000:]}")
+        return json.loads(out.read_text())
+
+
+def _child(job_json: str) -> None:
+    job = json.loads(job_json)
+    try:
+        result = run_side(job["source"], job["side"], job["device"], job["dtype"], job["runs"], job["new_tokens"])
+    except TritonqError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    Path(job["out"]).write_text(json.dumps(result))
+
+
+# ---------------------------------------------------------------------------------------------------
+# the command
+
+
+def _source(args) -> dict:
+    random = bool(getattr(args, "random_llama", False) or getattr(args, "config", None))
+    if random == bool(args.model):
+        raise TritonqError("give either a packed checkpoint directory or --random-llama (or --config FILE), "
+                           "not both and not neither")
+    prompt_tokens = int(getattr(args, "prompt_tokens", 32))
+    if prompt_tokens < 1:
+        raise TritonqError("--prompt-tokens must be at least 1")
+    if int(getattr(args, "runs", 1)) < 1 or int(args.max_new_tokens) < 2:
+        raise TritonqError("--runs must be at least 1 and --max-new-tokens at least 2")
+    if random:
+        layers = int(getattr(args, "layers", 4))
+        if layers < 1:
+            raise TritonqError("--layers must be at least 1")
+        config = getattr(args, "config", None)
+        if config is not None and not Path(config).is_file():
+            raise TritonqError(f"config {config} does not exist; give a Hugging Face config.json")
+        return {"kind": "random", "layers": layers, "config": getattr(args, "config", None),
+                "prompt_tokens": prompt_tokens, "seed": 0}
+    path = Path(args.model)
+    if not (path / "config.json").is_file() or "quantization_config" not in json.loads(
+            (path / "config.json").read_text()):
+        raise TritonqError(f"{path} is not a packed checkpoint (no config.json with a quantization_config); "
+                           "make one with 'tritonq pack', or pass --random-llama")
+    return {"kind": "dir", "path": str(path.resolve()), "prompt_tokens": prompt_tokens}
 
 
 def main(args) -> int:
-    model, tokenizer = load_packed_model(args.model, args.device, args.dtype, cache_dense=False)
-    ids = prompt_ids(tokenizer, PROMPT)
-    n = max(int(args.max_new_tokens), 2)
-    packed = _decode_rate(model, ids, n)
-    weight_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
-    dense = dequantized_copy(model)
-    del model
-    float_ = _decode_rate(dense, ids, n)
-    dense_bytes = sum(p.numel() * p.element_size() for p in dense.parameters())
-    same = sum(a == b for a, b in zip(packed["tokens"], float_["tokens"], strict=True))
+    args.runs = int(getattr(args, "runs", 5))
+    args.prompt_tokens = int(getattr(args, "prompt_tokens", 32))
+    source = _source(args)
+    bandwidth = memory_bandwidth()
+    sides = {side: _side_in_subprocess(source, side, args) for side in SIDES}
+    packed, float_ = sides["packed"], sides["float"]
+    same = sum(a == b for a, b in zip(packed.pop("tokens"), float_.pop("tokens"), strict=True))
+    bw = bandwidth["copy_gb_per_s"] * 1e9
+    for side in sides.values():
+        side["decode_bound_tokens_per_s"] = bw / side["weight_bytes"]["read_per_token"]
+    label = (f"random Llama {source['layers']}L" if source["kind"] == "random" and not source.get("config")
+             else Path(source.get("config") or source.get("path")).name)
     result = {
-        "device": str(dense.device), "dtype": str(dense.dtype).removeprefix("torch."),
-        "prompt_tokens": len(ids), "new_tokens": n,
-        "packed": {k: v for k, v in packed.items() if k != "tokens"},
-        "float": {k: v for k, v in float_.items() if k != "tokens"},
-        "speedup": packed["decode_tokens_per_s"] / float_["decode_tokens_per_s"],
+        "model": label, "source": source, "device": packed["device"], "dtype": packed["dtype"],
+        "threads": packed["threads"],
+        "runs": args.runs, "bandwidth": bandwidth, "packed": packed, "float": float_,
+        "decode_speedup": packed["decode_tokens_per_s"]["median"] / float_["decode_tokens_per_s"]["median"],
+        "prefill_speedup": packed["prefill_tokens_per_s"]["median"] / float_["prefill_tokens_per_s"]["median"],
+        "quantized_linear_memory_ratio": float_["weight_bytes"]["quantized_linears"]
+        / max(packed["weight_bytes"]["quantized_linears"], 1),
+        "weight_memory_ratio": float_["weight_bytes"]["total"] / packed["weight_bytes"]["total"],
+        "rss_ratio": float_["rss_bytes"] / max(packed["rss_bytes"], 1),
         "matching_greedy_tokens": same,
-        "packed_buffer_mib": weight_bytes / 2**20, "float_param_mib": dense_bytes / 2**20,
     }
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"decode on {result['device']} ({result['dtype']}), prompt {len(ids)} tokens, {n} new tokens")
-    for name in ("packed", "float"):
-        r = result[name]
-        print(f"  {name:6s}  {r['decode_tokens_per_s']:8.1f} tokens/s   prefill {r['prefill_ms']:7.1f} ms")
-    print(f"  speedup {result['speedup']:.2f}x; greedy tokens identical: {same}/{n}")
+    _print(result)
     return 0
+
+
+def _print(r: dict) -> None:
+    mib = 2**20
+    what = r["source"].get("path") or r["model"]
+    p = r["packed"]
+    print(f"decode bench: {what} on {r['device']} ({r['dtype']}, {r['threads']} threads); prompt "
+          f"{p['prompt_tokens']} tokens, {p['new_tokens']} new tokens, median of {r['runs']} runs [min, max]")
+    print(f"  copy bandwidth {r['bandwidth']['copy_gb_per_s']:.1f} GB/s ({r['bandwidth']['copy_mib']} MiB copy)")
+    print(f"  {'':7s} {'prefill tok/s':>24s} {'decode tok/s':>24s} {'bound tok/s':>11s} {'weights MiB':>11s} "
+          f"{'linears MiB':>11s} {'RSS MiB':>8s}")
+    for name in SIDES:
+        s = r[name]
+        pre, dec = s["prefill_tokens_per_s"], s["decode_tokens_per_s"]
+        print(f"  {name:7s} {pre['median']:8.1f} [{pre['min']:6.1f}, {pre['max']:6.1f}] "
+              f"{dec['median']:8.2f} [{dec['min']:6.2f}, {dec['max']:6.2f}] {s['decode_bound_tokens_per_s']:11.1f} "
+              f"{s['weight_bytes']['total'] / mib:11.1f} {s['weight_bytes']['quantized_linears'] / mib:11.1f} "
+              f"{s['rss_bytes'] / mib:8.1f}")
+    print(f"  packed/float: decode {r['decode_speedup']:.2f}x, prefill {r['prefill_speedup']:.2f}x; float/packed "
+          f"memory: quantized linears {r['quantized_linear_memory_ratio']:.2f}x, all weights "
+          f"{r['weight_memory_ratio']:.2f}x, RSS {r['rss_ratio']:.2f}x; greedy tokens identical "
+          f"{r['matching_greedy_tokens']}/{p['new_tokens']}")
+
+
+if __name__ == "__main__":
+    raise SystemExit("run it as: tritonq bench decode")

@@ -1,10 +1,12 @@
 """``QuantLinear``: a drop-in ``nn.Linear`` replacement holding packed int4 weights, and the model swap.
 
 Forward calls :func:`tritonq.kernels.dequant_matmul.dequant_matmul` (Triton kernels on CUDA, the
-PyTorch reference elsewhere). The swap follows gpt-fast's ``replace_linear_*`` + ``*Linear`` pattern
-(``quantize.py``): the model skeleton is built with parameters on the meta device, quantized linears
-are replaced by ``QuantLinear`` holding the checkpoint's packed tensors, and only the non-quantized
-tensors are loaded, so float weights of quantized layers are never materialised.
+PyTorch reference elsewhere), or, once :meth:`QuantLinear.use_cpu_int4` has repacked the layer for the
+CPU, PyTorch's own int4 CPU kernel (``aten._weight_int4pack_mm_for_cpu``). The swap follows
+gpt-fast's ``replace_linear_*`` + ``*Linear`` pattern (``quantize.py``): the model skeleton is built with
+parameters on the meta device, quantized linears are replaced by ``QuantLinear`` holding the
+checkpoint's packed tensors, and only the non-quantized tensors are loaded, so float weights of
+quantized layers are never materialised.
 """
 
 from __future__ import annotations
@@ -19,50 +21,179 @@ from torch import Tensor
 from ..errors import TritonqError
 from .formats import PackedInt8Linear, PackedLinear
 
+#: Group sizes ``aten._weight_int4pack_mm_for_cpu`` accepts, largest first. A larger group size that one of
+#: them divides (per channel included) runs exactly by repeating each scale over its sub-groups.
+CPU_INT4_GROUPS = (256, 128, 64, 32)
+#: ``_convert_weight_to_int4pack_for_cpu`` packs output rows in blocks of this many.
+CPU_INT4_N_MULTIPLE = 16
+#: The op's ``innerKTiles`` argument: a tiling hint of the CUDA layout that the CPU packing ignores; 2 is a
+#: value every K the group sizes allow accepts on CUDA too.
+_INNER_K_TILES = 2
+
+
+def cpu_int4_group(in_features: int, out_features: int, group_size: int, g_idx: Tensor | None) -> int | str:
+    """The group size the CPU int4 op runs this layout with, or why it cannot take the layout.
+
+    ``g_idx`` (act-order) is accepted when it is a permutation of static groups: every group index
+    ``0..K/group_size-1`` occurs exactly ``group_size`` times. Sorting the input features by group then
+    gives plain consecutive groups (the input is permuted the same way at every call, as exllama does).
+    """
+    k, n = in_features, out_features
+    gs = k if group_size == -1 else group_size
+    if n % CPU_INT4_N_MULTIPLE:
+        return f"out_features={n} is not a multiple of {CPU_INT4_N_MULTIPLE}"
+    if gs <= 0 or k % gs:
+        return f"group_size={gs} does not divide in_features={k}"
+    sub = next((h for h in CPU_INT4_GROUPS if gs % h == 0), None)
+    if sub is None:
+        return f"group_size={gs} is not a multiple of one of {CPU_INT4_GROUPS}"
+    if g_idx is not None:
+        counts = torch.bincount(g_idx.long().cpu(), minlength=k // gs)
+        if counts.numel() != k // gs or bool((counts != gs).any()):
+            return "g_idx is not a permutation of static groups (some group has more or fewer than group_size inputs)"
+    return sub
+
 
 class QuantLinear(nn.Module):
-    """y = x @ W^T + b with W stored as packed int4 (runtime layout of ``kernels/dequant_matmul.py``)."""
+    """y = x @ W^T + b with W stored as packed int4.
+
+    Two storage layouts. As built: the runtime layout of ``kernels/dequant_matmul.py`` (``qweight``,
+    ``scales``, ``zeros``, ``g_idx``), served by the Triton kernels on CUDA and their PyTorch reference
+    elsewhere. After :meth:`use_cpu_int4` (``load_packed_model`` calls it on the CPU): PyTorch's CPU int4
+    layout (``weight_int4pack`` uint8 [N, K/2], ``scales_and_zeros`` bf16 [G, N, 2]) served by
+    ``aten._weight_int4pack_mm_for_cpu``; the GPTQ tensors are dropped, so the layer holds about half a
+    byte per weight and no dense copy, and nothing is dequantized per call.
+    """
 
     def __init__(self, packed: PackedLinear, dtype: torch.dtype = torch.float16) -> None:
         super().__init__()
         self.in_features = packed.in_features
         self.out_features = packed.out_features
         self.group_size = packed.group_size
+        self.sym = packed.zeros is None
+        self.act_order = packed.g_idx is not None
+        self.dtype = dtype
         self.register_buffer("qweight", packed.qweight.to(torch.int32).contiguous())
         self.register_buffer("scales", packed.scales.to(dtype).contiguous())
         self.register_buffer("zeros", None if packed.zeros is None else packed.zeros.to(dtype).contiguous())
         self.register_buffer("g_idx", None if packed.g_idx is None else packed.g_idx.to(torch.int32))
         self.register_buffer("bias", None if packed.bias is None else packed.bias.to(dtype))
+        self.register_buffer("weight_int4pack", None)
+        self.register_buffer("scales_and_zeros", None)
+        self.register_buffer("input_order", None)  # int64 [K]: input features sorted by group (act-order)
+        self.cpu_group_size: int | None = None
+        #: Why the CPU int4 op cannot take this layer (None when it can); set by :meth:`use_cpu_int4`.
+        self.cpu_int4_refused: str | None = None
 
-    #: Off-GPU speed knob: keep the dequantized weight after the first call. The reference path re-dequantizes
-    #: every weight on every call (~5 s per token for a 135M model on two CPU cores); the cache trades the
-    #: memory saving for float speed. ``load_packed_model`` enables it on the CPU; CUDA never uses it.
-    cache_dense: bool = False
+    @property
+    def uses_cpu_int4(self) -> bool:
+        return self.weight_int4pack is not None
+
+    def use_cpu_int4(self) -> bool:
+        """Repack for ``aten._weight_int4pack_mm_for_cpu`` and drop the GPTQ tensors; False (layer unchanged,
+        reason in ``cpu_int4_refused``) when the op cannot take the layout.
+
+        The op computes ``w = (q - 8) * s + zf`` per group with bf16 ``s`` and ``zf``; the GPTQ grid
+        ``w = s * (q - z)`` is the same line with ``zf = s * (8 - z)`` (symmetric: z = 8, zf = 0). Both are
+        rounded to bf16 from the stored scales, so the result is not bit-exact against fp16 scales
+        (relative error up to 2^-9 on s and on zf).
+        """
+        if self.uses_cpu_int4:
+            return True
+        if self.qweight.device.type != "cpu":
+            self.cpu_int4_refused = f"the layer is on {self.qweight.device}, not the CPU"
+            return False
+        sub = cpu_int4_group(self.in_features, self.out_features, self.group_size, self.g_idx)
+        if isinstance(sub, str):
+            self.cpu_int4_refused = sub
+            return False
+        from ..kernels.pack import unpack_int4
+
+        codes = unpack_int4(self.qweight)  # uint8 [K, N]
+        scale = self.scales.float()
+        zero = self.zeros.float() if self.zeros is not None else torch.full_like(scale, 8.0)
+        if self.g_idx is not None:
+            order = torch.sort(self.g_idx.long(), stable=True).indices
+            if not torch.equal(order, torch.arange(self.in_features)):  # a default g_idx needs no reordering
+                codes = codes[order]
+                self.input_order = order
+        rep = self.group_size // sub  # per channel: group_size == K
+        if rep > 1:
+            scale = scale.repeat_interleave(rep, dim=0)
+            zero = zero.repeat_interleave(rep, dim=0)
+        self.weight_int4pack = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            codes.t().to(torch.int32).contiguous(), _INNER_K_TILES)
+        self.scales_and_zeros = torch.stack([scale, scale * (8.0 - zero)], dim=-1).to(torch.bfloat16).contiguous()
+        self.cpu_group_size = sub
+        self.qweight = self.scales = self.zeros = self.g_idx = None
+        self.cpu_int4_refused = None
+        return True
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.cache_dense and x.device.type != "cuda":
-            dense = self.__dict__.get("_dense")
-            if dense is None or dense.device != x.device or dense.dtype != x.dtype:
-                dense = self.dequantized_weight().to(device=x.device, dtype=x.dtype)
-                self.__dict__["_dense"] = dense  # not a buffer: never saved, never moved by .to()
-            return nn.functional.linear(x, dense, None if self.bias is None else self.bias.to(x.dtype))
+        if self.uses_cpu_int4:
+            return self._forward_cpu_int4(x)
         from ..kernels.dequant_matmul import dequant_matmul
 
         return dequant_matmul(x, self.qweight, self.scales, self.zeros, group_size=self.group_size,
                               g_idx=self.g_idx, bias=self.bias)
 
-    def dequantized_weight(self) -> Tensor:
-        """Dense [N, K] weight in the buffers' dtype (for float baselines and checks)."""
-        from ..kernels.dequant_matmul import dequantize_int4
+    def _forward_cpu_int4(self, x: Tensor) -> Tensor:
+        if x.device.type != "cpu":
+            raise TritonqError(f"this QuantLinear was repacked for the CPU int4 op but got input on {x.device}; "
+                               "load the checkpoint again with the target device")
+        if x.shape[-1] != self.in_features:
+            raise TritonqError(f"input has {x.shape[-1]} features, the layer expects {self.in_features}")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if self.input_order is not None:
+            x2 = x2.index_select(1, self.input_order)
+        if self.scales_and_zeros.dtype != torch.bfloat16:  # a later model.to(dtype) converted the buffer
+            self.scales_and_zeros = self.scales_and_zeros.to(torch.bfloat16)
+        # the op's fast path takes bf16 activations and scales; its output is bf16, cast back to x's dtype
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x2.to(torch.bfloat16).contiguous(), self.weight_int4pack, self.cpu_group_size, self.scales_and_zeros)
+        y = y.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y.reshape(*lead, self.out_features)
 
-        w = dequantize_int4(self.qweight, self.scales, self.zeros, self.group_size, self.g_idx)
-        return w.t().to(self.scales.dtype).contiguous()
+    def dequantized_weight(self) -> Tensor:
+        """Dense [N, K] weight in the layer's dtype (for float baselines and checks); in the CPU int4 layout,
+        exactly the weights the op uses (bf16 scale and zero, the arithmetic in fp32)."""
+        if not self.uses_cpu_int4:
+            from ..kernels.dequant_matmul import dequantize_int4
+
+            w = dequantize_int4(self.qweight, self.scales, self.zeros, self.group_size, self.g_idx)
+            return w.t().to(self.dtype).contiguous()
+        k, gs = self.in_features, self.cpu_group_size
+        # the codes back from the op itself: identity input, unit scale, zero 8 -> (q - 8) * 1 + 8 = q (exact)
+        unit = torch.ones_like(self.scales_and_zeros)
+        unit[..., 1] = 8.0
+        eye = torch.eye(k, dtype=torch.bfloat16)
+        codes = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.weight_int4pack, gs, unit).float()  # [K, N]
+        sz = self.scales_and_zeros.float()
+        g = torch.arange(k) // gs
+        w = (codes - 8.0) * sz[g, :, 0] + sz[g, :, 1]  # [K', N] in the sorted input order
+        if self.input_order is not None:
+            w = torch.empty_like(w).index_copy_(0, self.input_order, w)
+        return w.t().to(self.dtype).contiguous()
 
     def extra_repr(self) -> str:
+        kernel = f", cpu_int4(group={self.cpu_group_size})" if self.uses_cpu_int4 else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bits=4, "
-            f"group_size={self.group_size}, sym={self.zeros is None}, act_order={self.g_idx is not None}"
+            f"group_size={self.group_size}, sym={self.sym}, act_order={self.act_order}{kernel}"
         )
+
+
+def use_cpu_int4(model: nn.Module) -> dict[str, str]:
+    """Repack every ``QuantLinear`` of a CPU model for PyTorch's int4 op; returns ``{name: reason}`` for the
+    layers the op cannot take (they keep the reference dequant-matmul)."""
+    refused = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantLinear) and not mod.use_cpu_int4():
+            refused[name] = mod.cpu_int4_refused
+    return refused
 
 
 class Int8Linear(nn.Module):

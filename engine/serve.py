@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
-from ..errors import TritonqError
+from ..errors import TritonqError, warn
 
 if TYPE_CHECKING:
     from transformers import Cache, PreTrainedTokenizerBase
@@ -44,19 +44,21 @@ def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[tor
 
 
 def load_packed_model(directory: str | os.PathLike, device: str = "auto", dtype: str = "auto",
-                      cache_dense: bool | None = None) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+                      cpu_int4: bool = True) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """A Hugging Face causal LM from a packed checkpoint (any format ``engine.formats`` reads).
 
     The skeleton is built with parameters on the meta device; quantized linears become
     ``QuantLinear`` with the packed tensors; only the remaining float tensors are loaded.
-    Returns ``(model, tokenizer)`` on ``device`` in eval mode. ``cache_dense`` (default: on off CUDA)
-    lets each ``QuantLinear`` keep its dequantized weight after first use, for usable CPU speed.
+    Returns ``(model, tokenizer)`` on ``device`` in eval mode. On the CPU every ``QuantLinear`` the op
+    can take is repacked for PyTorch's int4 kernel (:func:`~tritonq.engine.qlinear.use_cpu_int4`); the
+    others keep the reference dequant-matmul, with a warning naming them. ``cpu_int4=False`` keeps the
+    reference everywhere: exact against the stored fp16 scales but slow (for checks of the formats).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     from .act_quant import apply_activation_quant, saved_act_spec
     from .formats import float_tensors, load_packed_layers
-    from .qlinear import QuantLinear, parameters_on_meta, swap_linears
+    from .qlinear import parameters_on_meta, swap_linears, use_cpu_int4
 
     path = Path(directory)
     if not path.is_dir():
@@ -87,13 +89,38 @@ def load_packed_model(directory: str | os.PathLike, device: str = "auto", dtype:
     if act is not None:  # a W8A8 / W4A8 checkpoint runs on quantized inputs, as it was calibrated
         apply_activation_quant(model, act, sorted(layers))
     model.to(dev).eval()
-    cache = dev.type != "cuda" if cache_dense is None else cache_dense
-    for mod in model.modules():
-        if isinstance(mod, QuantLinear):
-            mod.cache_dense = cache
+    if dev.type == "cpu" and cpu_int4:
+        refused = use_cpu_int4(model)
+        if refused:
+            name, why = next(iter(refused.items()))
+            warn(f"{len(refused)} packed linears run the slow reference dequant-matmul on the CPU because "
+                 f"PyTorch's int4 op cannot take their layout (e.g. {name}: {why})")
     if (path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer
+
+
+def is_packed_checkpoint(name: str | os.PathLike) -> bool:
+    """Whether ``name`` is a directory whose config.json carries a ``quantization_config`` (a packed model)."""
+    import json
+
+    config = Path(name) / "config.json"
+    return config.is_file() and "quantization_config" in json.loads(config.read_text())
+
+
+def load_generation_model(name: str, device: str = "auto",
+                          dtype: str = "auto") -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """What ``tritonq generate`` and ``serve`` run: a packed checkpoint through :func:`load_packed_model`,
+    anything else (a float or fake-quantized model: directory, hub id or ``smollm2``) as a float model,
+    so that both are timed on the same generation path."""
+    if is_packed_checkpoint(name):
+        return load_packed_model(name, device, dtype)
+    from .model_io import load_model, load_tokenizer
+
+    dev, dt = resolve_device_dtype(device, dtype)
+    tokenizer = load_tokenizer(str(name))
+    model = load_model(str(name), dt).to(dev).eval()
     return model, tokenizer
 
 
@@ -109,14 +136,15 @@ def dequantized_copy(model: nn.Module) -> nn.Module:
     dense = copy.deepcopy(model)
     for name, mod in list(dense.named_modules()):
         if isinstance(mod, QuantLinear):
+            weight = mod.dequantized_weight()
             lin = nn.Linear(
                 mod.in_features,
                 mod.out_features,
                 bias=mod.bias is not None,
-                device=mod.qweight.device,
-                dtype=mod.scales.dtype,
+                device=weight.device,
+                dtype=weight.dtype,
             )
-            lin.weight.data = mod.dequantized_weight()
+            lin.weight.data = weight
             if mod.bias is not None:
                 lin.bias.data = mod.bias.clone()
             parent, _, leaf = name.rpartition(".")

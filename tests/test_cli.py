@@ -203,13 +203,14 @@ def test_quantize_then_eval_json(tiny_dir, calib, tmp_path, capsys):
                  "--device", "cpu"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["windows"] == 3 and result["tokens"] == 384 and result["perplexity"] > 1
-    # the packed int4 export evaluates through QuantLinear to the same perplexity
+    # the packed int4 export evaluates through QuantLinear (on the CPU PyTorch's int4 op, bf16 scales and
+    # activations) to the same perplexity within the 1% the CPU int4 path promises
     assert main(["pack", str(out), "--format", "gptq_v2", "--output", str(tmp_path / "packed")]) == 0
     capsys.readouterr()
     assert main(["eval", str(tmp_path / "packed"), "--data", str(calib), "--seqlen", "128", "--max-windows", "3",
                  "--json", "--device", "cpu"]) == 0
     packed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert packed["perplexity"] == pytest.approx(result["perplexity"], rel=1e-4)
+    assert packed["perplexity"] == pytest.approx(result["perplexity"], rel=1e-2)
 
 
 def test_console_script_prints_no_traceback(tmp_path):

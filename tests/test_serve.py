@@ -183,8 +183,13 @@ def test_bench_decode(dirs, capsys):
     args = argparse.Namespace(model=str(dirs[1]), max_new_tokens=4, json=True, device="cpu", dtype="auto")
     assert main(args) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["packed"]["decode_tokens_per_s"] > 0 and result["float"]["decode_tokens_per_s"] > 0
-    assert result["matching_greedy_tokens"] == 4
+    for side in ("packed", "float"):
+        rate = result[side]["decode_tokens_per_s"]
+        assert 0 < rate["min"] <= rate["median"] <= rate["max"]
+        assert result[side]["prefill_tokens_per_s"]["median"] > 0 and result[side]["rss_bytes"] > 0
+    assert result["quantized_linear_memory_ratio"] > 4  # fp32 dense against half a byte (+ bf16 scales)
+    assert result["bandwidth"]["copy_gb_per_s"] > 0 and result["float"]["decode_bound_tokens_per_s"] > 0
+    assert result["matching_greedy_tokens"] >= 3  # bf16 activations in the op may flip a late near-tie
 
 
 @pytest.mark.real_model
@@ -209,15 +214,16 @@ def test_default_model_packed_greedy_matches_fake(tmp_path):
     assert ours[:8] == theirs.tolist()[:8]
 
 
-def test_quant_linear_dense_cache_matches_kernel_path(dirs):
-    from tritonq.engine.formats import load_packed_layers
+def test_generation_loads_packed_models_on_the_cpu_int4_op(dirs):
+    """``generate``/``serve`` load packed checkpoints onto PyTorch's int4 op (no dense copy), float ones as float."""
     from tritonq.engine.qlinear import QuantLinear
+    from tritonq.engine.serve import load_generation_model
 
-    layer = QuantLinear(next(iter(load_packed_layers(dirs[1]).values())), torch.float32)
-    x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(0))
-    y = layer(x)
-    layer.cache_dense = True
-    torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)
+    packed, _ = load_generation_model(str(dirs[1]), "cpu")
+    layers = [m for m in packed.modules() if isinstance(m, QuantLinear)]
+    assert layers and all(m.uses_cpu_int4 for m in layers)
+    fake, _ = load_generation_model(str(dirs[0]), "cpu")
+    assert not any(isinstance(m, QuantLinear) for m in fake.modules())
 
 
 def test_serve_library_imports_no_http_stack():
