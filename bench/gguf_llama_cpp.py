@@ -29,6 +29,7 @@ import torch
 
 from ..errors import TritonqError
 
+SHARED_WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2_test.txt"  # ../shared/data
 FTYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18}  # enum llama_ftype
 
 
@@ -183,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     e = sub.add_parser("ppl")
     e.add_argument("files", nargs="+")
     e.add_argument("--model", default="smollm2", help="whose tokenizer makes the windows")
-    e.add_argument("--data", default="wikitext2")
+    e.add_argument("--data", default=str(SHARED_WIKITEXT), help="evaluation text (file or hub name)")
     e.add_argument("--windows", type=int, default=8)
     e.add_argument("--seqlen", type=int, default=2048)
     e.add_argument("--threads", type=int, default=2)
