@@ -51,7 +51,7 @@ setup(
         "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
         "gguf": ["gguf>=0.10", "accelerate>=0.30"],
         "eval": ["lm-eval>=0.4"],
-        "plot": ["matplotlib>=3.5"],
+        "plot": ["matplotlib>=3.6"],  # Figure(layout=...), legend(ncols=...)
     },
     entry_points={"console_scripts": ["tritonq=tritonq.cli:main"]},
 )

@@ -261,5 +261,6 @@ def plot_decode(results, path: str | os.PathLike) -> Path:
         ax.set_ylabel("tokens/s (higher is better)")
         ax.set_title(f"{stage}: packed int4 vs float", fontsize=10)
         ax.grid(alpha=0.3, axis="y")
-        ax.legend(fontsize=8)
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.3)  # room for the legend above the bars and bounds
+        ax.legend(fontsize=8, ncols=3, loc="upper center")
     return save_png(fig, path)
