@@ -80,20 +80,24 @@ def _activation_text(act: dict | None) -> str:
                                      None if sym is None else ("sym" if sym else "asym")) if p)
 
 
-def _packed_grid(qconfig: dict) -> tuple[int | None, int | None, bool | None, str]:
-    """bits, group, sym and format name from a ``quantization_config`` (compressed-tensors, GPTQ or AWQ)."""
+def _packed_grid(qconfig: dict) -> tuple[int | None, int | None, bool | None, str, str]:
+    """bits, group, sym, format name and activations from a ``quantization_config`` (compressed-tensors, GPTQ, AWQ)."""
     groups = qconfig.get("config_groups")
     if isinstance(groups, dict) and groups:
-        weights = next(iter(groups.values())).get("weights") or {}
+        group_config = next(iter(groups.values()))
+        weights = group_config.get("weights") or {}
         group = weights.get("group_size")
         if weights.get("strategy") == "channel":
             group = -1
         fmt = "compressed-tensors " + str(qconfig.get("format", "")).strip()
-        return weights.get("num_bits"), group, weights.get("symmetric"), fmt.strip()
+        acts = group_config.get("input_activations") or {}
+        act = _activation_text({"bits": acts["num_bits"], "scheme": acts.get("strategy"),
+                                "sym": acts.get("symmetric")}) if acts.get("num_bits") else ""
+        return weights.get("num_bits"), group, weights.get("symmetric"), fmt.strip(), act
     method = str(qconfig.get("quant_method", "packed"))
     fmt = method + (f" {qconfig['checkpoint_format']}" if qconfig.get("checkpoint_format") else "")
     return qconfig.get("bits", qconfig.get("w_bit")), qconfig.get("group_size", qconfig.get("q_group_size")), \
-        qconfig.get("sym"), fmt
+        qconfig.get("sym"), fmt, ""
 
 
 def weight_bytes(directory: Path) -> int:
@@ -116,9 +120,9 @@ def read_output(directory: str | os.PathLike) -> OutputSummary:
                                 meta.get("sym"), _activation_text(meta.get("activations")), "fake")
     elif config_path.is_file() and "quantization_config" in (config := json.loads(config_path.read_text())):
         qconfig = config["quantization_config"]
-        bits, group, sym, fmt = _packed_grid(qconfig if isinstance(qconfig, dict) else {})
+        bits, group, sym, fmt, act = _packed_grid(qconfig if isinstance(qconfig, dict) else {})
         meta = {}
-        summary = OutputSummary(path, "?", bits, group, sym, "", fmt)
+        summary = OutputSummary(path, "?", bits, group, sym, act, fmt)
     else:
         raise TritonqError(f"{directory} has neither {QUANT_JSON} nor a quantization_config in config.json; "
                            f"give output directories of 'tritonq quantize' or 'tritonq pack'")

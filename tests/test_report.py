@@ -71,6 +71,15 @@ def test_json_rows(outputs, capsys):
     assert rows[1]["out_format"] == "compressed-tensors pack-quantized"
 
 
+def test_packed_activations_from_the_config(tmp_path):
+    d = _output(tmp_path / "w8a8", config={"quantization_config": {"format": "int-quantized", "config_groups": {
+        "group_0": {"weights": {"num_bits": 8, "strategy": "channel", "symmetric": True},
+                    "input_activations": {"num_bits": 8, "strategy": "token", "symmetric": True}}}}})
+    s = read_output(d)
+    assert (s.bits, s.group_size, s.sym, s.activations, s.out_format) == (
+        8, -1, True, "A8 token sym", "compressed-tensors int-quantized")
+
+
 def test_record_evaluation_adds_scores_and_times(outputs):
     d = outputs[1]
     (d / "quantization.json").chmod(0o604)
