@@ -14,7 +14,8 @@ decodes ``--max-new-tokens`` tokens greedily (KV-cached, no stop at end-of-seque
 :func:`tritonq.engine.serve.generate_tokens`, the path of ``tritonq generate`` and ``serve``. Reported:
 the median tokens/s of the runs with their min and max; weight bytes (all parameters and buffers, and
 those of the quantized linears alone) and RSS after the runs, above the process's RSS before the model
-was built; the machine's copy bandwidth (a large ``Tensor.copy_``: bytes read plus bytes written per
+was built (memory that building freed is handed back to the OS first); the machine's copy
+bandwidth (a large ``Tensor.copy_``: bytes read plus bytes written per
 second); and the decode bound it implies, bandwidth / weight bytes read per token (every weight but the
 input embedding table, of which a token reads one row).
 """
@@ -213,6 +214,18 @@ def _build(source: dict, side: str, device: str, dtype: str):
     return model, ids
 
 
+def _release_freed_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc ``malloc_trim``; a no-op elsewhere)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def run_side(source: dict, side: str, device: str, dtype: str, runs: int, new_tokens: int) -> dict:
     """Build one side and time it (in this process; :func:`main` calls it in a fresh one per side)."""
     import torch
@@ -221,6 +234,7 @@ def run_side(source: dict, side: str, device: str, dtype: str, runs: int, new_to
 
     before = rss_bytes()
     model, ids = _build(source, side, device, dtype)
+    _release_freed_memory()  # what building freed (float weights before packing) is not the model's RSS
     timed = _timed_runs(model, ids, new_tokens, runs)
     after = rss_bytes()
     return {
