@@ -53,9 +53,10 @@ import torch.nn as nn
 
 from .. import kernels
 from ..errors import TritonqError
+from ..kernels.grid_rule import minmax_scale_zero
 from .adapters import ScalePair
 from .gptq import GPTQOptions, solve
-from .grid import GridSpec, fake_quantize, fit_groups
+from .grid import GridSpec, fit_groups
 from .hessian import HessianAccumulator
 from .methods import LayerResult, Method
 from .rtn import round_to_nearest
@@ -118,8 +119,10 @@ class PairObserver:
     score candidates on: the parent module's calls (``add_call``) or the balance linear's inputs (``add_stat``).
     """
 
-    def __init__(self, pair: ScalePair, parent: str | None, sample_tokens: int) -> None:
+    def __init__(self, pair: ScalePair, parent: str | None, sample_tokens: int,
+                 moments: tuple[str, ...] = ("abs", "sq", "sum")) -> None:
         self.pair = pair
+        self.moments = moments  # which of |x|, x^2, x to sum (each is a pass over every token in fp64)
         self.parent = parent  # module whose output scores candidates; None: the single balance linear
         self.sample_tokens = sample_tokens
         self.abs_sum: torch.Tensor | None = None  # fp64 sums per channel of |x|, x^2 and x
@@ -135,12 +138,16 @@ class PairObserver:
 
     def add_stat(self, x: torch.Tensor) -> None:
         flat = x.reshape(-1, x.shape[-1]).float()
-        parts = (flat.abs().sum(dim=0, dtype=torch.float64), flat.square().sum(dim=0, dtype=torch.float64),
-                 flat.sum(dim=0, dtype=torch.float64))
-        if self.abs_sum is None:
-            self.abs_sum, self.sq_sum, self.sum = parts
-        else:
-            self.abs_sum, self.sq_sum, self.sum = self.abs_sum + parts[0], self.sq_sum + parts[1], self.sum + parts[2]
+
+        def add(total: torch.Tensor | None, moment: str, values: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+            if moment not in self.moments:
+                return None
+            part = values().sum(dim=0, dtype=torch.float64)
+            return part if total is None else total + part
+
+        self.abs_sum = add(self.abs_sum, "abs", flat.abs)
+        self.sq_sum = add(self.sq_sum, "sq", flat.square)
+        self.sum = add(self.sum, "sum", lambda: flat)
         self.tokens += flat.shape[0]
         if self.parent is None and not self._sample_full():
             self.inputs.append(x.reshape(-1, x.shape[-1]))
@@ -159,23 +166,26 @@ class PairObserver:
         self.calls.append((args, dict(kwargs)))
         self.sampled += windows * per_window
 
-    def _mean(self, total: torch.Tensor | None) -> torch.Tensor:
+    def _mean(self, total: torch.Tensor | None, moment: str) -> torch.Tensor:
         if not self.tokens:
             raise TritonqError(f"AWQ saw no calibration tokens for the inputs of {self.pair.balance[0]}; "
                                "give calibration data")
+        if moment not in self.moments:
+            raise TritonqError(f"the observer of {self.pair.balance[0]} did not collect the {moment!r} moment; "
+                               f"pass moments including it (it has {self.moments})")
         return (total / self.tokens).float()
 
     def mean_abs(self) -> torch.Tensor:
         """``E|x_j|`` (AWQ's activation statistic)."""
-        return self._mean(self.abs_sum)
+        return self._mean(self.abs_sum, "abs")
 
     def mean_sq(self) -> torch.Tensor:
         """``E[x_j^2]`` (DH-AWQ's "L2 salience")."""
-        return self._mean(self.sq_sum)
+        return self._mean(self.sq_sum, "sq")
 
     def mean(self) -> torch.Tensor:
         """``E[x_j]`` (DH-AWQ's mean input)."""
-        return self._mean(self.sum)
+        return self._mean(self.sum, "sum")
 
     def sample_inputs(self) -> torch.Tensor:
         x = torch.cat(self.inputs)
@@ -276,17 +286,30 @@ def pick_best(losses: torch.Tensor, label: str) -> int:
 def fake_quantize_grouped(w: torch.Tensor, spec: GridSpec) -> torch.Tensor:
     """``Q(W)`` on the shared grid, as :func:`round_to_nearest` computes it (bit for bit), on the ``[N, G, g]``
     view with broadcast group parameters instead of gathered ``[N, K]`` ones (3x faster on the CPU)."""
+    return _fake_quantize_inplace(w.float().clone(), spec)
+
+
+def _fake_quantize_inplace(w: torch.Tensor, spec: GridSpec) -> torch.Tensor:
+    """``Q(w)`` written over ``w`` (fp32 ``[N, K]``, owned by the caller): the operations of
+    :func:`tritonq.engine.grid.fake_quantize` in the same order, so bit for bit the same values, but one buffer
+    instead of six (the search calls this 20 times per scale pair and per clip factor)."""
     n, k = w.shape
     g = spec.effective_group(k)
-    scale, zero = fit_groups(w, spec)
-    grouped = w.float().reshape(n, k // g, g)
-    return fake_quantize(grouped, scale[..., None], zero[..., None], spec.maxq).reshape(n, k)
+    grouped = w.view(n, k // g, g)
+    if spec.mse:
+        scale, zero = fit_groups(w, spec)
+    else:  # the min-max fit of fit_rows, its two reductions in one pass
+        lo, hi = torch.aminmax(grouped, dim=2)
+        scale, zero = minmax_scale_zero(lo, hi, spec.maxq, spec.sym)
+    scale, zero = scale[..., None], zero[..., None]
+    grouped.div_(scale).round_().add_(zero).clamp_(0, spec.maxq).sub_(zero).mul_(scale)
+    return w
 
 
 def fake_quantize_scaled(w: torch.Tensor, s: torch.Tensor, spec: GridSpec) -> torch.Tensor:
     """``Q(W * s) / s`` on the shared grid (fp32)."""
     sf = s.float()[None, :]
-    return fake_quantize_grouped(w.float() * sf, spec) / sf
+    return _fake_quantize_inplace(w.float() * sf, spec).div_(sf)
 
 
 def _call(module: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
@@ -354,10 +377,11 @@ def _score_candidates(module: nn.Module, linears: list[nn.Linear], originals: li
         try:
             for i, s in enumerate(candidates):
                 for lin, w in zip(linears, originals):
-                    lin.weight.data.copy_(quantizer(w.float(), s).to(lin.weight.dtype))
+                    lin.weight.data.copy_(quantizer(w.float(), s))  # copy_ rounds once to the module's dtype
                 total, count = 0.0, 0
                 for (a, k), target in zip(calls, targets):
-                    total += float((_call(module, a, k).float() - target).pow(2).sum(dtype=torch.float64))
+                    diff = _call(module, a, k).float()  # a fresh output: safe to overwrite
+                    total += float(diff.sub_(target).square_().sum(dtype=torch.float64))
                     count += target.numel()
                 losses[i] = total / max(count, 1)
         finally:
@@ -414,8 +438,9 @@ def clip_search(weight: torch.Tensor, gram: torch.Tensor, spec: GridSpec, sym_cl
     for i in range(max(1, int(max_shrink * n_grid))):
         f = 1.0 - i / n_grid
         lo, hi = f * lo0, f * hi0
-        clamped = torch.maximum(torch.minimum(w, hi[..., None]), lo[..., None]).reshape(n, k)
-        d = fake_quantize_grouped(clamped, spec).reshape(n, k // g, g) - w
+        clamped = torch.minimum(w, hi[..., None])
+        torch.maximum(clamped, lo[..., None], out=clamped)
+        d = _fake_quantize_inplace(clamped.view(n, k), spec).view(n, k // g, g).sub_(w)
         err = torch.einsum("ngi,gij,ngj->ng", d, gram, d)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
@@ -475,6 +500,7 @@ class AWQ(Method):
     name = "awq"
     summary = "AWQ: activation-aware scales (grid search, folded) + clip search (Lin et al. 2024)"
     Options = AWQOptions
+    moments: tuple[str, ...] = ("abs",)  # input moments the scales need: E|x| (DH-AWQ adds E[x^2] and E[x])
 
     def observe(self, group: Any) -> AWQState:
         pairs = []
@@ -482,7 +508,7 @@ class AWQ(Method):
             parent = parent_of(pair)
             if parent is None and len(pair.balance) > 1:
                 raise TritonqError(f"AWQ needs a module that holds all of {pair.balance} to score their scales")
-            obs = PairObserver(pair, parent, self.options.search_tokens)
+            obs = PairObserver(pair, parent, self.options.search_tokens, self.moments)
             if parent is not None:
                 group.on_call(parent, obs.add_call)
             group.on_input(pair.balance[0], obs.add_stat)

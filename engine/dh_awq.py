@@ -161,6 +161,7 @@ class DHAWQ(AWQ):
     name = "dh-awq"
     summary = "dynamic-heuristic AWQ: L2-salience scales (folded) + mean-error-cancelling code flips (FPRAG)"
     Options = DHAWQOptions
+    moments = ("sq", "sum")  # E[x^2] salience and the mean input E[x]
 
     def candidates(self, obs: PairObserver, weights: list[torch.Tensor], spec: GridSpec) -> torch.Tensor:
         ratios = torch.arange(self.options.n_grid + 1, dtype=torch.float64) / self.options.n_grid

@@ -47,13 +47,14 @@ def scaled_weight_error(w: torch.Tensor, scales: torch.Tensor, group_size: int, 
     """``Q(W * s_a) / s_a - W`` for every candidate: ``[A, N, K]`` fp32 (``group_size=-1``: one group per row)."""
     n, k = w.shape
     g = k if group_size == -1 else group_size
-    ws = w.float()[None] * scales.float()[:, None, :]  # [A, N, K]
-    grouped = ws.reshape(ws.shape[0], n, k // g, g)
-    scale, zero = minmax_scale_zero(grouped.amin(dim=3), grouped.amax(dim=3), maxq, sym)
+    sf = scales.float()[:, None, :]
+    ws = w.float()[None] * sf  # [A, N, K], overwritten step by step below (one buffer, same fp32 operations)
+    grouped = ws.view(ws.shape[0], n, k // g, g)
+    lo, hi = torch.aminmax(grouped, dim=3)
+    scale, zero = minmax_scale_zero(lo, hi, maxq, sym)
     scale, zero = scale[..., None], zero[..., None]
-    codes = torch.clamp(torch.round(grouped / scale) + zero, 0, maxq)
-    deq = (scale * (codes - zero)).reshape(ws.shape)
-    return deq / scales.float()[:, None, :] - w.float()[None]
+    grouped.div_(scale).round_().add_(zero).clamp_(0, maxq).sub_(zero).mul_(scale)
+    return ws.div_(sf).sub_(w.float()[None])
 
 
 def awq_loss_ref(w: torch.Tensor, x: torch.Tensor, scales: torch.Tensor, group_size: int, maxq: int,

@@ -338,3 +338,24 @@ def test_auto_search_dtype_uses_bf16_only_where_the_cpu_has_it(monkeypatch):
         assert awq.search_dtype("auto", w32) is expect
     assert awq.search_dtype("auto", w32.half()) is None  # a half model is scored in its own dtype
     assert awq.search_dtype("float32", w32) is torch.float32
+
+
+def test_observer_sums_only_the_moments_asked_for_and_names_a_missing_one():
+    from tritonq.engine.adapters import ScalePair
+    from tritonq.engine.dh_awq import DHAWQ
+
+    x = torch.randn(3, 7, 5, dtype=torch.float64)
+    flat = x.reshape(-1, 5)
+    pair = ScalePair("n", ("a.x",))
+    only_abs = awq.PairObserver(pair, None, 0, awq.AWQ.moments)
+    every = awq.PairObserver(pair, None, 0, DHAWQ.moments + ("abs",))
+    for obs in (only_abs, every):
+        obs.add_stat(x[:2])
+        obs.add_stat(x[2:])
+    for obs in (only_abs, every):
+        torch.testing.assert_close(obs.mean_abs().double(), flat.abs().mean(0), rtol=1e-6, atol=0)
+    torch.testing.assert_close(every.mean_sq().double(), flat.square().mean(0), rtol=1e-6, atol=0)
+    torch.testing.assert_close(every.mean().double(), flat.mean(0), rtol=1e-6, atol=1e-7)
+    assert only_abs.sq_sum is None and only_abs.sum is None
+    with pytest.raises(TritonqError, match="'sq' moment"):
+        only_abs.mean_sq()
