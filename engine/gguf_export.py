@@ -45,7 +45,7 @@ from torch import Tensor
 
 from ..errors import TritonqError, warn
 from .grid import GridSpec
-from .outputs import atomic_output_dir
+from .outputs import atomic_file, atomic_output_dir
 
 GGUF_FILE = "model.gguf"
 BLOCK = 32  # weights per Q4_0 / Q4_1 block (ggml QK4_0 = QK4_1 = 32)
@@ -491,12 +491,8 @@ def save_float_gguf(model_dir: str | os.PathLike, out_file: str | os.PathLike, o
                    key=lambda p: _block_sort_key(p.name))
     ft = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
           "bf16": gguf.LlamaFileType.MOSTLY_BF16}[out_type]
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_file(out) as tmp:
         _write_file(tmp, config, src, name or src.name, plans, int(ft), {}, gguf)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return out
 
 

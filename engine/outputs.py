@@ -47,8 +47,9 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Itera
         os.replace(tmp, out)
 
 
-def atomic_write(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file beside it and a rename: readers never see half a file.
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary file path beside ``path``; on success it replaces ``path``, on failure it is removed.
 
     The file gets the permissions of the file it replaces, else the usual ``0o666`` less the umask (a bare
     temporary file would be private to its owner)."""
@@ -60,12 +61,18 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> Path:
         os.umask(umask)
         mode = 0o666 & ~umask
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        yield Path(tmp)
         os.chmod(tmp, mode)
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return out
+
+
+def atomic_write(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through :func:`atomic_file`: readers never see half a file."""
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
