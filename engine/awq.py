@@ -56,7 +56,7 @@ from ..errors import TritonqError
 from ..kernels.grid_rule import minmax_scale_zero
 from .adapters import ScalePair
 from .gptq import GPTQOptions, solve
-from .grid import GridSpec, fit_groups
+from .grid import GridSpec, fit_groups, group_block_error, keep_better
 from .hessian import HessianAccumulator
 from .methods import LayerResult, Method
 from .rtn import round_to_nearest
@@ -441,11 +441,7 @@ def clip_search(weight: torch.Tensor, gram: torch.Tensor, spec: GridSpec, sym_cl
         clamped = torch.minimum(w, hi[..., None])
         torch.maximum(clamped, lo[..., None], out=clamped)
         d = _fake_quantize_inplace(clamped.view(n, k), spec).view(n, k // g, g).sub_(w)
-        err = torch.einsum("ngi,gij,ngj->ng", d, gram, d)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_lo = torch.where(better, lo, best_lo)
-        best_hi = torch.where(better, hi, best_hi)
+        best_err, (best_lo, best_hi) = keep_better(best_err, group_block_error(d, gram), (best_lo, best_hi), (lo, hi))
     return best_lo, best_hi
 
 

@@ -53,7 +53,7 @@ from ..errors import TritonqError
 from ..kernels.grid_rule import minmax_scale_zero
 from .gptq import GPTQOptions
 from .gptq import solve as gptq_solve
-from .grid import GridSpec, default_g_idx, fake_quantize, fit_groups
+from .grid import GridSpec, default_g_idx, fake_quantize, fit_groups, group_block_error, keep_better
 from .hessian import HessianAccumulator, blocked_quantize, check_block_size, check_finite, inverse_cholesky
 from .methods import LayerResult, Method
 
@@ -226,11 +226,8 @@ def search_grids(weight: torch.Tensor, spec: GridSpec, rule: str, hessian: torch
             if blocks is None:
                 score = err.abs().pow(SEARCH_NORM).sum(dim=2)
             else:
-                score = torch.einsum("ngi,gij,ngj->ng", err, blocks, err)
-            better = score < best
-            best = torch.where(better, score, best)
-            scale = torch.where(better, s, scale)
-            zero = torch.where(better, z, zero)
+                score = group_block_error(err, blocks)
+            best, (scale, zero) = keep_better(best, score, (scale, zero), (s, z))
     return scale, zero
 
 

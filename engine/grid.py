@@ -28,7 +28,7 @@ from ..errors import TritonqError
 from ..kernels.grid_rule import MIN_SCALE, minmax_scale_zero
 
 __all__ = ["MIN_SCALE", "GridSpec", "codes_of", "default_g_idx", "dequantize", "fake_quantize", "fit_groups",
-           "fit_rows", "quantize_codes"]
+           "fit_rows", "group_block_error", "keep_better", "quantize_codes"]
 
 
 @dataclass(frozen=True)
@@ -104,11 +104,23 @@ def fit_rows(w: torch.Tensor, spec: GridSpec) -> tuple[torch.Tensor, torch.Tenso
         p = 1.0 - i / spec.shrink_steps
         s1, z1 = _params_from_range(p * lo, p * hi, spec)
         err = (fake_quantize(w, s1[:, None], z1[:, None], spec.maxq) - w).abs_().pow_(spec.norm).sum(dim=1)
-        better = err < best
-        best = torch.where(better, err, best)
-        scale = torch.where(better, s1, scale)
-        zero = torch.where(better, z1, zero)
+        best, (scale, zero) = keep_better(best, err, (scale, zero), (s1, z1))
     return scale, zero
+
+
+def keep_better(best: torch.Tensor, score: torch.Tensor, kept: tuple[torch.Tensor, ...],
+                candidate: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """One step of an elementwise candidate search (grid shrink, AWQ clip, BoA's grids): where ``score < best``
+    take ``candidate``'s values. Strictly smaller, so a tie keeps the earlier candidate (the unshrunk range
+    comes first in every search). Returns the new best score and the kept values."""
+    better = score < best
+    return torch.where(better, score, best), tuple(
+        torch.where(better, new, old) for old, new in zip(kept, candidate, strict=True))
+
+
+def group_block_error(err: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """``e^T H_g e`` per row and group: ``err`` [N, G, g] against the diagonal Hessian blocks [G, g, g] -> [N, G]."""
+    return torch.einsum("ngi,gij,ngj->ng", err, blocks, err)
 
 
 def fit_groups(weight: torch.Tensor, spec: GridSpec, layer: str = "layer") -> tuple[torch.Tensor, torch.Tensor]:
