@@ -226,6 +226,9 @@ def _add_bench(sub) -> None:
     m.add_argument("--json", action="store_true")
     m.add_argument("--plot", default=None, metavar="FILE.png",
                    help="draw speedup against M per shape (CUDA only; needs the plot extra)")
+    m.add_argument("--cpu-int4", action="store_true",
+                   help="time the CPU int4 op (QuantLinear on the CPU) against float32 nn.Linear instead")
+    m.add_argument("--runs", type=int, default=5, help="with --cpu-int4: timings per case (median, min, max)")
     m.set_defaults(handler=_run_bench_matmul)
 
     d = bench.add_parser("decode", help="tokens/s and memory of a packed model vs its float original")

@@ -17,6 +17,13 @@ GEMM alone, no quantization or scales; M > 16 only, its CUDA requirement), with 
 Without a GPU the kernels run in the Triton interpreter on tiny shapes to show that the command works
 and the results are right; those timings are interpreter wall times, not speed measurements, and the
 report says so.
+
+``--cpu-int4`` times what a packed model runs on the CPU instead: ``QuantLinear`` repacked for PyTorch's
+``aten._weight_int4pack_mm_for_cpu`` (bf16 activations, scales and zeros) against a float32 ``nn.Linear``
+of the same dequantized weights, on the first three Llama shapes at small M (decode). Warm weights (a CPU
+last-level cache is far smaller than any of these matrices, so the weights stream from memory anyway);
+each side is called until 0.2 s have passed, and the median over ``--runs`` such timings is reported with
+its min and max.
 """
 
 from __future__ import annotations
@@ -35,6 +42,9 @@ TARGET_M1_SPEEDUP = 3.0  # issue 4: at M = 1 on the large shapes
 LARGE = ((4096, 14336), (14336, 4096), (8192, 28672))
 CPU_SHAPES_KN = ((256, 128), (640, 72))
 CPU_MS = (1, 3, 16)
+CPU_INT4_SHAPES_KN = SHAPES_KN[:3]
+CPU_INT4_MS = (1, 4, 16)
+CPU_INT4_GROUP = 128
 
 
 def _weights(K: int, N: int, dtype: torch.dtype, device: str, seed: int):
@@ -177,6 +187,78 @@ def _interpreter_check(as_json: bool) -> int:
     return 0 if ok else 1
 
 
+def _seconds_per_call(fn, x: torch.Tensor, budget_s: float = 0.2) -> float:
+    fn(x)  # warm-up: first-touch of the output, the op's own setup
+    calls, t0 = 0, time.perf_counter()
+    while True:
+        fn(x)
+        calls += 1
+        elapsed = time.perf_counter() - t0
+        if elapsed >= budget_s:
+            return elapsed / calls
+
+
+def cpu_int4_bench(as_json: bool, shapes=CPU_INT4_SHAPES_KN, ms=CPU_INT4_MS, runs: int = 5,
+                   budget_s: float = 0.2) -> int:
+    """The CPU int4 op (through ``QuantLinear``) against float32 ``nn.Linear``; see the module docstring.
+
+    Each case also checks the numerics: the op's output against the float64 product with the layer's own
+    dequantized weights, relative to the output's scale (bf16 activations and bf16 scales: a few 2^-8)."""
+    from statistics import median
+
+    from ..engine.formats import PackedLinear
+    from ..engine.qlinear import QuantLinear
+    from ..kernels.pack import pack_int4
+
+    threads = torch.get_num_threads()
+    note = (f"CPU, {threads} threads: QuantLinear on aten._weight_int4pack_mm_for_cpu (g{CPU_INT4_GROUP} asym, "
+            "bf16 activations) against float32 nn.Linear, warm weights; median [min, max] of "
+            f"{runs} timings of >= {budget_s} s each")
+    if not as_json:
+        print(note)
+        print(f"{'K':>6} {'N':>6} {'M':>3} {'int4 us':>22} {'fp32 us':>22} {'speedup':>8} {'rel err':>8}")
+    rows, ok = [], True
+    with torch.inference_mode():
+        for K, N in shapes:
+            g = torch.Generator().manual_seed(K * 7 + N)
+            codes = torch.randint(0, 16, (K, N), generator=g, dtype=torch.int32)
+            scales = (torch.rand(K // CPU_INT4_GROUP, N, generator=g) * 0.01 + 0.001).half()
+            zeros = torch.randint(0, 16, (K // CPU_INT4_GROUP, N), generator=g).half()
+            layer = QuantLinear(PackedLinear(pack_int4(codes), scales, zeros, None, CPU_INT4_GROUP, K, N))
+            del codes
+            if not layer.use_cpu_int4():
+                raise RuntimeError(f"the CPU int4 op refused {K}x{N}: {layer.cpu_int4_refused}")
+            dense = torch.nn.Linear(K, N, bias=False)
+            dense.weight.copy_(layer.dequantized_weight().float())
+            for M in ms:
+                x = torch.randn(M, K, generator=g)
+                y = layer(x).double()
+                ref = x.double() @ dense.weight.double().t()
+                rel = ((y - ref).abs().max() / ref.abs().max()).item()
+                good = rel <= 2.0**-6
+                ok &= good
+                t_int4 = [_seconds_per_call(layer, x, budget_s) for _ in range(runs)]
+                t_fp32 = [_seconds_per_call(dense, x, budget_s) for _ in range(runs)]
+                row = {"K": K, "N": N, "M": M, "threads": threads,
+                       "int4_us": 1e6 * median(t_int4), "int4_us_min": 1e6 * min(t_int4),
+                       "int4_us_max": 1e6 * max(t_int4), "fp32_us": 1e6 * median(t_fp32),
+                       "fp32_us_min": 1e6 * min(t_fp32), "fp32_us_max": 1e6 * max(t_fp32),
+                       "rel_err": rel, "ok": good}
+                row["speedup"] = row["fp32_us"] / row["int4_us"]
+                rows.append(row)
+                if not as_json:
+                    a = f"{row['int4_us']:.0f} [{row['int4_us_min']:.0f}, {row['int4_us_max']:.0f}]"
+                    b = f"{row['fp32_us']:.0f} [{row['fp32_us_min']:.0f}, {row['fp32_us_max']:.0f}]"
+                    print(f"{K:>6} {N:>6} {M:>3} {a:>22} {b:>22} {row['speedup']:>7.2f}x {rel:>8.1e}"
+                          f"{'' if good else '  MISMATCH'}")
+    if as_json:
+        print(json.dumps({"mode": "cpu-int4", "speed_measured": True, "note": note, "rows": rows,
+                          "all_match": ok}, indent=1))
+    else:
+        print("all results match the reference" if ok else "MISMATCH against the reference")
+    return 0 if ok else 1
+
+
 def _w8a8_cuda_rows(as_json: bool) -> list[dict]:
     from ..kernels.int8_matmul import w8a8_linear_ref, w8a8_linear_triton
 
@@ -238,6 +320,12 @@ def _w8a8_interpreter_rows(as_json: bool) -> tuple[list[dict], bool]:
 def main(args) -> int:
     as_json = bool(getattr(args, "json", False))
     plot = getattr(args, "plot", None)
+    if getattr(args, "cpu_int4", False):
+        if plot:
+            from ..errors import TritonqError
+
+            raise TritonqError("--plot draws the GPU rows; it does not apply to --cpu-int4")
+        return cpu_int4_bench(as_json, runs=getattr(args, "runs", 5))
     gpu = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
     if plot:  # checked before the long part
         from ..errors import TritonqError

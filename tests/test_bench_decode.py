@@ -83,3 +83,28 @@ def test_bad_arguments_are_clear_errors(kw, message):
 
     with pytest.raises(TritonqError, match=message):
         main(_args(**kw))
+
+
+def test_bench_matmul_cpu_int4_rows_check_the_op_against_float64(capsys):
+    """``tritonq bench matmul --cpu-int4`` on small shapes: every row's op output matched the float64 product
+    with the layer's dequantized weights (bf16 activations and scales: within 2^-6 of the output's scale), and
+    the JSON carries both sides' timings with their spread. Speed itself is not asserted."""
+    from tritonq.bench.matmul import cpu_int4_bench
+
+    rc = cpu_int4_bench(True, shapes=((256, 128), (384, 144)), ms=(1, 3), runs=2, budget_s=0.001)
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["mode"] == "cpu-int4" and out["all_match"]
+    assert [(r["K"], r["N"], r["M"]) for r in out["rows"]] == [(256, 128, 1), (256, 128, 3), (384, 144, 1),
+                                                               (384, 144, 3)]
+    for r in out["rows"]:
+        assert 0 < r["rel_err"] <= 2.0**-6  # nonzero: bf16 really is in the path, the check is not vacuous
+        assert r["int4_us_min"] <= r["int4_us"] <= r["int4_us_max"]
+        assert r["fp32_us_min"] <= r["fp32_us"] <= r["fp32_us_max"]
+        assert r["speedup"] == pytest.approx(r["fp32_us"] / r["int4_us"])
+
+
+def test_bench_matmul_cpu_int4_refuses_plot():
+    from tritonq.bench.matmul import main
+
+    with pytest.raises(TritonqError, match="--cpu-int4"):
+        main(argparse.Namespace(json=True, plot="x.png", cpu_int4=True, runs=1))
