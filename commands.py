@@ -88,7 +88,7 @@ def evaluate(args) -> int:
 
         if not (Path(args.model) / QUANT_JSON).is_file():
             raise TritonqError(f"--record stores scores in {QUANT_JSON}, which {args.model} does not have; give a "
-                               f"directory written by 'tritonq quantize' (format fake), or drop --record")
+                               f"directory written by 'tritonq quantize' or 'tritonq pack', or drop --record")
     out: dict = {"model": args.model}
     status = 0
     if data is not None:

@@ -213,12 +213,12 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
         seconds["eval"] = time.perf_counter() - t0
         summary.perplexity = result.perplexity
         summary.eval_windows = result.windows
-        if opts.out_format == "fake":  # packed outputs keep no quantization.json; `tritonq report` reads this
-            from .report import PERPLEXITY, perplexity_label, record_evaluation
+        from .report import PERPLEXITY, perplexity_label, record_evaluation
 
-            record_evaluation(opts.output, PERPLEXITY, perplexity_label(opts.eval_data, result.windows, result.seqlen),
-                              {**dataclasses.asdict(result), "data": opts.eval_data},
-                              seconds={"save": seconds["save"], "eval": seconds["eval"]})
+        # every output keeps a quantization.json (packed ones too); `tritonq report` reads the score there
+        record_evaluation(opts.output, PERPLEXITY, perplexity_label(opts.eval_data, result.windows, result.seqlen),
+                          {**dataclasses.asdict(result), "data": opts.eval_data},
+                          seconds={"save": seconds["save"], "eval": seconds["eval"]})
     seconds["total"] = time.perf_counter() - started
     return summary
 

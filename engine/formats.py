@@ -961,6 +961,15 @@ def _warn_marlin(quantized: Mapping[str, QuantizedWeight]) -> None:
         )
 
 
+def write_packed_record(out_dir: Path, meta: dict, fmt: str) -> None:
+    """Keep the source's ``quantization.json`` beside a packed checkpoint, marked with its format, so that
+    ``tritonq report`` shows the method and stage times of packed outputs too and ``eval --record`` can
+    store their scores. Loaders read ``config.json``; nothing decides fake-or-packed from this file (the
+    ``quantization_config`` does). The fake model's scores are dropped: they were not taken on these files."""
+    record = {k: v for k, v in meta.items() if k != "evaluations"}
+    (out_dir / QUANT_JSON).write_text(json.dumps({**record, "format": fmt}, indent=2) + "\n")
+
+
 def save_packed(
     src_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -1040,6 +1049,7 @@ def save_packed(
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for fname, content in packer.side_files(qcfg).items():
             (tmp / fname).write_text(json.dumps(content, indent=2) + "\n")
+        write_packed_record(tmp, meta, fmt)
     return Path(out_dir)
 
 

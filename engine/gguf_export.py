@@ -429,7 +429,15 @@ def save_gguf(
     atomically. Returns the output directory.
     """
     from .. import __version__
-    from .formats import TensorStore, _check_layer, _model_dtype, read_source, source_layers
+    from .formats import (
+        GGUF_FORMAT,
+        TensorStore,
+        _check_layer,
+        _model_dtype,
+        read_source,
+        source_layers,
+        write_packed_record,
+    )
 
     gguf = _gguf()
     config, spec, meta = read_source(src_dir)
@@ -465,6 +473,7 @@ def save_gguf(
              "tritonq.bits": spec.bits, "tritonq.group_size": spec.group_size, "tritonq.sym": spec.sym}
     with atomic_output_dir(out_dir, overwrite) as tmp:
         _write_file(tmp / GGUF_FILE, config, src, title, plans, int(file_type), extra, gguf)
+        write_packed_record(tmp, meta, GGUF_FORMAT)
     return Path(out_dir)
 
 

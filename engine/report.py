@@ -7,7 +7,8 @@ A ``tritonq quantize`` output keeps its settings, stage times (``seconds``) and,
     "evaluations": {"perplexity": {"wikitext2_test.txt 8x2048": {"perplexity": 19.3, "windows": 8, ...}},
                     "lm_eval": {"arc_easy 0-shot": {"metrics": {"acc": 0.41, ...}, "samples": 2376, ...}}}
 
-Packed checkpoints (``tritonq pack``) carry no ``quantization.json``; for them the grid is read from the
+Packed outputs of ``tritonq quantize --format F`` and ``tritonq pack`` keep the source's ``quantization.json``
+(marked ``"format": F``); for packed checkpoints from elsewhere the grid is read from the
 ``quantization_config`` of ``config.json`` and the method is unknown. Nothing here loads a model.
 """
 
@@ -53,7 +54,7 @@ def record_evaluation(directory: str | os.PathLike, kind: str, label: str, recor
     path = Path(directory) / QUANT_JSON
     if not path.is_file():
         raise TritonqError(f"{directory} has no {QUANT_JSON}, so there is nowhere to record the score; --record "
-                           f"takes a directory written by 'tritonq quantize' (format fake)")
+                           f"takes a directory written by 'tritonq quantize' or 'tritonq pack'")
     meta = json.loads(path.read_text())
     meta.setdefault("evaluations", {}).setdefault(kind, {})[label] = record
     if seconds:
@@ -117,7 +118,8 @@ def read_output(directory: str | os.PathLike) -> OutputSummary:
         except json.JSONDecodeError as exc:
             raise TritonqError(f"{meta_path} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
         summary = OutputSummary(path, str(meta.get("method", "?")), meta.get("bits"), meta.get("group_size"),
-                                meta.get("sym"), _activation_text(meta.get("activations")), "fake")
+                                meta.get("sym"), _activation_text(meta.get("activations")),
+                                str(meta.get("format", "fake")))
     elif config_path.is_file() and "quantization_config" in (config := json.loads(config_path.read_text())):
         qconfig = config["quantization_config"]
         bits, group, sym, fmt, act = _packed_grid(qconfig if isinstance(qconfig, dict) else {})

@@ -177,7 +177,8 @@ def test_rows_are_permuted_for_rotary_only_in_q_and_k(tmp_path):
 def test_metadata_vocabulary_and_float_tensors(tmp_path):
     src = fake_dir(tmp_path / "src", seed=1)
     out = save_packed(src, tmp_path / "out", "gguf")
-    assert sorted(p.name for p in out.iterdir()) == [GGUF_FILE]
+    assert sorted(p.name for p in out.iterdir()) == [GGUF_FILE, "quantization.json"]  # the record, for report
+    assert json.loads((out / "quantization.json").read_text())["format"] == "gguf"
     r = gguf.GGUFReader(str(out / GGUF_FILE))
     config = json.loads((src / "config.json").read_text())
     expect = {
@@ -320,7 +321,7 @@ def test_cli_quantize_writes_gguf(tmp_path, capsys):
     rc = main(["quantize", "--model", str(model_dir), "--method", "rtn", "--group-size", "32", "--format", "gguf",
                "--device", "cpu", "--no-progress", "--output", str(tmp_path / "q")])
     assert rc == 0, capsys.readouterr().err
-    assert sorted(p.name for p in (tmp_path / "q").iterdir()) == [GGUF_FILE]
+    assert sorted(p.name for p in (tmp_path / "q").iterdir()) == [GGUF_FILE, "quantization.json"]
     r = gguf.GGUFReader(str(tmp_path / "q" / GGUF_FILE))
     assert field(r, "tritonq.method") == "rtn"
     assert {t.tensor_type for t in r.tensors if ".attn_q." in t.name} == {gguf.GGMLQuantizationType.Q4_1}

@@ -133,3 +133,33 @@ def test_quantize_with_eval_data_records_the_perplexity(tmp_path, capsys):
     s = read_output(out)
     assert set(s.perplexities) == {"text.txt 2x2048", "text.txt 3x128"}
     assert f"{s.perplexities['text.txt 3x128']:.4f}" in printed
+
+
+def test_packed_outputs_keep_method_times_and_score(tmp_path, capsys):
+    """``quantize --format compressed-tensors`` and ``pack`` keep the source's record (marked with the format):
+    the report shows the method and stage times of the packed output, and ``eval --record`` works on it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    src = tmp_path / "src"
+    torch.manual_seed(1)
+    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=259, max_position_embeddings=256)
+    LlamaForCausalLM(config).save_pretrained(src)
+    tiny_tokenizer().save_pretrained(src)
+    text = tmp_path / "text.txt"
+    text.write_text("A packed model keeps its record. " * 200, encoding="utf-8")
+    packed, fake, repacked = tmp_path / "ct", tmp_path / "fake", tmp_path / "gptq"
+    common = ["--model", str(src), "--method", "rtn", "--group-size", "32", "--device", "cpu", "--no-progress"]
+    assert main(["quantize", *common, "--output", str(packed), "--format", "compressed-tensors",
+                 "--eval-data", str(text), "--eval-windows", "2"]) == 0
+    assert main(["quantize", *common, "--output", str(fake), "--eval-data", str(text), "--eval-windows", "2"]) == 0
+    assert main(["pack", str(fake), "--format", "gptq", "--output", str(repacked)]) == 0
+    capsys.readouterr()
+    s, f, r = read_output(packed), read_output(fake), read_output(repacked)
+    assert (s.method, s.out_format, s.bits, s.group_size) == ("rtn", "compressed-tensors", 4, 32)
+    assert {"load", "quantize_total", "save", "eval"} <= set(s.seconds)
+    assert s.perplexities == pytest.approx(f.perplexities, rel=1e-6)  # the same grid, scored in memory
+    assert (r.method, r.out_format, r.perplexities) == ("rtn", "gptq", {})  # the fake model's scores stay behind
+    assert main(["eval", str(repacked), "--data", str(text), "--seqlen", "128", "--max-windows", "2", "--record",
+                 "--device", "cpu"]) == 0
+    assert set(read_output(repacked).perplexities) == {"text.txt 2x128"}
