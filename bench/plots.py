@@ -100,7 +100,9 @@ def plot_perplexity_vs_bits(summaries: list, path: str | os.PathLike) -> Path:
             bits, ppl = zip(*points, strict=True)
             ax.plot(bits, ppl, marker="o", label=method)
         ax.set_xlabel("weight bits")
-        ax.set_ylabel("perplexity (lower is better)")
+        # log scale: perplexity is exp(loss), and 2-bit runs sit orders of magnitude above 4-bit ones
+        ax.set_yscale("log")
+        ax.set_ylabel("perplexity, log scale (lower is better)")
         ax.set_title(label, fontsize=10)
         ax.set_xticks(sorted({b for pts in series.values() for b, _ in pts}))
         ax.grid(alpha=0.3)
