@@ -198,14 +198,24 @@ def _seconds_per_call(fn, x: torch.Tensor, budget_s: float = 0.2) -> float:
             return elapsed / calls
 
 
+def _spread_us(side: str, seconds: list[float]) -> dict:
+    """``{side}_us`` (median), ``{side}_us_min`` and ``{side}_us_max`` of per-call times, in microseconds."""
+    from statistics import median
+
+    return {f"{side}_us": 1e6 * median(seconds), f"{side}_us_min": 1e6 * min(seconds),
+            f"{side}_us_max": 1e6 * max(seconds)}
+
+
+def _spread_text(row: dict, side: str) -> str:
+    return f"{row[f'{side}_us']:.0f} [{row[f'{side}_us_min']:.0f}, {row[f'{side}_us_max']:.0f}]"
+
+
 def cpu_int4_bench(as_json: bool, shapes=CPU_INT4_SHAPES_KN, ms=CPU_INT4_MS, runs: int = 5,
                    budget_s: float = 0.2) -> int:
     """The CPU int4 op (through ``QuantLinear``) against float32 ``nn.Linear``; see the module docstring.
 
     Each case also checks the numerics: the op's output against the float64 product with the layer's own
     dequantized weights, relative to the output's scale (bf16 activations and bf16 scales: a few 2^-8)."""
-    from statistics import median
-
     from ..engine.formats import PackedLinear
     from ..engine.qlinear import QuantLinear
     from ..kernels.pack import pack_int4
@@ -239,16 +249,12 @@ def cpu_int4_bench(as_json: bool, shapes=CPU_INT4_SHAPES_KN, ms=CPU_INT4_MS, run
                 ok &= good
                 t_int4 = [_seconds_per_call(layer, x, budget_s) for _ in range(runs)]
                 t_fp32 = [_seconds_per_call(dense, x, budget_s) for _ in range(runs)]
-                row = {"K": K, "N": N, "M": M, "threads": threads,
-                       "int4_us": 1e6 * median(t_int4), "int4_us_min": 1e6 * min(t_int4),
-                       "int4_us_max": 1e6 * max(t_int4), "fp32_us": 1e6 * median(t_fp32),
-                       "fp32_us_min": 1e6 * min(t_fp32), "fp32_us_max": 1e6 * max(t_fp32),
-                       "rel_err": rel, "ok": good}
+                row = {"K": K, "N": N, "M": M, "threads": threads, **_spread_us("int4", t_int4),
+                       **_spread_us("fp32", t_fp32), "rel_err": rel, "ok": good}
                 row["speedup"] = row["fp32_us"] / row["int4_us"]
                 rows.append(row)
                 if not as_json:
-                    a = f"{row['int4_us']:.0f} [{row['int4_us_min']:.0f}, {row['int4_us_max']:.0f}]"
-                    b = f"{row['fp32_us']:.0f} [{row['fp32_us_min']:.0f}, {row['fp32_us_max']:.0f}]"
+                    a, b = _spread_text(row, "int4"), _spread_text(row, "fp32")
                     print(f"{K:>6} {N:>6} {M:>3} {a:>22} {b:>22} {row['speedup']:>7.2f}x {rel:>8.1e}"
                           f"{'' if good else '  MISMATCH'}")
     if as_json:

@@ -107,17 +107,23 @@ def test_bad_directories_are_one_clear_error(tmp_path, capsys):
         record_evaluation(empty, "perplexity", "x", {"perplexity": 1.0})
 
 
-def test_quantize_with_eval_data_records_the_perplexity(tmp_path, capsys):
+def _tiny_model_and_text(tmp_path: Path, seed: int, sentence: str) -> tuple[Path, Path]:
+    """A one-layer random Llama saved with the byte tokenizer, and an evaluation text of ``sentence`` repeated."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     src = tmp_path / "src"
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=259, max_position_embeddings=256)
     LlamaForCausalLM(config).save_pretrained(src)
     tiny_tokenizer().save_pretrained(src)
     text = tmp_path / "text.txt"
-    text.write_text("The quick brown fox jumps over the lazy dog. " * 200, encoding="utf-8")
+    text.write_text(sentence * 200, encoding="utf-8")
+    return src, text
+
+
+def test_quantize_with_eval_data_records_the_perplexity(tmp_path, capsys):
+    src, text = _tiny_model_and_text(tmp_path, 0, "The quick brown fox jumps over the lazy dog. ")
     out = tmp_path / "q"
     assert main(["quantize", "--model", str(src), "--method", "rtn", "--group-size", "32", "--device", "cpu",
                  "--no-progress", "--output", str(out), "--eval-data", str(text), "--eval-windows", "2"]) == 0
@@ -138,16 +144,7 @@ def test_quantize_with_eval_data_records_the_perplexity(tmp_path, capsys):
 def test_packed_outputs_keep_method_times_and_score(tmp_path, capsys):
     """``quantize --format compressed-tensors`` and ``pack`` keep the source's record (marked with the format):
     the report shows the method and stage times of the packed output, and ``eval --record`` works on it."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    src = tmp_path / "src"
-    torch.manual_seed(1)
-    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=259, max_position_embeddings=256)
-    LlamaForCausalLM(config).save_pretrained(src)
-    tiny_tokenizer().save_pretrained(src)
-    text = tmp_path / "text.txt"
-    text.write_text("A packed model keeps its record. " * 200, encoding="utf-8")
+    src, text = _tiny_model_and_text(tmp_path, 1, "A packed model keeps its record. ")
     packed, fake, repacked = tmp_path / "ct", tmp_path / "fake", tmp_path / "gptq"
     common = ["--model", str(src), "--method", "rtn", "--group-size", "32", "--device", "cpu", "--no-progress"]
     assert main(["quantize", *common, "--output", str(packed), "--format", "compressed-tensors",
