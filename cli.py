@@ -73,7 +73,7 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     from dataclasses import fields
 
     from .commands import method_flag_dest
-    from .engine.registry import METHODS, methods_with_option
+    from .engine.methods.registry import METHODS, methods_with_option
 
     lines = [f"  {name:8s} {cls.summary}" for name, cls in METHODS.items()]
     p.epilog = "methods:\n" + "\n".join(lines)

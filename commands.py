@@ -18,7 +18,7 @@ def method_flag_dest(field_name: str) -> str:
 
 def method_options_from_args(args) -> dict:
     """The chosen method's options that were given on the command line; a flag of another method is an error."""
-    from .engine.registry import METHODS, method_class, methods_with_option
+    from .engine.methods.registry import METHODS, method_class, methods_with_option
     from .errors import TritonqError
 
     cls = method_class(args.method)
@@ -72,7 +72,7 @@ def evaluate(args) -> int:
 
     tasks = None
     if args.tasks is not None:
-        from .engine.zero_shot import parse_tasks
+        from .engine.evaluation.zero_shot import parse_tasks
 
         tasks = parse_tasks(args.tasks)
     else:
@@ -84,7 +84,7 @@ def evaluate(args) -> int:
     if args.record:
         from pathlib import Path
 
-        from .engine.report import QUANT_JSON
+        from .engine.evaluation.report import QUANT_JSON
 
         if not (Path(args.model) / QUANT_JSON).is_file():
             raise TritonqError(f"--record stores scores in {QUANT_JSON}, which {args.model} does not have; give a "
@@ -99,7 +99,7 @@ def evaluate(args) -> int:
                            act_scheme=args.act_scheme, act_sym=args.act_sym)
         out.update({**asdict(res), "data": data})
         if args.record:
-            from .engine.report import PERPLEXITY, perplexity_label, record_evaluation
+            from .engine.evaluation.report import PERPLEXITY, perplexity_label, record_evaluation
 
             record_evaluation(args.model, PERPLEXITY, perplexity_label(data, res.windows, res.seqlen),
                               {**asdict(res), "data": data})
@@ -108,7 +108,7 @@ def evaluate(args) -> int:
                   f"({res.tokens} tokens) of {data}")
         status = 0 if math.isfinite(res.perplexity) else 1
     if tasks:
-        from .engine.zero_shot import run_tasks, task_table
+        from .engine.evaluation.zero_shot import run_tasks, task_table
 
         limit = args.limit
         if limit is not None and limit >= 1 and float(limit).is_integer():
@@ -121,7 +121,7 @@ def evaluate(args) -> int:
         out["lm_eval"] = {"tasks": scores, "num_fewshot": res.num_fewshot, "limit": res.limit,
                           "batch_size": res.batch_size, "lm_eval_version": res.lm_eval_version}
         if args.record:
-            from .engine.report import LM_EVAL, record_evaluation, task_label
+            from .engine.evaluation.report import LM_EVAL, record_evaluation, task_label
 
             for name, score in scores.items():
                 record_evaluation(args.model, LM_EVAL, task_label(name, res.num_fewshot, res.limit),
@@ -138,7 +138,7 @@ def evaluate(args) -> int:
 
 def report(args) -> int:
     """``tritonq report DIR... [--plot FILE.png] [--json]``: one Markdown table across outputs; the plot."""
-    from .engine.report import markdown_table, read_output
+    from .engine.evaluation.report import markdown_table, read_output
 
     if args.plot:
         from .bench.plots import check_png_path, require_matplotlib
@@ -217,7 +217,7 @@ def plot(args) -> int:
 
 def pack(args) -> int:
     """``tritonq pack SRC --format F --output OUT [--overwrite]``: pack a tritonq output, print its size."""
-    from .engine.formats import save_packed
+    from .engine.formats.packed import save_packed
 
     out = save_packed(args.src, args.output, args.out_format, overwrite=args.overwrite)
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
@@ -233,7 +233,7 @@ def generate(args) -> int:
     import sys
     import time
 
-    from .engine import serve as packed
+    from .engine.runtime import serve as packed
     from .errors import TritonqError
 
     if args.max_new_tokens < 1:
@@ -269,10 +269,10 @@ def serve(args) -> int:
     try:
         import uvicorn
 
-        from .engine.openai_server import create_app
+        from .engine.runtime.openai_server import create_app
     except ImportError:
         raise TritonqError("tritonq serve needs FastAPI and uvicorn: pip install 'tritonq[serve]'") from None
-    from .engine.serve import load_generation_model
+    from .engine.runtime.serve import load_generation_model
 
     model, tokenizer = load_generation_model(args.model, args.device, args.dtype)
     model_id = Path(args.model).resolve().name

@@ -8,6 +8,9 @@ The folders ``kernels/``, ``engine/`` and ``bench/`` become ``tritonq.kernels``,
 from setuptools import setup
 from setuptools.command.build_py import build_py
 
+# every folder of the package; a new sub-package is one entry here
+SUBPACKAGES = ("kernels", "kernels.aot", "engine", "engine.methods", "engine.formats", "engine.runtime",
+               "engine.evaluation", "bench")
 ROOT_MODULES = ("__init__", "cli", "commands", "errors")  # the only root-level .py files that belong to the package
 
 
@@ -28,13 +31,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["tritonq", "tritonq.kernels", "tritonq.engine", "tritonq.bench"],
-    package_dir={
-        "tritonq": ".",
-        "tritonq.kernels": "kernels",
-        "tritonq.engine": "engine",
-        "tritonq.bench": "bench",
-    },
+    packages=["tritonq", *(f"tritonq.{p}" for p in SUBPACKAGES)],
+    package_dir={"tritonq": ".", **{f"tritonq.{p}": p.replace(".", "/") for p in SUBPACKAGES}},
     cmdclass={"build_py": BuildPy},
     install_requires=[
         "torch>=2.4,<3",

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from ..engine.aboa import ABoA
-from ..engine.methods import LayerResult
+from ..engine.methods.aboa import ABoA
+from ..engine.methods.base import LayerResult
 
 
 class FoldOnlyABoA(ABoA):
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ..engine.adapters import adapter_for
     from ..engine.data import calibration_windows, evaluation_windows, load_corpus, tokenize
-    from ..engine.evaluate import perplexity
+    from ..engine.evaluation.perplexity import perplexity
     from ..engine.grid import GridSpec
     from ..engine.model_io import load_model, load_tokenizer
     from ..engine.pipeline import quantize_blocks

@@ -11,7 +11,7 @@ weights and its float model the RTN fake-quantized weights, so both compute the 
 Each side runs in a fresh Python process, so that its resident memory (RSS) is its own. There, one
 untimed warm-up precedes ``--runs`` timed runs; a run prefills ``--prompt-tokens`` tokens and then
 decodes ``--max-new-tokens`` tokens greedily (KV-cached, no stop at end-of-sequence) through
-:func:`tritonq.engine.serve.generate_tokens`, the path of ``tritonq generate`` and ``serve``. Reported:
+:func:`tritonq.engine.runtime.serve.generate_tokens`, the path of ``tritonq generate`` and ``serve``. Reported:
 the median tokens/s of the runs with their min and max; weight bytes (all parameters and buffers, and
 those of the quantized linears alone) and RSS after the runs, above the process's RSS before the model
 was built (memory that building freed is handed back to the OS first); the machine's copy
@@ -84,7 +84,7 @@ def weight_bytes(model) -> dict[str, int]:
     buffers, or the float weights of the same linears), and those read per decoded token."""
     import torch.nn as nn
 
-    from ..engine.qlinear import QuantLinear
+    from ..engine.runtime.qlinear import QuantLinear
 
     seen: set[int] = set()
     total = 0
@@ -106,7 +106,7 @@ def weight_bytes(model) -> dict[str, int]:
 
 
 def _timed_runs(model, ids: list[int], new_tokens: int, runs: int) -> dict:
-    from ..engine.serve import generate_tokens, synchronize
+    from ..engine.runtime.serve import generate_tokens, synchronize
 
     def once(n: int) -> tuple[float, float, list[int]]:
         synchronize(model)
@@ -159,10 +159,10 @@ def random_llama(config, side: str, dtype, seed: int = 0):
     import torch.nn as nn
     from transformers import AutoModelForCausalLM
 
-    from ..engine.formats import QuantizedWeight, to_runtime
+    from ..engine.formats.packed import QuantizedWeight, to_runtime
     from ..engine.grid import GridSpec, codes_of
-    from ..engine.qlinear import swap_linears
-    from ..engine.rtn import round_to_nearest
+    from ..engine.methods.rtn import round_to_nearest
+    from ..engine.runtime.qlinear import swap_linears
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
@@ -190,8 +190,8 @@ def _build(source: dict, side: str, device: str, dtype: str):
 
     import torch
 
-    from ..engine.qlinear import use_cpu_int4
-    from ..engine.serve import dequantized_copy, load_packed_model, prompt_ids, resolve_device_dtype
+    from ..engine.runtime.qlinear import use_cpu_int4
+    from ..engine.runtime.serve import dequantized_copy, load_packed_model, prompt_ids, resolve_device_dtype
 
     dev, dt = resolve_device_dtype(device, dtype)
     if source["kind"] == "random":

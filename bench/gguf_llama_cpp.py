@@ -155,7 +155,7 @@ def float_gguf(model: str, dst: str, out_type: str = "f32") -> dict:
     """``save_float_gguf`` of a directory, or of a model name saved first as a float HF checkpoint."""
     import tempfile
 
-    from ..engine.gguf_export import save_float_gguf
+    from ..engine.formats.gguf import save_float_gguf
     from ..engine.model_io import load_model, load_tokenizer
 
     if Path(model).is_dir():

@@ -49,11 +49,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from ..engine.adapters import adapter_for
     from ..engine.data import calibration_windows, load_corpus, tokenize
-    from ..engine.evaluate import perplexity
+    from ..engine.evaluation.perplexity import perplexity
     from ..engine.grid import GridSpec
+    from ..engine.methods.registry import make_method
     from ..engine.model_io import load_model, load_tokenizer
     from ..engine.pipeline import quantize_blocks
-    from ..engine.registry import make_method
 
     cpu = torch.device("cpu")
     tokenizer = load_tokenizer(args.model)

@@ -124,8 +124,8 @@ def bench_awq(device: torch.device, shapes, kernel_force: str) -> list[dict]:
 
 def bench_boa(device: torch.device, shapes, kernel_force: str) -> list[dict]:
     """BoA's two-sided sweep of one q_proj (every head's rows in turn, cross-row compensation per row block)."""
-    from ..engine.boa import two_sided_sweep
     from ..engine.grid import fit_groups
+    from ..engine.methods.boa import two_sided_sweep
 
     timer = _timer(device)
     rows = []

@@ -1,13 +1,13 @@
 """``tritonq bench static``: what the compiler says about every kernel on every target. Compiled, not run.
 
-Per kernel x config x dtype x target (from :mod:`tritonq.kernels.catalog`, compiled by
-:mod:`tritonq.kernels.aot`): registers per thread, spills, shared memory, theoretical occupancy (warps
-per SM from registers, shared memory and the target's limits, :func:`tritonq.kernels.targets.occupancy`),
+Per kernel x config x dtype x target (from :mod:`tritonq.kernels.aot.catalog`, compiled by
+:mod:`tritonq.kernels.aot.compile`): registers per thread, spills, shared memory, theoretical occupancy (warps
+per SM from registers, shared memory and the target's limits, :func:`tritonq.kernels.aot.targets.occupancy`),
 the share of 128-bit global loads and the tensor/matrix-core instruction count. Then the headline
 shapes (issue 6): the int4 dequant-matmul on K x N = 4096 x 14336 and 8192 x 28672 at M = 1, 16, 64 and
 the Hessian accumulation on 4096- and 11008-wide inputs, with the dispatcher's plan, bytes moved, FLOPs,
 grid against the SM count (waves, tail) and the roofline lower bound ``max(bytes / HBM bandwidth,
-FLOPs / peak)`` on H100 SXM and MI300X (figures and sources in :mod:`tritonq.kernels.targets`).
+FLOPs / peak)`` on H100 SXM and MI300X (figures and sources in :mod:`tritonq.kernels.aot.targets`).
 
 Nothing is executed on a GPU: occupancy and load width say a kernel *can* approach the roofline, not
 that it does (``../shared/docs/kernels_perf.md`` §7).
@@ -27,8 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..kernels import aot, catalog
-from ..kernels.targets import ROOFLINE_TARGETS, TARGETS, get_target, occupancy
+from ..kernels.aot import catalog
+from ..kernels.aot import compile as aot
+from ..kernels.aot.targets import ROOFLINE_TARGETS, TARGETS, get_target, occupancy
 
 SECTION = "## Static (compiled, not run)"
 HESSIAN_TOKENS = 2048  # tokens folded in per Hessian call for the headline bound (one 2048-token sequence)

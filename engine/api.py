@@ -21,13 +21,14 @@ import torch
 
 from .. import __version__
 from ..errors import TritonqError, warn
-from .act_quant import WithActivationQuant, apply_activation_quant, block_linear_names, resolve_act_spec, saved_act_spec
+from .activations import apply_activation_quant, block_linear_names, resolve_act_spec, saved_act_spec
 from .adapters import adapter_for
 from .data import calibration_windows, evaluation_windows, load_corpus, tokenize
 from .grid import GridSpec
+from .methods.act_quant import WithActivationQuant
+from .methods.registry import make_method
 from .model_io import load_config, load_model, load_tokenizer, resolve_device, resolve_dtype
 from .outputs import atomic_output_dir, check_output_dir
-from .registry import make_method
 
 
 @dataclass
@@ -112,7 +113,7 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
     """Load, calibrate, quantize block by block, save atomically, optionally evaluate."""
     started = time.perf_counter()
     seconds: dict[str, float] = {}
-    from .formats import GGUF_FORMAT, OUTPUT_FORMATS
+    from .formats.packed import GGUF_FORMAT, OUTPUT_FORMATS
 
     if opts.out_format not in ("fake", *OUTPUT_FORMATS):
         raise TritonqError(f"unknown --format {opts.out_format!r}; choose fake or one of {', '.join(OUTPUT_FORMATS)}")
@@ -136,7 +137,7 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
     for name, k in widths.items():
         spec.groups_for(k, name)
     if opts.out_format == GGUF_FORMAT:  # grid, architecture and tokenizer must fit GGUF before calibration
-        from .gguf_export import check_gguf_request, tokenizer_json_of
+        from .formats.gguf import check_gguf_request, tokenizer_json_of
 
         check_gguf_request(spec, load_config(opts.model, opts.trust_remote_code).to_dict(),
                            tokenizer_json_of(tokenizer), method.describe().get("act_order_groups"))
@@ -192,7 +193,7 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
         }
         (fake_dir / "quantization.json").write_text(json.dumps(meta, indent=2) + "\n")
         if opts.out_format != "fake":
-            from .formats import save_packed
+            from .formats.packed import save_packed
 
             save_packed(fake_dir, tmp / "_packed", opts.out_format)
             for item in (tmp / "_packed").iterdir():
@@ -204,7 +205,7 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
     summary = QuantizeSummary(str(Path(opts.output).resolve()), seconds, layers=len(report.layers),
                               group_size=spec.group_size)
     if eval_windows is not None:
-        from .evaluate import perplexity
+        from .evaluation.perplexity import perplexity
 
         t0 = time.perf_counter()
         if act is not None:
@@ -213,7 +214,7 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
         seconds["eval"] = time.perf_counter() - t0
         summary.perplexity = result.perplexity
         summary.eval_windows = result.windows
-        from .report import PERPLEXITY, perplexity_label, record_evaluation
+        from .evaluation.report import PERPLEXITY, perplexity_label, record_evaluation
 
         # every output keeps a quantization.json (packed ones too); `tritonq report` reads the score there
         record_evaluation(opts.output, PERPLEXITY, perplexity_label(opts.eval_data, result.windows, result.seqlen),
@@ -230,7 +231,7 @@ def evaluate(model_name: str, data: str, max_windows: int | None = None, seqlen:
 
     Activations are quantized as the checkpoint records (``quantization.json`` / ``config.json``); ``act_*``
     override that, or quantize a float model's block inputs (the W16A8 ``act_only`` ablation)."""
-    from .evaluate import perplexity
+    from .evaluation.perplexity import perplexity
 
     dev = resolve_device(device)
     tokenizer = load_tokenizer(model_name, trust_remote_code)
@@ -248,7 +249,7 @@ def load_evaluation_model(model_name: str, device: torch.device, dtype: torch.dt
     Activation quantization is applied as the checkpoint records it, or as ``act_*`` override (see ``evaluate``).
     Shared by perplexity and the lm-eval tasks (``engine/zero_shot.py``), so both score the same model."""
     if _is_packed_checkpoint(model_name):  # packed int4: our QuantLinear path, no float weights
-        from .serve import load_packed_model
+        from .runtime.serve import load_packed_model
 
         model, _ = load_packed_model(model_name, device=str(device), dtype=str(dtype).replace("torch.", ""))
     else:

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from ..errors import TritonqError
 from .adapters import Adapter, ScalePair
 from .grid import GridSpec
-from .methods import LayerResult, Method
+from .methods.base import LayerResult, Method
 
 OBSERVED_ATTENTION = "tritonq_observed"  # the attention interface that calls observers, then the real one
 
@@ -332,7 +332,8 @@ def quantize_block(
     wrapped: list[tuple[str, nn.Module]] = []
     losses = 0.0
     for names in adapter.linear_groups:
-        group = Group(block, index, names, adapter, config, spec, device, set(done))
+        group_spec = group_grid(method, [f"{adapter.blocks}.{index}.{n}" for n in names], spec)
+        group = Group(block, index, names, adapter, config, group_spec, device, set(done))
         state = method.observe(group)
         tail = adapter.tail_of(names[0]) if chunks else None
         stage = _Stage(block, group, replays, names[0] if tail else None, device, store, tuple(unrecorded))
@@ -350,7 +351,7 @@ def quantize_block(
         for lin, full, res in zip(group.linears, group.full_names, results):
             lin.weight.data.copy_(res.weight.to(lin.weight.dtype))
             report.layers[full] = LayerResult(res.weight.new_empty(0), res.scale.cpu(), res.zero.cpu(),
-                                              res.g_idx.cpu(), res.info)
+                                              res.g_idx.cpu(), res.info, res.spec or group_spec)
             losses += res.info.get("loss", 0.0) / len(results)
         report.seconds["solve"] += time.perf_counter() - t0
         for name, lin in zip(names, group.linears):
@@ -376,6 +377,16 @@ def quantize_block(
     for name, original in wrapped:  # wrappers serve propagation only; the model keeps its linears
         _swap_module(block, name, original)
     return out, losses
+
+
+def group_grid(method: Method, full_names: list[str], spec: GridSpec) -> GridSpec:
+    """The one grid of a linear group: the method's ``layer_grid`` of each linear, which must agree, because the
+    linears of a group share their input statistics and are solved together."""
+    grids = {method.layer_grid(name, spec) for name in full_names}
+    if len(grids) > 1:
+        raise TritonqError(f"method {method.name} gives the linears {', '.join(full_names)} different grids; they "
+                           "share one input and are quantized together, so give them one grid")
+    return grids.pop()
 
 
 def _keep_complete_records(stage: _Stage, replays: dict, unrecorded: list[str], n_chunks: int) -> None:

@@ -146,7 +146,7 @@ def kernel_usable(w: torch.Tensor, group_size: int, x: torch.Tensor | None = Non
         return True
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     if index not in _TARGET_OF_DEVICE:
-        from .catalog import runtime_target
+        from .aot.catalog import runtime_target
 
         _TARGET_OF_DEVICE[index] = runtime_target(x.device)
     target = _TARGET_OF_DEVICE[index]

@@ -18,11 +18,11 @@ from test_awq import _fq64, _outlier_inputs
 from test_method_interface import _batches, _load
 from test_pipeline import make_family_model
 from tritonq.bench.aboa_fold import FoldOnlyABoA
-from tritonq.engine import aboa, awq, registry
 from tritonq.engine.adapters import adapter_for
 from tritonq.engine.grid import GridSpec
+from tritonq.engine.methods import aboa, awq, registry
+from tritonq.engine.methods.smoothquant import fold_gqa_value
 from tritonq.engine.pipeline import Group, quantize_blocks
-from tritonq.engine.smoothquant import fold_gqa_value
 from tritonq.errors import TritonqError
 
 SPEC = GridSpec(bits=3, group_size=16)

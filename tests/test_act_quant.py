@@ -6,10 +6,9 @@ import json
 import pytest
 import torch
 from test_pipeline import make_family_model, pydoc_corpus
-from tritonq.engine.act_quant import (
+from tritonq.engine.activations import (
     ActQuantLinear,
     ActSpec,
-    WithActivationQuant,
     fake_quantize_activation,
     quantize_activation,
     resolve_act_spec,
@@ -17,8 +16,9 @@ from tritonq.engine.act_quant import (
 from tritonq.engine.adapters import adapter_for
 from tritonq.engine.api import QuantizeOptions, evaluate, quantize
 from tritonq.engine.grid import GridSpec
+from tritonq.engine.methods.act_quant import WithActivationQuant
+from tritonq.engine.methods.registry import make_method
 from tritonq.engine.pipeline import quantize_blocks
-from tritonq.engine.registry import make_method
 from tritonq.errors import TritonqError
 
 

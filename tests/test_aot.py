@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from tritonq.kernels import aot, catalog
+from tritonq.kernels.aot import catalog
+from tritonq.kernels.aot import compile as aot
+from tritonq.kernels.aot.targets import TARGETS, get_target, occupancy
 from tritonq.kernels.configs import LaunchConfig
-from tritonq.kernels.targets import TARGETS, get_target, occupancy
 
 BAD = str(Path(__file__).with_name("aot_bad_kernels.py"))
 

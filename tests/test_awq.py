@@ -17,11 +17,11 @@ import torch
 import torch.nn as nn
 from test_method_interface import _batches, _load
 from test_pipeline import make_family_model
-from tritonq.engine import awq, registry
 from tritonq.engine.adapters import adapter_for
-from tritonq.engine.gptq import GPTQOptions
 from tritonq.engine.grid import GridSpec
-from tritonq.engine.methods import LayerResult
+from tritonq.engine.methods import awq, registry
+from tritonq.engine.methods.base import LayerResult
+from tritonq.engine.methods.gptq import GPTQOptions
 from tritonq.engine.pipeline import quantize_blocks
 from tritonq.errors import TritonqError
 
@@ -277,9 +277,9 @@ def test_awq_model_packs_and_serves_through_quantlinear(tmp_path, fmt):
     from transformers import AutoModelForCausalLM
     from tritonq.engine.api import QuantizeOptions, quantize
     from tritonq.engine.data import pydoc_corpus
-    from tritonq.engine.formats import save_packed
-    from tritonq.engine.qlinear import QuantLinear
-    from tritonq.engine.serve import load_packed_model
+    from tritonq.engine.formats.packed import save_packed
+    from tritonq.engine.runtime.qlinear import QuantLinear
+    from tritonq.engine.runtime.serve import load_packed_model
 
     src = make_family_model(tmp_path / "float", "llama")
     calib = tmp_path / "calib.txt"
@@ -317,7 +317,7 @@ def test_search_sample_takes_whole_windows():
 
 @pytest.mark.parametrize("spec", [GridSpec(bits=3, group_size=16), GridSpec(bits=4, group_size=-1, sym=True)])
 def test_grouped_fake_quant_is_rtn_bit_for_bit(spec):
-    from tritonq.engine.rtn import round_to_nearest
+    from tritonq.engine.methods.rtn import round_to_nearest
 
     w = torch.randn(24, 64, generator=torch.Generator().manual_seed(8))
     assert torch.equal(awq.fake_quantize_grouped(w, spec), round_to_nearest(w, spec).weight)
@@ -342,7 +342,7 @@ def test_auto_search_dtype_uses_bf16_only_where_the_cpu_has_it(monkeypatch):
 
 def test_observer_sums_only_the_moments_asked_for_and_names_a_missing_one():
     from tritonq.engine.adapters import ScalePair
-    from tritonq.engine.dh_awq import DHAWQ
+    from tritonq.engine.methods.dh_awq import DHAWQ
 
     x = torch.randn(3, 7, 5, dtype=torch.float64)
     flat = x.reshape(-1, 5)

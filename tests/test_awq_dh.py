@@ -6,12 +6,12 @@ import torch
 import torch.nn as nn
 from test_method_interface import _batches, _load
 from test_pipeline import make_family_model
-from tritonq.engine import registry
 from tritonq.engine.adapters import adapter_for
-from tritonq.engine.dh_awq import heuristic_quantize, kneedle_outliers
 from tritonq.engine.grid import GridSpec, codes_of
+from tritonq.engine.methods import registry
+from tritonq.engine.methods.dh_awq import heuristic_quantize, kneedle_outliers
+from tritonq.engine.methods.rtn import round_to_nearest
 from tritonq.engine.pipeline import quantize_blocks
-from tritonq.engine.rtn import round_to_nearest
 
 SPEC = GridSpec(bits=4, group_size=32)
 

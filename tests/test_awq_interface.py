@@ -6,9 +6,9 @@ from test_method_interface import _batches, _load
 from test_pipeline import make_family_model
 from tritonq.engine.adapters import adapter_for
 from tritonq.engine.grid import GridSpec
-from tritonq.engine.methods import Method
+from tritonq.engine.methods.base import Method
+from tritonq.engine.methods.rtn import round_to_nearest
 from tritonq.engine.pipeline import quantize_blocks
-from tritonq.engine.rtn import round_to_nearest
 
 SPEC = GridSpec(bits=3, group_size=32)
 

@@ -4,14 +4,15 @@
 import pytest
 import torch
 from test_pipeline import make_family_model
-from tritonq.engine.act_quant import ActSpec, WithActivationQuant, fake_quantize_activation
+from tritonq.engine.activations import ActSpec, fake_quantize_activation
 from tritonq.engine.adapters import adapter_for
-from tritonq.engine.awrq import AWRQ, QuantizedInputStats, reformulate
-from tritonq.engine.gptq import GPTQ, GPTQOptions, solve
 from tritonq.engine.grid import GridSpec
 from tritonq.engine.hessian import HessianAccumulator
+from tritonq.engine.methods.act_quant import WithActivationQuant
+from tritonq.engine.methods.awrq import AWRQ, QuantizedInputStats, reformulate
+from tritonq.engine.methods.gptq import GPTQ, GPTQOptions, solve
+from tritonq.engine.methods.registry import make_method
 from tritonq.engine.pipeline import quantize_blocks
-from tritonq.engine.registry import make_method
 from tritonq.errors import TritonqError
 
 ACT = ActSpec(8, "per-tensor", False)

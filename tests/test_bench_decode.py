@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 from tritonq.bench.decode import memory_bandwidth, random_llama, random_llama_config, weight_bytes
-from tritonq.engine.qlinear import QuantLinear, use_cpu_int4
+from tritonq.engine.runtime.qlinear import QuantLinear, use_cpu_int4
 from tritonq.errors import TritonqError
 
 SMALL = dict(hidden_size=128, intermediate_size=384, num_attention_heads=4, num_key_value_heads=2, vocab_size=300)

@@ -6,12 +6,12 @@ import torch
 import torch.nn as nn
 from test_gptq import _layer
 from test_pipeline import FAMILIES, make_family_model
-from tritonq.engine import registry
 from tritonq.engine.adapters import adapter_for
-from tritonq.engine.boa import BoAOptions, boa_solve, rope_average, rotary_matrices, search_grids
-from tritonq.engine.gptq import GPTQOptions
-from tritonq.engine.gptq import solve as gptq_solve
 from tritonq.engine.grid import GridSpec, fit_groups
+from tritonq.engine.methods import registry
+from tritonq.engine.methods.boa import BoAOptions, boa_solve, rope_average, rotary_matrices, search_grids
+from tritonq.engine.methods.gptq import GPTQOptions
+from tritonq.engine.methods.gptq import solve as gptq_solve
 from tritonq.engine.pipeline import Group, quantize_blocks
 from tritonq.errors import TritonqError
 
@@ -234,7 +234,7 @@ def test_block_v_hessians_equal_those_from_the_models_causal_attention(tmp_path,
     """The value factors built in query chunks equal sum_h (A_h X)^T (A_h X) with the attention
     probabilities of transformers' eager attention (causal mask included, boa.md §9.1)."""
     from transformers import AutoModelForCausalLM
-    from tritonq.engine import boa as boa_module
+    from tritonq.engine.methods import boa as boa_module
 
     src = make_family_model(tmp_path / "float", "llama")
     eager = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, attn_implementation="eager").eval()

@@ -5,8 +5,8 @@ transcription; shapes that are not multiples of the blocks (heads, rows, columns
 import pytest
 import torch
 from tritonq import kernels
-from tritonq.engine.boa import BoAOptions, boa_solve
 from tritonq.engine.grid import GridSpec, fit_groups
+from tritonq.engine.methods.boa import BoAOptions, boa_solve
 from tritonq.errors import TritonqError
 
 

@@ -17,9 +17,9 @@ os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from tritonq.errors import TritonqError  # noqa: E402
-from tritonq.kernels import dequant_matmul as dm  # noqa: E402
-from tritonq.kernels.pack import pack_int4, unpack_int4  # noqa: E402
+from tritonq.errors import TritonqError
+from tritonq.kernels import dequant_matmul as dm
+from tritonq.kernels.pack import pack_int4, unpack_int4
 
 RTOL = {torch.float16: 2.0**-9, torch.bfloat16: 2.0**-6}
 

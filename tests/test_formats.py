@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tritonq.engine.formats import (
+from tritonq.engine.formats.packed import (
     FORMATS,
     awq_pack,
     awq_unpack,
@@ -129,7 +129,7 @@ def test_hand_computed_words():
     assert word.dtype == torch.int32 and word.item() == 0x86427531 - 2**32
     assert torch.equal(awq_unpack(word, 8), vals)
     # GPTQ v1 symmetric 4-bit qzeros: zero 8 stored as 7 in every nibble -> 0x77777777 (formats doc §1.1).
-    from tritonq.engine.formats import _pack_last
+    from tritonq.engine.formats.packed import _pack_last
 
     assert _pack_last(torch.full((1, 8), 7), 4).item() == 0x77777777
     # compressed-tensors / GPTQ along K: row j of 8 in nibble j -> codes 1..8 give 0x87654321.
@@ -140,7 +140,7 @@ def test_hand_computed_words():
 
 def test_dense_packing_matches_compressed_tensors():
     helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
-    from tritonq.engine.formats import _pack_last, _unpack_last
+    from tritonq.engine.formats.packed import _pack_last, _unpack_last
 
     gen = torch.Generator().manual_seed(0)
     for bits in (2, 3, 4, 5, 8):
@@ -343,7 +343,7 @@ def _llmcompressor_checkpoint(tmp_path: Path, sym: bool) -> Path:
 @pytest.mark.parametrize("sym", [True, False])
 def test_llmcompressor_checkpoint_loads_into_tritonq(tmp_path, sym):
     from transformers import AutoModelForCausalLM
-    from tritonq.engine.serve import load_packed_model
+    from tritonq.engine.runtime.serve import load_packed_model
 
     ckpt = _llmcompressor_checkpoint(tmp_path, sym)
     ours, _ = load_packed_model(ckpt, "cpu", "float32", cpu_int4=False)  # exact fp16 scales
@@ -403,7 +403,7 @@ def _compressed_tensors_checkpoint(path: Path, sym: bool) -> Path:
 @pytest.mark.parametrize("sym", [True, False])
 def test_compressed_tensors_written_checkpoint_loads_into_tritonq(tmp_path, sym):
     pytest.importorskip("compressed_tensors")
-    from tritonq.engine.serve import load_packed_model
+    from tritonq.engine.runtime.serve import load_packed_model
 
     ckpt = _compressed_tensors_checkpoint(tmp_path / "ct", sym)
     ours, _ = load_packed_model(ckpt, "cpu", "float32", cpu_int4=False)  # exact fp16 scales
@@ -432,7 +432,7 @@ def test_bfloat16_model_keeps_exact_fp16_scales(tmp_path):
 
 def _random_record(n: int, k: int, spec, gen: torch.Generator, act_order: bool, min_zero: int = 0):
     """A record drawn at random (codes, zero points, fp16-valued scales, g_idx), not derived from weights."""
-    from tritonq.engine.formats import QuantizedWeight
+    from tritonq.engine.formats.packed import QuantizedWeight
 
     g = spec.effective_group(k)
     groups = k // g
@@ -479,7 +479,7 @@ REGISTRY_CASES = [
 
 
 def test_registry_holds_one_class_per_format():
-    from tritonq.engine.formats import DEFAULT_FORMAT, PackedFormat
+    from tritonq.engine.formats.packed import DEFAULT_FORMAT, PackedFormat
 
     assert list(FORMATS) == ["compressed-tensors", "gptq", "gptq_v2", "awq"] and DEFAULT_FORMAT in FORMATS
     for name, fmt in FORMATS.items():
@@ -490,7 +490,7 @@ def test_registry_holds_one_class_per_format():
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize(("fmt", "bits", "group_size", "sym", "act_order", "n", "k"), REGISTRY_CASES)
 def test_each_format_class_round_trips_random_grids(tmp_path, fmt, bits, group_size, sym, act_order, n, k, seed):
-    from tritonq.engine.formats import checkpoint_format
+    from tritonq.engine.formats.packed import checkpoint_format
     from tritonq.engine.grid import GridSpec
 
     spec = GridSpec(bits=bits, group_size=group_size, sym=sym)
@@ -618,7 +618,7 @@ def test_writers_refuse_scales_their_dtype_cannot_hold():
 
 
 def test_missing_compressed_tensors_names_the_install(monkeypatch):
-    from tritonq.engine import formats
+    from tritonq.engine.formats import packed as formats
     from tritonq.engine.grid import GridSpec
 
     monkeypatch.setitem(__import__("sys").modules, "compressed_tensors", None)  # makes the import fail

@@ -17,9 +17,9 @@ import pytest
 import torch
 from helpers import CHAT_TEMPLATE, _bytes_to_unicode, make_fake_dir
 from tritonq.cli import main
-from tritonq.engine import gguf_export
-from tritonq.engine.formats import read_source, save_packed, source_layers
-from tritonq.engine.gguf_export import GGUF_FILE, save_float_gguf
+from tritonq.engine.formats import gguf as gguf_export
+from tritonq.engine.formats.gguf import GGUF_FILE, save_float_gguf
+from tritonq.engine.formats.packed import read_source, save_packed, source_layers
 from tritonq.errors import TritonqError
 
 gguf = pytest.importorskip("gguf")

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from tritonq.engine.gptq import GPTQOptions, solve
 from tritonq.engine.grid import GridSpec, default_g_idx, fit_groups
 from tritonq.engine.hessian import inverse_cholesky
-from tritonq.engine.rtn import round_to_nearest
+from tritonq.engine.methods.gptq import GPTQOptions, solve
+from tritonq.engine.methods.rtn import round_to_nearest
 from tritonq.errors import TritonqError
 
 

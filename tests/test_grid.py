@@ -4,15 +4,7 @@ import itertools
 
 import pytest
 import torch
-from tritonq.engine.grid import (
-    GridSpec,
-    codes_of,
-    default_g_idx,
-    dequantize,
-    fake_quantize,
-    fit_groups,
-    fit_rows,
-)
+from tritonq.engine.grid import GridSpec, codes_of, default_g_idx, dequantize, fake_quantize, fit_groups, fit_rows
 from tritonq.errors import TritonqError
 
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_pipeline import make_family_model, pydoc_corpus
-from tritonq.engine.act_quant import ActQuantLinear, ActSpec, saved_act_spec
+from tritonq.engine.activations import ActQuantLinear, ActSpec, saved_act_spec
 from tritonq.engine.api import QuantizeOptions, evaluate, quantize
-from tritonq.engine.formats import save_packed
-from tritonq.engine.qlinear import Int8Linear, QuantLinear
-from tritonq.engine.serve import load_packed_model
+from tritonq.engine.formats.packed import save_packed
+from tritonq.engine.runtime.qlinear import Int8Linear, QuantLinear
+from tritonq.engine.runtime.serve import load_packed_model
 
 ct = pytest.importorskip("compressed_tensors")
 

@@ -4,7 +4,7 @@ references against float64 transcriptions; shapes off the block sizes."""
 import pytest
 import torch
 from tritonq import kernels
-from tritonq.engine.act_quant import ActSpec, fake_quantize_activation
+from tritonq.engine.activations import ActSpec, fake_quantize_activation
 from tritonq.kernels import int8_matmul as im
 
 
@@ -66,7 +66,7 @@ def test_bench_matmul_w8a8_rows_in_the_interpreter():
 
 
 def test_sm75_is_excluded_and_integer_mma_is_counted():
-    from tritonq.kernels import aot
+    from tritonq.kernels.aot import compile as aot
 
     config = im.GEMM_CONFIGS[0]
     assert im.excluded("sm_75", "fp16", config) and im.excluded("sm_90", "fp16", config) is None

@@ -14,12 +14,12 @@ import pytest
 import torch
 import torch.nn as nn
 from test_pipeline import FAMILIES, make_family_model
-from tritonq.engine import registry
 from tritonq.engine.adapters import adapter_for
-from tritonq.engine.gptq import GPTQOptions, solve
 from tritonq.engine.grid import GridSpec
 from tritonq.engine.hessian import HessianAccumulator
-from tritonq.engine.methods import LayerResult, Method
+from tritonq.engine.methods import registry
+from tritonq.engine.methods.base import LayerResult, Method
+from tritonq.engine.methods.gptq import GPTQOptions, solve
 from tritonq.engine.pipeline import _StopForward, capture_block_inputs, quantize_blocks
 from tritonq.errors import TritonqError
 
@@ -99,7 +99,7 @@ def test_one_pass_matches_sequential_reference(tmp_path, family, monkeypatch):
 
 
 def test_rtn_needs_no_data_and_matches_the_grid(tmp_path):
-    from tritonq.engine.rtn import round_to_nearest
+    from tritonq.engine.methods.rtn import round_to_nearest
 
     model = _load(make_family_model(tmp_path / "float", "llama"))
     originals = {n: m.weight.data.clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)}

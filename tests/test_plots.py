@@ -8,7 +8,7 @@ import sys
 import pytest
 from tritonq.bench.plots import decode_bounds, decode_rates, matmul_speedups, perplexity_series
 from tritonq.cli import main
-from tritonq.engine.report import OutputSummary
+from tritonq.engine.evaluation.report import OutputSummary
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 try:

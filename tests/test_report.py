@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import tiny_tokenizer
 from tritonq.cli import main
-from tritonq.engine.report import markdown_table, read_output, record_evaluation
+from tritonq.engine.evaluation.report import markdown_table, read_output, record_evaluation
 
 
 def _output(path: Path, meta: dict | None = None, config: dict | None = None, weights: dict | None = None) -> Path:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tritonq.engine.formats import save_packed
+from tritonq.engine.formats.packed import save_packed
 
 from .helpers import make_fake_dir
 
@@ -199,7 +199,7 @@ def test_default_model_packed_greedy_matches_fake(tmp_path):
     """SmolLM2-135M, RTN 4-bit g64 asym: the packed model's greedy tokens equal the fake-quantized model's."""
     from transformers import AutoModelForCausalLM
     from tritonq.cli import main
-    from tritonq.engine.serve import generate_tokens, load_packed_model, prompt_ids
+    from tritonq.engine.runtime.serve import generate_tokens, load_packed_model, prompt_ids
 
     fake = tmp_path / "fake"
     assert main(["quantize", "--model", "smollm2", "--method", "rtn", "--group-size", "64", "--output", str(fake),
@@ -216,8 +216,8 @@ def test_default_model_packed_greedy_matches_fake(tmp_path):
 
 def test_generation_loads_packed_models_on_the_cpu_int4_op(dirs):
     """``generate``/``serve`` load packed checkpoints onto PyTorch's int4 op (no dense copy), float ones as float."""
-    from tritonq.engine.qlinear import QuantLinear
-    from tritonq.engine.serve import load_generation_model
+    from tritonq.engine.runtime.qlinear import QuantLinear
+    from tritonq.engine.runtime.serve import load_generation_model
 
     packed, _ = load_generation_model(str(dirs[1]), "cpu")
     layers = [m for m in packed.modules() if isinstance(m, QuantLinear)]
@@ -228,7 +228,7 @@ def test_generation_loads_packed_models_on_the_cpu_int4_op(dirs):
 
 def test_serve_library_imports_no_http_stack():
     """Loading and generation are a library: importing them pulls in neither FastAPI nor uvicorn."""
-    code = ("import sys, tritonq.engine.serve; "
+    code = ("import sys, tritonq.engine.runtime.serve; "
             "print(sorted(m for m in ('fastapi', 'uvicorn', 'pydantic') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.strip() == "[]"

@@ -4,12 +4,13 @@ alpha = 0.5 balance property, and W8A8 staying close to float on a tiny model.""
 import pytest
 import torch
 from test_pipeline import make_family_model
-from tritonq.engine.act_quant import ActSpec, WithActivationQuant
+from tritonq.engine.activations import ActSpec
 from tritonq.engine.adapters import adapter_for
 from tritonq.engine.grid import GridSpec
-from tritonq.engine.methods import LayerResult
+from tritonq.engine.methods.act_quant import WithActivationQuant
+from tritonq.engine.methods.base import LayerResult
+from tritonq.engine.methods.smoothquant import SmoothQuant, smoothing_scale
 from tritonq.engine.pipeline import quantize_blocks
-from tritonq.engine.smoothquant import SmoothQuant, smoothing_scale
 from tritonq.errors import TritonqError
 
 
@@ -19,7 +20,7 @@ class FoldOnly(SmoothQuant):
     name = "smoothquant-fold-only"
 
     def quantize(self, group, state):
-        from tritonq.engine.smoothquant import MIN_WEIGHT_MAX, fold_smoothing
+        from tritonq.engine.methods.smoothquant import MIN_WEIGHT_MAX, fold_smoothing
 
         self.scales.update(fold_smoothing(group, state, self.options.alpha, MIN_WEIGHT_MAX))
         return [LayerResult(lin.weight.data.clone(), torch.ones(lin.out_features, 1),

@@ -48,14 +48,14 @@ from typing import Any
 
 import torch
 
-from .. import kernels
-from ..errors import TritonqError
-from ..kernels.grid_rule import minmax_scale_zero
+from ... import kernels
+from ...errors import TritonqError
+from ...kernels.grid_rule import minmax_scale_zero
+from ..grid import GridSpec, default_g_idx, fake_quantize, fit_groups, group_block_error, keep_better
+from ..hessian import HessianAccumulator, blocked_quantize, check_block_size, check_finite, inverse_cholesky
+from .base import LayerResult, Method
 from .gptq import GPTQOptions
 from .gptq import solve as gptq_solve
-from .grid import GridSpec, default_g_idx, fake_quantize, fit_groups, group_block_error, keep_better
-from .hessian import HessianAccumulator, blocked_quantize, check_block_size, check_finite, inverse_cholesky
-from .methods import LayerResult, Method
 
 QPARAMS = ("minmax", "mmse", "hessian")
 SHRINK_STEPS = 100  # upstream's candidate ranges p = 1 - k/100, k = 0..99

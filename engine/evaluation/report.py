@@ -19,8 +19,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import TritonqError
-from .outputs import atomic_write
+from ...errors import TritonqError
+from ..outputs import atomic_write
 
 QUANT_JSON = "quantization.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")  # what counts as weights on disk

@@ -22,10 +22,10 @@ from typing import Any
 
 import torch
 
-from ..errors import TritonqError
-from .grid import default_g_idx, fit_groups
-from .hessian import HessianAccumulator, blocked_quantize, check_block_size, check_finite, inverse_cholesky
-from .methods import LayerResult, Method, split_rows
+from ...errors import TritonqError
+from ..grid import default_g_idx, fit_groups
+from ..hessian import HessianAccumulator, blocked_quantize, check_block_size, check_finite, inverse_cholesky
+from .base import LayerResult, Method, split_rows
 
 ACT_ORDERS = (None, "static", "dynamic")
 

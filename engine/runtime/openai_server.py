@@ -1,4 +1,4 @@
-"""An OpenAI-compatible HTTP API over one packed model loaded by :mod:`tritonq.engine.serve`.
+"""An OpenAI-compatible HTTP API over one packed model loaded by :mod:`tritonq.engine.runtime.serve`.
 
 Endpoints: ``/v1/models``, ``/v1/completions`` and ``/v1/chat/completions``, with server-sent-event
 streaming as in https://platform.openai.com/docs/api-reference/chat/streaming, on FastAPI. One lock
@@ -24,7 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import TritonqError
+from ...errors import TritonqError
 from .serve import Completion, prompt_ids, stream_text
 
 if TYPE_CHECKING:

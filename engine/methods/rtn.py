@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 
-from .grid import GridSpec, default_g_idx, fake_quantize, fit_groups
-from .methods import LayerResult, Method
+from ..grid import GridSpec, default_g_idx, fake_quantize, fit_groups
+from .base import LayerResult, Method
 
 
 class RTN(Method):

@@ -9,14 +9,14 @@ from __future__ import annotations
 from dataclasses import fields, is_dataclass
 from typing import Any
 
-from ..errors import TritonqError
+from ...errors import TritonqError
 from .aboa import ABoA
 from .awq import AWQ, AWQGPTQ
 from .awrq import AWRQ
+from .base import Method
 from .boa import BoA
 from .dh_awq import DHAWQ
 from .gptq import GPTQ
-from .methods import Method
 from .rtn import RTN
 from .smoothquant import SmoothQuant
 

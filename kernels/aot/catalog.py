@@ -2,7 +2,8 @@
 
 Every ``@triton.jit`` kernel in ``tritonq.kernels`` must appear in :data:`ENTRIES`; ``tests/test_aot.py``
 finds every jitted function in the kernel modules and fails on one that is missing, then compiles each
-entry ahead of time for every target in :mod:`tritonq.kernels.targets` (see :mod:`tritonq.kernels.aot`).
+entry ahead of time for every target in :mod:`tritonq.kernels.aot.targets`
+(see :mod:`tritonq.kernels.aot.compile`).
 A new kernel is not done until it is listed here.
 
 An entry names, by attribute, the jitted kernel, the tuple of configs its launcher may use, the
@@ -34,7 +35,7 @@ bf16 on sm_75 never takes the GEMM) needs no ``excluded``: its picks for that ta
 
 Integer hints: ``assume`` records what the JIT specializes on at the benchmark shapes (multiples of 16
 get ``tt.divisibility=16``; unit strides become the constant 1), so the AOT code is the code a GPU
-would run at those shapes; see the :mod:`tritonq.kernels.aot` docstring.
+would run at those shapes; see the :mod:`tritonq.kernels.aot.compile` docstring.
 """
 
 from __future__ import annotations
@@ -45,9 +46,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import TritonqError
-from .configs import LaunchConfig
+from ...errors import TritonqError
+from ..configs import LaunchConfig
 from .targets import TARGETS, Target
+
+KERNELS_PACKAGE = __package__.rpartition(".")[0]  # the kernels this catalog lists sit one folder up
 
 
 @dataclass(frozen=True)
@@ -90,7 +93,7 @@ class KernelEntry:
     launcher_checks_exclusion: bool = False
 
     def load(self) -> Any:
-        return importlib.import_module(f"{__package__}.{self.module}")
+        return importlib.import_module(f"{KERNELS_PACKAGE}.{self.module}")
 
     @property
     def dtypes(self) -> tuple[str, ...]:
@@ -236,7 +239,7 @@ def get_entry(name: str) -> KernelEntry:
     raise TritonqError(f"no kernel {name!r} in the catalog; known: {', '.join(e.name for e in ENTRIES)}")
 
 
-_NOT_KERNEL_MODULES = {"aot", "catalog", "configs", "grid_rule", "targets"}
+_NOT_KERNEL_MODULES = {"aot", "configs", "grid_rule"}  # tritonq.kernels modules without jitted kernels
 
 
 def discover_kernels() -> set[tuple[str, str]]:
@@ -245,12 +248,12 @@ def discover_kernels() -> set[tuple[str, str]]:
 
     from triton.runtime.jit import JITFunction
 
-    pkg = importlib.import_module(__package__)
+    pkg = importlib.import_module(KERNELS_PACKAGE)
     found: set[tuple[str, str]] = set()
     for info in pkgutil.iter_modules(pkg.__path__):
         if info.name in _NOT_KERNEL_MODULES:
             continue
-        mod = importlib.import_module(f"{__package__}.{info.name}")
+        mod = importlib.import_module(f"{KERNELS_PACKAGE}.{info.name}")
         for attr, obj in vars(mod).items():
             raw = getattr(obj, "fn", None)
             jitted = isinstance(obj, JITFunction) or type(obj).__name__ == "InterpretedFunction"
@@ -307,8 +310,8 @@ def combos(entries: tuple[KernelEntry, ...] = ENTRIES, targets: tuple[str, ...] 
 
 
 def job_for(combo: Combo):
-    """The :class:`tritonq.kernels.aot.Job` that compiles ``combo``."""
-    from .aot import Job, kernel_ref
+    """The :class:`tritonq.kernels.aot.compile.Job` that compiles ``combo``."""
+    from .compile import Job, kernel_ref
 
     entry = combo.entry
     sig, consts = entry.aot_signature(combo.dtype, combo.pick.config, combo.pick.variant)

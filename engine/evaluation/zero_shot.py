@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import TritonqError
+from ...errors import TritonqError
 
 INSTALL_HINT = "pip install 'tritonq[eval]'"
 NOT_METRICS = ("alias", "sample_len", "sample_count")  # bookkeeping lm-eval reports beside the metrics
@@ -70,7 +70,7 @@ def _datasets_offline_if_unreachable() -> Iterator[None]:
     """Offline mode for ``datasets`` and ``huggingface_hub`` while the hub cannot be reached; restored after.
 
     Both libraries read the setting at import time, so the module constants are set beside the environment."""
-    from .model_io import _hub_reachable, hub_offline
+    from ..model_io import _hub_reachable, hub_offline
 
     if hub_offline() or _hub_reachable():
         yield
@@ -199,8 +199,8 @@ def run_tasks(model_name: str, tasks: list[str], limit: int | float | None = Non
     lm_eval = import_lm_eval()
     from lm_eval.models.huggingface import HFLM
 
-    from .api import load_evaluation_model
-    from .model_io import load_tokenizer, resolve_device, resolve_dtype
+    from ..api import load_evaluation_model
+    from ..model_io import load_tokenizer, resolve_device, resolve_dtype
 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)

@@ -50,9 +50,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from ..errors import TritonqError, warn
-from .grid import GridSpec, codes_of, dequantize
-from .outputs import atomic_output_dir
+from ...errors import TritonqError, warn
+from ..grid import GridSpec, codes_of, dequantize
+from ..outputs import atomic_output_dir
 
 DEFAULT_FORMAT = "compressed-tensors"
 QUANT_JSON = "quantization.json"
@@ -194,7 +194,7 @@ def _unpack_last(words: Tensor, bits: int, cols: int) -> Tensor:
 def _pack_k(codes_kn: Tensor, bits: int) -> Tensor:
     """Codes [K, N] packed along K into int32 [K*b/32, N] (GPTQ ``qweight``, the kernel layout)."""
     if bits == 4:
-        from ..kernels.pack import pack_int4
+        from ...kernels.pack import pack_int4
 
         return pack_int4(codes_kn)
     return _pack_last(codes_kn.t(), bits).t().contiguous()
@@ -202,7 +202,7 @@ def _pack_k(codes_kn: Tensor, bits: int) -> Tensor:
 
 def _unpack_k(qweight: Tensor, bits: int, k: int) -> Tensor:
     if bits == 4 and qweight.shape[0] * 8 == k:
-        from ..kernels.pack import unpack_int4
+        from ...kernels.pack import unpack_int4
 
         return unpack_int4(qweight).to(torch.int64)
     return _unpack_last(qweight.t(), bits, k).t()
@@ -985,12 +985,12 @@ def save_packed(
     are copied unchanged; tokenizer and generation files are copied; ``config.json`` gains the format's
     ``quantization_config`` (plus the format's side files, e.g. GPTQ's ``quantize_config.json``). The output
     appears atomically. Returns the output path. ``fmt="gguf"`` writes ``out_dir/model.gguf`` instead
-    (:func:`tritonq.engine.gguf_export.save_gguf`).
+    (:func:`tritonq.engine.formats.packed.gguf.save_gguf`).
     """
-    from .. import __version__
+    from ... import __version__
 
     if fmt == GGUF_FORMAT:  # one file of ggml blocks, not a safetensors checkpoint
-        from .gguf_export import save_gguf
+        from .gguf import save_gguf
 
         return save_gguf(src_dir, out_dir, overwrite=overwrite, layers=layers)
     packer = get_format(fmt)
@@ -1107,7 +1107,7 @@ def float_tensors(directory: str | os.PathLike, quantized: set[str]) -> Iterator
 
 def to_runtime(q: QuantizedWeight, spec: GridSpec) -> PackedLinear | PackedInt8Linear:
     """Convert an integer record into the runtime layout of its kernel (int4 dequant-matmul, or W8A8 int8)."""
-    from ..kernels.pack import pack_int4
+    from ...kernels.pack import pack_int4
 
     if spec.bits == 8 and spec.sym and spec.group_size == -1:
         n, k = q.shape

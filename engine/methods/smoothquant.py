@@ -31,11 +31,11 @@ from typing import Any
 
 import torch
 
-from ..errors import TritonqError
-from .act_quant import ActSpec
-from .adapters import ScalePair
+from ...errors import TritonqError
+from ..activations import ActSpec
+from ..adapters import ScalePair
 from .awq import owned_pairs
-from .methods import LayerResult, Method
+from .base import LayerResult, Method
 from .rtn import round_to_nearest
 
 MIN_WEIGHT_MAX = 1e-5

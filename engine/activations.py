@@ -14,8 +14,9 @@ batch), so a result does not depend on how many windows share a forward call (AW
 one sequence per call, so this is the same thing there).
 
 The activation setting is global (``QuantizeOptions.act_*``, flags ``--act-bits/--act-scheme/--act-sym``),
-not a method option: :class:`WithActivationQuant` wraps any method so that every quantized linear runs on
-quantized inputs during the propagation to the next block (RTN, GPTQ, AWQ get it unchanged), and
+not a method option: ``methods/act_quant.py``'s ``WithActivationQuant`` wraps any method so that every
+quantized linear runs on quantized inputs during the propagation to the next block (RTN, GPTQ, AWQ get it
+unchanged), and
 :func:`apply_activation_quant` wraps a loaded model's linears for ``tritonq eval``, ``generate`` and ``serve``.
 """
 
@@ -31,7 +32,6 @@ import torch.nn as nn
 
 from ..errors import TritonqError
 from ..kernels.grid_rule import MIN_ACT_SCALE
-from .methods import LayerResult, Method
 
 ACT_BITS = (8, 6, 4)
 ACT_SCHEMES = ("per-token", "per-tensor")
@@ -126,38 +126,6 @@ class ActQuantLinear(nn.Module):
     def extra_repr(self) -> str:
         sym = "sym" if self.spec.sym else "asym"
         return f"act_bits={self.spec.bits}, {self.spec.scheme}, {sym}, dynamic"
-
-
-class WithActivationQuant(Method):
-    """Any method, with its quantized linears running on quantized inputs while the block propagates.
-
-    Delegates everything else to ``inner``; a method that needs the setting itself (SmoothQuant, AWRQ: class
-    attribute ``uses_act``) receives it as ``inner.act`` before the first block.
-    """
-
-    def __init__(self, inner: Method, act: ActSpec) -> None:  # no super().__init__: the options are inner's
-        self.inner = inner
-        self.act = act
-        self.name = inner.name
-        self.summary = inner.summary
-        self.Options = inner.Options
-        self.options = inner.options
-        self.calibrated = inner.calibrated
-        if getattr(inner, "uses_act", False):
-            inner.act = act
-
-    def observe(self, group: Any) -> Any:
-        return self.inner.observe(group)
-
-    def quantize(self, group: Any, state: Any) -> list[LayerResult]:
-        return self.inner.quantize(group, state)
-
-    def wrap(self, group: Any, name: str, linear: nn.Module) -> nn.Module:
-        inner = self.inner.wrap(group, name, linear)
-        return ActQuantLinear(linear if inner is None else inner, self.act)
-
-    def describe(self) -> dict:
-        return self.inner.describe()
 
 
 def resolve_act_spec(default: ActSpec | None, bits: int | None, scheme: str | None,

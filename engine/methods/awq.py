@@ -51,14 +51,14 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .. import kernels
-from ..errors import TritonqError
-from ..kernels.grid_rule import minmax_scale_zero
-from .adapters import ScalePair
+from ... import kernels
+from ...errors import TritonqError
+from ...kernels.grid_rule import minmax_scale_zero
+from ..adapters import ScalePair
+from ..grid import GridSpec, fit_groups, group_block_error, keep_better
+from ..hessian import HessianAccumulator
+from .base import LayerResult, Method
 from .gptq import GPTQOptions, solve
-from .grid import GridSpec, fit_groups, group_block_error, keep_better
-from .hessian import HessianAccumulator
-from .methods import LayerResult, Method
 from .rtn import round_to_nearest
 
 SEARCH_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -589,7 +589,7 @@ class AWQGPTQ(AWQ):
     """AWQ scales (searched with RTN inside the loss, folded, no clip), then GPTQ on the scaled weights, as
     llm-compressor users chain ``AWQModifier`` and ``GPTQModifier`` (awq_family.md §7). The Hessian of a
     group whose input was scaled here is the one observed on ``x``, transformed exactly to that of ``x / s``
-    (``H / (s s^T)``); GPTQ itself is :func:`tritonq.engine.gptq.solve`."""
+    (``H / (s s^T)``); GPTQ itself is :func:`tritonq.engine.methods.gptq.solve`."""
 
     name = "awq+gptq"
     summary = "AWQ scales (folded, no clip), then GPTQ on the scaled weights"

@@ -32,11 +32,11 @@ from typing import Any
 
 import torch
 
-from ..errors import TritonqError
-from .act_quant import ActSpec, fake_quantize_activation
+from ...errors import TritonqError
+from ..activations import ActSpec, fake_quantize_activation
+from ..hessian import HessianAccumulator, inverse_cholesky
+from .base import LayerResult, Method
 from .gptq import GPTQOptions, solve
-from .hessian import HessianAccumulator, inverse_cholesky
-from .methods import LayerResult, Method
 from .smoothquant import SmoothPair, fold_smoothing, observe_smoothing
 
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .configs import LaunchConfig
+from ..configs import LaunchConfig
 from .targets import get_target, occupancy
 
 PARSER_VERSION = 2  # bump when the parsing below changes, so cached reports are recomputed
@@ -217,7 +217,7 @@ def compile_jobs(jobs: list[Job], *, use_cache: bool = True, workers: int | None
 
     When this process runs Triton's interpreter (``TRITON_INTERPRET=1``, the CPU test session), its
     ``tl.sum``/``tl.max``... are interpreter objects that the compiler cannot use, so the misses are
-    compiled by ``python -m tritonq.kernels.aot`` worker processes with the interpreter off
+    compiled by ``python -m tritonq.kernels.aot.compile`` worker processes with the interpreter off
     (``workers``, default ``$TRITONQ_AOT_JOBS`` or min(2, CPUs)). Otherwise they compile in this process.
     A compile failure comes back as a report with ``error`` set; failures are not written to disk.
     """
@@ -261,7 +261,7 @@ def _store(key: str, report: StaticReport) -> None:
 
 
 def _compile_in_workers(jobs: list[Job], workers: int | None, keys: list[str] | None) -> list[StaticReport]:
-    """Compile in ``python -m tritonq.kernels.aot`` processes; each stores its reports in the disk cache
+    """Compile in ``python -m tritonq.kernels.aot.compile`` processes; each stores its reports in the disk cache
     as it goes (``keys``), so an interrupted run keeps what it compiled."""
     import sys
 
@@ -278,7 +278,7 @@ def _compile_in_workers(jobs: list[Job], workers: int | None, keys: list[str] | 
             with open(src, "w") as f:
                 json.dump([{**j.to_json(), "key": k} for j, k in zip(chunk, key_chunks[i])], f)
             err = open(os.path.join(tmp, f"err{i}.txt"), "w")  # noqa: SIM115 (closed below)
-            procs.append((subprocess.Popen([sys.executable, "-m", "tritonq.kernels.aot", src, dst],
+            procs.append((subprocess.Popen([sys.executable, "-m", "tritonq.kernels.aot.compile", src, dst],
                                            stdout=err, stderr=err, env=env), dst, err))
         results: list[list[StaticReport]] = []
         for proc, dst, err in procs:
@@ -568,7 +568,7 @@ def occupancy_of(report: StaticReport):
 
 
 def _worker_main(argv: list[str]) -> int:
-    """``python -m tritonq.kernels.aot JOBS.json OUT.json``: compile the jobs, write their reports."""
+    """``python -m tritonq.kernels.aot.compile JOBS.json OUT.json``: compile the jobs, write their reports."""
     with open(argv[0]) as f:
         items = json.load(f)
     reports = []

@@ -31,13 +31,13 @@ from typing import Any
 
 import torch
 
-from ..errors import TritonqError
-from .adapters import ScalePair
+from ...errors import TritonqError
+from ..adapters import ScalePair
+from ..grid import GridSpec
+from ..hessian import HessianAccumulator
 from .awq import AWQ, AWQState, PairObserver, ScaleSearchOptions, candidate_scales, grid_ratios, parent_of, weight_mean
+from .base import LayerResult
 from .boa import AttentionStats, BoA, BoAOptions
-from .grid import GridSpec
-from .hessian import HessianAccumulator
-from .methods import LayerResult
 from .smoothquant import MIN_WEIGHT_MAX, fold_gqa_value, smoothing_pairs
 
 SALIENT_CLAMP = (0.1, 10.0)  # the fork's bounds on a salient channel's scale

@@ -18,8 +18,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..errors import TritonqError
-from .formats import PackedInt8Linear, PackedLinear
+from ...errors import TritonqError
+from ..formats.packed import PackedInt8Linear, PackedLinear
 
 #: Group sizes ``aten._weight_int4pack_mm_for_cpu`` accepts, largest first. A larger group size that one of
 #: them divides (per channel included) runs exactly by repeating each scale over its sub-groups.
@@ -107,7 +107,7 @@ class QuantLinear(nn.Module):
         if isinstance(sub, str):
             self.cpu_int4_refused = sub
             return False
-        from ..kernels.pack import unpack_int4
+        from ...kernels.pack import unpack_int4
 
         codes = unpack_int4(self.qweight)  # uint8 [K, N]
         scale = self.scales.float()
@@ -132,7 +132,7 @@ class QuantLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.uses_cpu_int4:
             return self._forward_cpu_int4(x)
-        from ..kernels.dequant_matmul import dequant_matmul
+        from ...kernels.dequant_matmul import dequant_matmul
 
         return dequant_matmul(x, self.qweight, self.scales, self.zeros, group_size=self.group_size,
                               g_idx=self.g_idx, bias=self.bias)
@@ -161,7 +161,7 @@ class QuantLinear(nn.Module):
         """Dense [N, K] weight in the layer's dtype (for float baselines and checks); in the CPU int4 layout,
         exactly the weights the op uses (bf16 scale and zero, the arithmetic in fp32)."""
         if not self.uses_cpu_int4:
-            from ..kernels.dequant_matmul import dequantize_int4
+            from ...kernels.dequant_matmul import dequantize_int4
 
             w = dequantize_int4(self.qweight, self.scales, self.zeros, self.group_size, self.g_idx)
             return w.t().to(self.dtype).contiguous()
@@ -222,10 +222,10 @@ class Int8Linear(nn.Module):
     def forward_act(self, x: Tensor, spec) -> Tensor:
         """The layer on inputs quantized as ``spec`` says; the int8 path when it is per-token sym 8-bit."""
         if spec.bits == 8 and spec.sym and spec.scheme == "per-token":
-            from ..kernels import w8a8_linear
+            from ...kernels import w8a8_linear
 
             return w8a8_linear(x, self.qweight, self.weight_scale, self.bias)
-        from .act_quant import fake_quantize_activation
+        from ..activations import fake_quantize_activation
 
         return self.forward(fake_quantize_activation(x, spec))
 

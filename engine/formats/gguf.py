@@ -43,9 +43,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import TritonqError, warn
-from .grid import GridSpec
-from .outputs import atomic_file, atomic_output_dir
+from ...errors import TritonqError, warn
+from ..grid import GridSpec
+from ..outputs import atomic_file, atomic_output_dir
 
 GGUF_FILE = "model.gguf"
 BLOCK = 32  # weights per Q4_0 / Q4_1 block (ggml QK4_0 = QK4_1 = 32)
@@ -259,7 +259,7 @@ def _float_plan(gname: str, tensor: Tensor, model_dtype: torch.dtype, gguf, out_
 
 
 def _q4_plan(gname: str, q, sym: bool, gguf, permute: Tensor | None, layer: str) -> _Planned:
-    from .formats import _is_default_g_idx
+    from .packed import _is_default_g_idx
 
     n, k = q.shape
     if not _is_default_g_idx(q.g_idx, BLOCK):
@@ -428,8 +428,8 @@ def save_gguf(
     exactly, as for every packed format). All checks run before the file is started; the directory appears
     atomically. Returns the output directory.
     """
-    from .. import __version__
-    from .formats import (
+    from ... import __version__
+    from .packed import (
         GGUF_FORMAT,
         TensorStore,
         _check_layer,
@@ -484,7 +484,7 @@ def save_float_gguf(model_dir: str | os.PathLike, out_file: str | os.PathLike, o
     The same layout as :func:`save_gguf` without quantized blocks: the input of llama.cpp's own quantizer
     (``llama_model_quantize``) for side-by-side comparisons. Written to a temporary file, then renamed.
     """
-    from .formats import TensorStore, _model_dtype
+    from .packed import TensorStore, _model_dtype
 
     gguf = _gguf()
     src = Path(model_dir)

@@ -2,8 +2,8 @@
 
 Generation is a chain of small functions as in gpt-fast's ``generate.py`` (``prefill``,
 ``decode_one_token``, ``generate_tokens``, ``stream_text``) over a Hugging Face model whose quantized
-linears are :class:`~tritonq.engine.qlinear.QuantLinear`. Nothing here knows about HTTP or argparse:
-the OpenAI-compatible server is :mod:`tritonq.engine.openai_server`, the CLI handlers are in
+linears are :class:`~tritonq.engine.runtime.qlinear.QuantLinear`. Nothing here knows about HTTP or argparse:
+the OpenAI-compatible server is :mod:`tritonq.engine.runtime.openai_server`, the CLI handlers are in
 ``commands.py``.
 """
 
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
-from ..errors import TritonqError, warn
+from ...errors import TritonqError, warn
 
 if TYPE_CHECKING:
     from transformers import Cache, PreTrainedTokenizerBase
@@ -50,14 +50,14 @@ def load_packed_model(directory: str | os.PathLike, device: str = "auto", dtype:
     The skeleton is built with parameters on the meta device; quantized linears become
     ``QuantLinear`` with the packed tensors; only the remaining float tensors are loaded.
     Returns ``(model, tokenizer)`` on ``device`` in eval mode. On the CPU every ``QuantLinear`` the op
-    can take is repacked for PyTorch's int4 kernel (:func:`~tritonq.engine.qlinear.use_cpu_int4`); the
+    can take is repacked for PyTorch's int4 kernel (:func:`~tritonq.engine.runtime.qlinear.use_cpu_int4`); the
     others keep the reference dequant-matmul, with a warning naming them. ``cpu_int4=False`` keeps the
     reference everywhere: exact against the stored fp16 scales but slow (for checks of the formats).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from .act_quant import apply_activation_quant, saved_act_spec
-    from .formats import float_tensors, load_packed_layers
+    from ..activations import apply_activation_quant, saved_act_spec
+    from ..formats.packed import float_tensors, load_packed_layers
     from .qlinear import parameters_on_meta, swap_linears, use_cpu_int4
 
     path = Path(directory)
@@ -116,7 +116,7 @@ def load_generation_model(name: str, device: str = "auto",
     so that both are timed on the same generation path."""
     if is_packed_checkpoint(name):
         return load_packed_model(name, device, dtype)
-    from .model_io import load_model, load_tokenizer
+    from ..model_io import load_model, load_tokenizer
 
     dev, dt = resolve_device_dtype(device, dtype)
     tokenizer = load_tokenizer(str(name))

@@ -21,10 +21,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 import torch.nn as nn
 
-from ..errors import TritonqError
+from ...errors import TritonqError
+from ..activations import ActSpec
+from ..grid import GridSpec
 
 if TYPE_CHECKING:
-    from .pipeline import Group
+    from ..adapters import Adapter
+    from ..pipeline import Group
 
 
 @dataclass
@@ -34,6 +37,7 @@ class LayerResult:
     zero: torch.Tensor  # fp32 [N, G], integer valued
     g_idx: torch.Tensor  # int32 [K]
     info: dict = field(default_factory=dict)
+    spec: GridSpec | None = None  # the layer's grid; the pipeline fills in the group's when a method leaves it None
 
 
 @dataclass(frozen=True)
@@ -50,12 +54,33 @@ class Method:
     summary: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
     calibrated: ClassVar[bool] = True
+    # The declared contract. Preflight reads it once, before calibration; nothing probes a method with getattr.
+    default_act: ClassVar[ActSpec | None] = None  # activations quantized by default (None: weight-only)
+    receives_act: ClassVar[bool] = False  # the run's activation setting is handed over (``set_activation``)
+    needs_grad: ClassVar[bool] = False  # quantize runs with autograd enabled
+    scope: ClassVar[str] = "group"  # "group": ``quantize(group)`` per linear group; "block": ``quantize_block``
 
     def __init__(self, options: Any = None) -> None:
         self.options = options if options is not None else self.Options()
         if not isinstance(self.options, self.Options):
             raise TritonqError(f"{type(self).__name__} takes {self.Options.__name__} options, "
                                f"got {type(self.options).__name__}")
+
+    def act_order_groups(self) -> str | None:
+        """How the saved ``g_idx`` orders groups: None (no act-order), ``"static"`` (every group's grid fixed
+        before reordering: the default ``g_idx``) or ``"dynamic"`` (groups follow the permuted order)."""
+        return None
+
+    def layer_grid(self, name: str, spec: GridSpec) -> GridSpec:
+        """The grid of linear ``name`` (the model's full name) given the run's ``spec``: mixed precision."""
+        return spec
+
+    def prepare(self, model: nn.Module, adapter: Adapter) -> None:
+        """A model-level step before calibration (e.g. a rotation of the residual stream); default: nothing."""
+
+    def set_activation(self, act: ActSpec) -> None:
+        """Receive the run's activation setting (only called when ``receives_act``)."""
+        raise NotImplementedError
 
     def observe(self, group: Group) -> Any:
         """Register observations on ``group`` (``group.on_input`` ...); the return value reaches ``quantize``."""

@@ -28,10 +28,10 @@ from typing import Any
 
 import torch
 
-from ..errors import TritonqError
+from ...errors import TritonqError
+from ..grid import GridSpec, default_g_idx, fit_groups
 from .awq import AWQ, SEARCH_DTYPES, AWQState, PairObserver, Quantizer, candidate_scales
-from .grid import GridSpec, default_g_idx, fit_groups
-from .methods import LayerResult
+from .base import LayerResult
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import TritonqError
+from ...errors import TritonqError
 
 KB = 1024
 

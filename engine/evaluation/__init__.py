@@ -1,0 +1,1 @@
+"""Measuring a model: perplexity, lm-eval tasks, and the report over outputs."""

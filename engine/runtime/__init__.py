@@ -1,0 +1,1 @@
+"""Running quantized models: ``QuantLinear`` / ``Int8Linear``, loading packed checkpoints, generate and serve."""
