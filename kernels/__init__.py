@@ -14,10 +14,30 @@ Importing this package imports no kernel module: each op imports its module on f
 
 from __future__ import annotations
 
-import torch
+import sys
 
-# No package-relative import at module level: transformers probes a top-level ``kernels`` package, and from a
-# checkout's root this directory is what it finds; importing it must not fail. Errors are imported lazily.
+if __name__ == "kernels":  # imported by its folder name: Python runs in a checkout's root, where "" leads sys.path
+    # transformers imports Hugging Face's ``kernels`` package; from a checkout's root this folder shadows it (the
+    # layout card fixes the folder's name). Hand the import over to the installed package, found on the rest of
+    # sys.path: the importer returns whatever sys.modules holds under the name once this file has run.
+    import importlib.machinery
+    import importlib.util
+    import os
+
+    _checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _elsewhere = [p for p in sys.path if os.path.abspath(p or os.curdir) != _checkout]
+    _spec = importlib.machinery.PathFinder.find_spec("kernels", _elsewhere)
+    if _spec is None or _spec.loader is None:
+        raise ImportError("'kernels' here is tritonq's kernels folder (import it as tritonq.kernels), and no other "
+                          "'kernels' package is installed")
+    _installed = importlib.util.module_from_spec(_spec)
+    sys.modules["kernels"] = _installed
+    _spec.loader.exec_module(_installed)
+
+import torch  # noqa: E402
+
+# No package-relative import at module level (errors are imported lazily): under the top-level name above, this
+# file has no parent package.
 
 FORCE: tuple[str | None, ...] = (None, "triton", "ref")
 
