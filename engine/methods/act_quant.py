@@ -37,21 +37,6 @@ class WithActivationQuant(Method):
     def quantize(self, group: Any, state: Any) -> list[LayerResult]:
         return self.inner.quantize(group, state)
 
-    # the model-level hook and the block scope are the inner method's (a rotation must not be lost under --act-bits)
-    @property
-    def scope(self) -> str:  # type: ignore[override]
-        return self.inner.scope
-
-    @property
-    def needs_grad(self) -> bool:  # type: ignore[override]
-        return self.inner.needs_grad
-
-    def prepare(self, model: nn.Module, adapter: Any) -> None:
-        self.inner.prepare(model, adapter)
-
-    def quantize_block(self, block: Any) -> list[LayerResult]:
-        return self.inner.quantize_block(block)
-
     def wrap(self, group: Any, name: str, linear: nn.Module) -> nn.Module:
         inner = self.inner.wrap(group, name, linear)
         return ActQuantLinear(linear if inner is None else inner, self.act)
