@@ -10,7 +10,12 @@ methods built on the pipeline need to know about a block:
 * ``attention``: the attention sub-module, whose queries and keys after the rotary embedding can be
   observed through transformers' attention interface (``pipeline.Group.on_attention``);
 * scale pairs (``scale_pairs``): smooth -> balance pairs through which a per-channel scale can be folded
-  without changing the float block (AWQ, SmoothQuant, A-BoA), as llm-compressor's AWQ mappings declare them.
+  without changing the float block (AWQ, SmoothQuant, A-BoA), as llm-compressor's AWQ mappings declare them;
+* the residual stream (``stream``, a :class:`ResidualStream`): the model-level modules (token embedding, final
+  norm, ``lm_head``) and, per block, the norms that read the stream into linears and the linears that write
+  into it. A transform of the whole stream before calibration (``Method.prepare``; e.g. the orthogonal
+  rotation of QuaRot, Ashkboos et al. 2024, arXiv:2404.00456, or SpinQuant, Liu et al. 2024,
+  arXiv:2405.16406) is written against these names alone.
 """
 
 from __future__ import annotations
@@ -49,16 +54,38 @@ class ScalePair:
 
 
 @dataclass(frozen=True)
+class ResidualStream:
+    """Everything that reads or writes the residual stream, by name (model-level names are the model's, per-block
+    names are relative to a block).
+
+    ``embedding(ids)`` (and ``positions``, where a learned position embedding is added) enter the stream; in
+    every block each ``readers`` norm normalises the stream into its balance linears, and each ``writers``
+    linear's output is added back to it; ``final_norm`` then ``lm_head`` read it last. ``norm`` says what the
+    norms compute: ``"rms"`` (x / rms(x) * w: commutes with an orthogonal map of the stream once ``w`` is
+    folded into the linears it feeds) or ``"layer"`` (LayerNorm subtracts the mean first, which does not).
+    """
+
+    embedding: str
+    final_norm: str
+    lm_head: str
+    norm: str  # "rms" | "layer"
+    readers: tuple[ScalePair, ...]  # per block: norm -> the linears it feeds
+    writers: tuple[str, ...]  # per block: linears whose outputs are added to the stream
+    positions: str | None = None  # a learned position embedding added to the stream (OPT)
+
+
+@dataclass(frozen=True)
 class Adapter:
     family: str
     model_types: tuple[str, ...]
     blocks: str  # dotted path of the ModuleList of decoder blocks
-    embeddings: tuple[str, ...]  # modules that run before block 0 (moved to the device for capture)
+    embeddings: tuple[str, ...]  # every module that runs before block 0 (moved to the device for capture)
     linear_groups: tuple[tuple[str, ...], ...]  # in dependency order; a group shares its input
     tails: tuple[Tail, ...]
     attention: str  # the attention sub-module of a block
     input_pairs: tuple[ScalePair, ...]  # norm -> linears; linear -> linear pairs that need no head check
     value_pair: ScalePair  # v -> o: only where every value channel feeds exactly one o_proj column
+    stream: ResidualStream | None  # None: the norms sit after the residual add (post-norm), no stream to transform
     rotary: bool = True
 
     def block_list(self, model: nn.Module) -> nn.ModuleList:
@@ -89,6 +116,13 @@ class Adapter:
             pairs.insert(1, self.value_pair)
         return tuple(pairs)
 
+    def residual_stream(self) -> ResidualStream:
+        """The residual stream's declaration; an error naming the reason where this variant has none."""
+        if self.stream is None:
+            raise TritonqError(f"{self.family} models of this variant normalise after the residual add (post-norm), "
+                               "so no transform of the residual stream keeps them unchanged; use a pre-norm model")
+        return self.stream
+
 
 _LLAMA_GROUPS = (
     ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
@@ -98,17 +132,34 @@ _LLAMA_GROUPS = (
 )
 _LLAMA_EMBEDDINGS = ("model.embed_tokens", "model.rotary_emb")
 _LLAMA_TAILS = (Tail("self_attn.o_proj", "self_attn", True), Tail("mlp.down_proj", "mlp", False))
-_LLAMA_PAIRS = (
-    ScalePair("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-    ScalePair("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-    ScalePair("mlp.up_proj", ("mlp.down_proj",)),
+_LLAMA_STREAM = ResidualStream(
+    embedding="model.embed_tokens",
+    final_norm="model.norm",
+    lm_head="lm_head",
+    norm="rms",
+    readers=(ScalePair("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+             ScalePair("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"))),
+    writers=("self_attn.o_proj", "mlp.down_proj"),
 )
+_LLAMA_PAIRS = (*_LLAMA_STREAM.readers, ScalePair("mlp.up_proj", ("mlp.down_proj",)))
 _LLAMA_VALUE_PAIR = ScalePair("self_attn.v_proj", ("self_attn.o_proj",))
+
+# OPT (pre-norm: every size but 350m): LayerNorms, and a learned position embedding added to the stream
+_OPT_STREAM = ResidualStream(
+    embedding="model.decoder.embed_tokens",
+    final_norm="model.decoder.final_layer_norm",
+    lm_head="lm_head",
+    norm="layer",
+    readers=(ScalePair("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+             ScalePair("final_layer_norm", ("fc1",))),
+    writers=("self_attn.out_proj", "fc2"),
+    positions="model.decoder.embed_positions",
+)
 
 
 def _llama_like(family: str) -> Adapter:
     return Adapter(family, (family,), "model.layers", _LLAMA_EMBEDDINGS, _LLAMA_GROUPS, _LLAMA_TAILS,
-                   "self_attn", _LLAMA_PAIRS, _LLAMA_VALUE_PAIR)
+                   "self_attn", _LLAMA_PAIRS, _LLAMA_VALUE_PAIR, _LLAMA_STREAM)
 
 
 ADAPTERS: tuple[Adapter, ...] = (
@@ -124,9 +175,9 @@ ADAPTERS: tuple[Adapter, ...] = (
         (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.out_proj",), ("fc1",), ("fc2",)),
         (Tail("self_attn.out_proj", "self_attn", True),),  # fc1/fc2 sit in the block itself: no parent to replay
         "self_attn",
-        (ScalePair("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-         ScalePair("final_layer_norm", ("fc1",))),  # fc1 -> fc2 has a ReLU between: not a scale pair
+        _OPT_STREAM.readers,  # fc1 -> fc2 has a ReLU between: not a scale pair
         ScalePair("self_attn.v_proj", ("self_attn.out_proj",)),
+        _OPT_STREAM,
         rotary=False,
     ),
 )
@@ -151,4 +202,5 @@ def adapter_for(config) -> Adapter:
 def _opt_post_norm(adapter: Adapter) -> Adapter:
     from dataclasses import replace
 
-    return replace(adapter, input_pairs=())
+    # the norms act after the residual add (and 350m projects the embeddings in and out): no stream either
+    return replace(adapter, input_pairs=(), stream=None)

@@ -163,6 +163,7 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
     t0 = time.perf_counter()
     model = load_model(opts.model, dtype, opts.trust_remote_code)
     seconds["load"] = time.perf_counter() - t0
+    method.prepare(model, adapter)  # the model-level step, before the block inputs are captured
 
     from .pipeline import quantize_blocks
 

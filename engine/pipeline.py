@@ -23,6 +23,12 @@ tail group, that group's inputs stay on ``store_device`` (the compute device by 
 the accelerator for the working chunk); one chunk's intermediates are live at a time.
 
 Only the block being quantized sits on the compute device; the model stays on the CPU.
+
+A method with ``scope = "block"`` skips the stages: it gets the whole block (:class:`BlockGroup`) with the
+chunks' inputs and the float block's outputs on them, with autograd on when it ``needs_grad``, returns one
+result per linear, and the quantized block's outputs on the same inputs go on to the next block (two plain
+forwards per block). Both loops live here because they share the capture, the write-in and the propagation;
+that is why the file runs past 400 lines.
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ from __future__ import annotations
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -344,20 +351,12 @@ def quantize_block(
             report.seconds["observe"] += stage.observe_seconds
             _keep_complete_records(stage, replays, unrecorded, len(chunks))
         t0 = time.perf_counter()
-        results = method.quantize(group, state)
-        if len(results) != len(names):
-            raise TritonqError(f"method {method.name} returned {len(results)} results for the {len(names)} "
-                               f"linears of {group.label}")
-        for lin, full, res in zip(group.linears, group.full_names, results):
-            lin.weight.data.copy_(res.weight.to(lin.weight.dtype))
-            report.layers[full] = LayerResult(res.weight.new_empty(0), res.scale.cpu(), res.zero.cpu(),
-                                              res.g_idx.cpu(), res.info, res.spec or group_spec)
-            losses += res.info.get("loss", 0.0) / len(results)
+        with torch.set_grad_enabled(method.needs_grad):
+            results = method.quantize(group, state)
+        losses += _write_results(method, group.label, group.linears, group.full_names, results,
+                                 [group_spec] * len(names), report)
         report.seconds["solve"] += time.perf_counter() - t0
-        for name, lin in zip(names, group.linears):
-            replacement = method.wrap(group, name, lin)
-            if replacement is not None:
-                wrapped.append((name, _swap_module(block, name, replacement)))
+        wrapped += _wrap(method, group, block, names, group.linears)
         done.update(names)
         unrecorded += [n for n in names if not any(n.startswith(t.parent + ".") for t in adapter.tails)]
         if tail is not None:  # the sub-module's output is final now: replay it from here on
@@ -377,6 +376,111 @@ def quantize_block(
     for name, original in wrapped:  # wrappers serve propagation only; the model keeps its linears
         _swap_module(block, name, original)
     return out, losses
+
+
+def _write_results(method: Method, label: str, linears: list[nn.Linear], full_names: list[str],
+                   results: list[LayerResult], specs: list[GridSpec], report: QuantizeReport) -> float:
+    """Copy each result's weight into its linear and keep its grid parameters; returns the mean loss."""
+    if len(results) != len(linears):
+        raise TritonqError(f"method {method.name} returned {len(results)} results for the {len(linears)} "
+                           f"linears of {label}")
+    loss = 0.0
+    for lin, full, res, spec in zip(linears, full_names, results, specs):
+        lin.weight.data.copy_(res.weight.to(lin.weight.dtype))
+        report.layers[full] = LayerResult(res.weight.new_empty(0), res.scale.cpu(), res.zero.cpu(),
+                                          res.g_idx.cpu(), res.info, res.spec or spec)
+        loss += res.info.get("loss", 0.0) / len(results)
+    return loss
+
+
+def _wrap(method: Method, group: Any, block: nn.Module, names: tuple[str, ...],
+          linears: list[nn.Linear]) -> list[tuple[str, nn.Module]]:
+    """Swap in the method's propagation wrappers; the (name, original) pairs to swap back."""
+    wrapped = []
+    for name, lin in zip(names, linears):
+        replacement = method.wrap(group, name, lin)
+        if replacement is not None:
+            wrapped.append((name, _swap_module(block, name, replacement)))
+    return wrapped
+
+
+class BlockGroup:
+    """A whole decoder block as a ``scope = "block"`` method sees it, e.g. a method that tunes the rounding of
+    every linear against the block's output with gradients (AutoRound: Cheng et al., "Optimize Weight Rounding
+    via Signed Gradient Descent for the Quantization of LLMs", arXiv:2309.05516).
+
+    ``names`` are every linear of the block in ``adapter.linear_names()`` order (``full_names`` the model's
+    names, ``specs`` their grids); ``inputs`` are the calibration chunks entering the block (the quantized
+    blocks before it upstream) and ``targets`` the float block's output on each chunk, both on the store
+    device. The block's own parameters do not require gradients while the method runs: it makes its own
+    leaves and replays the block with them through ``run``.
+    """
+
+    def __init__(self, block: nn.Module, index: int, adapter: Adapter, config: Any, method: Method, spec: GridSpec,
+                 device: torch.device, inputs: list[Chunk], targets: list[torch.Tensor]) -> None:
+        self.block = block
+        self.index = index
+        self.names = tuple(adapter.linear_names())
+        self.full_names = [f"{adapter.blocks}.{index}.{n}" for n in self.names]
+        self.linears: list[nn.Linear] = [block.get_submodule(n) for n in self.names]
+        self.specs = [method.layer_grid(name, spec) for name in self.full_names]
+        self.adapter = adapter
+        self.config = config
+        self.device = device
+        self.inputs = inputs
+        self.targets = targets
+
+    @property
+    def label(self) -> str:
+        return f"block {self.index} ({len(self.names)} linears)"
+
+    def run(self, chunk: int, weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The block's output [B, T, hidden] on input chunk ``chunk``, on the compute device, with ``weights``
+        (linear name -> [N, K]) in place of those linears' own weights; differentiable in them."""
+        c = self.inputs[chunk]
+        params = {f"{name}.weight": w for name, w in (weights or {}).items()}
+        out = torch.func.functional_call(self.block, params, (c.hidden.to(self.device),), c.kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+
+@contextmanager
+def _frozen(module: nn.Module) -> Iterator[None]:
+    """Parameters of ``module`` do not require gradients inside (a block method's autograd graph stays its own)."""
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+
+
+def quantize_whole_block(
+    block: nn.Module, index: int, chunks: list[Chunk] | None, adapter: Adapter, config: Any, method: Method,
+    spec: GridSpec, device: torch.device, store: torch.device, report: QuantizeReport,
+) -> tuple[list[Chunk] | None, float]:
+    """Quantize one block with a block-scope method; returns the next block's inputs and the mean loss."""
+    t0 = time.perf_counter()
+    targets = [_run_block(block, c.hidden.to(device), c.kwargs).to(store) for c in chunks or []]
+    report.seconds["forward"] += time.perf_counter() - t0
+    group = BlockGroup(block, index, adapter, config, method, spec, device, chunks or [], targets)
+    t0 = time.perf_counter()
+    with _frozen(block), torch.set_grad_enabled(method.needs_grad):
+        results = method.quantize_block(group)
+    loss = _write_results(method, group.label, group.linears, group.full_names, results, group.specs, report)
+    report.seconds["solve"] += time.perf_counter() - t0
+    del targets
+    group.targets = []  # free the float outputs before the propagation
+    wrapped = _wrap(method, group, block, group.names, group.linears)
+    out = None
+    if chunks:  # the quantized block on the same inputs: the next block's inputs
+        t0 = time.perf_counter()
+        out = [Chunk(_run_block(block, c.hidden.to(device), c.kwargs).to(store), c.kwargs) for c in chunks]
+        report.seconds["forward"] += time.perf_counter() - t0
+    for name, original in wrapped:
+        _swap_module(block, name, original)
+    return out, loss
 
 
 def group_grid(method: Method, full_names: list[str], spec: GridSpec) -> GridSpec:
@@ -409,6 +513,12 @@ def quantize_blocks(
     store_device: torch.device | None = None,
 ) -> QuantizeReport:
     """Quantize every decoder block of ``model`` in place; returns the grid parameters per linear."""
+    if method.scope not in ("group", "block"):
+        raise TritonqError(f"method {method.name} declares scope {method.scope!r}; a method's scope is 'group' "
+                           "(quantize per linear group) or 'block' (quantize_block per decoder block)")
+    if method.scope == "block" and type(method).quantize_block is Method.quantize_block:
+        raise TritonqError(f"method {method.name} declares scope 'block' but does not define quantize_block")
+    step = quantize_block if method.scope == "group" else quantize_whole_block
     report = QuantizeReport()
     blocks = adapter.block_list(model)
     store = store_device or device
@@ -421,8 +531,7 @@ def quantize_blocks(
         bar = tqdm(range(len(blocks)), desc=f"{method.name} blocks", unit="block", disable=not progress)
         for i in bar:
             block = blocks[i].to(device)
-            chunks, loss = quantize_block(block, i, chunks, adapter, model.config, method, spec, device, store,
-                                          report)
+            chunks, loss = step(block, i, chunks, adapter, model.config, method, spec, device, store, report)
             blocks[i] = block.to("cpu")
             if loss:
                 bar.set_postfix(loss=f"{loss:.3g}")

@@ -9,6 +9,11 @@ through the adapter's pairs (``group.fold``) and returns, per linear, the fake-q
 grid parameters the packers need. ``wrap`` may replace a quantized linear for the rest of the block's
 propagation (activation quantization). The pipeline knows nothing else about a method.
 
+Two further doors: ``prepare(model, adapter)`` runs once on the whole float model before calibration (the
+block inputs are captured after it), and a method with ``scope = "block"`` is handed whole blocks instead of
+linear groups: ``quantize_block(block)`` gets the block, its calibration inputs and the float block's outputs
+on them (``pipeline.BlockGroup``), with autograd enabled when ``needs_grad``.
+
 Adding a method is one file with a ``Method`` subclass (and an options dataclass) plus one line in
 ``registry.py``.
 """
@@ -27,7 +32,7 @@ from ..grid import GridSpec
 
 if TYPE_CHECKING:
     from ..adapters import Adapter
-    from ..pipeline import Group
+    from ..pipeline import BlockGroup, Group
 
 
 @dataclass
@@ -88,6 +93,12 @@ class Method:
 
     def quantize(self, group: Group, state: Any) -> list[LayerResult]:
         """Quantize ``group.linears`` after every calibration token has passed; one result per linear."""
+        raise NotImplementedError
+
+    def quantize_block(self, block: BlockGroup) -> list[LayerResult]:
+        """Quantize a whole block at once (``scope = "block"``): one result per linear, in ``block.names`` order
+        (the adapter's ``linear_names()``). ``block.inputs`` / ``block.targets`` are the calibration chunks and
+        the float block's outputs on them; ``block.run`` replays the block with candidate weights."""
         raise NotImplementedError
 
     def wrap(self, group: Group, name: str, linear: nn.Module) -> nn.Module | None:
