@@ -20,15 +20,15 @@ from typing import Any
 import torch
 
 from .. import __version__
-from ..errors import TritonqError, warn
+from ..errors import TritonqError
 from .activations import apply_activation_quant, block_linear_names, resolve_act_spec, saved_act_spec
 from .adapters import adapter_for
 from .data import calibration_windows, evaluation_windows, load_corpus, tokenize
 from .grid import GridSpec
-from .methods.act_quant import WithActivationQuant
 from .methods.registry import make_method
-from .model_io import load_config, load_model, load_tokenizer, resolve_device, resolve_dtype
+from .model_io import load_model, load_tokenizer, resolve_device, resolve_dtype
 from .outputs import atomic_output_dir, check_output_dir
+from .preflight import preflight
 
 
 @dataclass
@@ -86,43 +86,17 @@ def _save_quant_params(path: Path, layers: dict) -> None:
     save_file(tensors, str(path))
 
 
-def linear_widths(model_name: str, trust_remote_code: bool = False):
-    """Adapter of the model and the input width of every linear of a block, from the config alone."""
-    from transformers import AutoModelForCausalLM
-
-    config = load_config(model_name, trust_remote_code)
-    adapter = adapter_for(config)
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    block = adapter.block_list(skeleton)[0]
-    widths = {f"{adapter.blocks}.0.{name}": block.get_submodule(name).in_features for name in adapter.linear_names()}
-    return adapter, widths
-
-
-def default_group_size(widths: dict[str, int]) -> int:
-    """Group 128 (the common default), or 64 / 32 when 128 does not divide the model (SmolLM2: 576)."""
-    for group in (128, 64, 32):
-        if all(k % group == 0 for k in widths.values()):
-            if group != 128:
-                warn(f"group size 128 does not divide this model's layers; using {group}")
-            return group
-    return 128  # the grid check reports the problem
-
-
 def quantize(opts: QuantizeOptions) -> QuantizeSummary:
     """Load, calibrate, quantize block by block, save atomically, optionally evaluate."""
     started = time.perf_counter()
     seconds: dict[str, float] = {}
-    from .formats.packed import GGUF_FORMAT, OUTPUT_FORMATS
+    from .formats.packed import OUTPUT_FORMATS
 
     if opts.out_format not in ("fake", *OUTPUT_FORMATS):
         raise TritonqError(f"unknown --format {opts.out_format!r}; choose fake or one of {', '.join(OUTPUT_FORMATS)}")
     group_size = 128 if opts.group_size is None else opts.group_size
     spec = GridSpec(bits=opts.bits, group_size=group_size, sym=opts.sym, mse=opts.mse)
     method = make_method(opts.method, opts.method_options)
-    act = resolve_act_spec(getattr(method, "default_act", None), opts.act_bits, opts.act_scheme, opts.act_sym)
-    if act is not None:
-        method = WithActivationQuant(method, act)
     if opts.calib_batch < 1:
         raise TritonqError(f"--calib-batch must be positive, got {opts.calib_batch}")
     check_output_dir(opts.output, opts.overwrite)
@@ -131,16 +105,11 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
 
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(opts.model, opts.trust_remote_code)
-    adapter, widths = linear_widths(opts.model, opts.trust_remote_code)  # from the config: fail before loading
-    if opts.group_size is None:
-        spec = dataclasses.replace(spec, group_size=default_group_size(widths))
-    for name, k in widths.items():
-        spec.groups_for(k, name)
-    if opts.out_format == GGUF_FORMAT:  # grid, architecture and tokenizer must fit GGUF before calibration
-        from .formats.gguf import check_gguf_request, tokenizer_json_of
-
-        check_gguf_request(spec, load_config(opts.model, opts.trust_remote_code).to_dict(),
-                           tokenizer_json_of(tokenizer), method.describe().get("act_order_groups"))
+    # the method, the output format and the kernels, asked once from the config: fail before loading anything big
+    run = preflight(method, opts.model, spec, default_group=opts.group_size is None, act_bits=opts.act_bits,
+                    act_scheme=opts.act_scheme, act_sym=opts.act_sym, out_format=opts.out_format, tokenizer=tokenizer,
+                    device=device, dtype=dtype, trust_remote_code=opts.trust_remote_code)
+    method, spec, act, adapter = run.method, run.spec, run.act, run.adapter
     seconds["preflight"] = time.perf_counter() - t0
 
     calib_meta = None

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -39,6 +39,9 @@ from .awq import AWQ, AWQState, PairObserver, ScaleSearchOptions, candidate_scal
 from .base import LayerResult
 from .boa import AttentionStats, BoA, BoAOptions
 from .smoothquant import MIN_WEIGHT_MAX, fold_gqa_value, smoothing_pairs
+
+if TYPE_CHECKING:
+    from ..pipeline import Group
 
 SALIENT_CLAMP = (0.1, 10.0)  # the fork's bounds on a salient channel's scale
 
@@ -135,7 +138,10 @@ class ABoA(AWQ):
         self.boa = BoA(BoAOptions(**{f.name: getattr(self.options, f.name) for f in fields(BoAOptions)}))
         self.scales: dict[str, torch.Tensor] = {}  # chosen scale per folded producer, "<block>.<smooth>"
 
-    def observe(self, group: Any) -> AWQState:
+    def act_order_groups(self) -> str | None:
+        return self.boa.act_order_groups()
+
+    def observe(self, group: Group) -> AWQState:
         pairs = []
         for pair, repeat, head_dim in smoothing_pairs(group):  # AWQ's pairs, plus v -> o under GQA
             parent = parent_of(pair)
@@ -148,7 +154,7 @@ class ABoA(AWQ):
             pairs.append(obs)
         return AWQState(pairs, self.observe_input(group))
 
-    def observe_input(self, group: Any) -> AttentionStats | HessianAccumulator:
+    def observe_input(self, group: Group) -> AttentionStats | HessianAccumulator:
         return self.boa.observe(group)
 
     def candidates(self, obs: TiedPairObserver, weights: list[torch.Tensor], spec: GridSpec) -> torch.Tensor:
@@ -165,7 +171,7 @@ class ABoA(AWQ):
             tied = candidate_scales(obs.tie(obs.mean_abs().to(device), "mean"), w_mean, o.ratios())
         return obs.untie(tied)
 
-    def fold_pair(self, group: Any, obs: TiedPairObserver, scale: torch.Tensor) -> None:
+    def fold_pair(self, group: Group, obs: TiedPairObserver, scale: torch.Tensor) -> None:
         if obs.repeat > 1:  # every head of a KV group carries the same scale: fold one per value channel
             kv = scale.reshape(-1, obs.repeat, obs.head_dim)[:, 0].reshape(-1)
             fold_gqa_value(group, obs.pair, kv, obs.repeat, obs.head_dim)
@@ -173,7 +179,7 @@ class ABoA(AWQ):
             group.fold(obs.pair, scale)
         self.scales[f"{group.index}.{obs.pair.smooth}"] = scale.detach().cpu()
 
-    def finish(self, group: Any, state: AWQState, input_scale: torch.Tensor | None) -> list[LayerResult]:
+    def finish(self, group: Group, state: AWQState, input_scale: torch.Tensor | None) -> list[LayerResult]:
         """BoA on the scaled weights, with the statistics of the scaled input."""
         if input_scale is not None:
             rescale_statistics(state.own_input, input_scale)

@@ -46,7 +46,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
@@ -60,6 +60,9 @@ from ..hessian import HessianAccumulator
 from .base import LayerResult, Method
 from .gptq import GPTQOptions, solve
 from .rtn import round_to_nearest
+
+if TYPE_CHECKING:
+    from ..pipeline import Group
 
 SEARCH_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Linears whose clip is skipped (llm-awq: "q.k product is hard to clip precisely"); exact leaf names
@@ -471,7 +474,7 @@ def parent_of(pair: ScalePair) -> str | None:
     return ".".join(common) or None
 
 
-def owned_pairs(group: Any) -> list[ScalePair]:
+def owned_pairs(group: Group) -> list[ScalePair]:
     """The scale pairs one group searches and folds: its own balance linears (norm -> q/k/v), or a smooth
     linear of its own whose consumer comes later (v -> o, up -> down), while nothing in the pair is quantized."""
     names = set(group.names)
@@ -498,7 +501,7 @@ class AWQ(Method):
     Options = AWQOptions
     moments: tuple[str, ...] = ("abs",)  # input moments the scales need: E|x| (DH-AWQ adds E[x^2] and E[x])
 
-    def observe(self, group: Any) -> AWQState:
+    def observe(self, group: Group) -> AWQState:
         pairs = []
         for pair in owned_pairs(group):
             parent = parent_of(pair)
@@ -511,7 +514,7 @@ class AWQ(Method):
             pairs.append(obs)
         return AWQState(pairs, self.observe_input(group))
 
-    def observe_input(self, group: Any) -> Any:
+    def observe_input(self, group: Group) -> Any:
         """What the final step needs of the group's own input: the Gram blocks for clipping (None: no clip)."""
         if self.options.no_clip or all(n.rsplit(".", 1)[-1] in CLIP_SKIP for n in group.names):
             return None
@@ -528,11 +531,11 @@ class AWQ(Method):
         """``(W, s) -> Q(W s)/s`` used inside the search; None: rounding on the grid (the kernel's path)."""
         return None
 
-    def fold_pair(self, group: Any, obs: PairObserver, scale: torch.Tensor) -> None:
+    def fold_pair(self, group: Group, obs: PairObserver, scale: torch.Tensor) -> None:
         """Fold the chosen ``scale`` (as wide as the balance input) of one pair into the block."""
         group.fold(obs.pair, scale)
 
-    def search_and_fold(self, group: Any, state: AWQState) -> torch.Tensor | None:
+    def search_and_fold(self, group: Group, state: AWQState) -> torch.Tensor | None:
         """Search and fold every pair the group owns; the scale now on the group's own input (or None)."""
         input_scale = None
         for obs in state.pairs:
@@ -557,11 +560,11 @@ class AWQ(Method):
                 input_scale = s
         return input_scale
 
-    def quantize(self, group: Any, state: AWQState) -> list[LayerResult]:
+    def quantize(self, group: Group, state: AWQState) -> list[LayerResult]:
         input_scale = self.search_and_fold(group, state)
         return self.finish(group, state, input_scale)
 
-    def finish(self, group: Any, state: AWQState, input_scale: torch.Tensor | None) -> list[LayerResult]:
+    def finish(self, group: Group, state: AWQState, input_scale: torch.Tensor | None) -> list[LayerResult]:
         """Clip (unless ``--no-clip`` or a q/k linear) and round every linear of the group."""
         gram = state.own_input.mean(input_scale).to(group.device) if state.own_input is not None else None
         sym_clip = self.options.clip_sym or group.spec.sym
@@ -595,12 +598,15 @@ class AWQGPTQ(AWQ):
     summary = "AWQ scales (folded, no clip), then GPTQ on the scaled weights"
     Options = AWQGPTQOptions
 
-    def observe_input(self, group: Any) -> HessianAccumulator:
+    def act_order_groups(self) -> str | None:
+        return self.options.act_order
+
+    def observe_input(self, group: Group) -> HessianAccumulator:
         acc = HessianAccumulator(group.linears[0].in_features, group.device)
         group.on_input(group.names[0], acc.add)
         return acc
 
-    def finish(self, group: Any, state: AWQState, input_scale: torch.Tensor | None) -> list[LayerResult]:
+    def finish(self, group: Group, state: AWQState, input_scale: torch.Tensor | None) -> list[LayerResult]:
         acc = state.own_input
         if acc.tokens == 0:
             raise TritonqError(f"GPTQ saw no calibration tokens for {group.label}; give calibration data")

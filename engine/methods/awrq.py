@@ -28,7 +28,7 @@ Memory: with ``--smooth`` the group's raw inputs are kept until its scales are f
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -38,6 +38,9 @@ from ..hessian import HessianAccumulator, inverse_cholesky
 from .base import LayerResult, Method
 from .gptq import GPTQOptions, solve
 from .smoothquant import SmoothPair, fold_smoothing, observe_smoothing
+
+if TYPE_CHECKING:
+    from ..pipeline import Group
 
 
 class QuantizedInputStats:
@@ -98,12 +101,18 @@ class AWRQ(Method):
     name = "awrq"
     summary = "AWRQ: least-squares reformulation onto quantized inputs, then GPTQ on their Hessian (W4A8)"
     Options = AWRQOptions
-    uses_act = True
     default_act = ActSpec(bits=8, scheme="per-tensor", sym=False)
+    receives_act = True  # H and M are statistics of the quantized inputs: the run's setting decides them
 
     def __init__(self, options: Any = None) -> None:
         super().__init__(options)
-        self.act: ActSpec | None = self.default_act  # the run's setting replaces it (act_quant.WithActivationQuant)
+        self.act: ActSpec | None = self.default_act  # the run's setting replaces it (``set_activation``)
+
+    def set_activation(self, act: ActSpec) -> None:
+        self.act = act
+
+    def act_order_groups(self) -> str | None:
+        return self.options.act_order
 
     def describe(self) -> dict:
         o = self.options
@@ -111,7 +120,7 @@ class AWRQ(Method):
                 "act_order_groups": o.act_order, "static_groups": o.act_order == "static", "damp": o.damp,
                 "block_size": o.block_size}
 
-    def observe(self, group: Any) -> AWRQState:
+    def observe(self, group: Group) -> AWRQState:
         smoothing = observe_smoothing(group) if self.options.smooth else []
         own_fold = any(set(sp.pair.balance) <= set(group.names) for sp in smoothing)
         stats = QuantizedInputStats(group.linears[0].in_features, group.device, self.act)
@@ -119,7 +128,7 @@ class AWRQ(Method):
         group.on_input(group.names[0], state.inputs.append if own_fold else stats.add)
         return state
 
-    def quantize(self, group: Any, state: AWRQState) -> list[LayerResult]:
+    def quantize(self, group: Group, state: AWRQState) -> list[LayerResult]:
         scales = fold_smoothing(group, state.smoothing, self.options.alpha, self.options.min)
         if state.inputs:  # this group's own input was smoothed: its statistics are of x / s
             own = next(sp.pair for sp in state.smoothing if set(sp.pair.balance) <= set(group.names))

@@ -44,7 +44,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -56,6 +56,9 @@ from ..hessian import HessianAccumulator, blocked_quantize, check_block_size, ch
 from .base import LayerResult, Method
 from .gptq import GPTQOptions
 from .gptq import solve as gptq_solve
+
+if TYPE_CHECKING:
+    from ..pipeline import Group
 
 QPARAMS = ("minmax", "mmse", "hessian")
 SHRINK_STEPS = 100  # upstream's candidate ranges p = 1 - k/100, k = 0..99
@@ -99,7 +102,7 @@ class AttentionStats:
     the post-RoPE queries [heads, D, D] and keys [kv_heads, D, D], and with ``block_v`` the per-KV-head
     Hessians of the attention-weighted inputs [kv_heads, d, d]."""
 
-    def __init__(self, group: Any, block_v: bool) -> None:
+    def __init__(self, group: Group, block_v: bool) -> None:
         geo = group.adapter.geometry(group.config)
         self.geo = geo
         d, dev = group.linears[0].in_features, group.device
@@ -149,7 +152,7 @@ class AttentionStats:
         """Per-KV-head block_v Hessians, GPTQ's scale ``2/T`` (mean over the group's query heads)."""
         return self.value * (2.0 / max(self.value_tokens, 1))
 
-    def row_factors(self, group: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def row_factors(self, group: Group) -> tuple[torch.Tensor, torch.Tensor]:
         """Row Hessians of q_proj [heads, D, D] (from keys) and k_proj [kv_heads, D, D] (from queries)."""
         geo = self.geo
         rep = geo.heads // geo.kv_heads
@@ -162,7 +165,7 @@ class AttentionStats:
         return keys.repeat_interleave(rep, dim=0), queries
 
 
-def rotary_matrices(group: Any, positions: int) -> torch.Tensor:
+def rotary_matrices(group: Group, positions: int) -> torch.Tensor:
     """``R_t`` [positions, D, D] with ``post = R_t pre``, built by applying the model's own rotary embedding
     (its class and ``apply_rotary_pos_emb``, from the attention's modeling module) to the unit vectors, so the
     layout (rotate_half pairs) and any rope scaling are the model's (boa.md §9.8)."""
@@ -363,11 +366,16 @@ class BoA(Method):
     summary = "BoA: attention-aware two-sided GPTQ for q/k, GPTQ elsewhere (Kim et al. 2025)"
     Options = BoAOptions
 
+    def act_order_groups(self) -> str | None:
+        """``--act-order-col`` reorders columns with every group's grid fixed first (GPTQ's static groups):
+        ``g_idx`` stays trivial. ``--act-order-row`` reorders rows, which no ``g_idx`` records."""
+        return "static" if self.options.act_order_col else None
+
     def _gptq_options(self) -> GPTQOptions:
         o = self.options
         return GPTQOptions(act_order="static" if o.act_order_col else None, damp=o.damp, block_size=o.block_size)
 
-    def observe(self, group: Any) -> Any:
+    def observe(self, group: Group) -> Any:
         roles = [_role(n) for n in group.names]
         if "q_proj" in roles and "k_proj" in roles:
             stats = AttentionStats(group, self.options.block_v)
@@ -378,7 +386,7 @@ class BoA(Method):
         group.on_input(group.names[0], acc.add)
         return acc
 
-    def quantize(self, group: Any, state: Any, force: str | None = None) -> list[LayerResult]:
+    def quantize(self, group: Group, state: Any, force: str | None = None) -> list[LayerResult]:
         tokens = state.inputs.tokens if isinstance(state, AttentionStats) else state.tokens
         if tokens == 0:
             raise TritonqError(f"BoA saw no calibration tokens for {group.label}; give calibration data")
@@ -387,7 +395,7 @@ class BoA(Method):
             return gptq_solve(weights, state.hessian, group.spec, group.full_names, self._gptq_options(), force=force)
         return self._attention(group, state, weights, force)
 
-    def _attention(self, group: Any, stats: AttentionStats, weights: list[torch.Tensor],
+    def _attention(self, group: Group, stats: AttentionStats, weights: list[torch.Tensor],
                    force: str | None) -> list[LayerResult]:
         geo, spec = stats.geo, group.spec
         roles = [_role(n) for n in group.names]

@@ -24,7 +24,7 @@ loss is AWQ's module/linear output loss (the reference scores each linear alone 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -32,6 +32,9 @@ from ...errors import TritonqError
 from ..grid import GridSpec, default_g_idx, fit_groups
 from .awq import AWQ, SEARCH_DTYPES, AWQState, PairObserver, Quantizer, candidate_scales
 from .base import LayerResult
+
+if TYPE_CHECKING:
+    from ..pipeline import Group
 
 
 @dataclass(frozen=True)
@@ -180,12 +183,12 @@ class DHAWQ(AWQ):
         o = self.options
         return heuristic_quantize(w, mean, spec, o.max_flip_percent, o.knee_tolerance, o.dh_reference_cap)
 
-    def observe_input(self, group: Any) -> _MeanObserver:
+    def observe_input(self, group: Group) -> _MeanObserver:
         obs = _MeanObserver()
         group.on_input(group.names[0], obs.add)
         return obs
 
-    def finish(self, group: Any, state: AWQState, input_scale: torch.Tensor | None) -> list[LayerResult]:
+    def finish(self, group: Group, state: AWQState, input_scale: torch.Tensor | None) -> list[LayerResult]:
         mean = state.own_input.mean().to(group.device)
         if input_scale is not None:
             mean = mean / input_scale.float()

@@ -18,7 +18,7 @@ The linears of a group share one Hessian, so their rows are stacked and solved a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -26,6 +26,9 @@ from ...errors import TritonqError
 from ..grid import default_g_idx, fit_groups
 from ..hessian import HessianAccumulator, blocked_quantize, check_block_size, check_finite, inverse_cholesky
 from .base import LayerResult, Method, split_rows
+
+if TYPE_CHECKING:
+    from ..pipeline import Group
 
 ACT_ORDERS = (None, "static", "dynamic")
 
@@ -55,10 +58,13 @@ class GPTQ(Method):
     summary = "GPTQ: second-order error feedback through the inverse Hessian (Frantar et al. 2023)"
     Options = GPTQOptions
 
-    def observe(self, group: Any) -> HessianAccumulator:
+    def observe(self, group: Group) -> HessianAccumulator:
         acc = HessianAccumulator(group.linears[0].in_features, group.device)
         group.on_input(group.names[0], acc.add)  # the linears of a group share their input
         return acc
+
+    def act_order_groups(self) -> str | None:
+        return self.options.act_order
 
     def describe(self) -> dict:
         act_order = self.options.act_order
@@ -66,7 +72,7 @@ class GPTQ(Method):
                 "static_groups": act_order == "static", "damp": self.options.damp,
                 "block_size": self.options.block_size}
 
-    def quantize(self, group: Any, state: HessianAccumulator, force: str | None = None) -> list[LayerResult]:
+    def quantize(self, group: Group, state: HessianAccumulator, force: str | None = None) -> list[LayerResult]:
         if state.tokens == 0:
             raise TritonqError(f"GPTQ saw no calibration tokens for {group.label}; give calibration data")
         weights = [lin.weight.data for lin in group.linears]

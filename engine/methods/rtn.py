@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..grid import GridSpec, default_g_idx, fake_quantize, fit_groups
 from .base import LayerResult, Method
+
+if TYPE_CHECKING:
+    from ..pipeline import Group
 
 
 class RTN(Method):
@@ -15,7 +18,7 @@ class RTN(Method):
     summary = "round to nearest on the min-max (or --mse) grid; no calibration data"
     calibrated = False
 
-    def quantize(self, group: Any, state: Any) -> list[LayerResult]:
+    def quantize(self, group: Group, state: Any) -> list[LayerResult]:
         return [round_to_nearest(lin.weight.data, group.spec, name)
                 for lin, name in zip(group.linears, group.full_names)]
 

@@ -27,7 +27,7 @@ The smoothing helpers (:func:`observe_smoothing`, :func:`fold_smoothing`) are sh
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -37,6 +37,9 @@ from ..adapters import ScalePair
 from .awq import owned_pairs
 from .base import LayerResult, Method
 from .rtn import round_to_nearest
+
+if TYPE_CHECKING:
+    from ..pipeline import Group
 
 MIN_WEIGHT_MAX = 1e-5
 
@@ -62,7 +65,7 @@ class SmoothPair:
     head_dim: int = 0
 
 
-def smoothing_pairs(group: Any) -> list[tuple[ScalePair, int, int]]:
+def smoothing_pairs(group: Group) -> list[tuple[ScalePair, int, int]]:
     """The pairs ``group`` folds (see ``awq.owned_pairs``), plus v -> o under grouped-query attention, which the
     adapter leaves out of ``scale_pairs``; each with its GQA repeat and head dimension."""
     pairs = [(p, 1, 0) for p in owned_pairs(group)]
@@ -74,7 +77,7 @@ def smoothing_pairs(group: Any) -> list[tuple[ScalePair, int, int]]:
     return pairs
 
 
-def observe_smoothing(group: Any) -> list[SmoothPair]:
+def observe_smoothing(group: Group) -> list[SmoothPair]:
     """Register ``max |x|`` on the input of each pair's balance linears (one observer per pair)."""
     out = []
     for pair, repeat, head_dim in smoothing_pairs(group):
@@ -103,7 +106,7 @@ def _repeat_heads(values: torch.Tensor, repeat: int, head_dim: int) -> torch.Ten
     return values.view(-1, 1, head_dim).expand(-1, repeat, -1).reshape(-1)
 
 
-def fold_smoothing(group: Any, pairs: list[SmoothPair], alpha: float, min_scale: float) -> dict[str, torch.Tensor]:
+def fold_smoothing(group: Group, pairs: list[SmoothPair], alpha: float, min_scale: float) -> dict[str, torch.Tensor]:
     """Compute and fold each pair's scale; returns the scale per smooth module (for records and tests)."""
     folded = {}
     for sp in pairs:
@@ -124,7 +127,7 @@ def fold_smoothing(group: Any, pairs: list[SmoothPair], alpha: float, min_scale:
     return folded
 
 
-def fold_gqa_value(group: Any, pair: ScalePair, scale_kv: torch.Tensor, repeat: int, head_dim: int) -> None:
+def fold_gqa_value(group: Group, pair: ScalePair, scale_kv: torch.Tensor, repeat: int, head_dim: int) -> None:
     """v_proj rows (and bias) ``/= s``, o_proj columns ``*= s`` repeated over each kv group's query heads:
     exact, since o's input column ``h * D + d`` is value channel ``(h // repeat) * D + d``."""
     late = [n for n in (pair.smooth, *pair.balance) if group.is_quantized(n)]
@@ -157,13 +160,12 @@ class SmoothQuant(Method):
     name = "smoothquant"
     summary = "SmoothQuant W8A8: max|x| migration scales folded into norms, v and up rows; RTN (Xiao et al. 2023)"
     Options = SmoothQuantOptions
-    uses_act = True
     default_act = ActSpec(bits=8, scheme="per-token", sym=True)
 
-    def observe(self, group: Any) -> list[SmoothPair]:
+    def observe(self, group: Group) -> list[SmoothPair]:
         return observe_smoothing(group)
 
-    def quantize(self, group: Any, state: list[SmoothPair]) -> list[LayerResult]:
+    def quantize(self, group: Group, state: list[SmoothPair]) -> list[LayerResult]:
         fold_smoothing(group, state, self.options.alpha, MIN_WEIGHT_MAX)
         return [round_to_nearest(lin.weight.data, group.spec, name)
                 for lin, name in zip(group.linears, group.full_names)]

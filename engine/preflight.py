@@ -1,0 +1,141 @@
+"""Preflight: everything a quantize run can refuse, asked once, before calibration data or the model is loaded.
+
+From the model's config (a meta skeleton, no weights) and its tokenizer, :func:`preflight` asks
+
+1. the method, through its declared contract (``methods/base.py``): its activation setting (``default_act``, and
+   ``set_activation`` when it ``receives_act``), the grid of every linear of every block (``layer_grid``), which
+   must divide the linear's input width and agree within a linear group, and its act-order groups;
+2. the output format, through ``formats/request.py``'s :func:`check_request` with one :class:`FormatRequest`;
+3. the kernels the run will use on its device, through their declared ``LIMITS``
+   (``kernels/configs.py``'s :func:`check_limits`): on CUDA, the Hessian and GPTQ kernels of a calibrated
+   method; for a packed 4-bit output, the dequant-matmul kernels that serve it.
+
+So a run the output cannot hold (``--method awq+gptq --act-order dynamic --format gguf``) fails in seconds with
+one line, not after the whole quantization.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from ..errors import warn
+from ..kernels.configs import check_limits
+from .activations import ActSpec, resolve_act_spec
+from .adapters import Adapter, adapter_for
+from .formats.request import FormatRequest, check_request
+from .grid import GridSpec
+from .methods.act_quant import WithActivationQuant
+from .methods.base import Method
+from .model_io import load_config
+from .pipeline import group_grid
+
+_TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+@dataclass(frozen=True)
+class Preflight:
+    """What a quantize run needs from its preflight."""
+
+    method: Method  # the method to run: wrapped in WithActivationQuant when the run quantizes activations
+    spec: GridSpec  # the run's grid, group size resolved
+    grids: dict[str, GridSpec]  # every linear the run quantizes (the model's names) -> its grid (``layer_grid``)
+    act: ActSpec | None  # the run's activation quantization; None: weights only
+    adapter: Adapter
+    widths: dict[str, int]  # every linear -> its input width
+    config: dict  # the model's config.json as a dict
+
+
+def linear_widths(model_name: str, trust_remote_code: bool = False) -> tuple[Adapter, dict[str, int]]:
+    """Adapter of the model and the input width of every linear of every block, from the config alone."""
+    config = load_config(model_name, trust_remote_code)
+    adapter = adapter_for(config)
+    return adapter, block_widths(config, adapter, trust_remote_code)
+
+
+def block_widths(config: Any, adapter: Adapter, trust_remote_code: bool = False) -> dict[str, int]:
+    """The input width of every linear of every block (the model's names), read off a meta skeleton."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return {f"{adapter.blocks}.{i}.{name}": block.get_submodule(name).in_features
+            for i, block in enumerate(adapter.block_list(skeleton)) for name in adapter.linear_names()}
+
+
+def default_group_size(widths: dict[str, int]) -> int:
+    """Group 128 (the common default), or 64 / 32 when 128 does not divide the model (SmolLM2: 576)."""
+    for group in (128, 64, 32):
+        if all(k % group == 0 for k in widths.values()):
+            if group != 128:
+                warn(f"group size 128 does not divide this model's layers; using {group}")
+            return group
+    return 128  # the grid check reports the problem
+
+
+def preflight(method: Method, model_name: str, spec: GridSpec, *, default_group: bool, act_bits: int | None,
+              act_scheme: str | None, act_sym: bool | None, out_format: str, tokenizer: Any,
+              device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False) -> Preflight:
+    """Ask the method, the output format and the kernels once; raise :class:`TritonqError` on the first refusal.
+
+    ``spec`` is the run's grid (``default_group``: its group size is to be chosen from the model's widths);
+    ``act_*`` are the run's activation flags over the method's ``default_act``; ``tokenizer`` the loaded one.
+    """
+    act = resolve_act_spec(method.default_act, act_bits, act_scheme, act_sym)
+    if act is not None:
+        method = WithActivationQuant(method, act)
+    config = load_config(model_name, trust_remote_code)
+    adapter = adapter_for(config)
+    widths = block_widths(config, adapter, trust_remote_code)
+    if default_group:
+        spec = replace(spec, group_size=default_group_size(widths))
+    grids = layer_grids(method, adapter, widths, spec)
+    record = config.to_dict()
+    vocabulary = None if out_format == "fake" else _tokenizer_json(tokenizer)  # a fake output holds no vocabulary
+    check_request(out_format, FormatRequest(layer_grids=grids, config=record, tokenizer_json=vocabulary,
+                                            act_order_groups=method.act_order_groups(), activations=act))
+    check_kernel_limits(method, out_format, grids, widths, device, dtype)
+    return Preflight(method, spec, grids, act, adapter, widths, record)
+
+
+def layer_grids(method: Method, adapter: Adapter, widths: dict[str, int], spec: GridSpec) -> dict[str, GridSpec]:
+    """The grid of every linear (``method.layer_grid``), one per linear group, each dividing its input width."""
+    grids: dict[str, GridSpec] = {}
+    for i in range(len(widths) // len(adapter.linear_names())):  # every block holds every linear of the adapter
+        for names in adapter.linear_groups:
+            full = [f"{adapter.blocks}.{i}.{n}" for n in names]
+            grid = group_grid(method, full, spec)
+            for name in full:
+                grid.groups_for(widths[name], name)
+                grids[name] = grid
+    return grids
+
+
+def check_kernel_limits(method: Method, out_format: str, grids: dict[str, GridSpec], widths: dict[str, int],
+                        device: torch.device, dtype: torch.dtype) -> None:
+    """The declared limits of every kernel the run will use: the Hessian and in-block GPTQ kernels of a calibrated
+    method on CUDA (the CPU runs their PyTorch references), the dequant-matmul that serves a packed 4-bit output."""
+    if method.calibrated and device.type == "cuda":
+        from ..kernels import gptq_block, hessian_accum
+
+        check_limits("hessian_accum", hessian_accum.LIMITS, dtype=_TRITON_DTYPES.get(dtype, "fp32"))
+        check_limits("gptq_block", gptq_block.LIMITS, dtype="fp32")  # the engine solves in fp32
+    from .formats.packed import FORMATS
+
+    if out_format in FORMATS:  # a packed safetensors checkpoint: 'tritonq eval/generate/serve' run its layers
+        from ..kernels import dequant_matmul
+
+        for name, grid in grids.items():
+            if grid.bits == 4:  # 8-bit sym per-channel weights run on int8_matmul, other widths are not served
+                check_limits("dequant_matmul", dequant_matmul.LIMITS, bits=grid.bits, group_size=grid.group_size,
+                             in_features=widths[name], where=name)
+
+
+def _tokenizer_json(tokenizer: Any) -> dict | None:
+    """The tokenizer's ``tokenizer.json`` content (formats that embed the vocabulary need it); None for a slow
+    (Python) tokenizer, which has none."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return None if backend is None else json.loads(backend.to_str())
