@@ -17,3 +17,17 @@ import sys  # noqa: E402
 
 # Lets test modules ``import helpers`` (tiny models and tokenizers) under --import-mode=importlib.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _method_registry_restored():
+    """Toy methods a test registers leave with the test: the registry (and so the CLI's flags) stays as shipped."""
+    from tritonq.engine.methods import registry
+
+    before = dict(registry.METHODS)
+    yield
+    registry.METHODS.clear()
+    registry.METHODS.update(before)
