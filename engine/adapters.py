@@ -8,7 +8,7 @@ methods built on the pipeline need to know about a block:
   of the MLP), so that once they are quantized the sub-module's output is their output and the pipeline
   can replay it instead of running attention or the MLP again (one forward per block);
 * ``attention``: the attention sub-module, whose queries and keys after the rotary embedding can be
-  observed through transformers' attention interface (``pipeline.Group.on_attention``);
+  observed through transformers' attention interface (``groups.Group.on_attention``);
 * scale pairs (``scale_pairs``): smooth -> balance pairs through which a per-channel scale can be folded
   without changing the float block (AWQ, SmoothQuant, A-BoA), as llm-compressor's AWQ mappings declare them;
 * the residual stream (``stream``, a :class:`ResidualStream`): the model-level modules (token embedding, final

@@ -20,9 +20,10 @@ from test_pipeline import make_family_model
 from tritonq.bench.aboa_fold import FoldOnlyABoA
 from tritonq.engine.adapters import adapter_for
 from tritonq.engine.grid import GridSpec
+from tritonq.engine.groups import Group
 from tritonq.engine.methods import aboa, awq, registry
 from tritonq.engine.methods.smoothquant import fold_gqa_value
-from tritonq.engine.pipeline import Group, quantize_blocks
+from tritonq.engine.pipeline import quantize_blocks
 from tritonq.errors import TritonqError
 
 SPEC = GridSpec(bits=3, group_size=16)

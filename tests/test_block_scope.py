@@ -1,4 +1,4 @@
-"""Whole-block groups: a method with ``scope = "block"`` gets a decoder block at once (``pipeline.BlockGroup``).
+"""Whole-block groups: a method with ``scope = "block"`` gets a decoder block at once (``groups.BlockGroup``).
 
 A toy living only in this file tunes every linear's rounding against the block's output, as AutoRound does
 (Cheng et al., "Optimize Weight Rounding via Signed Gradient Descent for the Quantization of LLMs",

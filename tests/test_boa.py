@@ -8,11 +8,12 @@ from test_gptq import _layer
 from test_pipeline import FAMILIES, make_family_model
 from tritonq.engine.adapters import adapter_for
 from tritonq.engine.grid import GridSpec, fit_groups
+from tritonq.engine.groups import Group
 from tritonq.engine.methods import registry
 from tritonq.engine.methods.boa import BoAOptions, boa_solve, rope_average, rotary_matrices, search_grids
 from tritonq.engine.methods.gptq import GPTQOptions
 from tritonq.engine.methods.gptq import solve as gptq_solve
-from tritonq.engine.pipeline import Group, quantize_blocks
+from tritonq.engine.pipeline import quantize_blocks
 from tritonq.errors import TritonqError
 
 

@@ -20,7 +20,8 @@ from tritonq.engine.hessian import HessianAccumulator
 from tritonq.engine.methods import registry
 from tritonq.engine.methods.base import LayerResult, Method
 from tritonq.engine.methods.gptq import GPTQOptions, solve
-from tritonq.engine.pipeline import _StopForward, capture_block_inputs, quantize_blocks
+from tritonq.engine.pipeline import capture_block_inputs, quantize_blocks
+from tritonq.engine.stages import StopForward
 from tritonq.errors import TritonqError
 
 SPEC = GridSpec(bits=3, group_size=32)
@@ -48,13 +49,13 @@ def _sequential_reference(model, adapter, batches, options):
 
             def stop(_m, args, acc=acc):
                 acc.add(args[0])
-                raise _StopForward
+                raise StopForward
 
             handle = linears[0].register_forward_pre_hook(stop)
             for chunk in chunks:
                 try:
                     block(chunk.hidden, **chunk.kwargs)
-                except _StopForward:
+                except StopForward:
                     pass
             handle.remove()
             full = [f"{adapter.blocks}.{i}.{n}" for n in names]

@@ -41,7 +41,7 @@ from .boa import AttentionStats, BoA, BoAOptions
 from .smoothquant import MIN_WEIGHT_MAX, fold_gqa_value, smoothing_pairs
 
 if TYPE_CHECKING:
-    from ..pipeline import Group
+    from ..groups import Group
 
 SALIENT_CLAMP = (0.1, 10.0)  # the fork's bounds on a salient channel's scale
 

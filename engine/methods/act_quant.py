@@ -15,7 +15,7 @@ from .base import LayerResult, Method
 
 if TYPE_CHECKING:
     from ..adapters import Adapter
-    from ..pipeline import Group
+    from ..groups import Group
 
 
 class WithActivationQuant(Method):

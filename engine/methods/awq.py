@@ -62,7 +62,7 @@ from .gptq import GPTQOptions, solve
 from .rtn import round_to_nearest
 
 if TYPE_CHECKING:
-    from ..pipeline import Group
+    from ..groups import Group
 
 SEARCH_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Linears whose clip is skipped (llm-awq: "q.k product is hard to clip precisely"); exact leaf names

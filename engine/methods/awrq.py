@@ -40,7 +40,7 @@ from .gptq import GPTQOptions, solve
 from .smoothquant import SmoothPair, fold_smoothing, observe_smoothing
 
 if TYPE_CHECKING:
-    from ..pipeline import Group
+    from ..groups import Group
 
 
 class QuantizedInputStats:

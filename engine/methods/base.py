@@ -12,7 +12,7 @@ propagation (activation quantization). The pipeline knows nothing else about a m
 Two further doors: ``prepare(model, adapter)`` runs once on the whole float model before calibration (the
 block inputs are captured after it), and a method with ``scope = "block"`` is handed whole blocks instead of
 linear groups: ``quantize_block(block)`` gets the block, its calibration inputs and the float block's outputs
-on them (``pipeline.BlockGroup``), with autograd enabled when ``needs_grad``.
+on them (``groups.BlockGroup``), with autograd enabled when ``needs_grad``.
 
 Adding a method is one file with a ``Method`` subclass (and an options dataclass) plus one line in
 ``registry.py``.
@@ -32,7 +32,7 @@ from ..grid import GridSpec
 
 if TYPE_CHECKING:
     from ..adapters import Adapter
-    from ..pipeline import BlockGroup, Group
+    from ..groups import BlockGroup, Group
 
 
 @dataclass

@@ -58,7 +58,7 @@ from .gptq import GPTQOptions
 from .gptq import solve as gptq_solve
 
 if TYPE_CHECKING:
-    from ..pipeline import Group
+    from ..groups import Group
 
 QPARAMS = ("minmax", "mmse", "hessian")
 SHRINK_STEPS = 100  # upstream's candidate ranges p = 1 - k/100, k = 0..99

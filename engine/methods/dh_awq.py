@@ -34,7 +34,7 @@ from .awq import AWQ, SEARCH_DTYPES, AWQState, PairObserver, Quantizer, candidat
 from .base import LayerResult
 
 if TYPE_CHECKING:
-    from ..pipeline import Group
+    from ..groups import Group
 
 
 @dataclass(frozen=True)

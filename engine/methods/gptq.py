@@ -28,7 +28,7 @@ from ..hessian import HessianAccumulator, blocked_quantize, check_block_size, ch
 from .base import LayerResult, Method, split_rows
 
 if TYPE_CHECKING:
-    from ..pipeline import Group
+    from ..groups import Group
 
 ACT_ORDERS = (None, "static", "dynamic")
 

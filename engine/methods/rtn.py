@@ -10,7 +10,7 @@ from ..grid import GridSpec, default_g_idx, fake_quantize, fit_groups
 from .base import LayerResult, Method
 
 if TYPE_CHECKING:
-    from ..pipeline import Group
+    from ..groups import Group
 
 
 class RTN(Method):

@@ -39,7 +39,7 @@ from .base import LayerResult, Method
 from .rtn import round_to_nearest
 
 if TYPE_CHECKING:
-    from ..pipeline import Group
+    from ..groups import Group
 
 MIN_WEIGHT_MAX = 1e-5
 
