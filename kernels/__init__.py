@@ -36,22 +36,8 @@ if __name__ == "kernels":  # imported by its folder name: Python runs in a check
 
 import torch  # noqa: E402
 
-# No package-relative import at module level (errors are imported lazily): under the top-level name above, this
-# file has no parent package.
-
-FORCE: tuple[str | None, ...] = (None, "triton", "ref")
-
-
-def _error() -> type:
-    from ..errors import TritonqError
-
-    return TritonqError
-
-
-def check_force(force: str | None) -> None:
-    """Raise :class:`TritonqError` unless ``force`` is one of :data:`FORCE`."""
-    if force not in FORCE:
-        raise _error()(f"force must be one of {FORCE}, got {force!r}")
+if __name__ != "kernels":  # the one package-relative import at module level: under the name above there is no package
+    from .configs import FORCE, check_force  # noqa: F401  (FORCE: the force= vocabulary, re-exported)
 
 
 def use_triton(t: torch.Tensor, force: str | None = None) -> bool:
@@ -111,26 +97,6 @@ def boa_sweep_rows(
 
     fn = mod.boa_rows_triton if use_triton(w, force) else mod.boa_rows_ref
     return fn(w, u, coef, scale, zero, g_idx, r0, nrows, group_size, maxq, sym)
-
-
-def check_dequant_limits(bits: int, group_size: int, in_features: int | None = None) -> None:
-    """Raise :class:`TritonqError` when the int-``bits`` dequant-matmul kernels cannot serve this grid.
-
-    For the engine's options check before work starts (a packed runtime layer is served by
-    ``dequant_matmul``); names the flag and the allowed values (``dequant_matmul.LIMITS``).
-    """
-    from . import dequant_matmul
-
-    lim = dequant_matmul.LIMITS
-    if lim.bits is not None and bits not in lim.bits:
-        raise _error()(f"the packed dequant-matmul kernels take --bits {' or '.join(map(str, lim.bits))}, "
-                           f"got --bits {bits}")
-    if group_size != -1 and (group_size < 1 or group_size % lim.group_multiple):
-        raise _error()(f"the packed dequant-matmul kernels take --group-size -1 or a positive multiple of "
-                           f"{lim.group_multiple}, got --group-size {group_size}")
-    if in_features is not None and in_features % lim.k_multiple:
-        raise _error()(f"the packed dequant-matmul kernels need input widths that are multiples of "
-                           f"{lim.k_multiple}, got {in_features}")
 
 
 def awq_scale_loss(w: torch.Tensor, x: torch.Tensor, scales: torch.Tensor, group_size: int, maxq: int, sym: bool,

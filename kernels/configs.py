@@ -10,6 +10,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+FORCE: tuple[str | None, ...] = (None, "triton", "ref")  # every op's force= vocabulary (see kernels/__init__)
+
+
+def check_force(force: str | None) -> None:
+    """Raise :class:`TritonqError` unless ``force`` is one of :data:`FORCE`."""
+    if force not in FORCE:
+        from ..errors import TritonqError
+
+        raise TritonqError(f"force must be one of {FORCE}, got {force!r}")
+
 
 @dataclass(frozen=True)
 class LaunchConfig:

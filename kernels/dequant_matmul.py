@@ -37,8 +37,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..errors import TritonqError, warn
-from . import check_force
-from .configs import KernelLimits, LaunchConfig
+from .configs import KernelLimits, LaunchConfig, check_force
 from .pack import unpack_int4
 
 __all__ = ["CONFIGS", "GEMM_CONFIGS", "GEMV_CONFIGS", "KERNELS", "KERNEL_CHOICES", "LIMITS", "Plan", "aot_signature",

@@ -206,14 +206,19 @@ def test_declared_limits_are_checked():
     for mod in (gptq_block, hessian_accum, dequant_matmul):
         assert isinstance(mod.LIMITS, KernelLimits)
     assert gptq_block.LIMITS.max_cols == kernels.gptq_max_cols() == 256
-    kernels.check_dequant_limits(4, 128, 4096)
-    kernels.check_dequant_limits(4, -1, 576)
+    from tritonq.kernels.configs import check_limits
+
+    def dequant(bits, group_size, k=None):
+        check_limits("dequant_matmul", dequant_matmul.LIMITS, bits=bits, group_size=group_size, in_features=k)
+
+    dequant(4, 128, 4096)
+    dequant(4, -1, 576)
     with pytest.raises(TritonqError, match="--bits 4"):
-        kernels.check_dequant_limits(3, 128)
-    with pytest.raises(TritonqError, match="multiple of 8"):
-        kernels.check_dequant_limits(4, 12)
+        dequant(3, 128)
     with pytest.raises(TritonqError, match="multiples of 8"):
-        kernels.check_dequant_limits(4, -1, 100)
+        dequant(4, 12)
+    with pytest.raises(TritonqError, match="multiples of 8"):
+        dequant(4, -1, 100)
 
 
 def test_block_size_check():
