@@ -63,9 +63,10 @@ def check_seqlen_fits(model: str, seqlen: int, trust_remote_code: bool, flag: st
 
 def check_quantize_args(args) -> None:
     """What the flags alone (and the model's config) can refuse, before anything is tokenized or loaded."""
-    from .engine.data import check_data_name, check_positive
+    from .engine.data import check_data, check_positive
     from .engine.grid import GridSpec
     from .engine.methods.registry import method_class
+    from .engine.outputs import check_output_dir
     from .errors import TritonqError
 
     GridSpec(bits=args.bits, group_size=128 if args.group_size is None else args.group_size, sym=args.sym,
@@ -78,10 +79,11 @@ def check_quantize_args(args) -> None:
         raise TritonqError("--eval-windows applies to the evaluation after quantizing; add --eval-data FILE "
                            "or drop --eval-windows")
     calibrated = method_class(args.method).calibrated
+    check_output_dir(args.output, args.overwrite)  # cheap: before the model's config is read
     if calibrated:
-        check_data_name(args.calib)
+        check_data(args.calib, args.text_column)
     if args.eval_data is not None:
-        check_data_name(args.eval_data)
+        check_data(args.eval_data)
     check_model_files(args.model)
     if calibrated:
         check_seqlen_fits(args.model, args.seqlen, args.trust_remote_code)
@@ -132,11 +134,11 @@ def evaluate(args) -> int:
             raise TritonqError(f"{', '.join(given)} applies to lm-eval tasks; add --tasks NAME[,NAME...]")
     data = args.data if args.data is not None or tasks else "wikitext2"
     if data is not None:
-        from .engine.data import check_data_name, check_eval_seqlen, check_positive
+        from .engine.data import check_data, check_eval_seqlen, check_positive
 
         check_eval_seqlen(args.seqlen)
         check_positive(args.max_windows, "--max-windows", 8)
-        check_data_name(data)
+        check_data(data)
     check_model_files(args.model)
     if data is not None:
         check_seqlen_fits(args.model, args.seqlen, args.trust_remote_code)

@@ -125,6 +125,17 @@ def check_data_name(name: str) -> None:
         )
 
 
+def check_data(name: str, text_column: str = "text") -> None:
+    """Refuse data that :func:`load_corpus` would refuse, before the tokenizer or the model loads: a local file
+    is read and parsed (and dropped: it is read again later); ``pydoc`` and hub names pass unread."""
+    check_data_name(name)
+    if name == "pydoc" or name in HUB_DATASETS:
+        return
+    path = Path(name).expanduser()
+    if not _read_file(path, text_column).strip():
+        raise TritonqError(f"data file {path} holds no text")
+
+
 def load_corpus(name: str, text_column: str = "text", split: str = "train") -> Corpus:
     """Resolve ``name``: ``pydoc``, a hub name, or a local file."""
     if name == "pydoc":

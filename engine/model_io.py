@@ -251,10 +251,17 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
 
 def model_context(name: str, trust_remote_code: bool = False) -> int | None:
     """The model's context in tokens from its config alone (``max_position_embeddings`` or its older names);
-    None when the config does not say."""
-    config = load_config(name, trust_remote_code)
+    None when the config does not say. A local directory's config.json is read as JSON (fast); other names
+    through transformers (the offline default's GGUF header, a hub config)."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        config = read_json_object(path / "config.json", "save the checkpoint again, or restore its config.json")
+    else:
+        config = load_config(name, trust_remote_code).to_dict()
+    if isinstance(config.get("text_config"), dict):  # multimodal configs nest the language model's
+        config = {**config, **config["text_config"]}
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, key, None)
+        value = config.get(key)
         if isinstance(value, int) and value > 0:
             return value
     return None

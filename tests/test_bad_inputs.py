@@ -307,7 +307,10 @@ CALIBRATION_FILES = {
 
 
 @pytest.mark.parametrize("case", list(CALIBRATION_FILES))
-def test_bad_calibration_files(case, tiny_dir, tmp_path, capsys, no_model_load):
+def test_bad_calibration_files(case, tiny_dir, tmp_path, capsys, monkeypatch, no_model_load):
+    from tritonq.engine import api
+
+    monkeypatch.setattr(api, "load_tokenizer", lambda *a, **k: pytest.fail("tokenizer loaded before the file check"))
     name, data, needles = CALIBRATION_FILES[case]
     path = tmp_path / name
     path.write_bytes(data)
