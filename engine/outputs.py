@@ -124,8 +124,12 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool, flag: str = "--ou
     out = Path(path).expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise TritonqError(f"output path {out} exists and is not a directory; choose another {flag}")
-    remove_stale_temporaries(out)  # first: it may put a previous output back in place
-    if out.is_dir() and any(out.iterdir()):
+    try:
+        remove_stale_temporaries(out)  # first: it may put a previous output back in place
+        non_empty = out.is_dir() and any(out.iterdir())
+    except OSError as exc:
+        raise TritonqError(f"cannot read the output location {out} ({exc.strerror}); choose another {flag}") from None
+    if non_empty:
         if not overwrite:
             raise TritonqError(f"output directory {out} is not empty; pass --overwrite or choose another {flag}")
         if not is_tritonq_output(out):

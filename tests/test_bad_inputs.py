@@ -3,6 +3,7 @@
 Each case checks the exit status, one ``tritonq: error:`` line naming the problem and the fix, no traceback,
 nothing left behind, and, where it matters, that the refusal comes before the model is loaded (the
 ``no_model_load`` fixture fails the test if weights are read) or before the calibration text is tokenized.
+One file for the issue's cases (a little over 400 lines), so that its list reads against the issue in one place.
 """
 
 import json
