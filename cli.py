@@ -302,8 +302,27 @@ def _one_line_warnings() -> None:
     warnings.showwarning = show
 
 
+def _sigterm_as_interrupt() -> bool:
+    """SIGTERM raises :class:`~tritonq.errors.Terminated` (a ``KeyboardInterrupt``): ``kill`` cleans up as Ctrl-C
+    does (a save in progress removes its temporary directory). Only from the main thread, where signals land."""
+    import signal
+    import threading
+
+    from .errors import Terminated
+
+    def handler(signum, frame) -> None:
+        raise Terminated("terminated by SIGTERM")
+
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    signal.signal(signal.SIGTERM, handler)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
-    from .errors import TritonqError
+    import signal
+
+    from .errors import Terminated, TritonqError
 
     _one_line_warnings()
 
@@ -317,14 +336,22 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
+    previous = signal.getsignal(signal.SIGTERM)
+    installed = _sigterm_as_interrupt()
     try:
         return int(args.handler(args) or 0)
     except TritonqError as exc:
         print(f"tritonq: error: {exc}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("tritonq: terminated (SIGTERM)", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("tritonq: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 if __name__ == "__main__":

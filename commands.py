@@ -38,10 +38,62 @@ def method_options_from_args(args) -> dict:
     return given
 
 
+def check_model_files(name: str) -> None:
+    """A local model directory's metadata must parse before anything loads: ``config.json`` (every loader reads
+    it) and, where present, ``quantization.json`` (eval, generate and serve read its activation record)."""
+    from pathlib import Path
+
+    from .engine.evaluation.report import QUANT_JSON, read_quantization_json
+    from .engine.model_io import resolve_model
+
+    if Path(name).expanduser().is_dir():
+        resolve_model(name)  # config.json present and a JSON object
+        meta = Path(name).expanduser() / QUANT_JSON
+        if meta.is_file():
+            read_quantization_json(meta)
+
+
+def check_seqlen_fits(model: str, seqlen: int, trust_remote_code: bool, flag: str = "--seqlen") -> None:
+    """Windows of ``seqlen`` tokens must fit the model's context; read from the config before the model loads."""
+    from .engine.data import check_context
+    from .engine.model_io import model_context
+
+    check_context(seqlen, model_context(model, trust_remote_code), flag, model)
+
+
+def check_quantize_args(args) -> None:
+    """What the flags alone (and the model's config) can refuse, before anything is tokenized or loaded."""
+    from .engine.data import check_data, check_positive
+    from .engine.grid import GridSpec
+    from .engine.methods.registry import method_class
+    from .engine.outputs import check_output_dir
+    from .errors import TritonqError
+
+    GridSpec(bits=args.bits, group_size=128 if args.group_size is None else args.group_size, sym=args.sym,
+             mse=args.mse)  # the grid's own checks, before the config is read below
+    check_positive(args.nsamples, "--nsamples", 128)
+    check_positive(args.seqlen, "--seqlen", 512)
+    check_positive(args.calib_batch, "--calib-batch", 8)
+    check_positive(args.eval_windows, "--eval-windows", 8)
+    if args.eval_windows is not None and args.eval_data is None:
+        raise TritonqError("--eval-windows applies to the evaluation after quantizing; add --eval-data FILE "
+                           "or drop --eval-windows")
+    calibrated = method_class(args.method).calibrated
+    check_output_dir(args.output, args.overwrite)  # cheap: before the model's config is read
+    if calibrated:
+        check_data(args.calib, args.text_column)
+    if args.eval_data is not None:
+        check_data(args.eval_data)
+    check_model_files(args.model)
+    if calibrated:
+        check_seqlen_fits(args.model, args.seqlen, args.trust_remote_code)
+
+
 def quantize(args) -> int:
     from .engine.api import QuantizeOptions
     from .engine.api import quantize as run_quantize
 
+    check_quantize_args(args)
     opts = QuantizeOptions(
         output=args.output, model=args.model, method=args.method, method_options=method_options_from_args(args),
         bits=args.bits, group_size=args.group_size, sym=args.sym, mse=args.mse, act_bits=args.act_bits,
@@ -81,6 +133,15 @@ def evaluate(args) -> int:
         if given:
             raise TritonqError(f"{', '.join(given)} applies to lm-eval tasks; add --tasks NAME[,NAME...]")
     data = args.data if args.data is not None or tasks else "wikitext2"
+    if data is not None:
+        from .engine.data import check_data, check_eval_seqlen, check_positive
+
+        check_eval_seqlen(args.seqlen)
+        check_positive(args.max_windows, "--max-windows", 8)
+        check_data(data)
+    check_model_files(args.model)
+    if data is not None:
+        check_seqlen_fits(args.model, args.seqlen, args.trust_remote_code)
     if args.record:
         from pathlib import Path
 
@@ -217,8 +278,15 @@ def plot(args) -> int:
 
 def pack(args) -> int:
     """``tritonq pack SRC --format F --output OUT [--overwrite]``: pack a tritonq output, print its size."""
-    from .engine.formats.packed import save_packed
+    from pathlib import Path
 
+    from .engine.evaluation.report import QUANT_JSON, read_quantization_json
+    from .engine.formats.packed import save_packed
+    from .engine.outputs import check_output_dir
+
+    check_output_dir(args.output, args.overwrite)  # unwritable, or not ours to replace: refused before packing
+    if (Path(args.src) / QUANT_JSON).is_file():
+        read_quantization_json(Path(args.src) / QUANT_JSON)
     out = save_packed(args.src, args.output, args.out_format, overwrite=args.overwrite)
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     print(f"wrote {args.out_format} checkpoint to {out} ({size / 2**20:.1f} MiB)")
@@ -238,6 +306,7 @@ def generate(args) -> int:
 
     if args.max_new_tokens < 1:
         raise TritonqError("--max-new-tokens must be at least 1")
+    check_model_files(args.model)
     model, tokenizer = packed.load_generation_model(args.model, args.device, args.dtype)
     chat = packed.has_chat_template(tokenizer)
     ids = packed.user_prompt_ids(tokenizer, args.prompt)
@@ -274,6 +343,7 @@ def serve(args) -> int:
         raise TritonqError("tritonq serve needs FastAPI and uvicorn: pip install 'tritonq[serve]'") from None
     from .engine.runtime.serve import load_generation_model
 
+    check_model_files(args.model)
     model, tokenizer = load_generation_model(args.model, args.device, args.dtype)
     model_id = Path(args.model).resolve().name
     app = create_app(model, tokenizer, model_id)

@@ -4,6 +4,7 @@
 fix, and the CLI prints it in one line and exits with status 2, without a traceback.
 ``warn``: every tritonq warning goes through it (category :class:`TritonqWarning`), so the CLI shows
 each one as a single ``tritonq: warning: ...`` line and a caller can filter them by category.
+``Terminated``: SIGTERM turned into an exception (a ``KeyboardInterrupt``), so the cleanup of Ctrl-C runs.
 """
 
 from __future__ import annotations
@@ -13,6 +14,10 @@ import warnings
 
 class TritonqError(Exception):
     """A problem with the user's input or environment; the message names the problem and the fix."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where tritonq handles it (a save, the CLI) so that it cleans up as for Ctrl-C."""
 
 
 class TritonqWarning(UserWarning):

@@ -30,6 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..engine.outputs import read_json_object
 from ..errors import TritonqError
 
 PROMPT = "The history of quantization in signal processing"
@@ -288,15 +289,22 @@ def _source(args) -> dict:
         if layers < 1:
             raise TritonqError("--layers must be at least 1")
         config = getattr(args, "config", None)
-        if config is not None and not Path(config).is_file():
-            raise TritonqError(f"config {config} does not exist; give a Hugging Face config.json")
-        return {"kind": "random", "layers": layers, "config": getattr(args, "config", None),
-                "prompt_tokens": prompt_tokens, "seed": 0}
+        if config is not None:
+            if not Path(config).is_file():
+                raise TritonqError(f"config {config} does not exist; give a Hugging Face config.json")
+            read_json_object(Path(config), "give a Hugging Face config.json")
+            config = str(Path(config).resolve())  # each side runs in a fresh process in another folder
+        return {"kind": "random", "layers": layers, "config": config, "prompt_tokens": prompt_tokens, "seed": 0}
     path = Path(args.model)
-    if not (path / "config.json").is_file() or "quantization_config" not in json.loads(
-            (path / "config.json").read_text()):
+    if not path.is_dir():
+        raise TritonqError(f"{path} is not a packed checkpoint (not a directory); make one with 'tritonq pack', "
+                           "or pass --random-llama")
+    if not (path / "config.json").is_file() or "quantization_config" not in read_json_object(
+            path / "config.json", "restore the checkpoint's config.json, or pack it again with 'tritonq pack'"):
         raise TritonqError(f"{path} is not a packed checkpoint (no config.json with a quantization_config); "
                            "make one with 'tritonq pack', or pass --random-llama")
+    if (path / "quantization.json").is_file():  # its activation record is read when the model loads
+        read_json_object(path / "quantization.json", "restore it, or pack the model again with 'tritonq pack'")
     return {"kind": "dir", "path": str(path.resolve()), "prompt_tokens": prompt_tokens}
 
 

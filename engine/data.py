@@ -38,28 +38,59 @@ def pydoc_corpus() -> str:
     return "\n\n".join(topics[k] for k in sorted(topics))
 
 
+def _read_text(path: Path) -> str:
+    """The file as UTF-8; other encodings are refused with the offset of the first bad byte (no guessed
+    fallback: a wrong guess would calibrate on garbled text without a word). Newlines as ``open`` reads text:
+    ``\\r\\n`` and ``\\r`` become ``\\n``."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+    except UnicodeDecodeError as exc:
+        raise TritonqError(
+            f"{path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); convert it, e.g. "
+            f"iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8{path.suffix}"
+        ) from None
+
+
+def _row_text(row: object, text_column: str, where: str) -> str:
+    """The text of one JSON row: a string, or an object's ``text_column`` string."""
+    if isinstance(row, str):
+        return row
+    if isinstance(row, dict):
+        if text_column not in row:
+            keys = ", ".join(list(row)[:5]) or "none"
+            raise TritonqError(f"{where} has no field {text_column!r} (its fields: {keys}); pass --text-column")
+        return str(row[text_column])
+    raise TritonqError(f"{where} is a JSON {type(row).__name__}, not a string or an object with a "
+                       f"{text_column!r} field; give rows of text")
+
+
 def _read_file(path: Path, text_column: str) -> str:
     suffix = path.suffix.lower()
+    text = _read_text(path)
     if suffix == ".jsonl":
         docs = []
-        with path.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise TritonqError(f"{path}:{lineno} is not valid JSON ({exc.msg})") from None
-                if not isinstance(row, dict) or text_column not in row:
-                    raise TritonqError(f"{path}:{lineno} has no field {text_column!r}; pass --text-column")
-                docs.append(str(row[text_column]))
+        for lineno, line in enumerate(text.split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise TritonqError(f"{path}:{lineno} is not valid JSON ({exc.msg}); give one JSON object per "
+                                   "line") from None
+            docs.append(_row_text(row, text_column, f"{path}:{lineno}"))
         return "\n\n".join(docs)
     if suffix == ".json":
-        rows = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise TritonqError(f"{path} is not valid JSON ({exc.msg}, line {exc.lineno} column {exc.colno}); "
+                               "fix it, or give a .txt file") from None
         if not isinstance(rows, list):
-            raise TritonqError(f"{path} must hold a JSON list of strings or objects")
-        return "\n\n".join(r if isinstance(r, str) else str(r[text_column]) for r in rows)
-    return path.read_text(encoding="utf-8")
+            raise TritonqError(f"{path} must hold a JSON list of strings or objects, not a JSON "
+                               f"{type(rows).__name__}")
+        return "\n\n".join(_row_text(r, text_column, f"{path} row {i}") for i, r in enumerate(rows))
+    return text
 
 
 def _load_hub(name: str, split: str) -> str:
@@ -83,6 +114,28 @@ def _load_hub(name: str, split: str) -> str:
         ) from None
 
 
+def check_data_name(name: str) -> None:
+    """Refuse a data name that :func:`load_corpus` cannot resolve, without reading anything (a preflight check)."""
+    if name == "pydoc" or name in HUB_DATASETS:
+        return
+    if not Path(name).expanduser().is_file():
+        raise TritonqError(
+            f"data file {name!r} not found; give an existing .txt/.jsonl/.json path, 'pydoc', "
+            f"or a hub name ({', '.join(HUB_DATASETS)})"
+        )
+
+
+def check_data(name: str, text_column: str = "text") -> None:
+    """Refuse data that :func:`load_corpus` would refuse, before the tokenizer or the model loads: a local file
+    is read and parsed (and dropped: it is read again later); ``pydoc`` and hub names pass unread."""
+    check_data_name(name)
+    if name == "pydoc" or name in HUB_DATASETS:
+        return
+    path = Path(name).expanduser()
+    if not _read_file(path, text_column).strip():
+        raise TritonqError(f"data file {path} holds no text")
+
+
 def load_corpus(name: str, text_column: str = "text", split: str = "train") -> Corpus:
     """Resolve ``name``: ``pydoc``, a hub name, or a local file."""
     if name == "pydoc":
@@ -91,12 +144,8 @@ def load_corpus(name: str, text_column: str = "text", split: str = "train") -> C
     if name in HUB_DATASETS:
         text = _load_hub(name, split)
         return Corpus(text, f"hub:{name}/{split}", _sha(text))
+    check_data_name(name)
     path = Path(name).expanduser()
-    if not path.is_file():
-        raise TritonqError(
-            f"data file {name!r} not found; give an existing .txt/.jsonl/.json path, 'pydoc', "
-            f"or a hub name ({', '.join(HUB_DATASETS)})"
-        )
     text = _read_file(path, text_column)
     if not text.strip():
         raise TritonqError(f"data file {path} holds no text")
@@ -109,10 +158,30 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     return ids
 
 
+def check_positive(value: int | None, flag: str, example: int) -> None:
+    """Refuse a count that must be at least 1 (``None``: not given, allowed); call it before any tokenizing."""
+    if value is not None and value < 1:
+        raise TritonqError(f"{flag} must be at least 1, got {value}; pass e.g. {flag} {example}")
+
+
+def check_eval_seqlen(seqlen: int, flag: str = "--seqlen") -> None:
+    """A perplexity window needs two tokens at least: each position predicts the next one."""
+    if seqlen < 2:
+        raise TritonqError(f"{flag} must be at least 2 for perplexity (a window scores the tokens after its first), "
+                           f"got {seqlen}; pass e.g. {flag} 2048")
+
+
+def check_context(seqlen: int, context: int | None, flag: str, model: str) -> None:
+    """Refuse windows longer than the model's context (``max_position_embeddings``; None: unknown, allowed)."""
+    if context is not None and seqlen > context:
+        raise TritonqError(f"{flag} {seqlen} is longer than the context of {model} ({context} tokens); pass "
+                           f"{flag} {context} or less")
+
+
 def calibration_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int, source: str) -> torch.Tensor:
     """``nsamples`` random windows [nsamples, seqlen] drawn with a private generator seeded by ``seed``."""
-    if nsamples < 1 or seqlen < 1:
-        raise TritonqError(f"--nsamples and --seqlen must be positive, got {nsamples} and {seqlen}")
+    check_positive(nsamples, "--nsamples", 128)
+    check_positive(seqlen, "--seqlen", 512)
     total = ids.shape[1]
     if total < nsamples * seqlen:
         raise TritonqError(
@@ -124,13 +193,17 @@ def calibration_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int
     return torch.stack([ids[0, s:s + seqlen] for s in starts.tolist()])
 
 
-def evaluation_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None, source: str) -> torch.Tensor:
-    """Non-overlapping windows [n, seqlen] (tail dropped), the first ``max_windows`` of them."""
+def evaluation_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None, source: str,
+                       windows_flag: str = "--max-windows", seqlen_flag: str = "--seqlen") -> torch.Tensor:
+    """Non-overlapping windows [n, seqlen] (tail dropped), the first ``max_windows`` of them.
+
+    ``windows_flag``/``seqlen_flag``: how the caller's user spells the two (``quantize`` says ``--eval-windows``)."""
+    check_eval_seqlen(seqlen, seqlen_flag)
+    check_positive(max_windows, windows_flag, 8)
     n = ids.shape[1] // seqlen
     if n == 0:
-        raise TritonqError(f"evaluation data {source} has {ids.shape[1]} tokens, fewer than one window of {seqlen}")
+        raise TritonqError(f"evaluation data {source} has {ids.shape[1]} tokens, fewer than one window of {seqlen}; "
+                           f"lower {seqlen_flag} or give more text")
     if max_windows is not None:
-        if max_windows < 1:
-            raise TritonqError(f"--max-windows must be positive, got {max_windows}")
         n = min(n, max_windows)
     return ids[0, : n * seqlen].reshape(n, seqlen)

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from ..errors import TritonqError
+from .outputs import read_json_object
 
 SMOLLM2_NAME = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -109,12 +110,26 @@ def resolve_model(name: str) -> ModelSource:
                 f"model directory {name!r} has no config.json; give the directory a checkpoint was saved to "
                 f"(config.json beside the weights and tokenizer files)"
             )
+        read_json_object(path / "config.json", "save the checkpoint again, or restore its config.json")
         return ModelSource(name, str(path))
     if path.exists():
         raise TritonqError(f"model path {name!r} is a file, not a checkpoint directory; give the directory holding it")
     if looks_like_path(name):
         raise TritonqError(f"model path {name!r} does not exist; {_FIX}")
+    if len(path.parts) > 1 and path.parent.is_dir() and not _in_hub_cache(name):  # `models/nope` beside ./models
+        raise TritonqError(f"model path {name!r} does not exist (the local folder {path.parent} has no {path.name!r}); "
+                           f"give an existing checkpoint directory (a hub id of the same shape is taken as one "
+                           f"only once it is in the local cache: hf download {name})")
     return _resolve_hub_id(name)
+
+
+def _in_hub_cache(name: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # noqa: BLE001 - not a valid repo id: not cached
+        return False
 
 
 def _resolve_hub_id(name: str) -> ModelSource:
@@ -210,11 +225,46 @@ def _from_pretrained(what: str, auto_class: Any, name: str, trust_remote_code: b
         raise _load_failed(what, name, exc) from None
 
 
+#: The files one of which a tokenizer needs (fast JSON, sentencepiece, BPE / WordPiece vocabularies, tiktoken).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model", "tokenizer.tiktoken", "tiktoken.model")
+
+
 def load_tokenizer(name: str, trust_remote_code: bool = False):
-    """The tokenizer of ``name`` (see :func:`resolve_model` for what ``name`` may be)."""
+    """The tokenizer of ``name`` (see :func:`resolve_model` for what ``name`` may be).
+
+    A local directory without any tokenizer file gets a line saying so (transformers reports that it
+    "couldn't instantiate the backend tokenizer", naming no file)."""
     from transformers import AutoTokenizer
 
-    return _from_pretrained("tokenizer", AutoTokenizer, name, trust_remote_code)
+    try:
+        return _from_pretrained("tokenizer", AutoTokenizer, name, trust_remote_code)
+    except TritonqError:
+        path = Path(name).expanduser()
+        if path.is_dir() and not any((path / f).is_file() for f in TOKENIZER_FILES):
+            raise TritonqError(
+                f"model directory {name!r} has no tokenizer (none of tokenizer.json, tokenizer.model, vocab.json); "
+                f"save the base model's tokenizer into it: AutoTokenizer.from_pretrained(BASE).save_pretrained(DIR)"
+            ) from None
+        raise
+
+
+def model_context(name: str, trust_remote_code: bool = False) -> int | None:
+    """The model's context in tokens from its config alone (``max_position_embeddings`` or its older names);
+    None when the config does not say. A local directory's config.json is read as JSON (fast); other names
+    through transformers (the offline default's GGUF header, a hub config)."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        config = read_json_object(path / "config.json", "save the checkpoint again, or restore its config.json")
+    else:
+        config = load_config(name, trust_remote_code).to_dict()
+    if isinstance(config.get("text_config"), dict):  # multimodal configs nest the language model's
+        config = {**config, **config["text_config"]}
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = config.get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def load_config(name: str, trust_remote_code: bool = False):

@@ -53,14 +53,17 @@ def _args(**kw) -> argparse.Namespace:
     return argparse.Namespace(**{**base, **kw})
 
 
-def test_bench_decode_on_a_config_file(tmp_path, capsys):
+def test_bench_decode_on_a_config_file(tmp_path, capsys, monkeypatch):
+    """A relative --config, as the README writes it: each side runs in another folder (issue 20, item 11)."""
     from tritonq.bench.decode import main
 
     cfg = random_llama_config(layers=1, **SMALL)
-    cfg.save_pretrained(tmp_path)
-    assert main(_args(config=str(tmp_path / "config.json"))) == 0
+    cfg.save_pretrained(tmp_path / "models" / "llama")
+    monkeypatch.chdir(tmp_path)
+    assert main(_args(config="models/llama/config.json")) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["source"]["kind"] == "random" and result["runs"] == 2
+    assert result["source"]["config"] == str(tmp_path / "models" / "llama" / "config.json")
     for side in ("packed", "float"):
         s = result[side]
         assert s["prompt_tokens"] == 5 and s["new_tokens"] == 3

@@ -52,7 +52,7 @@ CASES = {
     "method": (["--method", "magic"], "unknown method 'magic'; choose one of: rtn, gptq"),
     "format": (["--format", "zip"], "unknown --format 'zip'"),
     "foreign_option": (["--method", "rtn", "--damp", "0.1"], "--damp does not apply to --method rtn"),
-    "few_tokens": (["--nsamples", "500", "--seqlen", "512"], "fewer than --nsamples 500 x --seqlen 512"),
+    "few_tokens": (["--nsamples", "500", "--seqlen", "256"], "fewer than --nsamples 500 x --seqlen 256"),
 }
 
 

@@ -13,6 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ...errors import TritonqError
+
 
 @dataclass
 class PerplexityResult:
@@ -26,6 +28,9 @@ def perplexity(
     model: nn.Module, windows: torch.Tensor, device: torch.device, progress: bool = True
 ) -> PerplexityResult:
     """Perplexity of ``model`` over ``windows`` [n, seqlen] of token ids (model moved to ``device``)."""
+    if windows.ndim != 2 or windows.shape[0] < 1 or windows.shape[1] < 2:
+        raise TritonqError(f"perplexity needs windows [n >= 1, seqlen >= 2] of token ids, got {tuple(windows.shape)}; "
+                           "build them with engine.data.evaluation_windows")
     model.to(device)
     nll = 0.0
     with torch.no_grad():

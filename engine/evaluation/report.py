@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ...errors import TritonqError
-from ..outputs import atomic_write
+from ..outputs import atomic_write, read_json_object
 
 QUANT_JSON = "quantization.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")  # what counts as weights on disk
@@ -55,12 +55,18 @@ def record_evaluation(directory: str | os.PathLike, kind: str, label: str, recor
     if not path.is_file():
         raise TritonqError(f"{directory} has no {QUANT_JSON}, so there is nowhere to record the score; --record "
                            f"takes a directory written by 'tritonq quantize' or 'tritonq pack'")
-    meta = json.loads(path.read_text())
+    meta = read_quantization_json(path)
     meta.setdefault("evaluations", {}).setdefault(kind, {})[label] = record
     if seconds:
         meta.setdefault("seconds", {}).update({k: round(float(v), 3) for k, v in seconds.items()})
     atomic_write(path, (json.dumps(meta, indent=2) + "\n").encode())
     return path
+
+
+def read_quantization_json(path: Path) -> dict:
+    """A ``quantization.json`` as a JSON object, or one clear error (corrupt, not an object, not readable)."""
+    return read_json_object(path, "it was damaged after tritonq wrote it: re-run 'tritonq quantize' (or 'pack') "
+                                  "into this directory, or restore the file")
 
 
 def perplexity_label(data: str, windows: int, seqlen: int) -> str:
@@ -71,6 +77,10 @@ def perplexity_label(data: str, windows: int, seqlen: int) -> str:
 def task_label(task: str, num_fewshot: int, limit: int | float | None) -> str:
     """How an lm-eval score is named: the task, its shots, and ``limit N`` when not all examples ran."""
     return f"{task} {num_fewshot}-shot" + ("" if limit is None else f" limit {limit:g}")
+
+
+def _dict(value) -> dict:
+    return value if isinstance(value, dict) else {}
 
 
 def _activation_text(act: dict | None) -> str:
@@ -113,14 +123,12 @@ def read_output(directory: str | os.PathLike) -> OutputSummary:
         raise TritonqError(f"{directory} is not a directory; give output directories of 'tritonq quantize' or pack")
     meta_path, config_path = path / QUANT_JSON, path / "config.json"
     if meta_path.is_file():
-        try:
-            meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise TritonqError(f"{meta_path} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
+        meta = read_quantization_json(meta_path)
         summary = OutputSummary(path, str(meta.get("method", "?")), meta.get("bits"), meta.get("group_size"),
-                                meta.get("sym"), _activation_text(meta.get("activations")),
+                                meta.get("sym"), _activation_text(_dict(meta.get("activations"))),
                                 str(meta.get("format", "fake")))
-    elif config_path.is_file() and "quantization_config" in (config := json.loads(config_path.read_text())):
+    elif config_path.is_file() and "quantization_config" in (
+            config := read_json_object(config_path, "restore the checkpoint's config.json")):
         qconfig = config["quantization_config"]
         bits, group, sym, fmt, act = _packed_grid(qconfig if isinstance(qconfig, dict) else {})
         meta = {}
@@ -128,15 +136,15 @@ def read_output(directory: str | os.PathLike) -> OutputSummary:
     else:
         raise TritonqError(f"{directory} has neither {QUANT_JSON} nor a quantization_config in config.json; "
                            f"give output directories of 'tritonq quantize' or 'tritonq pack'")
-    evaluations = meta.get("evaluations") or {}
-    for label, rec in (evaluations.get(PERPLEXITY) or {}).items():
+    evaluations = _dict(meta.get("evaluations"))  # a hand-edited record of the wrong shape is skipped, not fatal
+    for label, rec in _dict(evaluations.get(PERPLEXITY)).items():
         if isinstance(rec, dict) and isinstance(rec.get("perplexity"), int | float):
             summary.perplexities[label] = float(rec["perplexity"])
-    for label, rec in (evaluations.get(LM_EVAL) or {}).items():
-        for metric, value in ((rec or {}).get("metrics") or {}).items():
+    for label, rec in _dict(evaluations.get(LM_EVAL)).items():
+        for metric, value in _dict(_dict(rec).get("metrics")).items():
             if isinstance(value, int | float):
                 summary.task_scores[f"{label} {metric}"] = float(value)
-    summary.seconds = {k: float(v) for k, v in (meta.get("seconds") or {}).items() if isinstance(v, int | float)}
+    summary.seconds = {k: float(v) for k, v in _dict(meta.get("seconds")).items() if isinstance(v, int | float)}
     summary.weight_bytes = weight_bytes(path)
     return summary
 
