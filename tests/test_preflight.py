@@ -63,7 +63,8 @@ def gguf_model(tmp_path_factory):
 
 def _quantize(model, out, method, act_order):
     return main(["quantize", "--model", str(model), "--method", method, "--act-order", act_order, "--bits", "4",
-                 "--group-size", "32", "--format", "gguf", "--device", "cpu", "--no-progress", "--output", str(out)])
+                 "--group-size", "32", "--format", "gguf", "--seqlen", "128", "--device", "cpu", "--no-progress",
+                 "--output", str(out)])
 
 
 @pytest.mark.parametrize("method", ["awq+gptq", "gptq"])
