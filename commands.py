@@ -217,7 +217,7 @@ def plot(args) -> int:
 
 def pack(args) -> int:
     """``tritonq pack SRC --format F --output OUT [--overwrite]``: pack a tritonq output, print its size."""
-    from .engine.formats.packed import save_packed
+    from .engine.formats.registry import save_packed
 
     out = save_packed(args.src, args.output, args.out_format, overwrite=args.overwrite)
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())

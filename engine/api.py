@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,16 +73,20 @@ class QuantizeSummary:
 
 
 
-def _save_quant_params(path: Path, layers: dict) -> None:
-    from safetensors.torch import save_file
+def _check_format(opts: QuantizeOptions, method, spec: GridSpec, act, adapter, tokenizer) -> None:
+    """Ask the output format, once and before calibration, whether it can hold this run."""
+    from .formats.gguf_vocab import tokenizer_json_of
+    from .formats.request import FormatRequest, check_request
 
-    tensors = {}
-    for name, res in layers.items():
-        # clones: linears of one group share g_idx (and row slices of one solve), safetensors wants owners
-        tensors[f"{name}.scale"] = res.scale.float().clone()
-        tensors[f"{name}.zero"] = res.zero.float().clone()
-        tensors[f"{name}.g_idx"] = res.g_idx.to(torch.int32).clone()
-    save_file(tensors, str(path))
+    config = load_config(opts.model, opts.trust_remote_code)
+    names = [f"{adapter.blocks}.{i}.{leaf}" for i in range(config.num_hidden_layers) for leaf in adapter.linear_names()]
+    try:
+        vocab = tokenizer_json_of(tokenizer)
+    except TritonqError:
+        vocab = None  # a slow tokenizer: only GGUF needs tokenizer.json, and it refuses when writing
+    request = FormatRequest({n: method.layer_grid(n, spec) for n in names}, config.to_dict(), vocab,
+                            method.act_order_groups(), act)
+    check_request(opts.out_format, request)
 
 
 def linear_widths(model_name: str, trust_remote_code: bool = False):
@@ -113,10 +116,9 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
     """Load, calibrate, quantize block by block, save atomically, optionally evaluate."""
     started = time.perf_counter()
     seconds: dict[str, float] = {}
-    from .formats.packed import GGUF_FORMAT, OUTPUT_FORMATS
+    from .formats.registry import get_format
 
-    if opts.out_format not in ("fake", *OUTPUT_FORMATS):
-        raise TritonqError(f"unknown --format {opts.out_format!r}; choose fake or one of {', '.join(OUTPUT_FORMATS)}")
+    writer = get_format(opts.out_format)  # an unknown name fails here, listing the formats
     group_size = 128 if opts.group_size is None else opts.group_size
     spec = GridSpec(bits=opts.bits, group_size=group_size, sym=opts.sym, mse=opts.mse)
     method = make_method(opts.method, opts.method_options)
@@ -136,11 +138,7 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
         spec = dataclasses.replace(spec, group_size=default_group_size(widths))
     for name, k in widths.items():
         spec.groups_for(k, name)
-    if opts.out_format == GGUF_FORMAT:  # grid, architecture and tokenizer must fit GGUF before calibration
-        from .formats.gguf import check_gguf_request, tokenizer_json_of
-
-        check_gguf_request(spec, load_config(opts.model, opts.trust_remote_code).to_dict(),
-                           tokenizer_json_of(tokenizer), method.describe().get("act_order_groups"))
+    _check_format(opts, method, spec, act, adapter, tokenizer)  # grids, architecture, tokenizer fit the format
     seconds["preflight"] = time.perf_counter() - t0
 
     calib_meta = None
@@ -175,31 +173,22 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
         seconds[f"quantize_{stage}"] = value
 
     t0 = time.perf_counter()
-    with atomic_output_dir(opts.output, opts.overwrite) as tmp:
-        fake_dir = tmp if opts.out_format == "fake" else tmp / "_fake"
-        fake_dir.mkdir(exist_ok=True)
-        if act is not None:  # the saved config says how the model runs (eval, serve and export read it)
-            model.config.tritonq_activations = act.describe()
-        model.save_pretrained(fake_dir, safe_serialization=True)
-        tokenizer.save_pretrained(fake_dir)
-        _save_quant_params(fake_dir / "quant_params.safetensors", report.layers)
-        meta = {
-            "method": method.name, **method.describe(), "bits": spec.bits, "group_size": spec.group_size,
-            "sym": spec.sym, "mse": spec.mse, "activations": None if act is None else act.describe(),
-            "model": opts.model, "architecture": adapter.family,
-            "dtype": str(dtype).replace("torch.", ""), "device": str(device), "calibration": calib_meta,
-            "tritonq_version": __version__, "layers": sorted(report.layers),
-            "seconds": {k: round(v, 3) for k, v in seconds.items()},
-        }
-        (fake_dir / "quantization.json").write_text(json.dumps(meta, indent=2) + "\n")
-        if opts.out_format != "fake":
-            from .formats.packed import save_packed
+    if act is not None:  # the saved config says how the model runs (eval, serve and export read it)
+        model.config.tritonq_activations = act.describe()
+    meta = {
+        "method": method.name, **method.describe(), "bits": spec.bits, "group_size": spec.group_size,
+        "sym": spec.sym, "mse": spec.mse, "activations": None if act is None else act.describe(),
+        "model": opts.model, "architecture": adapter.family,
+        "dtype": str(dtype).replace("torch.", ""), "device": str(device), "calibration": calib_meta,
+        "tritonq_version": __version__, "layers": sorted(report.layers),
+        "seconds": {k: round(v, 3) for k, v in seconds.items()},
+    }
+    from .formats.checkpoint import ModelCheckpoint
 
-            save_packed(fake_dir, tmp / "_packed", opts.out_format)
-            for item in (tmp / "_packed").iterdir():
-                item.rename(tmp / item.name)
-            shutil.rmtree(fake_dir)
-            (tmp / "_packed").rmdir()
+    # written from memory, layer by layer, through the format's writer: nothing is read back from disk
+    checkpoint = ModelCheckpoint(model, tokenizer, report.layers, meta, spec)
+    with atomic_output_dir(opts.output, opts.overwrite) as tmp:
+        writer.write(checkpoint, tmp)
     seconds["save"] = time.perf_counter() - t0
 
     summary = QuantizeSummary(str(Path(opts.output).resolve()), seconds, layers=len(report.layers),

@@ -57,7 +57,8 @@ def load_packed_model(directory: str | os.PathLike, device: str = "auto", dtype:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     from ..activations import apply_activation_quant, saved_act_spec
-    from ..formats.packed import float_tensors, load_packed_layers
+    from ..formats.registry import float_tensors
+    from ..formats.runtime import load_packed_layers
     from .qlinear import parameters_on_meta, swap_linears, use_cpu_int4
 
     path = Path(directory)
