@@ -157,3 +157,32 @@ def test_sharded_output_holds_the_same_tensors(tmp_path, fmt):
         assert got.dtype == t.dtype and torch.equal(got, t), key
     if fmt != "fake":
         assert {n for n, _, _ in read_packed(out)} == {n for n, _, _ in read_packed(tmp_path / "one")}
+
+
+def test_check_request_asks_the_format_class(model_dir):
+    """The one preflight entry dispatches through the registry; each class refuses what it cannot hold."""
+    from tritonq.engine.formats.gguf_vocab import tokenizer_json_of
+    from tritonq.engine.formats.request import FormatRequest, check_request
+    from tritonq.engine.grid import GridSpec
+    from tritonq.engine.model_io import load_tokenizer
+
+    config = json.loads((model_dir / "config.json").read_text())
+    vocab = tokenizer_json_of(load_tokenizer(str(model_dir)))
+    g32, g64 = GridSpec(4, 32, False), GridSpec(4, 64, False)
+    mixed = {"model.layers.0.mlp.up_proj": g32, "model.layers.0.mlp.down_proj": GridSpec(8, 32, True)}
+
+    def request(grids, act_order=None):
+        return FormatRequest(grids, config, vocab, act_order, None)
+
+    for fmt in ("fake", "compressed-tensors", "gptq_v2", "gguf"):
+        check_request(fmt, request(mixed))  # every one of them holds 4-bit + symmetric 8-bit g32
+    refusals = [
+        ("gguf", request({"a": g32}, "dynamic"), "group act-order"),  # awq+gptq --act-order dynamic, in seconds
+        ("gguf", request({"a": g64}), "group size 64"),
+        ("gptq", request({"a": GridSpec(3, 32, False)}), "2, 4 or 8 bits"),
+        ("awq", request(mixed), "one grid for the whole model"),
+        ("zip", request({"a": g32}), "unknown --format 'zip'"),
+    ]
+    for fmt, req, message in refusals:
+        with pytest.raises(TritonqError, match=message):
+            check_request(fmt, req)

@@ -47,6 +47,7 @@ class Checkpoint:
     meta: dict  # quantization.json content
     grids: dict[str, GridSpec]
     label: str  # a name for the model when quantization.json has none
+    _keys: set[str] | None = None
 
     def config_text(self) -> str:
         """``config.json`` of the fake-quantized model, byte for byte."""
@@ -80,7 +81,7 @@ class Checkpoint:
         raise NotImplementedError
 
     def _key_set(self) -> set[str]:
-        if not hasattr(self, "_keys"):
+        if self._keys is None:
             self._keys = set(self.float_keys())
         return self._keys
 

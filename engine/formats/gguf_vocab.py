@@ -138,16 +138,6 @@ def tokenizer_json_of(tokenizer) -> dict:
     return json.loads(backend.to_str())
 
 
-def check_gguf_request(spec: GridSpec, config: Mapping, tokenizer_json: Mapping | None = None,
-                       act_order_groups: str | None = None) -> None:
-    """Everything ``--format gguf`` needs, checked from the config and tokenizer before calibration starts."""
-    gguf_lib()
-    check_gguf_grid(spec, act_order_groups)
-    check_gguf_model(config)
-    if tokenizer_json is not None:
-        pre_tokenizer_name(tokenizer_json)
-
-
 def tokenizer_json_in(directory: Path) -> dict:
     f = directory / "tokenizer.json"
     if not f.is_file():
