@@ -118,7 +118,7 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
     seconds: dict[str, float] = {}
     from .formats.registry import get_format
 
-    writer = get_format(opts.out_format)  # an unknown name fails here, listing the formats
+    get_format(opts.out_format)  # an unknown name fails here, listing the formats
     group_size = 128 if opts.group_size is None else opts.group_size
     spec = GridSpec(bits=opts.bits, group_size=group_size, sym=opts.sym, mse=opts.mse)
     method = make_method(opts.method, opts.method_options)
@@ -184,11 +184,12 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
     }
     from .formats.checkpoint import ModelCheckpoint
+    from .formats.registry import get_format
 
     # written from memory, layer by layer, through the format's writer: nothing is read back from disk
     checkpoint = ModelCheckpoint(model, tokenizer, report.layers, meta, spec)
     with atomic_output_dir(opts.output, opts.overwrite) as tmp:
-        writer.write(checkpoint, tmp)
+        get_format(opts.out_format).write(checkpoint, tmp)
     seconds["save"] = time.perf_counter() - t0
 
     summary = QuantizeSummary(str(Path(opts.output).resolve()), seconds, layers=len(report.layers),
