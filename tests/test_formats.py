@@ -620,7 +620,7 @@ def test_writers_refuse_scales_their_dtype_cannot_hold():
 
 
 def test_missing_compressed_tensors_names_the_install(monkeypatch):
-    from tritonq.engine.formats import compressed_tensors as formats
+    from tritonq.engine.formats import ct_library as formats
     from tritonq.engine.grid import GridSpec
 
     monkeypatch.setitem(__import__("sys").modules, "compressed_tensors", None)  # makes the import fail

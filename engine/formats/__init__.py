@@ -7,7 +7,8 @@
   fake output on disk (``tritonq pack``);
 * ``records.py`` (the format-neutral integer record and the runtime layouts), ``bitpack.py`` (bit packing),
   ``store.py`` (reading tensors, writing shards with an index);
-* one file per format: ``fake.py``, ``compressed_tensors.py`` (W8A8 ``int-quantized`` included), ``gptq.py``
+* one file per format: ``fake.py``, ``compressed_tensors.py`` (+ ``ct_int8.py``: the W8A8
+  ``int-quantized`` layout, ``ct_library.py``: the library shim), ``gptq.py``
   (gptq and gptq_v2), ``awq.py``, ``gguf.py`` (+ ``gguf_vocab.py``: vocabulary, hyper-parameters, checks);
 * ``registry.py``: the dict of formats, ``save_packed``, reading packed checkpoints; ``request.py``: the one
   preflight entry (``check_request``); ``runtime.py``: records to the serving layouts.

@@ -1,4 +1,4 @@
-"""compressed-tensors ``pack-quantized`` and ``int-quantized``, written and read through the library itself.
+"""compressed-tensors (``--format compressed-tensors``), written and read through the library itself.
 
 Layout (formats doc §1.3): ``weight_packed`` int32 [N, K*b/32] packed along K, ``weight_scale`` [N, G],
 ``weight_shape``, ``weight_zero_point`` int32 [N*b/32, G] packed along N (asymmetric only; signed
@@ -8,16 +8,15 @@ serialised as ``ModelCompressor.update_config`` does), so our files follow the l
 vllm-project/compressed-tensors ``compressors/pack_quantized/{base,helpers}.py``,
 ``compressors/model_compressors/model_compressor.py``, ``quantization/{quant_args,quant_scheme,quant_config}.py``.
 
+W8A8 layers (8-bit symmetric per-channel weights with 8-bit activations) take the ``int-quantized`` layout
+(:class:`~tritonq.engine.formats.ct_int8.IntQuantized`); every other layer is ``pack-quantized``.
 Per-layer grids: one config group per distinct scheme. A uniform run writes one ``group_0`` targeting the
 class ``Linear``; a mixed run writes ``group_0``, ``group_1``, ... each targeting its layers by name.
 """
 
 from __future__ import annotations
 
-import functools
-import re
 from collections.abc import Iterable, Iterator, Mapping
-from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import torch
@@ -26,6 +25,8 @@ from torch import Tensor
 from ...errors import TritonqError, warn
 from ..grid import GridSpec
 from .base import PackedFormat, distinct_grids, method_of
+from .ct_int8 import IntQuantized
+from .ct_library import compressed_tensors_lib, matches
 from .records import (
     QuantizedWeight,
     check_layer,
@@ -42,40 +43,7 @@ if TYPE_CHECKING:
     from .checkpoint import Checkpoint
 
 
-def _matches(name: str, targets: Iterable[str], *, linear: bool) -> bool:
-    """compressed-tensors target matching: a module name, a ``re:`` regex, or (``linear``) the class Linear."""
-    for t in targets:
-        if (linear and t == "Linear") or t == name or (t.startswith("re:") and re.match(t[3:], name)):
-            return True
-    return False
-
-
-@functools.cache
-def compressed_tensors_lib() -> SimpleNamespace:
-    """The parts of compressed-tensors we use, imported on first use (importing tritonq stays cheap)."""
-    try:
-        import compressed_tensors
-        from compressed_tensors.base import QUANTIZATION_METHOD
-        from compressed_tensors.compressors.naive_quantized.base import IntQuantizationCompressor
-        from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
-        from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
-        from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
-    except ImportError as exc:
-        raise TritonqError(
-            f"the compressed-tensors format needs the compressed-tensors library ({exc}); "
-            "run 'pip install \"compressed-tensors>=0.18\"' or choose --format gptq_v2"
-        ) from None
-    return SimpleNamespace(
-        version=compressed_tensors.__version__,
-        method=QUANTIZATION_METHOD,
-        compressor=PackedQuantizationCompressor,
-        int_compressor=IntQuantizationCompressor,
-        pack=pack_to_int32,
-        unpack=unpack_from_int32,
-        Args=QuantizationArgs,
-        Config=QuantizationConfig,
-        Scheme=QuantizationScheme,
-    )
+INT8 = IntQuantized()
 
 
 class CompressedTensorsFormat(PackedFormat):
@@ -105,12 +73,6 @@ class CompressedTensorsFormat(PackedFormat):
         # so a bf16 model keeps fp16 scales and declares them (QuantizationArgs.scale_dtype).
         return model_dtype if model_dtype in (torch.float16, torch.float32, torch.float64) else torch.float16
 
-    @staticmethod
-    def int_quantized(spec: GridSpec, activations: dict | None) -> bool:
-        """Whether the layout is ``int-quantized`` (W8A8 per-channel symmetric) rather than ``pack-quantized``."""
-        return bool(activations) and spec.bits == 8 and spec.sym and spec.group_size == -1 \
-            and int(activations["bits"]) == 8
-
     def _scheme(self, spec: GridSpec, model_dtype: torch.dtype, act_order: bool,
                 activations: dict | None = None, targets: Iterable[str] = ("Linear",)) -> object:
         ct = compressed_tensors_lib()
@@ -128,7 +90,7 @@ class CompressedTensorsFormat(PackedFormat):
         if activations:
             inputs = ct.Args(num_bits=int(activations["bits"]), type="int", symmetric=bool(activations["sym"]),
                              strategy="token" if activations["scheme"] == "per-token" else "tensor", dynamic=True)
-        fmt = "int-quantized" if self.int_quantized(spec, activations) else "pack-quantized"
+        fmt = "int-quantized" if IntQuantized.holds(spec, activations) else "pack-quantized"
         return ct.Scheme(targets=list(targets), weights=args, input_activations=inputs, format=fmt)
 
     def extra_kwargs(self, ckpt: Checkpoint) -> dict:
@@ -150,7 +112,7 @@ class CompressedTensorsFormat(PackedFormat):
                                            [n for n, s in grids.items() if layout_key(s) == layout_key(spec)])
                 for i, spec in enumerate(schemes)
             }
-        formats = {self.int_quantized(spec, activations) for spec in schemes}
+        formats = {IntQuantized.holds(spec, activations) for spec in schemes}
         fmt = ("int-quantized" if formats == {True} else "pack-quantized") if len(formats) == 1 else "mixed-precision"
         qconfig = ct.Config(config_groups=groups, ignore=list(ignore), format=fmt, quantization_status="compressed")
         # the keys and values ModelCompressor.update_config writes (model_compressor.py)
@@ -175,13 +137,9 @@ class CompressedTensorsFormat(PackedFormat):
             raise TritonqError(f"{name}: a symmetric compressed-tensors grid needs every zero point at {mid}")
         scale = stored_scale(name, q.scale, self.scale_dtype(model_dtype))
         zero = None if spec.sym else signed(q.zero, spec.bits)
-        if self.int_quantized(spec, activations):
+        if IntQuantized.holds(spec, activations):
             scheme = self._scheme(spec, model_dtype, act_order=False, activations=activations)
-            out = ct.int_compressor.compress({"weight": q.dequantize(), "weight_scale": scale}, scheme)
-            if out["weight"].dtype != torch.int8 or not torch.equal(out["weight"].to(torch.int16),
-                                                                     signed(q.codes, 8).to(torch.int16)):
-                raise TritonqError(f"{name}: compressed-tensors {ct.version} quantized the grid points to other "
-                                   "int8 codes than tritonq's; try compressed-tensors 0.20")
+            out = INT8.pack_layer(name, q, scale, scheme)
         elif is_default_g_idx(q.g_idx, spec.effective_group(k)):
             state = {"weight": q.dequantize(), "weight_scale": scale}
             if zero is not None:
@@ -253,16 +211,16 @@ class CompressedTensorsFormat(PackedFormat):
         ignore = list(qcfg.get("ignore") or [])
         for key in store.keys():
             if key.endswith(".weight") and f"{key}_scale" in store:  # int-quantized: int8 codes, per channel
-                yield self._read_int8(store, key[: -len(".weight")], groups, ignore)
+                yield INT8.read_layer(store, key[: -len(".weight")], groups, ignore)
                 continue
             if not key.endswith(".weight_packed"):
                 continue
             name = key[: -len(".weight_packed")]
-            if _matches(name, ignore, linear=False):
+            if matches(name, ignore, linear=False):
                 raise TritonqError(
                     f"{name} has packed weights but is listed in 'ignore'; the checkpoint is inconsistent"
                 )
-            args = next((a for targets, a, _ in groups if _matches(name, targets, linear=True)), None)
+            args = next((a for targets, a, _ in groups if matches(name, targets, linear=True)), None)
             if args is None:
                 raise TritonqError(f"{name} has packed weights but no config group targets it")
             bits = int(args.num_bits)
@@ -303,25 +261,3 @@ class CompressedTensorsFormat(PackedFormat):
             q = QuantizedWeight(codes.to(torch.uint8), scale, zero, g_idx, store.maybe(f"{name}.bias"))
             check_layer(name, q, spec)
             yield name, spec, q
-
-    def _read_int8(self, store: TensorStore, name: str, groups: list, ignore: list[str]):
-        if _matches(name, ignore, linear=False):
-            raise TritonqError(f"{name} has int8 weights but is listed in 'ignore'; the checkpoint is inconsistent")
-        args = next((a for targets, a, _ in groups if _matches(name, targets, linear=True)), None)
-        if args is None:
-            raise TritonqError(f"{name} has int8 weights but no config group targets it")
-        if int(args.num_bits) != 8 or args.strategy != "channel" or not args.symmetric:
-            raise TritonqError(f"{name}: int-quantized weights must be 8-bit symmetric per channel; got "
-                               f"{args.num_bits}-bit {args.strategy} symmetric={args.symmetric}")
-        weight = store.get(f"{name}.weight")
-        n, k = weight.shape
-        if weight.dtype != torch.int8:
-            raise TritonqError(f"{name}: int-quantized weight must be int8, got {weight.dtype}")
-        scale = store.get(f"{name}.weight_scale", "weight_scale").float().reshape(n, -1)
-        if scale.shape[1] != 1:
-            raise TritonqError(f"{name}: weight_scale must be [{n}, 1], got {tuple(scale.shape)}")
-        spec = GridSpec(8, -1, True)
-        q = QuantizedWeight(unsigned(weight.to(torch.int16), 8).to(torch.uint8), scale, torch.full((n, 1), 128.0),
-                            default_g_idx(k, k), store.maybe(f"{name}.bias"))
-        check_layer(name, q, spec)
-        return name, spec, q
