@@ -38,62 +38,10 @@ def method_options_from_args(args) -> dict:
     return given
 
 
-def check_model_files(name: str) -> None:
-    """A local model directory's metadata must parse before anything loads: ``config.json`` (every loader reads
-    it) and, where present, ``quantization.json`` (eval, generate and serve read its activation record)."""
-    from pathlib import Path
-
-    from .engine.evaluation.report import QUANT_JSON, read_quantization_json
-    from .engine.model_io import resolve_model
-
-    if Path(name).expanduser().is_dir():
-        resolve_model(name)  # config.json present and a JSON object
-        meta = Path(name).expanduser() / QUANT_JSON
-        if meta.is_file():
-            read_quantization_json(meta)
-
-
-def check_seqlen_fits(model: str, seqlen: int, trust_remote_code: bool, flag: str = "--seqlen") -> None:
-    """Windows of ``seqlen`` tokens must fit the model's context; read from the config before the model loads."""
-    from .engine.data import check_context
-    from .engine.model_io import model_context
-
-    check_context(seqlen, model_context(model, trust_remote_code), flag, model)
-
-
-def check_quantize_args(args) -> None:
-    """What the flags alone (and the model's config) can refuse, before anything is tokenized or loaded."""
-    from .engine.data import check_data, check_positive
-    from .engine.grid import GridSpec
-    from .engine.methods.registry import method_class
-    from .engine.outputs import check_output_dir
-    from .errors import TritonqError
-
-    GridSpec(bits=args.bits, group_size=128 if args.group_size is None else args.group_size, sym=args.sym,
-             mse=args.mse)  # the grid's own checks, before the config is read below
-    check_positive(args.nsamples, "--nsamples", 128)
-    check_positive(args.seqlen, "--seqlen", 512)
-    check_positive(args.calib_batch, "--calib-batch", 8)
-    check_positive(args.eval_windows, "--eval-windows", 8)
-    if args.eval_windows is not None and args.eval_data is None:
-        raise TritonqError("--eval-windows applies to the evaluation after quantizing; add --eval-data FILE "
-                           "or drop --eval-windows")
-    calibrated = method_class(args.method).calibrated
-    check_output_dir(args.output, args.overwrite)  # cheap: before the model's config is read
-    if calibrated:
-        check_data(args.calib, args.text_column)
-    if args.eval_data is not None:
-        check_data(args.eval_data)
-    check_model_files(args.model)
-    if calibrated:
-        check_seqlen_fits(args.model, args.seqlen, args.trust_remote_code)
-
-
 def quantize(args) -> int:
     from .engine.api import QuantizeOptions
     from .engine.api import quantize as run_quantize
 
-    check_quantize_args(args)
     opts = QuantizeOptions(
         output=args.output, model=args.model, method=args.method, method_options=method_options_from_args(args),
         bits=args.bits, group_size=args.group_size, sym=args.sym, mse=args.mse, act_bits=args.act_bits,
@@ -139,6 +87,8 @@ def evaluate(args) -> int:
         check_eval_seqlen(args.seqlen)
         check_positive(args.max_windows, "--max-windows", 8)
         check_data(data)
+    from .engine.preflight import check_model_files, check_seqlen_fits
+
     check_model_files(args.model)
     if data is not None:
         check_seqlen_fits(args.model, args.seqlen, args.trust_remote_code)
@@ -281,7 +231,7 @@ def pack(args) -> int:
     from pathlib import Path
 
     from .engine.evaluation.report import QUANT_JSON, read_quantization_json
-    from .engine.formats.packed import save_packed
+    from .engine.formats.registry import save_packed
     from .engine.outputs import check_output_dir
 
     check_output_dir(args.output, args.overwrite)  # unwritable, or not ours to replace: refused before packing
@@ -301,6 +251,7 @@ def generate(args) -> int:
     import sys
     import time
 
+    from .engine.preflight import check_model_files
     from .engine.runtime import serve as packed
     from .errors import TritonqError
 
@@ -341,6 +292,7 @@ def serve(args) -> int:
         from .engine.runtime.openai_server import create_app
     except ImportError:
         raise TritonqError("tritonq serve needs FastAPI and uvicorn: pip install 'tritonq[serve]'") from None
+    from .engine.preflight import check_model_files
     from .engine.runtime.serve import load_generation_model
 
     check_model_files(args.model)

@@ -160,7 +160,8 @@ def random_llama(config, side: str, dtype, seed: int = 0):
     import torch.nn as nn
     from transformers import AutoModelForCausalLM
 
-    from ..engine.formats.packed import QuantizedWeight, to_runtime
+    from ..engine.formats.records import QuantizedWeight
+    from ..engine.formats.runtime import to_runtime
     from ..engine.grid import GridSpec, codes_of
     from ..engine.methods.rtn import round_to_nearest
     from ..engine.runtime.qlinear import swap_linears

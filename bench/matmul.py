@@ -216,7 +216,7 @@ def cpu_int4_bench(as_json: bool, shapes=CPU_INT4_SHAPES_KN, ms=CPU_INT4_MS, run
 
     Each case also checks the numerics: the op's output against the float64 product with the layer's own
     dequantized weights, relative to the output's scale (bf16 activations and bf16 scales: a few 2^-8)."""
-    from ..engine.formats.packed import PackedLinear
+    from ..engine.formats.records import PackedLinear
     from ..engine.runtime.qlinear import QuantLinear
     from ..kernels.pack import pack_int4
 

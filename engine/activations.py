@@ -22,7 +22,6 @@ unchanged), and
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ import torch.nn as nn
 
 from ..errors import TritonqError
 from ..kernels.grid_rule import MIN_ACT_SCALE
+from .outputs import read_json_object
 
 ACT_BITS = (8, 6, 4)
 ACT_SCHEMES = ("per-token", "per-tensor")
@@ -168,12 +168,13 @@ def saved_act_spec(directory: str | Path) -> ActSpec | None:
     path = Path(directory)
     meta = path / "quantization.json"
     if meta.is_file():
-        record = json.loads(meta.read_text()).get("activations")
+        record = read_json_object(meta, "re-run 'tritonq quantize' into this directory, or restore the file").get(
+            "activations")
         return ActSpec.from_record(record) if record else None
     cfg = path / "config.json"
     if not cfg.is_file():
         return None
-    config = json.loads(cfg.read_text())
+    config = read_json_object(cfg, "restore its config.json")
     if config.get("tritonq_activations"):
         return ActSpec.from_record(config["tritonq_activations"])
     groups = (config.get("quantization_config") or {}).get("config_groups") or {}

@@ -10,8 +10,6 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import json
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,15 +18,23 @@ from typing import Any
 import torch
 
 from .. import __version__
-from ..errors import TritonqError
 from .activations import apply_activation_quant, block_linear_names, resolve_act_spec, saved_act_spec
 from .adapters import adapter_for
-from .data import calibration_windows, evaluation_windows, load_corpus, tokenize
+from .data import (
+    calibration_windows,
+    check_data,
+    check_eval_seqlen,
+    check_positive,
+    evaluation_windows,
+    load_corpus,
+    tokenize,
+)
+from .evaluation.report import read_quantization_json
 from .grid import GridSpec
 from .methods.registry import make_method
 from .model_io import load_model, load_tokenizer, resolve_device, resolve_dtype
-from .outputs import atomic_output_dir, check_output_dir
-from .preflight import preflight
+from .outputs import atomic_output_dir
+from .preflight import check_model_files, check_quantize_options, check_seqlen_fits, preflight
 
 
 @dataclass
@@ -74,32 +80,17 @@ class QuantizeSummary:
 
 
 
-def _save_quant_params(path: Path, layers: dict) -> None:
-    from safetensors.torch import save_file
-
-    tensors = {}
-    for name, res in layers.items():
-        # clones: linears of one group share g_idx (and row slices of one solve), safetensors wants owners
-        tensors[f"{name}.scale"] = res.scale.float().clone()
-        tensors[f"{name}.zero"] = res.zero.float().clone()
-        tensors[f"{name}.g_idx"] = res.g_idx.to(torch.int32).clone()
-    save_file(tensors, str(path))
-
-
 def quantize(opts: QuantizeOptions) -> QuantizeSummary:
     """Load, calibrate, quantize block by block, save atomically, optionally evaluate."""
     started = time.perf_counter()
     seconds: dict[str, float] = {}
-    from .formats.packed import OUTPUT_FORMATS
+    from .formats.registry import get_format
 
-    if opts.out_format not in ("fake", *OUTPUT_FORMATS):
-        raise TritonqError(f"unknown --format {opts.out_format!r}; choose fake or one of {', '.join(OUTPUT_FORMATS)}")
+    get_format(opts.out_format)  # an unknown name fails here, listing the formats
+    check_quantize_options(opts)  # counts, data files, the output directory, the model's files and context
     group_size = 128 if opts.group_size is None else opts.group_size
     spec = GridSpec(bits=opts.bits, group_size=group_size, sym=opts.sym, mse=opts.mse)
     method = make_method(opts.method, opts.method_options)
-    if opts.calib_batch < 1:
-        raise TritonqError(f"--calib-batch must be positive, got {opts.calib_batch}")
-    check_output_dir(opts.output, opts.overwrite)
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device)
 
@@ -118,7 +109,7 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
     if opts.eval_data:  # resolve the evaluation data before the long part, so a typo fails fast
         eval_corpus = load_corpus(opts.eval_data, split="test")
         eval_windows = evaluation_windows(tokenize(tokenizer, eval_corpus.text), opts.eval_seqlen,
-                                          opts.eval_windows, eval_corpus.source)
+                                          opts.eval_windows, eval_corpus.source, windows_flag="--eval-windows")
     if method.calibrated:
         t0 = time.perf_counter()
         corpus = load_corpus(opts.calib, opts.text_column, split="train")
@@ -145,31 +136,23 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
         seconds[f"quantize_{stage}"] = value
 
     t0 = time.perf_counter()
-    with atomic_output_dir(opts.output, opts.overwrite) as tmp:
-        fake_dir = tmp if opts.out_format == "fake" else tmp / "_fake"
-        fake_dir.mkdir(exist_ok=True)
-        if act is not None:  # the saved config says how the model runs (eval, serve and export read it)
-            model.config.tritonq_activations = act.describe()
-        model.save_pretrained(fake_dir, safe_serialization=True)
-        tokenizer.save_pretrained(fake_dir)
-        _save_quant_params(fake_dir / "quant_params.safetensors", report.layers)
-        meta = {
-            "method": method.name, **method.describe(), "bits": spec.bits, "group_size": spec.group_size,
-            "sym": spec.sym, "mse": spec.mse, "activations": None if act is None else act.describe(),
-            "model": opts.model, "architecture": adapter.family,
-            "dtype": str(dtype).replace("torch.", ""), "device": str(device), "calibration": calib_meta,
-            "tritonq_version": __version__, "layers": sorted(report.layers),
-            "seconds": {k: round(v, 3) for k, v in seconds.items()},
-        }
-        (fake_dir / "quantization.json").write_text(json.dumps(meta, indent=2) + "\n")
-        if opts.out_format != "fake":
-            from .formats.packed import save_packed
+    if act is not None:  # the saved config says how the model runs (eval, serve and export read it)
+        model.config.tritonq_activations = act.describe()
+    meta = {
+        "method": method.name, **method.describe(), "bits": spec.bits, "group_size": spec.group_size,
+        "sym": spec.sym, "mse": spec.mse, "activations": None if act is None else act.describe(),
+        "model": opts.model, "architecture": adapter.family,
+        "dtype": str(dtype).replace("torch.", ""), "device": str(device), "calibration": calib_meta,
+        "tritonq_version": __version__, "layers": sorted(report.layers),
+        "seconds": {k: round(v, 3) for k, v in seconds.items()},
+    }
+    from .formats.checkpoint import ModelCheckpoint
+    from .formats.registry import get_format
 
-            save_packed(fake_dir, tmp / "_packed", opts.out_format)
-            for item in (tmp / "_packed").iterdir():
-                item.rename(tmp / item.name)
-            shutil.rmtree(fake_dir)
-            (tmp / "_packed").rmdir()
+    # written from memory, layer by layer, through the format's writer: nothing is read back from disk
+    checkpoint = ModelCheckpoint(model, tokenizer, report.layers, meta, spec)
+    with atomic_output_dir(opts.output, opts.overwrite) as tmp:
+        get_format(opts.out_format).write(checkpoint, tmp)
     seconds["save"] = time.perf_counter() - t0
 
     summary = QuantizeSummary(str(Path(opts.output).resolve()), seconds, layers=len(report.layers),
@@ -203,6 +186,11 @@ def evaluate(model_name: str, data: str, max_windows: int | None = None, seqlen:
     override that, or quantize a float model's block inputs (the W16A8 ``act_only`` ablation)."""
     from .evaluation.perplexity import perplexity
 
+    check_eval_seqlen(seqlen)
+    check_positive(max_windows, "--max-windows", 8)
+    check_data(data)
+    check_model_files(model_name)
+    check_seqlen_fits(model_name, seqlen, trust_remote_code)
     dev = resolve_device(device)
     tokenizer = load_tokenizer(model_name, trust_remote_code)
     corpus = load_corpus(data, split="test")
@@ -217,10 +205,10 @@ def load_evaluation_model(model_name: str, device: torch.device, dtype: torch.dt
     """The model as it runs: packed int4 through ``QuantLinear``, anything else as float (fake-quantized) weights.
 
     Activation quantization is applied as the checkpoint records it, or as ``act_*`` override (see ``evaluate``).
-    Shared by perplexity and the lm-eval tasks (``engine/zero_shot.py``), so both score the same model."""
-    if _is_packed_checkpoint(model_name):  # packed int4: our QuantLinear path, no float weights
-        from .runtime.serve import load_packed_model
+    Shared by perplexity and the lm-eval tasks (``engine/evaluation/zero_shot.py``), so both score the same model."""
+    from .runtime.serve import is_packed_checkpoint, load_packed_model
 
+    if is_packed_checkpoint(model_name):  # packed int4: our QuantLinear path, no float weights
         model, _ = load_packed_model(model_name, device=str(device), dtype=str(dtype).replace("torch.", ""))
     else:
         model = load_model(model_name, dtype, trust_remote_code)
@@ -237,14 +225,7 @@ def apply_run_activation_quant(model, model_name: str, bits: int | None, scheme:
         return
     meta = Path(model_name) / "quantization.json"
     if meta.is_file():
-        names = json.loads(meta.read_text())["layers"]
+        names = read_quantization_json(meta).get("layers") or []
     else:  # a packed checkpoint (its layers already wrapped by load_packed_model: re-set) or a float model
         names = block_linear_names(model, adapter_for(model.config))
     apply_activation_quant(model, act, names)
-
-
-def _is_packed_checkpoint(name: str) -> bool:
-    config = Path(name) / "config.json"
-    if not config.is_file():
-        return False
-    return "quantization_config" in json.loads(config.read_text())

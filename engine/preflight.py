@@ -18,19 +18,24 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import warn
+from ..errors import TritonqError, warn
 from ..kernels.configs import check_limits
 from .activations import ActSpec, resolve_act_spec
 from .adapters import Adapter, adapter_for
+from .data import check_context, check_data, check_positive
+from .evaluation.report import QUANT_JSON, read_quantization_json
 from .formats.request import FormatRequest, check_request
 from .grid import GridSpec
 from .methods.act_quant import WithActivationQuant
 from .methods.base import Method
-from .model_io import load_config
+from .methods.registry import method_class
+from .model_io import load_config, model_context, resolve_model
+from .outputs import check_output_dir
 from .pipeline import group_grid
 
 _TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -74,6 +79,48 @@ def default_group_size(widths: dict[str, int]) -> int:
                 warn(f"group size 128 does not divide this model's layers; using {group}")
             return group
     return 128  # the grid check reports the problem
+
+
+def check_model_files(name: str) -> None:
+    """A local model directory's metadata must parse before anything loads: ``config.json`` (every loader reads
+    it) and, where present, ``quantization.json`` (eval, generate and serve read its activation record)."""
+
+
+    if Path(name).expanduser().is_dir():
+        resolve_model(name)  # config.json present and a JSON object
+        meta = Path(name).expanduser() / QUANT_JSON
+        if meta.is_file():
+            read_quantization_json(meta)
+
+
+def check_seqlen_fits(model: str, seqlen: int, trust_remote_code: bool, flag: str = "--seqlen") -> None:
+    """Windows of ``seqlen`` tokens must fit the model's context; read from the config before the model loads."""
+
+    check_context(seqlen, model_context(model, trust_remote_code), flag, model)
+
+
+def check_quantize_options(opts: Any) -> None:
+    """What the options alone (and the model's config) can refuse, before anything is tokenized or loaded
+    (``opts``: :class:`tritonq.engine.api.QuantizeOptions`)."""
+
+    GridSpec(bits=opts.bits, group_size=128 if opts.group_size is None else opts.group_size, sym=opts.sym,
+             mse=opts.mse)  # the grid's own checks, before the config is read below
+    check_positive(opts.nsamples, "--nsamples", 128)
+    check_positive(opts.seqlen, "--seqlen", 512)
+    check_positive(opts.calib_batch, "--calib-batch", 8)
+    check_positive(opts.eval_windows, "--eval-windows", 8)
+    if opts.eval_windows is not None and opts.eval_data is None:
+        raise TritonqError("--eval-windows applies to the evaluation after quantizing; add --eval-data FILE "
+                           "or drop --eval-windows")
+    calibrated = method_class(opts.method).calibrated
+    check_output_dir(opts.output, opts.overwrite)  # cheap: before the model's config is read
+    if calibrated:
+        check_data(opts.calib, opts.text_column)
+    if opts.eval_data is not None:
+        check_data(opts.eval_data)
+    check_model_files(opts.model)
+    if calibrated:
+        check_seqlen_fits(opts.model, opts.seqlen, opts.trust_remote_code)
 
 
 def preflight(method: Method, model_name: str, spec: GridSpec, *, default_group: bool, act_bits: int | None,
@@ -123,9 +170,9 @@ def check_kernel_limits(method: Method, out_format: str, grids: dict[str, GridSp
 
         check_limits("hessian_accum", hessian_accum.LIMITS, dtype=_TRITON_DTYPES.get(dtype, "fp32"))
         check_limits("gptq_block", gptq_block.LIMITS, dtype="fp32")  # the engine solves in fp32
-    from .formats.packed import FORMATS
+    from .formats.registry import PACKED
 
-    if out_format in FORMATS:  # a packed safetensors checkpoint: 'tritonq eval/generate/serve' run its layers
+    if out_format in PACKED:  # a packed safetensors checkpoint: 'tritonq eval/generate/serve' run its layers
         from ..kernels import dequant_matmul
 
         for name, grid in grids.items():

@@ -277,7 +277,7 @@ def test_awq_model_packs_and_serves_through_quantlinear(tmp_path, fmt):
     from transformers import AutoModelForCausalLM
     from tritonq.engine.api import QuantizeOptions, quantize
     from tritonq.engine.data import pydoc_corpus
-    from tritonq.engine.formats.packed import save_packed
+    from tritonq.engine.formats.registry import save_packed
     from tritonq.engine.runtime.qlinear import QuantLinear
     from tritonq.engine.runtime.serve import load_packed_model
 

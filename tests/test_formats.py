@@ -1,6 +1,7 @@
 """Packed checkpoint formats: bit-exact round trips, hand-computed layouts, errors, interoperability.
 
-Layouts under test are described in ``engine/formats.py`` and ../shared/docs/formats_and_ecosystem.md §1.
+Layouts under test are described in ``engine/formats/`` (one file per layout) and
+../shared/docs/formats_and_ecosystem.md §1.
 Interop tolerance: the fake-quantized model and every loader compute in float32 from identical weights,
 so logits agree to float32 rounding; we require ``max |diff| <= 1e-4`` (observed ~1e-7).
 """
@@ -14,16 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tritonq.engine.formats.packed import (
-    FORMATS,
-    awq_pack,
-    awq_unpack,
-    load_packed_layers,
-    read_packed,
-    read_source,
-    save_packed,
-    source_layers,
-)
+from tritonq.engine.formats.bitpack import awq_pack, awq_unpack
+from tritonq.engine.formats.checkpoint import read_source, source_layers
+from tritonq.engine.formats.registry import PACKED as FORMATS
+from tritonq.engine.formats.registry import read_packed, save_packed
+from tritonq.engine.formats.runtime import load_packed_layers
 from tritonq.errors import TritonqError
 
 from .helpers import make_fake_dir
@@ -129,7 +125,7 @@ def test_hand_computed_words():
     assert word.dtype == torch.int32 and word.item() == 0x86427531 - 2**32
     assert torch.equal(awq_unpack(word, 8), vals)
     # GPTQ v1 symmetric 4-bit qzeros: zero 8 stored as 7 in every nibble -> 0x77777777 (formats doc §1.1).
-    from tritonq.engine.formats.packed import _pack_last
+    from tritonq.engine.formats.bitpack import pack_last as _pack_last
 
     assert _pack_last(torch.full((1, 8), 7), 4).item() == 0x77777777
     # compressed-tensors / GPTQ along K: row j of 8 in nibble j -> codes 1..8 give 0x87654321.
@@ -140,7 +136,8 @@ def test_hand_computed_words():
 
 def test_dense_packing_matches_compressed_tensors():
     helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
-    from tritonq.engine.formats.packed import _pack_last, _unpack_last
+    from tritonq.engine.formats.bitpack import pack_last as _pack_last
+    from tritonq.engine.formats.bitpack import unpack_last as _unpack_last
 
     gen = torch.Generator().manual_seed(0)
     for bits in (2, 3, 4, 5, 8):
@@ -247,8 +244,9 @@ def test_mismatched_configs_raise_clear_errors(fake_dir, tmp_path):
     with pytest.raises(TritonqError, match="fake-quantized tritonq output"):
         load_packed_layers(src)
     ct = save_packed(fake_dir(bits=8, group_size=64, sym=False, act_order=False), tmp_path / "c", "compressed-tensors")
-    with pytest.raises(TritonqError, match="4-bit weights only"):
-        load_packed_layers(ct)
+    from tritonq.engine.formats.records import DenseLinear  # no int kernel serves 8-bit groups: a dense float layer
+
+    assert all(isinstance(p, DenseLinear) for p in load_packed_layers(ct).values())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -432,7 +430,7 @@ def test_bfloat16_model_keeps_exact_fp16_scales(tmp_path):
 
 def _random_record(n: int, k: int, spec, gen: torch.Generator, act_order: bool, min_zero: int = 0):
     """A record drawn at random (codes, zero points, fp16-valued scales, g_idx), not derived from weights."""
-    from tritonq.engine.formats.packed import QuantizedWeight
+    from tritonq.engine.formats.records import QuantizedWeight
 
     g = spec.effective_group(k)
     groups = k // g
@@ -453,11 +451,11 @@ def _write_checkpoint(path: Path, fmt: str, records: dict, spec, model_dtype=tor
     packer = FORMATS[fmt]
     tensors = {}
     for name, q in records.items():
-        tensors.update(packer.write(name, q, spec, model_dtype))
+        tensors.update(packer.pack_layer(name, q, spec, model_dtype))
     path.mkdir()
     save_file(tensors, str(path / "model.safetensors"))
-    qcfg = packer.config(spec, model_dtype=model_dtype, ignore=["lm_head"], act_order=False, desc_act=False,
-                         version="test")
+    qcfg = packer.config(dict.fromkeys(records, spec), model_dtype=model_dtype, ignore=["lm_head"],
+                         act_order=False, desc_act=False, version="test")
     (path / "config.json").write_text(json.dumps({"quantization_config": qcfg}))
     return path
 
@@ -479,22 +477,26 @@ REGISTRY_CASES = [
 
 
 def test_registry_holds_one_class_per_format():
-    from tritonq.engine.formats.packed import DEFAULT_FORMAT, PackedFormat
+    from tritonq.engine.formats.base import OutputFormat, PackedFormat
+    from tritonq.engine.formats.registry import DEFAULT_FORMAT
+    from tritonq.engine.formats.registry import FORMATS as ALL
 
-    assert list(FORMATS) == ["compressed-tensors", "gptq", "gptq_v2", "awq"] and DEFAULT_FORMAT in FORMATS
-    for name, fmt in FORMATS.items():
-        assert isinstance(fmt, PackedFormat) and fmt.name == name
-    assert len({type(f) for f in FORMATS.values()}) == len(FORMATS)
+    assert list(ALL) == ["fake", "compressed-tensors", "gptq", "gptq_v2", "awq", "gguf"] and DEFAULT_FORMAT in ALL
+    assert list(FORMATS) == ["compressed-tensors", "gptq", "gptq_v2", "awq"]  # the packed ones tritonq reads back
+    for name, fmt in ALL.items():
+        assert isinstance(fmt, OutputFormat) and fmt.name == name
+        assert isinstance(fmt, PackedFormat) == (name in FORMATS)
+    assert len({type(f) for f in ALL.values()}) == len(ALL)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize(("fmt", "bits", "group_size", "sym", "act_order", "n", "k"), REGISTRY_CASES)
 def test_each_format_class_round_trips_random_grids(tmp_path, fmt, bits, group_size, sym, act_order, n, k, seed):
-    from tritonq.engine.formats.packed import checkpoint_format
+    from tritonq.engine.formats.registry import checkpoint_format
     from tritonq.engine.grid import GridSpec
 
     spec = GridSpec(bits=bits, group_size=group_size, sym=sym)
-    FORMATS[fmt].check(spec)
+    FORMATS[fmt].check_grid(spec)
     gen = torch.Generator().manual_seed(seed)
     min_zero = 1 if fmt == "gptq" else 0  # v1 stores z - 1 (the refusal of z = 0 is tested above)
     records = {f"layer{i}.proj": _random_record(n, k, spec, gen, act_order, min_zero) for i in range(2)}
@@ -611,23 +613,23 @@ def test_writers_refuse_scales_their_dtype_cannot_hold():
     q.scale[0, 0] = 1 / 3  # not an fp16 value
     for fmt in ("gptq", "awq"):
         with pytest.raises(TritonqError, match="not representable in float16"):
-            FORMATS[fmt].write("x", q, spec, torch.float32)
+            FORMATS[fmt].pack_layer("x", q, spec, torch.float32)
     with pytest.raises(TritonqError, match="not representable in float16"):
-        FORMATS["compressed-tensors"].write("x", q, spec, torch.bfloat16)  # bf16 models keep fp16 scales
-    assert FORMATS["compressed-tensors"].write("x", q, spec, torch.float32)["x.weight_scale"][0, 0] == 1 / 3
+        FORMATS["compressed-tensors"].pack_layer("x", q, spec, torch.bfloat16)  # bf16 models keep fp16 scales
+    assert FORMATS["compressed-tensors"].pack_layer("x", q, spec, torch.float32)["x.weight_scale"][0, 0] == 1 / 3
 
 
 def test_missing_compressed_tensors_names_the_install(monkeypatch):
-    from tritonq.engine.formats import packed as formats
+    from tritonq.engine.formats import ct_library as formats
     from tritonq.engine.grid import GridSpec
 
     monkeypatch.setitem(__import__("sys").modules, "compressed_tensors", None)  # makes the import fail
-    formats._compressed_tensors.cache_clear()  # forget the library found by earlier tests
+    formats.compressed_tensors_lib.cache_clear()  # forget the library found by earlier tests
     try:
         with pytest.raises(TritonqError, match="pip install"):
-            FORMATS["compressed-tensors"].check(GridSpec())
+            FORMATS["compressed-tensors"].check_grid(GridSpec())
     finally:
-        formats._compressed_tensors.cache_clear()
+        formats.compressed_tensors_lib.cache_clear()
 
 
 def test_pack_command_prints_what_it_wrote(fake_dir, tmp_path, capsys):

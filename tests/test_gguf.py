@@ -1,4 +1,4 @@
-"""GGUF export (engine/gguf_export.py): read back with gguf's own GGUFReader, dequantized in numpy.
+"""GGUF export (engine/formats/gguf.py, gguf_vocab.py): read back with gguf's own GGUFReader, dequantized in numpy.
 
 The oracle for the blocks is an independent numpy transcription of ggml's Q4_0 / Q4_1 layout (and gguf's
 ``quants.dequantize`` where present); the oracle for the rotary row order is the per-row formula of
@@ -17,9 +17,10 @@ import pytest
 import torch
 from helpers import CHAT_TEMPLATE, _bytes_to_unicode, make_fake_dir
 from tritonq.cli import main
-from tritonq.engine.formats import gguf as gguf_export
+from tritonq.engine.formats import gguf_vocab as gguf_export
+from tritonq.engine.formats.checkpoint import read_source, source_layers
 from tritonq.engine.formats.gguf import GGUF_FILE, save_float_gguf
-from tritonq.engine.formats.packed import read_source, save_packed, source_layers
+from tritonq.engine.formats.registry import save_packed
 from tritonq.errors import TritonqError
 
 gguf = pytest.importorskip("gguf")

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from test_pipeline import make_family_model, pydoc_corpus
 from tritonq.engine.activations import ActQuantLinear, ActSpec, saved_act_spec
 from tritonq.engine.api import QuantizeOptions, evaluate, quantize
-from tritonq.engine.formats.packed import save_packed
+from tritonq.engine.formats.registry import save_packed
 from tritonq.engine.runtime.qlinear import Int8Linear, QuantLinear
 from tritonq.engine.runtime.serve import load_packed_model
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import pytest
 import torch
 from tritonq.engine.activations import ActQuantLinear, ActSpec, fake_quantize_activation
-from tritonq.engine.formats.packed import PackedLinear
+from tritonq.engine.formats.records import PackedLinear
 from tritonq.engine.runtime.qlinear import QuantLinear, cpu_int4_group, use_cpu_int4
 from tritonq.kernels.dequant_matmul import dequant_matmul_ref, dequantize_int4
 from tritonq.kernels.pack import pack_int4
@@ -193,7 +193,7 @@ def test_packed_model_loads_onto_the_op_at_half_a_byte_per_weight(tmp_path):
     """``load_packed_model`` on the CPU repacks every linear: no GPTQ tensors, no dense copy, and logits of
     the fake-quantized model within bf16 error."""
     from transformers import AutoModelForCausalLM
-    from tritonq.engine.formats.packed import save_packed
+    from tritonq.engine.formats.registry import save_packed
     from tritonq.engine.runtime.serve import load_packed_model
 
     from .helpers import make_fake_dir

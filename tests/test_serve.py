@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tritonq.engine.formats.packed import save_packed
+from tritonq.engine.formats.registry import save_packed
 
 from .helpers import make_fake_dir
 

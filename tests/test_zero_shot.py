@@ -100,7 +100,7 @@ def test_limit_scores_only_the_first_examples(tiny_dir, capsys):
 
 @needs_lm_eval
 def test_packed_output_scores_like_the_fake_quantized_one(tiny_dir, tmp_path, capsys):
-    from tritonq.engine.formats.packed import save_packed
+    from tritonq.engine.formats.registry import save_packed
 
     packed = save_packed(tiny_dir, tmp_path / "packed", "compressed-tensors")
     rc, out, err = _run(_task_args(packed), capsys)

@@ -19,7 +19,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ...errors import TritonqError
-from ..formats.packed import PackedInt8Linear, PackedLinear
+from ..formats.records import DenseLinear, PackedInt8Linear, PackedLinear
 
 #: Group sizes ``aten._weight_int4pack_mm_for_cpu`` accepts, largest first. A larger group size that one of
 #: them divides (per channel included) runs exactly by repeating each scale over its sub-groups.
@@ -256,9 +256,20 @@ def parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = original
 
 
-def swap_linears(model: nn.Module, layers: dict[str, PackedLinear | PackedInt8Linear], dtype: torch.dtype) -> None:
-    """Replace each named ``nn.Linear`` by a ``QuantLinear`` (``Int8Linear`` for int8 weights); shapes must match
-    the architecture."""
+def dense_linear(packed: DenseLinear, dtype: torch.dtype) -> nn.Linear:
+    """A float ``nn.Linear`` holding a record's dequantized weight: the path of grids no packed kernel serves
+    (e.g. 8-bit groups). Exact to the fake-quantized model in its dtype, without the memory saving."""
+    lin = nn.Linear(packed.in_features, packed.out_features, bias=packed.bias is not None, device="meta")
+    lin.weight = nn.Parameter(packed.weight.to(dtype).contiguous(), requires_grad=False)
+    if packed.bias is not None:
+        lin.bias = nn.Parameter(packed.bias.to(dtype), requires_grad=False)
+    return lin
+
+
+def swap_linears(model: nn.Module, layers: dict[str, PackedLinear | PackedInt8Linear | DenseLinear],
+                 dtype: torch.dtype) -> None:
+    """Replace each named ``nn.Linear`` by a ``QuantLinear`` (``Int8Linear`` for int8 weights, a float
+    ``nn.Linear`` for :class:`DenseLinear`); shapes must match the architecture."""
     for name, packed in layers.items():
         parent_name, _, leaf = name.rpartition(".")
         try:
@@ -281,5 +292,8 @@ def swap_linears(model: nn.Module, layers: dict[str, PackedLinear | PackedInt8Li
                 f"{name}: the model {'has' if old.bias is not None else 'has no'} bias but the "
                 "checkpoint disagrees"
             )
+        if isinstance(packed, DenseLinear):
+            setattr(parent, leaf, dense_linear(packed, dtype))
+            continue
         runtime = Int8Linear if isinstance(packed, PackedInt8Linear) else QuantLinear
         setattr(parent, leaf, runtime(packed, dtype))

@@ -57,7 +57,8 @@ def load_packed_model(directory: str | os.PathLike, device: str = "auto", dtype:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     from ..activations import apply_activation_quant, saved_act_spec
-    from ..formats.packed import float_tensors, load_packed_layers
+    from ..formats.registry import float_tensors
+    from ..formats.runtime import load_packed_layers
     from .qlinear import parameters_on_meta, swap_linears, use_cpu_int4
 
     path = Path(directory)
@@ -103,10 +104,10 @@ def load_packed_model(directory: str | os.PathLike, device: str = "auto", dtype:
 
 def is_packed_checkpoint(name: str | os.PathLike) -> bool:
     """Whether ``name`` is a directory whose config.json carries a ``quantization_config`` (a packed model)."""
-    import json
+    from ..outputs import read_json_object
 
     config = Path(name) / "config.json"
-    return config.is_file() and "quantization_config" in json.loads(config.read_text())
+    return config.is_file() and "quantization_config" in read_json_object(config, "restore its config.json")
 
 
 def load_generation_model(name: str, device: str = "auto",
