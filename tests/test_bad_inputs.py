@@ -134,10 +134,10 @@ def test_unwritable_output_is_refused_before_work(where, tiny_dir, calib, tmp_pa
 
 
 def test_pack_into_an_unwritable_output_is_refused_before_packing(tmp_path, capsys, monkeypatch):
-    from tritonq.engine.formats import packed
+    from tritonq.engine.formats import registry
 
     src = make_fake_dir(tmp_path / "src")
-    monkeypatch.setattr(packed, "save_packed", lambda *a, **k: pytest.fail("packed before the output check"))
+    monkeypatch.setattr(registry, "save_packed", lambda *a, **k: pytest.fail("packed before the output check"))
     out = _unwritable_mount() / "tritonq-out" / "packed"
     _error(["pack", src, "--format", "gptq", "--output", out], capsys, "cannot write the output", "is not writable")
 
@@ -198,15 +198,15 @@ def test_what_counts_as_a_tritonq_output(tmp_path):
 
 _KILLED_DURING_SAVE = """
 import os, signal, sys, time
-from tritonq.engine import api
+from tritonq.engine.formats import fake
 from tritonq.cli import main
 
-def save_then_die(path, layers):
+def save_then_die(path, checkpoint):
     open(os.path.join(os.path.dirname(path), "partial.bin"), "wb").write(b"x" * 4096)
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(30)
 
-api._save_quant_params = save_then_die
+fake.write_quant_params = save_then_die
 sys.exit(main(sys.argv[1:]))
 """
 

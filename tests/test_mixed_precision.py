@@ -43,8 +43,12 @@ class Down8(RTN):
         return dataclasses.replace(spec, bits=8) if name.endswith(DOWN) else spec
 
 
-if METHODS.get(Down8.name) is None:
+@pytest.fixture(scope="module", autouse=True)
+def _registered():
+    """The toy method, registered for this file's tests only (its module fixtures quantize with it)."""
     register(Down8)
+    yield
+    METHODS.pop(Down8.name, None)
 
 
 def _bits(name: str) -> int:
