@@ -69,6 +69,19 @@ def tiny_tokenizer():
     return fast
 
 
+def save_tiny_llama(path: Path) -> Path:
+    """A one-block random Llama (hidden 64, context 256) with the tiny tokenizer, saved at ``path``: the CLI
+    tests' model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=259, max_position_embeddings=256)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character map (Radford et al. 2019, ``encoder.py``)."""
     bs = (

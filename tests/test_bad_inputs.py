@@ -15,8 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from helpers import make_fake_dir, tiny_tokenizer
+from helpers import make_fake_dir, save_tiny_llama
 from tritonq.cli import main
 from tritonq.engine import outputs
 from tritonq.errors import TritonqError
@@ -24,15 +23,7 @@ from tritonq.errors import TritonqError
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    path = tmp_path_factory.mktemp("tiny")
-    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=259, max_position_embeddings=256)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")
