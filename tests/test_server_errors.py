@@ -9,13 +9,16 @@ seconds here unless the server stops it.
 
 from __future__ import annotations
 
+import json
+import threading
 import time
+from pathlib import Path
 
 import pytest
 from tritonq.engine.formats.packed import save_packed
 
 from .helpers import make_fake_dir
-from .test_serve import serving
+from .test_serve import _free_port, serving
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
@@ -30,7 +33,7 @@ ASK = {"messages": [{"role": "user", "content": "Tell me everything"}], **GREEDY
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def packed(tmp_path_factory) -> Path:
     from safetensors.torch import load_file, save_file
 
     root = tmp_path_factory.mktemp("server-errors")
@@ -38,7 +41,12 @@ def server(tmp_path_factory):
     weights = load_file(fake / "model.safetensors")
     weights["lm_head.weight"][EOS] = 0
     save_file(weights, fake / "model.safetensors", metadata={"format": "pt"})
-    with serving(save_packed(fake, root / "long-ct", "gptq_v2")) as url:
+    return save_packed(fake, root / "long-ct", "gptq_v2")
+
+
+@pytest.fixture(scope="module")
+def server(packed):
+    with serving(packed) as url:
         yield url
 
 
@@ -175,3 +183,49 @@ def test_bad_request_gets_an_openai_error_and_the_server_keeps_serving(server, c
     if case == "unknown model":
         assert err["code"] == "model_not_found"
     assert _two_tokens(server) < QUICK_S
+
+
+def test_a_failure_inside_a_stream_ends_it_with_an_error_event(packed):
+    """The model fails at its third forward pass (after the 200 headers of a stream went out): the stream
+    ends with an OpenAI error event and ``[DONE]``, a non-streaming request gets a 500 in the OpenAI shape,
+    and the model's lock is free again. The app runs in-process (uvicorn on a thread) to inject the fault."""
+    import uvicorn
+    from tritonq.engine.runtime.openai_server import create_app
+    from tritonq.engine.runtime.serve import load_generation_model
+
+    model, tokenizer = load_generation_model(str(packed), "cpu")
+    calls = {"n": 0, "fail": True}
+
+    def fault(*_) -> None:
+        calls["n"] += 1
+        if calls["fail"] and calls["n"] % 3 == 0:
+            raise RuntimeError("injected fault\nsecond line")
+
+    model.register_forward_hook(fault)
+    port = _free_port()
+    app = create_app(model, tokenizer, packed.name)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "the in-process server did not start"
+            time.sleep(0.05)
+        body = {"prompt": "hi", "max_tokens": 8, **GREEDY}
+        with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+            assert r.status_code == 200
+            events = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        err = json.loads(events[-2])["error"]
+        assert err["type"] == "server_error" and "injected fault" in err["message"] and "\n" not in err["message"]
+        assert set(err) == {"message", "type", "param", "code"}
+        calls["n"] = 0
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+        assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+        calls["fail"] = False
+        assert _two_tokens(url) < QUICK_S
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
