@@ -1,8 +1,10 @@
 """Packed-model serving: ``tritonq generate``, ``tritonq bench decode`` and the OpenAI-compatible server
-(``engine/serve.py`` loads and generates, ``engine/openai_server.py`` speaks HTTP, ``commands.py`` holds the CLI).
+(``engine/runtime/serve.py`` loads and generates, ``engine/runtime/openai_server.py`` speaks HTTP,
+``commands.py`` holds the CLI).
 
-The server is started by the real CLI in a subprocess on loopback and driven with httpx. Greedy outputs
-are compared with the fake-quantized model run by transformers (same weights, float32).
+The server is started by the real CLI in a subprocess on loopback (:func:`serving`) and driven with httpx.
+Greedy outputs are compared with the fake-quantized model run by transformers (same weights, float32).
+Bad requests and abandoned clients are in test_server_errors.py.
 """
 
 from __future__ import annotations
