@@ -53,7 +53,7 @@ def server(packed):
 def _two_tokens(url: str) -> float:
     """Seconds for a 2-token greedy completion, which must succeed."""
     t0 = time.monotonic()
-    r = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 2, **GREEDY}, timeout=600)
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 2, **GREEDY}, timeout=60)
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] == 2
     return time.monotonic() - t0
