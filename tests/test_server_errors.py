@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tritonq.engine.formats.packed import save_packed
+from tritonq.cli import main
 
 from .helpers import make_fake_dir
 from .test_serve import _free_port, serving
@@ -41,7 +41,8 @@ def packed(tmp_path_factory) -> Path:
     weights = load_file(fake / "model.safetensors")
     weights["lm_head.weight"][EOS] = 0
     save_file(weights, fake / "model.safetensors", metadata={"format": "pt"})
-    return save_packed(fake, root / "long-ct", "gptq_v2")
+    assert main(["pack", str(fake), "--format", "gptq_v2", "--output", str(root / "long-ct")]) == 0
+    return root / "long-ct"
 
 
 @pytest.fixture(scope="module")
