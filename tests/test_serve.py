@@ -1,20 +1,25 @@
 """Packed-model serving: ``tritonq generate``, ``tritonq bench decode`` and the OpenAI-compatible server
-(``engine/serve.py`` loads and generates, ``engine/openai_server.py`` speaks HTTP, ``commands.py`` holds the CLI).
+(``engine/runtime/serve.py`` loads and generates, ``engine/runtime/openai_server.py`` speaks HTTP,
+``commands.py`` holds the CLI).
 
-The server is started by the real CLI in a subprocess on loopback and driven with httpx. Greedy outputs
-are compared with the fake-quantized model run by transformers (same weights, float32).
+The server is started by the real CLI in a subprocess on loopback (:func:`serving`) and driven with httpx.
+Greedy outputs are compared with the fake-quantized model run by transformers (same weights, float32).
+Bad requests and abandoned clients are in test_server_errors.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -44,19 +49,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(dirs):
+@contextlib.contextmanager
+def serving(directory: Path) -> Iterator[str]:
+    """``tritonq serve directory`` in a subprocess on a free loopback port; yields its base URL.
+
+    Stopped with SIGTERM at the end, and killed if it has not exited 30 s later (a server that hangs on an
+    open request must not hang the tests too)."""
     port = _free_port()
+    log = tempfile.TemporaryFile()  # a file, not a pipe: a chatty server never blocks on a full pipe
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tritonq.cli", "serve", str(dirs[1]), "--port", str(port), "--device", "cpu"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ),
+        [sys.executable, "-m", "tritonq.cli", "serve", str(directory), "--port", str(port), "--device", "cpu"],
+        stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ),
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     try:
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"server exited: {proc.stdout.read().decode(errors='replace')[-2000:]}")
+                log.seek(0)
+                raise RuntimeError(f"server exited: {log.read().decode(errors='replace')[-2000:]}")
             try:
                 if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
                     break
@@ -68,7 +79,20 @@ def server(dirs):
         yield url
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
+            raise RuntimeError("the server did not stop within 30 s of SIGTERM") from None
+        finally:
+            log.close()
+
+
+@pytest.fixture(scope="module")
+def server(dirs):
+    with serving(dirs[1]) as url:
+        yield url
 
 
 def _reference_greedy(fake: Path, text: str, n: int, chat: bool) -> str:
@@ -134,30 +158,6 @@ def test_streaming_chat_and_completion(server):
     assert "".join(c["choices"][0]["text"] for c in chunks) == full["choices"][0]["text"]
 
 
-@pytest.mark.parametrize(
-    ("path", "body", "status"),
-    [
-        ("/v1/chat/completions", b"{not json", 400),
-        ("/v1/chat/completions", {"model": "x"}, 400),  # messages missing
-        ("/v1/chat/completions", {"messages": []}, 400),
-        ("/v1/chat/completions", {"messages": [{"role": "user"}]}, 400),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "temperature": 9}, 400),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "model": "gpt-4"}, 404),
-        ("/v1/completions", {"prompt": "hi", "max_tokens": 100000}, 400),
-        ("/v1/completions", {"max_tokens": 4}, 400),
-        ("/v1/completions", {"prompt": "hi", "n": 3}, 400),
-    ],
-)
-def test_bad_requests_get_json_errors_and_server_keeps_serving(server, path, body, status):
-    kw = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) \
-        else {"json": body}
-    r = httpx.post(f"{server}{path}", timeout=30, **kw)
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert err["message"] and err["type"] == "invalid_request_error"
-    assert httpx.get(f"{server}/v1/models").status_code == 200
-
-
 def test_concurrent_requests(server):
     body = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 6, "temperature": 0}
     with httpx.Client(timeout=120) as client, ThreadPoolExecutor(4) as pool:
@@ -212,6 +212,26 @@ def test_default_model_packed_greedy_matches_fake(tmp_path):
     x = torch.tensor([ids])
     theirs = ref.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False)[0, len(ids):]
     assert ours[:8] == theirs.tolist()[:8]
+
+
+def test_cancel_check_stops_generation_within_a_token(dirs):
+    """``cancelled`` ends generation before the next forward pass and changes none of the tokens before it."""
+    from tritonq.engine.runtime import serve
+
+    model, tok = serve.load_packed_model(dirs[1], "cpu")
+    ids = serve.prompt_ids(tok, PROMPT)
+    full = list(serve.generate_tokens(model, ids, 12))
+    forwards = []
+    model.register_forward_hook(lambda *_: forwards.append(1))
+    got: list[int] = []
+    for t in serve.generate_tokens(model, ids, 12, cancelled=lambda: len(got) >= 3):
+        got.append(t)
+    assert got == full[:3] and len(forwards) == 3  # prefill + 2 decodes: none for a 4th token
+    assert list(serve.generate_tokens(model, ids, 12, cancelled=lambda: True)) == []  # a queued request never starts
+    state = serve.Completion()
+    text = "".join(serve.stream_text(model, tok, ids, 12, state=state, cancelled=lambda: len(state.tokens) >= 5))
+    assert state.finish_reason == "cancelled" and len(state.tokens) == 5 and text == state.text
+    assert state.tokens == full[:5]
 
 
 def test_generation_loads_packed_models_on_the_cpu_int4_op(dirs):

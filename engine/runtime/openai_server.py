@@ -2,27 +2,56 @@
 
 Endpoints: ``/v1/models``, ``/v1/completions`` and ``/v1/chat/completions``, with server-sent-event
 streaming as in https://platform.openai.com/docs/api-reference/chat/streaming, on FastAPI. One lock
-serialises requests on the single model. Errors have the OpenAI shape
-``{"error": {"message", "type", "param", "code"}}``. This module imports FastAPI, so only the server
-imports it (``pip install 'tritonq[serve]'``).
+serialises generation on the single model. This module imports FastAPI, so only the server imports it
+(``pip install 'tritonq[serve]'``).
+
+Default length. A request without ``max_tokens`` (or with ``null``) gets at most
+``DEFAULT_MAX_TOKENS``: 16 new tokens on ``/v1/completions``, OpenAI's documented default for that
+endpoint, and 256 on ``/v1/chat/completions``, where OpenAI and vLLM let a reply run to the end of the
+context. On one model behind one lock that was minutes of work nobody asked for (issue 20: the next
+2-token request waited 288 s); 256 tokens hold a usual chat answer, and a client that wants more says so,
+up to the context.
+
+Abandoned work. Each request generates on a worker thread that asks a cancel flag before every token
+(``cancelled`` in :func:`~tritonq.engine.runtime.serve.generate_tokens`). The flag is raised when the
+client goes: a non-streaming request watches the ASGI receive channel for ``http.disconnect``; a stream
+raises it whenever its response ends (done, client gone, failed). The lock thus passes to the next
+request within a token, and a request whose client left while it queued never starts.
+
+Errors. Every error has the OpenAI shape ``{"error": {"message", "type", "param", "code"}}``, FastAPI's
+own 404/405/422 and unexpected failures included: ``invalid_request_error`` with a 4xx where the request
+is at fault, ``server_error`` with a 500 otherwise. Everything a request can get wrong (JSON, types, an
+empty prompt, the seed range, the context budget) is checked before any header is sent; a failure inside
+a stream, after the 200, ends it with an ``error`` event and ``[DONE]`` rather than a dropped connection.
+
+(Past ~400 lines because the one-line error messages and the cancellation are this layer's own work; the
+request models with ``validation_error`` are the part to move out if it grows.)
 """
 
 # No ``from __future__ import annotations``: FastAPI reads the request models of the handlers
 # from their real (not stringified) annotations.
 
+import contextlib
 import json
+import logging
+import math
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from functools import partial
+from typing import TYPE_CHECKING, Literal
 
+import anyio
 import torch.nn as nn
-from fastapi import FastAPI, HTTPException, Request
+from anyio import from_thread, to_thread
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from ...errors import TritonqError
 from .serve import Completion, prompt_ids, stream_text
@@ -30,9 +59,13 @@ from .serve import Completion, prompt_ids, stream_text
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+DEFAULT_MAX_TOKENS = {"completions": 16, "chat": 256}
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # the range torch.Generator.manual_seed takes
+_log = logging.getLogger("tritonq.server")
+
 
 class ChatMessage(BaseModel):
-    role: str
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str
 
 
@@ -43,19 +76,30 @@ class _Common(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stream: bool = False
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     n: int = Field(1, ge=1, le=1)
 
 
 class CompletionRequest(_Common):
     prompt: str | list[str]
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(None, ge=1)
 
 
 class ChatRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+
+
+_FIELDS = frozenset().union(*(m.model_fields for m in (CompletionRequest, ChatRequest, ChatMessage)))
+
+
+class ApiError(Exception):
+    """A refused request: the HTTP status and the OpenAI error fields."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -114,86 +158,249 @@ def _usage(state: Completion) -> dict:
     return {"prompt_tokens": state.prompt_tokens, "completion_tokens": done, "total_tokens": state.prompt_tokens + done}
 
 
-def _error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+def _error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
     kind = "invalid_request_error" if status < 500 else "server_error"
-    return JSONResponse(
-        status_code=status,
-        content={"error": {"message": message, "type": kind, "param": param, "code": code}},
-    )
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def _sse(chunks: Iterator[dict]) -> StreamingResponse:
-    def body() -> Iterator[str]:
-        for c in chunks:
-            yield f"data: {json.dumps(c)}\n\n"
-        yield "data: [DONE]\n\n"
+def _error(status: int, message: str, param: str | None = None, code: str | None = None,
+           headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content=_error_body(status, message, param, code), headers=headers)
 
-    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+# ---------------------------------------------------------------------------------------------------
+# request errors in one line each
+
+
+def _shown(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _param(loc: tuple) -> str | None:
+    """``messages[0].content`` from pydantic's ``('body', 'messages', 0, 'content')``; union-member tags
+    such as ``'list[str]'`` (not field names) end the path."""
+    path = ""
+    for part in loc[1:] if loc[:1] == ("body",) else loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part in _FIELDS:
+            path += f".{part}" if path else part
+        else:
+            break
+    return path or None
+
+
+def _invalid_json(error: dict, doc: object) -> str:
+    """Where the parse failed as line and column (FastAPI gives a character offset in ``loc``)."""
+    pos, where = error["loc"][-1], ""
+    if isinstance(doc, str) and isinstance(pos, int):
+        line, column = doc.count("\n", 0, pos) + 1, pos - doc.rfind("\n", 0, pos)
+        where = f" at line {line}, column {column} (character {pos})"
+    return f"the body is not valid JSON: {error.get('ctx', {}).get('error', 'JSON decode error')}{where}; " \
+           "send one JSON object"
+
+
+def validation_error(errors: list[dict], doc: object) -> tuple[str, str | None]:
+    """One line and the ``param`` for FastAPI's validation errors (the first field that failed)."""
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return _invalid_json(first, doc), None
+    param = _param(tuple(first.get("loc", ())))
+    if param is None:  # the body itself: empty, not JSON, or not an object
+        if first.get("type") == "missing":
+            return "the body is empty; send a JSON object with the endpoint's fields", None
+        return (f"the body must be a JSON object with the endpoint's fields (content-type application/json); "
+                f"got {_shown(first.get('input'))}"), None
+    if first.get("type") == "missing":
+        return f"{param} is required", param
+    # a union (prompt: str | list[str]) fails once per member: name every alternative
+    msgs = [e["msg"] for e in errors if _param(tuple(e.get("loc", ()))) == param]
+    said = "; or ".join(dict.fromkeys(msgs))
+    return f"{param}: {said} (got {_shown(first.get('input'))})", param
+
+
+# ---------------------------------------------------------------------------------------------------
+# generation on a worker thread, cancelled when its client goes
+
+
+async def _generate(lock: threading.Lock, run: Callable[[Callable[[], bool]], Iterator[str]],
+                    cancel: threading.Event, on_delta: Callable[[str], object] | None = None) -> None:
+    """Drive ``run(cancel.is_set)`` on a worker thread that holds ``lock``; each delta goes to ``on_delta``
+    on the event loop. A request cancelled while it waits for the lock never takes it."""
+
+    def work() -> None:
+        while not lock.acquire(timeout=0.05):
+            if cancel.is_set():
+                return
+        try:
+            for delta in run(cancel.is_set):
+                if on_delta is not None:
+                    from_thread.run_sync(on_delta, delta)
+        finally:
+            lock.release()
+
+    await to_thread.run_sync(work)
+
+
+async def _cancel_on_disconnect(request: Request, cancel: threading.Event) -> None:
+    """Raise ``cancel`` once the client closes the connection (the body is read: only the disconnect is left)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    cancel.set()
+
+
+async def _run_whole(request: Request, lock: threading.Lock,
+                     run: Callable[[Callable[[], bool]], Iterator[str]]) -> None:
+    """A non-streaming generation, stopped within a token if the client disconnects."""
+    cancel = threading.Event()
+    failure: BaseException | None = None
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_cancel_on_disconnect, request, cancel)
+        try:
+            await _generate(lock, run, cancel)
+        except Exception as exc:  # re-raised below, outside the task group, for the exception handlers
+            failure = exc
+        finally:
+            cancel.set()
+            tg.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events from a generation that runs while the response streams. However the response
+    ends (done, client gone, failed), the generation is cancelled and waited for, so the lock is free."""
+
+    def __init__(self, events: AsyncIterator[str], produce: Callable[[], Awaitable[None]],
+                 cancel: threading.Event) -> None:
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self._produce, self._cancel = produce, cancel
+
+    async def __call__(self, scope, receive, send) -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._produce)
+            try:
+                await super().__call__(scope, receive, send)
+            except (ClientDisconnect, OSError):  # the client went while we wrote (ASGI spec 2.4 servers)
+                pass
+            finally:
+                self._cancel.set()
+
+
+def _sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
 def create_app(model: nn.Module, tokenizer: "PreTrainedTokenizerBase", model_id: str) -> FastAPI:
-    """The FastAPI application serving one model; requests run one at a time under a lock."""
+    """The FastAPI application serving one model; generation runs one request at a time under a lock."""
     lock = threading.Lock()
     context = int(getattr(model.config, "max_position_embeddings", 0) or 0)
     app = FastAPI(title="tritonq", description=f"OpenAI-compatible server for {model_id}")
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        return _error(400, f"{loc or 'body'}: {first.get('msg', 'invalid request')}", loc or None)
+        message, param = validation_error(list(exc.errors()), exc.body)
+        return _error(400, message, param)
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail))
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:
+            allowed = (headers or {}).get("Allow", "another method")
+            message = f"{request.method} is not allowed on {request.url.path}; use {allowed}"
+        elif exc.status_code == 404:
+            message = (f"no route {request.url.path}; this server has /v1/models, /v1/completions and "
+                       "/v1/chat/completions")
+        elif exc.status_code == 400:  # FastAPI could not read the body (not UTF-8, say)
+            message = f"{exc.detail}; send one JSON object, encoded in UTF-8"
+        else:
+            message = str(exc.detail)
+        return _error(exc.status_code, message, headers=headers)
+
+    @app.exception_handler(ApiError)
+    async def _api(request: Request, exc: ApiError) -> JSONResponse:
+        return _error(exc.status, exc.message, exc.param, exc.code)
 
     @app.exception_handler(TritonqError)
     async def _tritonq(request: Request, exc: TritonqError) -> JSONResponse:
         return _error(400, str(exc))
 
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        return _error(500, f"the server failed: {type(exc).__name__}: {exc}".splitlines()[0])
+
     def check_model(name: str | None) -> None:
         if name is not None and name != model_id:
-            raise HTTPException(404, f"model {name!r} does not exist; this server serves {model_id!r}")
+            raise ApiError(404, f"model {name!r} does not exist; this server serves {model_id!r}", "model",
+                           "model_not_found")
 
-    def budget(ids: list[int], max_tokens: int | None) -> int:
+    def budget(ids: list[int], max_tokens: int | None, default: int, param: str) -> int:
+        if not ids:
+            raise ApiError(400, "the prompt is empty (no tokens); give at least one token", "prompt")
         room = context - len(ids) if context else 1 << 30
         if room <= 0:
-            raise HTTPException(400, f"the prompt has {len(ids)} tokens; the context holds {context}")
-        if max_tokens is not None and max_tokens > room:
-            raise HTTPException(
-                400,
-                f"max_tokens {max_tokens} + {len(ids)} prompt tokens exceed the context of {context} tokens",
-            )
-        return max_tokens if max_tokens is not None else room
+            raise ApiError(400, f"the prompt has {len(ids)} tokens; the context holds {context}", "prompt")
+        if max_tokens is None:
+            return min(default, room)
+        if max_tokens > room:
+            raise ApiError(400, f"{param} {max_tokens} + {len(ids)} prompt tokens exceed the context of {context} "
+                                f"tokens; ask for at most {room}", param)
+        return max_tokens
 
-    def run(ids: list[int], max_new: int, req: _Common, state: Completion) -> Iterator[str]:
-        stop = [req.stop] if isinstance(req.stop, str) else req.stop
-        with lock:
-            yield from stream_text(
-                model, tokenizer, ids, max_new,
-                temperature=req.temperature, top_p=req.top_p, seed=req.seed, stop=stop, state=state,
-            )
+    async def tokens(prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
+        from jinja2 import TemplateError
 
-    def reply(shape: ResponseShape, req: _Common, ids: list[int], max_new: int):
+        try:
+            return await to_thread.run_sync(partial(prompt_ids, tokenizer, prompt, messages))
+        except TemplateError as exc:
+            raise ApiError(400, f"the chat template refused the messages: {exc}", "messages") from None
+
+    async def reply(shape: ResponseShape, req: _Common, ids: list[int], max_new: int, request: Request):
         """One response of ``shape``: a JSON body, or the same content as a stream of SSE chunks."""
         state = Completion()
         head = {"id": f"{shape.id_prefix}-{uuid.uuid4().hex}", "object": shape.object, "created": int(time.time()),
                 "model": model_id}
-        deltas = run(ids, max_new, req, state)
+        stop = [req.stop] if isinstance(req.stop, str) else req.stop
+
+        def run(cancelled: Callable[[], bool]) -> Iterator[str]:
+            return stream_text(model, tokenizer, ids, max_new, temperature=req.temperature, top_p=req.top_p,
+                               seed=req.seed, stop=stop, state=state, cancelled=cancelled)
+
         if not req.stream:
-            for _ in deltas:
-                pass
+            await _run_whole(request, lock, run)
             return {**head, "choices": [_choice(shape.whole(state.text), state.finish_reason)], "usage": _usage(state)}
         head["object"] = shape.chunk_object
+        cancel = threading.Event()
+        send, receive = anyio.create_memory_object_stream[str | Exception](math.inf)
 
-        def chunks() -> Iterator[dict]:
+        async def produce() -> None:
+            try:
+                await _generate(lock, run, cancel, send.send_nowait)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                pass  # the reader is gone
+            except Exception as exc:
+                _log.exception("generation failed in a stream")
+                with contextlib.suppress(anyio.BrokenResourceError):
+                    send.send_nowait(exc)
+            finally:
+                send.close()
+
+        async def events() -> AsyncIterator[str]:
             if shape.opening is not None:
-                yield {**head, "choices": [_choice(shape.opening(), None)]}
-            for delta in deltas:
-                yield {**head, "choices": [_choice(shape.piece(delta), None)]}
-            yield {**head, "choices": [_choice(shape.closing(), state.finish_reason)], "usage": _usage(state)}
+                yield _sse({**head, "choices": [_choice(shape.opening(), None)]})
+            async with receive:
+                async for item in receive:
+                    if isinstance(item, Exception):
+                        message = f"generation failed: {type(item).__name__}: {item}".splitlines()[0]
+                        yield _sse(_error_body(500, message))
+                        yield _sse("[DONE]")
+                        return
+                    yield _sse({**head, "choices": [_choice(shape.piece(item), None)]})
+            yield _sse({**head, "choices": [_choice(shape.closing(), state.finish_reason)], "usage": _usage(state)})
+            yield _sse("[DONE]")
 
-        return _sse(chunks())
+        return EventStream(events(), produce, cancel)
 
     @app.get("/v1/models")
     def list_models() -> dict:
@@ -203,18 +410,22 @@ def create_app(model: nn.Module, tokenizer: "PreTrainedTokenizerBase", model_id:
         }
 
     @app.post("/v1/completions")
-    def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
         check_model(req.model)
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if len(prompts) != 1:
-            raise HTTPException(400, "one prompt per request is supported")
-        ids = prompt_ids(tokenizer, prompts[0])
-        return reply(COMPLETION, req, ids, budget(ids, req.max_tokens))
+            raise ApiError(400, "one prompt per request is supported; send a string", "prompt")
+        ids = await tokens(prompts[0])
+        max_new = budget(ids, req.max_tokens, DEFAULT_MAX_TOKENS["completions"], "max_tokens")
+        return await reply(COMPLETION, req, ids, max_new, request)
 
     @app.post("/v1/chat/completions")
-    def chat_completions(req: ChatRequest):
+    async def chat_completions(req: ChatRequest, request: Request):
         check_model(req.model)
-        ids = prompt_ids(tokenizer, messages=[m.model_dump() for m in req.messages])
-        return reply(CHAT, req, ids, budget(ids, req.max_completion_tokens or req.max_tokens))
+        ids = await tokens(messages=[m.model_dump() for m in req.messages])
+        asked, param = req.max_completion_tokens, "max_completion_tokens"
+        if asked is None:
+            asked, param = req.max_tokens, "max_tokens"
+        return await reply(CHAT, req, ids, budget(ids, asked, DEFAULT_MAX_TOKENS["chat"], param), request)
 
     return app

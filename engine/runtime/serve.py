@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -225,12 +225,20 @@ def generate_tokens(
     top_p: float = 1.0,
     seed: int | None = None,
     stop_ids: set[int] | frozenset = frozenset(),
+    cancelled: Callable[[], bool] | None = None,
 ) -> Iterator[int]:
-    """Yield up to ``max_new_tokens`` new tokens (KV-cached); stops after yielding a stop token."""
+    """Yield up to ``max_new_tokens`` new tokens (KV-cached); stops after yielding a stop token.
+
+    ``cancelled`` is asked before the prefill and before every decode step: once it returns true the
+    generation ends without another forward pass, so a server stops work for a client that left
+    within one token. It never changes which tokens are produced.
+    """
     from transformers import DynamicCache
 
     if not ids:
         raise TritonqError("the prompt is empty; give at least one token")
+    if cancelled is not None and cancelled():
+        return
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     cache = DynamicCache(config=model.config)
     logits = prefill(model, ids, cache)
@@ -239,12 +247,18 @@ def generate_tokens(
         yield tok
         if tok in stop_ids or i == max_new_tokens - 1:
             return
+        if cancelled is not None and cancelled():
+            return
         logits = decode_one_token(model, tok, cache)
 
 
 @dataclass
 class Completion:
-    """Incremental text of one request; ``finish_reason`` is set once generation ends."""
+    """Incremental text of one request; ``finish_reason`` is set once generation ends.
+
+    ``finish_reason`` is ``"stop"`` (end-of-sequence token or stop string), ``"length"`` (``max_new_tokens``
+    reached) or ``"cancelled"`` (the caller's ``cancelled`` check ended it early).
+    """
 
     text: str = ""
     tokens: list[int] = field(default_factory=list)
@@ -263,8 +277,13 @@ def stream_text(
     seed: int | None = None,
     stop: list[str] | None = None,
     state: Completion | None = None,
+    cancelled: Callable[[], bool] | None = None,
 ) -> Iterator[str]:
-    """Yield text deltas; holds back partial UTF-8 and anything that could begin a stop string."""
+    """Yield text deltas; holds back partial UTF-8 and anything that could begin a stop string.
+
+    ``cancelled`` is checked once per token (see :func:`generate_tokens`); a cancelled generation ends with
+    ``finish_reason`` ``"cancelled"`` and the text made so far.
+    """
     state = state if state is not None else Completion()
     state.prompt_tokens = len(ids)
     stop = [s for s in (stop or []) if s]
@@ -272,7 +291,8 @@ def stream_text(
     sent = 0
     state.finish_reason = "length"
     for tok in generate_tokens(
-        model, ids, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop_ids=stop_ids
+        model, ids, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop_ids=stop_ids,
+        cancelled=cancelled,
     ):
         if tok in stop_ids:
             state.finish_reason = "stop"
@@ -294,6 +314,9 @@ def stream_text(
         if safe > sent:
             yield text[sent:safe]
             sent = safe
+    if state.finish_reason == "length" and len(state.tokens) < max_new_tokens and cancelled is not None \
+            and cancelled():
+        state.finish_reason = "cancelled"
     state.text = tokenizer.decode(state.tokens, skip_special_tokens=True)
     if len(state.text) > sent:
         yield state.text[sent:]
