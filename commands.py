@@ -301,5 +301,6 @@ def serve(args) -> int:
     app = create_app(model, tokenizer, model_id)
     print(f"serving {model_id} on http://{args.host}:{args.port}/v1 ({model.device}, {model.dtype})",
           file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    # a stream in flight must not hold SIGTERM for its whole length: uvicorn cancels it after 5 s
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
     return 0
