@@ -239,7 +239,8 @@ def get_entry(name: str) -> KernelEntry:
     raise TritonqError(f"no kernel {name!r} in the catalog; known: {', '.join(e.name for e in ENTRIES)}")
 
 
-_NOT_KERNEL_MODULES = {"aot", "configs", "grid_rule"}  # tritonq.kernels modules without jitted kernels
+# tritonq.kernels modules without kernels of their own (grid_fit: device helpers, compiled inside their callers)
+_NOT_KERNEL_MODULES = {"aot", "configs", "grid_rule", "grid_fit"}
 
 
 def discover_kernels() -> set[tuple[str, str]]:
