@@ -8,11 +8,11 @@ order) clamps ``w`` to ``[f lo0, f hi0]`` (``lo0, hi0`` the group's min and max,
 ``err = d^T H_g d`` with ``d = q - w`` and ``H_g`` the group's ``g x g`` block of the mean ``x x^T``
 (``gram`` [G, g, g]). A strictly smaller error replaces the kept range, so the first factor wins ties.
 
-The kernel: one program per (tile of rows, group); the group's weights and ``H_g`` are loaded once, the
-factors are looped inside (the candidate axis of the search), ``d H_g`` is a ``tl.dot`` with IEEE fp32
-products. The grid fit and the rounding are :mod:`.grid_fit`'s, the same fp32 operations as the reference
-(:func:`.grid_rule.minmax_scale_zero`, :func:`.grid_rule.fake_quantize`); only the error's summation order
-differs, so a near tie may pick a neighbouring factor.
+The kernel: one program per (tile of rows, group); the group's weights are loaded once, the factors are
+looped inside (the candidate axis of the search), ``d H_g`` is a ``tl.dot`` with IEEE fp32 products over
+column chunks of ``H_g``. The grid fit and the rounding are :mod:`.grid_fit`'s, the same fp32 operations as
+the reference (:func:`.grid_rule.minmax_scale_zero`, :func:`.grid_rule.fake_quantize`); only the error's
+summation order differs, so a near tie may pick a neighbouring factor.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from .grid_rule import MIN_SCALE, fake_quantize, minmax_scale_zero
 
 CONFIGS: tuple[LaunchConfig, ...] = (
     LaunchConfig.of(num_warps=4, num_stages=1, BLOCK_N=16),
+    LaunchConfig.of(num_warps=8, num_stages=1, BLOCK_N=16),  # groups of 128: the [16, 128] tiles spill at 4 warps
 )
 # fp32 weights and Gram blocks; groups are one [GROUP, GROUP] tile of H (powers of two, 16 to 128)
 LIMITS = KernelLimits(dtypes=("fp32",))
@@ -76,15 +77,20 @@ def clip_ref(w: torch.Tensor, gram: torch.Tensor, factors: Sequence[float], grou
 @triton.jit
 def awq_clip_kernel(
     w_ptr, h_ptr, f_ptr, lo_ptr, hi_ptr, N, G, F, stride_w, maxq, min_scale,
-    BLOCK_N: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, SYM_CLIP: tl.constexpr,
+    BLOCK_N: tl.constexpr, GROUP: tl.constexpr, KC: tl.constexpr, SYM: tl.constexpr, SYM_CLIP: tl.constexpr,
 ):
-    """Program (rows tile, group): the best of ``F`` shrink factors for each row of the tile."""
+    """Program (rows tile, group): the best of ``F`` shrink factors for each row of the tile.
+
+    ``d^T H_g d`` is summed over column chunks of ``KC``: ``(d @ H_g[:, chunk]) . d[:, chunk]``, the chunk's
+    ``d`` recomputed from its weights (a register tile cannot be sliced), so only ``[GROUP, KC]`` of ``H_g`` is
+    live at a time (a whole 128 x 128 block spills and overflows shared memory)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     grp = tl.program_id(1)
     cols = tl.arange(0, GROUP)
     row_ok = rows < N
-    w = tl.load(w_ptr + rows[:, None] * stride_w + grp * GROUP + cols[None, :], mask=row_ok[:, None], other=0.0)
-    h = tl.load(h_ptr + grp * GROUP * GROUP + cols[:, None] * GROUP + cols[None, :])
+    w_row = w_ptr + rows[:, None] * stride_w + grp * GROUP
+    w = tl.load(w_row + cols[None, :], mask=row_ok[:, None], other=0.0)
+    h_grp = h_ptr + grp * GROUP * GROUP
     if SYM_CLIP:
         hi0 = tl.max(tl.abs(w), axis=1)
         lo0 = -hi0
@@ -101,7 +107,14 @@ def awq_clip_kernel(
         c = tl.maximum(tl.minimum(w, hi[:, None]), lo[:, None])
         scale, zero = minmax_fit(tl.min(c, axis=1), tl.max(c, axis=1), maxq, min_scale, SYM)
         d = fake_quantize_tile(c, scale[:, None], zero[:, None], maxq) - w
-        err = tl.sum(tl.dot(d, h, input_precision="ieee") * d, axis=1)
+        err = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for j0 in range(0, GROUP, KC):
+            jj = j0 + tl.arange(0, KC)
+            h = tl.load(h_grp + cols[:, None] * GROUP + jj[None, :])
+            wj = tl.load(w_row + jj[None, :], mask=row_ok[:, None], other=0.0)
+            cj = tl.maximum(tl.minimum(wj, hi[:, None]), lo[:, None])
+            dj = fake_quantize_tile(cj, scale[:, None], zero[:, None], maxq) - wj
+            err += tl.sum(tl.dot(d, h, input_precision="ieee") * dj, axis=1)
         better = err < best
         best = tl.where(better, err, best)
         best_lo = tl.where(better, lo, best_lo)
@@ -111,8 +124,8 @@ def awq_clip_kernel(
 
 
 def pick_config(group_size: int) -> LaunchConfig:
-    """One configuration: 16 rows per program (the tile and H_g stay in registers across the factors)."""
-    return CONFIGS[0]
+    """16 rows per program (the group's tiles stay in registers across the factors); 8 warps for groups of 128."""
+    return CONFIGS[0] if group_size <= 64 else CONFIGS[1]
 
 
 def kernel_usable(w: torch.Tensor, group_size: int) -> bool:
@@ -124,8 +137,13 @@ def aot_signature(dtype: str, config: LaunchConfig, GROUP: int = 64) -> tuple[di
     """Argument types for ahead-of-time compilation of :func:`awq_clip_kernel`."""
     sig = {"w_ptr": "*fp32", "h_ptr": "*fp32", "f_ptr": "*fp32", "lo_ptr": "*fp32", "hi_ptr": "*fp32", "N": "i32",
            "G": "i32", "F": "i32", "stride_w": "i32", "maxq": "i32", "min_scale": "fp32", "BLOCK_N": "constexpr",
-           "GROUP": "constexpr", "SYM": "constexpr", "SYM_CLIP": "constexpr"}
-    return sig, {**config.constexprs(), "GROUP": GROUP, "SYM": False, "SYM_CLIP": False}
+           "GROUP": "constexpr", "KC": "constexpr", "SYM": "constexpr", "SYM_CLIP": "constexpr"}
+    return sig, {**config.constexprs(), "GROUP": GROUP, "KC": chunk_of(GROUP), "SYM": False, "SYM_CLIP": False}
+
+
+def chunk_of(group_size: int) -> int:
+    """Columns of ``H_g`` one step of the error sum loads: 16."""
+    return min(group_size, 16)
 
 
 def clip_triton(w: torch.Tensor, gram: torch.Tensor, factors: Sequence[float], group_size: int, maxq: int, sym: bool,
@@ -146,6 +164,7 @@ def clip_triton(w: torch.Tensor, gram: torch.Tensor, factors: Sequence[float], g
     config = pick_config(group_size)
     meta = config.constexprs()
     grid = (triton.cdiv(n, meta["BLOCK_N"]), g)
-    awq_clip_kernel[grid](w, h, f, lo, hi, n, g, f.numel(), w.stride(0), maxq, MIN_SCALE, GROUP=group_size, SYM=sym,
-                          SYM_CLIP=sym_clip, num_warps=config.num_warps, num_stages=config.num_stages, **meta)
+    awq_clip_kernel[grid](w, h, f, lo, hi, n, g, f.numel(), w.stride(0), maxq, MIN_SCALE, GROUP=group_size,
+                          KC=chunk_of(group_size), SYM=sym, SYM_CLIP=sym_clip, num_warps=config.num_warps,
+                          num_stages=config.num_stages, **meta)
     return lo, hi

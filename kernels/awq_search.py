@@ -41,6 +41,7 @@ CONFIGS: tuple[LaunchConfig, ...] = (
 # The module searches' linear outputs: an output tile [BLOCK_T, BLOCK_N] stored per program.
 LINEAR_CONFIGS: tuple[LaunchConfig, ...] = (
     LaunchConfig.of(num_warps=4, num_stages=1, BLOCK_N=32, BLOCK_T=64),
+    LaunchConfig.of(num_warps=8, num_stages=1, BLOCK_N=32, BLOCK_T=64),  # groups of 128+: fp32 tiles spill at 4
 )
 # Inputs in any of these dtypes (weights and scales are fp32); group sizes: powers of two from 16 to 256
 # (one group is one tile of the reduction); per-channel grids and other sizes use the reference.
@@ -208,8 +209,8 @@ def aot_signature_linear(dtype: str, config: LaunchConfig, GROUP: int = 64) -> t
 
 
 def pick_linear_config(group_size: int) -> LaunchConfig:
-    """One configuration: 32 rows x 64 tokens per program."""
-    return LINEAR_CONFIGS[0]
+    """32 rows x 64 tokens per program; 8 warps from groups of 128 (the weight tiles are 32 x GROUP fp32)."""
+    return LINEAR_CONFIGS[0] if group_size <= 64 else LINEAR_CONFIGS[1]
 
 
 _TORCH_TO_TRITON = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
