@@ -1,14 +1,16 @@
 """AWQ's scale grid search: every candidate scale vector at once, one launch per scale pair, no candidate weight
-in memory. PyTorch references and two Triton kernels.
+in memory. PyTorch references and one Triton kernel with two outputs.
 
 For candidate ``a`` with per-input-channel scales ``s_a`` (``[A, K]``), the weight AWQ would keep is
 ``Q(W * s_a) / s_a`` (``Q`` = fake quantization on the min-max grid of :mod:`.grid_rule`, groups of
 ``group_size`` input columns; in the kernels :mod:`.grid_fit`). Lin et al., "AWQ: Activation-aware Weight
 Quantization", MLSys 2024, arXiv:2306.00978, §3.2; ``../shared/docs/awq_family.md`` §3.3.
 
-* :func:`awq_loss_kernel` - pairs scored on one linear's output (v -> o, up -> down): the loss
+One kernel, :func:`awq_candidates_kernel`, in two modes:
+
+* ``LOSS`` - pairs scored on one linear's output (v -> o, up -> down): the loss
   ``loss[a] = sum_{t, n} (x_t . (Q(W s_a) / s_a - W)_n)^2 / (T * N)`` on the cached inputs ``X`` [T, K];
-* :func:`awq_linear_kernel` - pairs scored on a module's output (norm -> q/k/v, norm -> gate/up): the
+* outputs - pairs scored on a module's output (norm -> q/k/v, norm -> gate/up): the
   candidates' linear outputs ``Y[a] = X (Q(W s_a) / s_a)^T`` ([A, T, N], ``W`` the balance linears' rows
   concatenated); the rest of the module (attention, the MLP's ``act(gate) * up`` and down_proj) runs in
   PyTorch on those outputs, batched over candidates (``engine/methods/awq_scale.py``).
@@ -88,39 +90,10 @@ def awq_loss_ref(w: torch.Tensor, x: torch.Tensor, scales: torch.Tensor, group_s
     return torch.cat(out)
 
 
-@triton.jit
-def awq_loss_kernel(
-    w_ptr, x_ptr, s_ptr, loss_ptr, N, K, T, stride_w, stride_x, stride_s, maxq, min_scale, inv_count,
-    BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, HALF: tl.constexpr,
-):
-    """Program (a, rows tile, tokens tile): adds sum((X_tile @ (Q(W s_a)/s_a - W)_tile^T)^2) * inv_count."""
-    a = tl.program_id(0)
-    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    toks = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = tl.arange(0, GROUP)
-    row_ok = rows < N
-    tok_ok = toks < T
-    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, GROUP):
-        kk = k0 + cols
-        w = tl.load(w_ptr + rows[:, None] * stride_w + kk[None, :], mask=row_ok[:, None], other=0.0)
-        s = tl.load(s_ptr + a * stride_s + kk)
-        ws = w * s[None, :]
-        scale, zero = minmax_fit(tl.min(ws, axis=1), tl.max(ws, axis=1), maxq, min_scale, SYM)
-        deq = fake_quantize_tile(ws, scale[:, None], zero[:, None], maxq)
-        err = tl.math.div_rn(deq, s[None, :]) - w
-        x = tl.load(x_ptr + toks[:, None] * stride_x + kk[None, :], mask=tok_ok[:, None], other=0.0)
-        if HALF:  # 16-bit inputs: the error in their dtype, tensor-core dot with fp32 accumulation
-            acc = tl.dot(x, tl.trans(err.to(x.dtype)), acc)
-        else:
-            acc = tl.dot(x, tl.trans(err), acc, input_precision="ieee")
-    tl.atomic_add(loss_ptr + a, tl.sum(tl.sum(acc * acc, axis=1), axis=0) * inv_count)
-
-
 def awq_linear_ref(w: torch.Tensor, x: torch.Tensor, scales: torch.Tensor, group_size: int, maxq: int,
                    sym: bool) -> torch.Tensor:
-    """Reference of :func:`awq_linear_kernel`: ``Y[a] = X (Q(W s_a) / s_a)^T``, ``[A, T, N]`` in ``x``'s dtype
-    (16-bit inputs: the weights rounded to that dtype, as a module holding them computes)."""
+    """Reference of :func:`awq_candidates_kernel`'s outputs: ``Y[a] = X (Q(W s_a) / s_a)^T``, ``[A, T, N]`` in
+    ``x``'s dtype (16-bit inputs: the weights rounded to that dtype, as a module holding them computes)."""
     out = []
     for a0 in range(0, scales.shape[0], CANDIDATE_CHUNK):
         wq = scaled_fake_quantize(w, scales[a0:a0 + CANDIDATE_CHUNK], group_size, maxq, sym)
@@ -129,11 +102,14 @@ def awq_linear_ref(w: torch.Tensor, x: torch.Tensor, scales: torch.Tensor, group
 
 
 @triton.jit
-def awq_linear_kernel(
-    w_ptr, x_ptr, s_ptr, y_ptr, N, K, T, stride_w, stride_x, stride_s, stride_ya, stride_yt, maxq, min_scale,
-    BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, HALF: tl.constexpr,
+def awq_candidates_kernel(
+    w_ptr, x_ptr, s_ptr, out_ptr, N, K, T, stride_w, stride_x, stride_s, stride_oa, stride_ot, maxq, min_scale,
+    inv_count, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr,
+    HALF: tl.constexpr, LOSS: tl.constexpr,
 ):
-    """Program (a, rows tile, tokens tile): ``Y[a, tokens, rows] = X_tile @ (Q(W s_a)/s_a)_tile^T``."""
+    """Program (a, rows tile, tokens tile) over ``X_tile @ tile^T`` with ``tile`` = ``(Q(W s_a)/s_a - W)`` (``LOSS``:
+    adds the sum of its squares times ``inv_count`` to ``out[a]``) or ``Q(W s_a)/s_a`` (stores
+    ``out[a, tokens, rows]``, ``out`` [A, T, N])."""
     a = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     toks = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -147,14 +123,19 @@ def awq_linear_kernel(
         s = tl.load(s_ptr + a * stride_s + kk)
         ws = w * s[None, :]
         scale, zero = minmax_fit(tl.min(ws, axis=1), tl.max(ws, axis=1), maxq, min_scale, SYM)
-        wq = tl.math.div_rn(fake_quantize_tile(ws, scale[:, None], zero[:, None], maxq), s[None, :])
+        tile = tl.math.div_rn(fake_quantize_tile(ws, scale[:, None], zero[:, None], maxq), s[None, :])
+        if LOSS:
+            tile = tile - w
         x = tl.load(x_ptr + toks[:, None] * stride_x + kk[None, :], mask=tok_ok[:, None], other=0.0)
-        if HALF:  # 16-bit inputs: the weights in their dtype, tensor-core dot with fp32 accumulation
-            acc = tl.dot(x, tl.trans(wq.to(x.dtype)), acc)
+        if HALF:  # 16-bit inputs: the tile in their dtype, tensor-core dot with fp32 accumulation
+            acc = tl.dot(x, tl.trans(tile.to(x.dtype)), acc)
         else:
-            acc = tl.dot(x, tl.trans(wq), acc, input_precision="ieee")
-    out = y_ptr + a * stride_ya + toks[:, None] * stride_yt + rows[None, :]
-    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=tok_ok[:, None] & row_ok[None, :])
+            acc = tl.dot(x, tl.trans(tile), acc, input_precision="ieee")
+    if LOSS:
+        tl.atomic_add(out_ptr + a, tl.sum(tl.sum(acc * acc, axis=1), axis=0) * inv_count)
+    else:
+        out = out_ptr + a * stride_oa + toks[:, None] * stride_ot + rows[None, :]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=tok_ok[:, None] & row_ok[None, :])
 
 
 def pick_config(group_size: int) -> LaunchConfig:
@@ -190,22 +171,25 @@ def kernel_usable(w: torch.Tensor, group_size: int, x: torch.Tensor | None = Non
     return target is None or excluded(target, dtype, pick_config(group_size)) is None
 
 
+def _signature(dtype: str, out: str) -> dict:
+    return {"w_ptr": "*fp32", "x_ptr": f"*{dtype}", "s_ptr": "*fp32", "out_ptr": out, "N": "i32", "K": "i32",
+            "T": "i32", "stride_w": "i32", "stride_x": "i32", "stride_s": "i32", "stride_oa": "i32",
+            "stride_ot": "i32", "maxq": "i32", "min_scale": "fp32", "inv_count": "fp32", "BLOCK_N": "constexpr",
+            "BLOCK_T": "constexpr", "GROUP": "constexpr", "SYM": "constexpr", "HALF": "constexpr",
+            "LOSS": "constexpr"}
+
+
 def aot_signature(dtype: str, config: LaunchConfig, GROUP: int = 64) -> tuple[dict, dict]:
-    """Argument types for ahead-of-time compilation of :func:`awq_loss_kernel` (``dtype``: the inputs')."""
-    sig = {"w_ptr": "*fp32", "x_ptr": f"*{dtype}", "s_ptr": "*fp32", "loss_ptr": "*fp32", "N": "i32", "K": "i32",
-           "T": "i32", "stride_w": "i32", "stride_x": "i32", "stride_s": "i32", "maxq": "i32", "min_scale": "fp32",
-           "inv_count": "fp32", "BLOCK_N": "constexpr", "BLOCK_T": "constexpr", "GROUP": "constexpr",
-           "SYM": "constexpr", "HALF": "constexpr"}
-    return sig, {**config.constexprs(), "GROUP": GROUP, "SYM": False, "HALF": dtype in ("fp16", "bf16")}
+    """Argument types for ahead-of-time compilation of :func:`awq_candidates_kernel` computing losses
+    (``dtype``: the inputs')."""
+    consts = {**config.constexprs(), "GROUP": GROUP, "SYM": False, "HALF": dtype in ("fp16", "bf16"), "LOSS": True}
+    return _signature(dtype, "*fp32"), consts
 
 
 def aot_signature_linear(dtype: str, config: LaunchConfig, GROUP: int = 64) -> tuple[dict, dict]:
-    """Argument types for ahead-of-time compilation of :func:`awq_linear_kernel` (``dtype``: inputs and outputs)."""
-    sig = {"w_ptr": "*fp32", "x_ptr": f"*{dtype}", "s_ptr": "*fp32", "y_ptr": f"*{dtype}", "N": "i32", "K": "i32",
-           "T": "i32", "stride_w": "i32", "stride_x": "i32", "stride_s": "i32", "stride_ya": "i32",
-           "stride_yt": "i32", "maxq": "i32", "min_scale": "fp32", "BLOCK_N": "constexpr", "BLOCK_T": "constexpr",
-           "GROUP": "constexpr", "SYM": "constexpr", "HALF": "constexpr"}
-    return sig, {**config.constexprs(), "GROUP": GROUP, "SYM": False, "HALF": dtype in ("fp16", "bf16")}
+    """The same for the candidates' outputs (``dtype``: inputs and outputs)."""
+    consts = {**config.constexprs(), "GROUP": GROUP, "SYM": False, "HALF": dtype in ("fp16", "bf16"), "LOSS": False}
+    return _signature(dtype, f"*{dtype}"), consts
 
 
 def pick_linear_config(group_size: int) -> LaunchConfig:
@@ -226,10 +210,9 @@ def awq_loss_triton(w: torch.Tensor, x: torch.Tensor, scales: torch.Tensor, grou
     config = pick_config(group_size)
     meta = config.constexprs()
     grid = (scales.shape[0], triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(t, meta["BLOCK_T"]))
-    awq_loss_kernel[grid](w, x, scales, loss, n, k, t, w.stride(0), x.stride(0), scales.stride(0), maxq, MIN_SCALE,
-                          1.0 / (t * n), GROUP=group_size, SYM=sym, HALF=x.dtype != torch.float32,
-                          num_warps=config.num_warps,
-                          num_stages=config.num_stages, **meta)
+    awq_candidates_kernel[grid](w, x, scales, loss, n, k, t, w.stride(0), x.stride(0), scales.stride(0), 0, 0, maxq,
+                                MIN_SCALE, 1.0 / (t * n), GROUP=group_size, SYM=sym, HALF=x.dtype != torch.float32,
+                                LOSS=True, num_warps=config.num_warps, num_stages=config.num_stages, **meta)
     return loss
 
 
@@ -259,7 +242,8 @@ def awq_linear_triton(w: torch.Tensor, x: torch.Tensor, scales: torch.Tensor, gr
     config = pick_linear_config(group_size)
     meta = config.constexprs()
     grid = (scales.shape[0], triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(t, meta["BLOCK_T"]))
-    awq_linear_kernel[grid](w, x, scales, y, n, k, t, w.stride(0), x.stride(0), scales.stride(0), y.stride(0),
-                            y.stride(1), maxq, MIN_SCALE, GROUP=group_size, SYM=sym, HALF=x.dtype != torch.float32,
-                            num_warps=config.num_warps, num_stages=config.num_stages, **meta)
+    awq_candidates_kernel[grid](w, x, scales, y, n, k, t, w.stride(0), x.stride(0), scales.stride(0), y.stride(0),
+                                y.stride(1), maxq, MIN_SCALE, 1.0, GROUP=group_size, SYM=sym,
+                                HALF=x.dtype != torch.float32, LOSS=False, num_warps=config.num_warps,
+                                num_stages=config.num_stages, **meta)
     return y

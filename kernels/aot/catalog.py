@@ -222,11 +222,12 @@ ENTRIES: tuple[KernelEntry, ...] = (
                 # engine/hessian.py: C = W[:, c0+B:] (row-major), A = err^T.t() (column-major), B = U slice
                 assume={"M": "16", "N": "16", "K": "16", "stride_cm": "16", "stride_cn": "1", "stride_am": "1",
                         "stride_ak": "16", "stride_bk": "16", "stride_bn": "1"}),
-    KernelEntry("awq_search", "awq_search", "awq_loss_kernel", "CONFIGS", "aot_signature", _picks_awq,
+    KernelEntry("awq_search", "awq_search", "awq_candidates_kernel", "CONFIGS", "aot_signature", _picks_awq,
                 excluded="excluded", launcher_checks_exclusion=True,
                 assume={"N": "16", "K": "16", "T": "16", "stride_w": "16", "stride_x": "16", "stride_s": "16"}),
-    # the module searches' candidate outputs (norm -> q/k/v, norm -> gate/up): contiguous x [T, K], y [A, T, N]
-    KernelEntry("awq_linear", "awq_search", "awq_linear_kernel", "LINEAR_CONFIGS", "aot_signature_linear",
+    # the same kernel writing the module searches' candidate outputs (norm -> q/k/v, norm -> gate/up):
+    # contiguous x [T, K], y [A, T, N]
+    KernelEntry("awq_linear", "awq_search", "awq_candidates_kernel", "LINEAR_CONFIGS", "aot_signature_linear",
                 _picks_awq_linear, excluded="excluded", launcher_checks_exclusion=True,
                 assume={"N": "16", "K": "16", "stride_w": "16", "stride_x": "16", "stride_s": "16", "stride_ya": "16",
                         "stride_yt": "16"}),
