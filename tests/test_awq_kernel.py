@@ -1,6 +1,8 @@
-"""The AWQ scale-search kernel (kernels/awq_search.py) in the Triton interpreter against its PyTorch
-reference, and both against a float64 transcription, on fresh random inputs (shapes not multiples of the
-tiles; salient input channels so that candidates differ)."""
+"""The AWQ search kernels in the Triton interpreter against their PyTorch references, on fresh random inputs
+(token counts and row counts not multiples of the tiles, GQA-shaped q/k/v rows; salient input channels so that
+candidates differ): the loss kernel (v -> o, up -> down; also against a float64 transcription), the candidates'
+outputs (norm -> q/k/v, norm -> gate/up; the in-kernel grid fit bit for bit against ``grid_rule``), the clip
+kernel, and the engine's batched module search (Triton path) against its per-candidate reference."""
 
 import pytest
 import torch
