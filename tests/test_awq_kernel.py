@@ -218,10 +218,18 @@ def _block_calls(kv_heads, seed):
     return layer, calls
 
 
-@pytest.mark.parametrize("part,kv_heads", [("self_attn", 2), ("self_attn", 4), ("mlp", 2)])
-def test_batched_module_search_matches_the_reference(part, kv_heads):
+@pytest.mark.parametrize("part,kv_heads,sliced", [("self_attn", 2, False), ("self_attn", 4, False), ("mlp", 2, False),
+                                                   ("self_attn", 2, True)])
+def test_batched_module_search_matches_the_reference(part, kv_heads, sliced, monkeypatch):
+    """One kernel launch per pair (one per window when the batch budget is tiny), same losses and choice."""
     from tritonq.engine.grid import GridSpec
     from tritonq.engine.methods import awq_scale
+
+    launches = []
+    launch = kernels.awq_scaled_linear
+    monkeypatch.setattr(kernels, "awq_scaled_linear", lambda *a, **kw: launches.append(1) or launch(*a, **kw))
+    if sliced:
+        monkeypatch.setattr(awq_scale, "BATCH_ELEMENTS", 1)
 
     layer, calls = _block_calls(kv_heads, seed=41)
     module = getattr(layer, part)
@@ -236,6 +244,7 @@ def test_batched_module_search_matches_the_reference(part, kv_heads):
     before = [w.clone() for w in weights]
     best_r, loss_r = awq_scale.search_module_scale(module, linears, calls[part], cands, spec, part)
     best_t, loss_t = awq_scale.search_module_scale(module, linears, calls[part], cands, spec, part, force="triton")
+    assert len(launches) == (3 if sliced else 1)  # 3 windows in 2 calls
     assert all(torch.equal(a, b) for a, b in zip(before, weights))  # nothing written
     assert all("forward" not in lin.__dict__ for lin in linears)  # the answering forwards are gone
     torch.testing.assert_close(loss_t, loss_r, rtol=1e-4, atol=0)

@@ -12,14 +12,15 @@ AutoAWQ's duo scaling, llmc's version 2):
   (its CPU reference is the Gram form) - no candidate weight is stored.
 
 The module search has two paths. On CUDA (``kernels.awq_linear_usable``) every candidate's scaled and
-fake-quantized q/k/v (or gate/up) weights and their linear outputs come from ONE launch of the
-``awq_linear`` kernel (a candidate axis in its grid, per slice of the calibration windows that fits
-:data:`BATCH_ELEMENTS`); the rest of the module - the attention on those projections (with its norms and
-rotary embedding), or the MLP's ``act(gate) * up`` and down_proj - needs the module itself, so it stays in
-PyTorch: the module runs once on a batch of ``candidates x windows`` with the balance linears answering from the
-kernel's outputs (no deep copy, no weight written). Elsewhere (the CPU) the reference scores one candidate
-at a time on the module with its weights swapped, exactly as before this kernel existed (batching it over
-candidates would change the bits of the bf16 matmuls, so the reference keeps its loop).
+fake-quantized q/k/v (or gate/up) weights and their linear outputs come from ONE launch of
+``kernels/awq_search.py``'s kernel (a candidate axis in its grid; one launch per module call, or per slice of
+its windows when ``candidates x tokens x outputs`` exceeds :data:`BATCH_ELEMENTS`); the rest of the module -
+the attention on those projections (with its norms and rotary embedding), or the MLP's ``act(gate) * up`` and
+down_proj - needs the module itself, so it stays in PyTorch: the module runs once on a batch of
+``candidates x windows`` with the balance linears answering from the kernel's outputs (no deep copy, no weight
+written). Elsewhere (the CPU) the reference scores one candidate at a time on the module with its weights
+swapped, exactly as before the kernel existed: batched matmuls may block and sum differently from the
+per-candidate ones, so the reference keeps its loop to keep its bits.
 """
 
 from __future__ import annotations
@@ -273,36 +274,53 @@ def _answering(linears: list[nn.Linear], outputs: list[torch.Tensor]) -> Iterato
 def _score_batched(module: nn.Module, linears: list[nn.Linear], calls: list[tuple[tuple, dict]],
                    candidates: torch.Tensor, spec: GridSpec, label: str, dtype: torch.dtype | None,
                    force: str | None) -> tuple[int, torch.Tensor]:
-    """The Triton path of :func:`search_module_scale` (see the module docstring): per slice of windows, one
-    kernel launch gives every candidate's balance outputs, one module forward on ``A x windows`` the losses."""
+    """The Triton path of :func:`search_module_scale` (see the module docstring): one kernel launch gives every
+    candidate's balance outputs for every sampled token (a launch per slice of windows when that would exceed
+    :data:`BATCH_ELEMENTS`), then one module forward per slice on ``candidates x windows`` gives the losses."""
     w = torch.cat([lin.weight.float() for lin in linears])  # [N_q + N_k + N_v, K] (or gate + up)
     widths = [lin.out_features for lin in linears]
-    n_cand = candidates.shape[0]
-    g = spec.effective_group(w.shape[1])
-    module_dtype = linears[0].weight.dtype
-    total = torch.zeros(n_cand, dtype=torch.float64, device=w.device)
-    count = 0
-    for args, kwargs in calls:
-        target = _call(module, args, kwargs).float()
-        hidden = args[0] if args else kwargs["hidden_states"]
+    n_cand, k_in = candidates.shape[0], w.shape[1]
+    g = spec.effective_group(k_in)
+    per_token = n_cand * max(w.shape[0], k_in)  # elements of the batched outputs per calibration token
+    hiddens = [args[0] if args else kwargs["hidden_states"] for args, kwargs in calls]
+    slices = []  # (call index, first window, end window): each within BATCH_ELEMENTS
+    for i, hidden in enumerate(hiddens):
         windows, per_window = hidden.shape[0], hidden.shape[1:-1].numel()
-        step = max(1, BATCH_ELEMENTS // (n_cand * per_window * max(w.shape[0], hidden.shape[-1])))
-        for w0 in range(0, windows, step):
-            w1 = min(w0 + step, windows)
-            x = hidden[w0:w1].reshape(-1, hidden.shape[-1])
-            y = kernels.awq_scaled_linear(w, x.to(dtype or x.dtype), candidates, g, spec.maxq, spec.sym, force=force)
-            lead = (n_cand * (w1 - w0), *hidden.shape[1:-1])
-            outs = [part.to(module_dtype).reshape(*lead, -1).contiguous() for part in y.split(widths, dim=-1)]
-            placeholder = hidden.new_zeros(()).expand(*lead, hidden.shape[-1])  # read by the answering linears only
-            a = _swap_windows(args[1:], windows, w0, w1, n_cand)
-            k = _swap_windows(kwargs, windows, w0, w1, n_cand)
-            if args:
-                a = (placeholder, *a)
-            else:
-                k = {**k, "hidden_states": placeholder}
-            with _answering(linears, outs):
-                out = _call(module, a, k).float().reshape(n_cand, -1)
-            total += out.sub_(target[w0:w1].reshape(1, -1)).square_().sum(dim=1, dtype=torch.float64)
-        count += target.numel()
+        step = max(1, BATCH_ELEMENTS // (per_token * per_window))
+        slices += [(i, w0, min(w0 + step, windows)) for w0 in range(0, windows, step)]
+
+    def tokens_of(piece: tuple[int, int, int]) -> torch.Tensor:
+        i, w0, w1 = piece
+        x = hiddens[i][w0:w1].reshape(-1, k_in)
+        return x.to(dtype or x.dtype)
+
+    def launch(x: torch.Tensor) -> torch.Tensor:
+        return kernels.awq_scaled_linear(w, x, candidates, g, spec.maxq, spec.sym, force=force)
+
+    sizes = [tokens_of(p).shape[0] for p in slices]
+    if sum(sizes) * per_token <= BATCH_ELEMENTS:  # the usual case: one launch for the whole pair
+        outputs = iter(launch(torch.cat([tokens_of(p) for p in slices])).split(sizes, dim=1))
+    else:
+        outputs = (launch(tokens_of(p)) for p in slices)
+    total = torch.zeros(n_cand, dtype=torch.float64, device=w.device)
+    count, targets = 0, {}
+    for (i, w0, w1), y in zip(slices, outputs):
+        args, kwargs = calls[i]
+        if i not in targets:
+            targets[i] = _call(module, args, kwargs).float()
+            count += targets[i].numel()
+        hidden = hiddens[i]
+        lead = (n_cand * (w1 - w0), *hidden.shape[1:-1])
+        outs = [part.to(linears[0].weight.dtype).reshape(*lead, -1).contiguous() for part in y.split(widths, dim=-1)]
+        placeholder = hidden.new_zeros(()).expand(*lead, k_in)  # read by the answering linears only
+        a = _swap_windows(args[1:], hidden.shape[0], w0, w1, n_cand)
+        k = _swap_windows(kwargs, hidden.shape[0], w0, w1, n_cand)
+        if args:
+            a = (placeholder, *a)
+        else:
+            k = {**k, "hidden_states": placeholder}
+        with _answering(linears, outs):
+            out = _call(module, a, k).float().reshape(n_cand, -1)
+        total += out.sub_(targets[i][w0:w1].reshape(1, -1)).square_().sum(dim=1, dtype=torch.float64)
     losses = (total / max(count, 1)).cpu()
     return pick_best(losses, label), losses
