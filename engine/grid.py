@@ -9,8 +9,9 @@ compressed-tensors checkpoint layouts, so packing is exact):
 * symmetric: ``scale = 2 * absmax / qmax`` and ``zero = 2^(b-1)`` (``absmax / 7.5`` at 4 bits);
 * scales are rounded to fp16-representable values so that the fp16 scales of the packed formats
   reproduce the fake-quantized weights bit for bit;
-* the min-max rule itself (and ``MIN_SCALE``) is :func:`tritonq.kernels.grid_rule.minmax_scale_zero`, shared
-  with the kernels' references; the GPTQ kernel's in-kernel fit is tested bit-exact against it;
+* the min-max rule itself (and ``MIN_SCALE``) is :func:`tritonq.kernels.grid_rule.minmax_scale_zero`, and
+  quantize -> dequantize is :func:`tritonq.kernels.grid_rule.fake_quantize` (re-exported here with
+  ``quantize_codes``), shared with the kernels' references; the in-kernel copies are tested bit-exact;
 * optional shrink (MSE) search over clipped ranges, as GPTQ's ``Quantizer(mse=True)``:
   candidates ``p * [lo, hi]`` for ``p = 1 - i / grid``, error ``sum |Q(w) - w|^norm``.
 
@@ -25,10 +26,10 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import TritonqError
-from ..kernels.grid_rule import MIN_SCALE, minmax_scale_zero
+from ..kernels.grid_rule import MIN_SCALE, dequantize_codes, fake_quantize, minmax_scale_zero, quantize_codes
 
-__all__ = ["MIN_SCALE", "GridSpec", "codes_of", "default_g_idx", "dequantize", "fake_quantize", "fit_groups",
-           "fit_rows", "group_block_error", "keep_better", "quantize_codes"]
+__all__ = ["MIN_SCALE", "GridSpec", "codes_of", "default_g_idx", "dequantize", "dequantize_codes", "fake_quantize",
+           "fake_quantize_groups", "fit_groups", "fit_rows", "group_block_error", "keep_better", "quantize_codes"]
 
 
 @dataclass(frozen=True)
@@ -81,16 +82,6 @@ def _params_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: GridSpec) -> tu
     return minmax_scale_zero(lo, hi, spec.maxq, spec.sym)
 
 
-def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
-    """Integer codes (as float) of ``w`` on the grid; ``scale``/``zero`` broadcast against ``w``."""
-    return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
-
-
-def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
-    """Quantize then dequantize: the nearest grid point of ``w`` (in fp32)."""
-    return scale * (quantize_codes(w, scale, zero, maxq) - zero)
-
-
 def fit_rows(w: torch.Tensor, spec: GridSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Fit one (scale, zero) per row of ``w`` [rows, cols]; returns two fp32 tensors of shape [rows]."""
     w = w.float()
@@ -133,6 +124,24 @@ def fit_groups(weight: torch.Tensor, spec: GridSpec, layer: str = "layer") -> tu
     return scale.reshape(n, groups), zero.reshape(n, groups)
 
 
+def fake_quantize_groups(w: torch.Tensor, spec: GridSpec, inplace: bool = False) -> torch.Tensor:
+    """``Q(w)`` of ``w`` (fp32 ``[N, K]``) on its own group grids: what :func:`fit_groups` and
+    :func:`fake_quantize` give (bit for bit), computed on the ``[N, G, g]`` view with broadcast group parameters
+    instead of gathered ``[N, K]`` ones (3x faster on the CPU). ``inplace`` writes over ``w`` (the searches of
+    AWQ and its variants call this for every candidate)."""
+    w = w if inplace else w.float().clone()
+    n, k = w.shape
+    g = spec.effective_group(k)
+    grouped = w.view(n, k // g, g)
+    if spec.mse:
+        scale, zero = fit_groups(w, spec)
+    else:  # the min-max fit of fit_rows, its two reductions in one pass
+        lo, hi = torch.aminmax(grouped, dim=2)
+        scale, zero = _params_from_range(lo, hi, spec)
+    fake_quantize(grouped, scale[..., None], zero[..., None], spec.maxq, inplace=True)
+    return w
+
+
 def default_g_idx(in_features: int, spec: GridSpec) -> torch.Tensor:
     """Group index of every input column: ``k // g`` (all zeros per channel)."""
     g = spec.effective_group(in_features)
@@ -142,7 +151,7 @@ def default_g_idx(in_features: int, spec: GridSpec) -> torch.Tensor:
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g_idx: torch.Tensor) -> torch.Tensor:
     """Float weights [N, K] from codes [N, K] and per-group scale/zero [N, G] gathered by ``g_idx`` [K]."""
     idx = g_idx.long()
-    return scale[:, idx] * (codes.float() - zero[:, idx])
+    return dequantize_codes(codes.float(), scale[:, idx], zero[:, idx])
 
 
 def codes_of(

@@ -15,6 +15,7 @@ Importing this package imports no kernel module: each op imports its module on f
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Sequence
 
 if __name__ == "kernels":  # imported by its folder name: Python runs in a checkout's root, where "" leads sys.path
     # transformers imports Hugging Face's ``kernels`` package; from a checkout's root this folder shadows it (the
@@ -108,6 +109,37 @@ def awq_scale_loss(w: torch.Tensor, x: torch.Tensor, scales: torch.Tensor, group
     if use_triton(w, force) and (force == "triton" or awq_search.kernel_usable(w, group_size, x)):
         return awq_search.awq_loss_triton(w, x, scales, group_size, maxq, sym)
     return awq_search.awq_loss_ref(w, x, scales, group_size, maxq, sym)
+
+
+def awq_scaled_linear(w: torch.Tensor, x: torch.Tensor, scales: torch.Tensor, group_size: int, maxq: int,
+                      sym: bool, force: str | None = None) -> torch.Tensor:
+    """AWQ's candidate linear outputs ``Y[a] = x (Q(w s_a) / s_a)^T`` for every candidate scale vector ``scales``
+    [A, K]: [A, T, N] in ``x``'s dtype; see ``awq_search``. Grids the kernel does not take use the reference."""
+    from . import awq_search
+
+    if use_triton(w, force) and (force == "triton" or awq_search.kernel_usable(w, group_size, x)):
+        return awq_search.awq_linear_triton(w, x, scales, group_size, maxq, sym)
+    return awq_search.awq_linear_ref(w, x, scales, group_size, maxq, sym)
+
+
+def awq_linear_usable(w: torch.Tensor, x: torch.Tensor, group_size: int, force: str | None = None) -> bool:
+    """Whether :func:`awq_scaled_linear` runs its Triton kernel for these arguments (the engine's batched
+    module search is the Triton path; elsewhere it keeps its reference)."""
+    from . import awq_search
+
+    return use_triton(w, force) and (force == "triton" or awq_search.kernel_usable(w, group_size, x))
+
+
+def awq_clip_search(w: torch.Tensor, gram: torch.Tensor, factors: Sequence[float], group_size: int, maxq: int,
+                    sym: bool, sym_clip: bool, requantize: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                    force: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """AWQ's clip search of ``w`` [N, K] with the Gram blocks ``gram`` [G, g, g]: ``(lo, hi)`` [N, G]; see
+    ``awq_clip``. A custom ``requantize`` or a grid the kernel does not take uses the reference."""
+    from . import awq_clip as mod
+
+    if requantize is None and use_triton(w, force) and (force == "triton" or mod.kernel_usable(w, group_size)):
+        return mod.clip_triton(w, gram, factors, group_size, maxq, sym, sym_clip)
+    return mod.clip_ref(w, gram, factors, group_size, maxq, sym, sym_clip, requantize)
 
 
 def w8a8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,

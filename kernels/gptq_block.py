@@ -10,7 +10,8 @@ registers for all ``B`` sequential steps: one launch per block instead of ~10 pe
 
 The grid (``engine/grid.py`` conventions) is either fitted in the kernel at the first column of every
 group from the up-to-date working tile (``FIT``; blocks start at group starts; the rule is
-:func:`.grid_rule.minmax_scale_zero`, transcribed in the kernel and tested bit-exact against it), or
+:func:`.grid_rule.minmax_scale_zero`, transcribed once for every kernel in :mod:`.grid_fit` and tested
+bit-exact against it), or
 read per column from precomputed ``scale``/``zero`` [N, G] through ``g_idx`` (``PRESET``: per-channel
 grids, static groups with act-order). The same two kernels serve BoA's two-sided updates
 (``../shared/docs/boa.md`` §10): the trailing update is a general ``C -= A @ B``, batched over heads.
@@ -26,6 +27,7 @@ import triton.language as tl
 
 from ..errors import TritonqError
 from .configs import KernelLimits, LaunchConfig
+from .grid_fit import fake_quantize, minmax_fit
 from .grid_rule import MIN_SCALE, minmax_scale_zero
 
 REF_SUB_BLOCK = 16  # lazy sub-block width of the CPU reference
@@ -167,32 +169,14 @@ def gptq_block_kernel(
                 in_grp = (cols >= i) & (cols < i + group_size) & col_ok
                 lo = tl.min(tl.where(in_grp[None, :], tile, float("inf")), axis=1)
                 hi = tl.max(tl.where(in_grp[None, :], tile, float("-inf")), axis=1)
-                lo = tl.minimum(lo, 0.0)
-                hi = tl.maximum(hi, 0.0)
-                if SYM:
-                    s = tl.math.div_rn(2.0 * tl.maximum(-lo, hi), maxq.to(tl.float32))
-                else:
-                    s = tl.math.div_rn(hi - lo, maxq.to(tl.float32))
-                s = tl.maximum(s, min_scale).to(tl.float16).to(tl.float32)
-                if SYM:
-                    z = tl.zeros((BLOCK_N,), dtype=tl.float32) + ((maxq + 1) // 2).to(tl.float32)
-                else:
-                    zr = -tl.math.div_rn(lo, s)
-                    zf = tl.floor(zr + 0.5)
-                    zf = tl.where(((zf - zr) == 0.5) & ((zf - 2.0 * tl.floor(zf * 0.5)) != 0.0), zf - 1.0, zf)
-                    z = tl.minimum(tl.maximum(zf, 0.0), maxq.to(tl.float32))
+                s, z = minmax_fit(lo, hi, maxq, min_scale, SYM)
                 tl.store(scale_ptr + rows * stride_s + g, s, mask=row_ok)
                 tl.store(zero_ptr + rows * stride_s + g, z, mask=row_ok)
         else:
             s = tl.load(scale_ptr + rows * stride_s + g, mask=row_ok, other=1.0)
             z = tl.load(zero_ptr + rows * stride_s + g, mask=row_ok, other=0.0)
         wi = tl.sum(tl.where((cols == i)[None, :], tile, 0.0), axis=1)
-        x = tl.math.div_rn(wi, s)
-        r = tl.floor(x + 0.5)
-        # round half to even, as torch.round
-        r = tl.where(((r - x) == 0.5) & ((r - 2.0 * tl.floor(r * 0.5)) != 0.0), r - 1.0, r)
-        code = tl.minimum(tl.maximum(r + z, 0.0), maxq.to(tl.float32))
-        qi = s * (code - z)
+        qi = fake_quantize(wi, s, z, maxq)
         d = tl.load(u_ptr + (c0 + i) * stride_u + c0 + i)
         ei = tl.math.div_rn(wi - qi, d)
         tl.store(q_ptr + rows * stride_q + i, qi, mask=row_ok)

@@ -1,5 +1,6 @@
-"""The min-max grid rule, written once: the host fit (``engine/grid.py``), the kernels' PyTorch references
-and, by transcription, the in-kernel fit of ``gptq_block_kernel`` (tested bit-exact against this function).
+"""The min-max grid rule and quantize -> dequantize, written once: the host fit and rounding (``engine/grid.py``
+and the methods), the kernels' PyTorch references and, by transcription, the in-kernel fit and rounding of
+:mod:`.grid_fit` that every kernel calls (tested bit-exact against these functions).
 
 It depends on torch only, so that both ``kernels/`` and ``engine/`` can import it (dependencies point down,
 ``../shared/docs/style.md`` §5).
@@ -43,3 +44,29 @@ def minmax_scale_zero(lo: torch.Tensor, hi: torch.Tensor, maxq: int, sym: bool) 
     else:
         zero = torch.clamp(torch.round(-lo / scale), 0, maxq)
     return scale, zero
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """Integer codes (as float) ``clamp(round(w / scale) + zero, 0, maxq)``; ``scale``/``zero`` (same shape)
+    broadcast against ``w``. ``out=w`` writes over ``w`` (one buffer; the same fp32 operations, so the same bits).
+    ``round`` is half to even, as the kernels' ``round_half_even``."""
+    return torch.div(w, scale, out=out).round_().add_(zero).clamp_(0, maxq)
+
+
+def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                     inplace: bool = False) -> torch.Tensor:
+    """``scale * (codes - zero)``; ``inplace`` writes over ``codes``."""
+    return (codes.sub_(zero) if inplace else codes - zero).mul_(scale)
+
+
+def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int,
+                  inplace: bool = False) -> torch.Tensor:
+    """Quantize then dequantize: the nearest grid point of ``w`` (fp32), ``scale * (codes - zero)``.
+
+    The one host quantize -> dequantize of tritonq (RTN, the searches of AWQ and its variants, the kernels'
+    references). ``inplace`` writes over ``w`` (the searches call this for every candidate, one buffer instead
+    of three); the operations and their order are the same either way, so the bits are too.
+    """
+    codes = quantize_codes(w, scale, zero, maxq, out=w if inplace else None)
+    return dequantize_codes(codes, scale, zero, inplace=True)

@@ -1,4 +1,5 @@
-"""AWQ (engine/awq.py) against float64 transcriptions of ``../shared/docs/awq_family.md`` §3, on fresh random
+"""AWQ (engine/methods/awq.py, awq_scale.py, awq_clip.py) against float64 transcriptions of
+``../shared/docs/awq_family.md`` §3, on fresh random
 inputs with outlier channels (so the search has something to find).
 
 * the scale formula and its normalisation against a float64 transcription;
@@ -18,8 +19,8 @@ import torch.nn as nn
 from test_method_interface import _batches, _load
 from test_pipeline import make_family_model
 from tritonq.engine.adapters import adapter_for
-from tritonq.engine.grid import GridSpec
-from tritonq.engine.methods import awq, registry
+from tritonq.engine.grid import GridSpec, fake_quantize_groups
+from tritonq.engine.methods import awq, awq_clip, awq_observe, awq_scale, registry
 from tritonq.engine.methods.base import LayerResult
 from tritonq.engine.methods.gptq import GPTQOptions
 from tritonq.engine.pipeline import quantize_blocks
@@ -74,12 +75,12 @@ def test_candidate_scales_match_float64():
     w = torch.randn(20, k, dtype=torch.float64)
     w_mean64 = (w.abs().reshape(20, 3, 16) / (w.abs().reshape(20, 3, 16).amax(2, keepdim=True) + 1e-6)).reshape(20, k)
     w_mean64 = w_mean64.mean(0)
-    w_mean = awq.weight_mean([w[:8].float(), w[8:].float()], SPEC)
+    w_mean = awq_scale.weight_mean([w[:8].float(), w[8:].float()], SPEC)
     torch.testing.assert_close(w_mean.double(), w_mean64, rtol=1e-6, atol=0)
-    ratios = awq.grid_ratios(20)
+    ratios = awq_scale.grid_ratios(20)
     assert ratios[0] == 0 and abs(ratios[-1] - 0.95) < 1e-12 and len(ratios) == 20
     for duo in (True, False):
-        cands = awq.candidate_scales(x_mean.float(), w_mean if duo else None, ratios)
+        cands = awq_scale.candidate_scales(x_mean.float(), w_mean if duo else None, ratios)
         for i, r in enumerate(ratios.tolist()):
             expected = _scales64(x_mean, w_mean.double() if duo else None, r)
             torch.testing.assert_close(cands[i].double(), expected, rtol=1e-5, atol=0)
@@ -102,8 +103,9 @@ def test_linear_search_picks_the_float64_argmin(sym):
     k, n = 64, 40
     x = _outlier_inputs(300, k, seed=1)
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    cands = awq.candidate_scales(x.abs().mean(0).float(), awq.weight_mean([w.float()], spec), awq.grid_ratios(20))
-    best, losses = awq.search_linear_scale(w.float(), x.float(), cands, spec)
+    cands = awq_scale.candidate_scales(x.abs().mean(0).float(), awq_scale.weight_mean([w.float()], spec),
+                                       awq_scale.grid_ratios(20))
+    best, losses = awq_scale.search_linear_scale(w.float(), x.float(), cands, spec)
     expected = _linear_losses64(w, x, cands, spec)
     _assert_losses_close(losses, expected)
     order = torch.sort(expected).values
@@ -128,9 +130,10 @@ def test_module_search_picks_the_float64_argmin():
     x = _outlier_inputs(256, k, seed=4)
     calls = [((x[:128].float(),), {}), ((x[128:].float(),), {})]
     weights = [mlp.gate_proj.weight.data, mlp.up_proj.weight.data]
-    cands = awq.candidate_scales(x.abs().mean(0).float(), awq.weight_mean(weights, SPEC), awq.grid_ratios(20))
+    cands = awq_scale.candidate_scales(x.abs().mean(0).float(), awq_scale.weight_mean(weights, SPEC),
+                                       awq_scale.grid_ratios(20))
     before = [w.clone() for w in weights]
-    best, losses = awq.search_module_scale(mlp, [mlp.gate_proj, mlp.up_proj], calls, cands, SPEC)
+    best, losses = awq_scale.search_module_scale(mlp, [mlp.gate_proj, mlp.up_proj], calls, cands, SPEC)
     assert all(torch.equal(a, b) for a, b in zip(before, weights))  # weights restored
     m64 = TinyMLP(k, h, seed=3).double()
     target = m64(x)
@@ -146,8 +149,8 @@ def test_module_search_picks_the_float64_argmin():
     assert order[1] - order[0] > 10 * LOSS_RTOL * order[0]
     assert best == int(torch.argmin(expected)) and best > 0
     # scored in bf16 (a copy of the module; the float module is untouched): losses within 2%, same choice here
-    best16, losses16 = awq.search_module_scale(mlp, [mlp.gate_proj, mlp.up_proj], calls, cands, SPEC,
-                                               dtype=torch.bfloat16)
+    best16, losses16 = awq_scale.search_module_scale(mlp, [mlp.gate_proj, mlp.up_proj], calls, cands, SPEC,
+                                                     dtype=torch.bfloat16)
     assert all(torch.equal(a, b) for a, b in zip(before, weights)) and mlp.gate_proj.weight.dtype == torch.float32
     torch.testing.assert_close(losses16, expected, rtol=2e-2, atol=0)
     assert best16 == best
@@ -161,10 +164,10 @@ def test_clip_search_matches_a_float64_token_loop(sym_grid, sym_clip):
     gen = torch.Generator().manual_seed(6)
     w = torch.randn(n, k, generator=gen, dtype=torch.float64)
     w[torch.rand(n, k, generator=gen) < 0.03] *= 6  # a few large weights: clipping pays
-    gram_obs = awq.GramObserver(k, g)
+    gram_obs = awq_observe.GramObserver(k, g)
     gram_obs.add(x[:120].float())
     gram_obs.add(x[120:].float())
-    lo, hi = awq.clip_search(w.float(), gram_obs.mean(), spec, sym_clip)
+    lo, hi = awq_clip.clip_search(w.float(), gram_obs.mean(), spec, sym_clip)
     # float64: per (row, group) the factor with the smallest token-space error (first on ties)
     xs = x.reshape(200, k // g, g)
     wg = w.reshape(n, k // g, g)
@@ -189,7 +192,7 @@ def test_clip_search_matches_a_float64_token_loop(sym_grid, sym_clip):
     agree = (got_f - best_f).abs() < 1e-4
     assert agree.float().mean() > 0.97, agree.float().mean()  # near-ties may flip between fp32 and fp64
     assert (best_f < 1).any()  # clipping was chosen somewhere: the comparison can fail
-    clipped = awq.apply_clip(w.float(), lo, hi).double()
+    clipped = awq_clip.apply_clip(w.float(), lo, hi).double()
     q = _fq64(clipped, spec).reshape(n, k // g, g)
     err = torch.einsum("tgj,ngj->tng", xs, q - wg).pow(2).mean(0)
     assert (err <= base * (1 + 1e-5)).all()  # factor 1 is a candidate: never worse than no clip
@@ -303,7 +306,7 @@ def test_awq_model_packs_and_serves_through_quantlinear(tmp_path, fmt):
 def test_search_sample_takes_whole_windows():
     from tritonq.engine.adapters import ScalePair
 
-    obs = awq.PairObserver(ScalePair("n", ("a.x", "a.y")), "a", sample_tokens=40)
+    obs = awq_observe.PairObserver(ScalePair("n", ("a.x", "a.y")), "a", sample_tokens=40)
     cos = torch.randn(1, 16, 4)
     per_window = torch.randn(8, 1, 16, 16)
     for _ in range(2):
@@ -320,13 +323,13 @@ def test_grouped_fake_quant_is_rtn_bit_for_bit(spec):
     from tritonq.engine.methods.rtn import round_to_nearest
 
     w = torch.randn(24, 64, generator=torch.Generator().manual_seed(8))
-    assert torch.equal(awq.fake_quantize_grouped(w, spec), round_to_nearest(w, spec).weight)
+    assert torch.equal(fake_quantize_groups(w, spec), round_to_nearest(w, spec).weight)
 
 
 def test_search_losses_pick_the_first_minimum_and_refuse_all_nan():
-    assert awq.pick_best(torch.tensor([3.0, 1.0, 1.0, float("nan")]), "x") == 1  # strict <: first on ties
+    assert awq_scale.pick_best(torch.tensor([3.0, 1.0, 1.0, float("nan")]), "x") == 1  # strict <: first on ties
     with pytest.raises(TritonqError, match="non-finite loss"):
-        awq.pick_best(torch.tensor([float("nan"), float("inf")]), "block 0")
+        awq_scale.pick_best(torch.tensor([float("nan"), float("inf")]), "block 0")
 
 
 def test_auto_search_dtype_uses_bf16_only_where_the_cpu_has_it(monkeypatch):
@@ -335,9 +338,9 @@ def test_auto_search_dtype_uses_bf16_only_where_the_cpu_has_it(monkeypatch):
     for avx512_bf16, amx, expect in cases:
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
-        assert awq.search_dtype("auto", w32) is expect
-    assert awq.search_dtype("auto", w32.half()) is None  # a half model is scored in its own dtype
-    assert awq.search_dtype("float32", w32) is torch.float32
+        assert awq_scale.search_dtype("auto", w32) is expect
+    assert awq_scale.search_dtype("auto", w32.half()) is None  # a half model is scored in its own dtype
+    assert awq_scale.search_dtype("float32", w32) is torch.float32
 
 
 def test_observer_sums_only_the_moments_asked_for_and_names_a_missing_one():
@@ -347,8 +350,8 @@ def test_observer_sums_only_the_moments_asked_for_and_names_a_missing_one():
     x = torch.randn(3, 7, 5, dtype=torch.float64)
     flat = x.reshape(-1, 5)
     pair = ScalePair("n", ("a.x",))
-    only_abs = awq.PairObserver(pair, None, 0, awq.AWQ.moments)
-    every = awq.PairObserver(pair, None, 0, DHAWQ.moments + ("abs",))
+    only_abs = awq_observe.PairObserver(pair, None, 0, awq.AWQ.moments)
+    every = awq_observe.PairObserver(pair, None, 0, DHAWQ.moments + ("abs",))
     for obs in (only_abs, every):
         obs.add_stat(x[:2])
         obs.add_stat(x[2:])

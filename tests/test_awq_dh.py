@@ -1,4 +1,4 @@
-"""DH-AWQ (engine/dh_awq.py): the property tests of ``../shared/docs/awq_family.md`` §8 on fresh random
+"""DH-AWQ (engine/methods/dh_awq.py): the property tests of ``../shared/docs/awq_family.md`` §8 on fresh random
 weights and mean inputs, the Kneedle outliers on a synthetic vector, and a run on a tiny model."""
 
 import pytest

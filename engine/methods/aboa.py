@@ -7,7 +7,8 @@ never folds ``1 / s`` anywhere), so it is not a reference; the construction here
 1. one scale per input channel, shared by the linears that read the same tensor: q/k/v, gate/up, down, and
    o_proj, whose scale is tied across the query heads of each KV group under grouped-query attention (one
    value channel feeds ``heads / kv_heads`` o_proj columns; unlike AWQ, which skips v -> o under GQA);
-2. searched as AWQ does (:mod:`.awq`: the one implementation of the candidates, the search and the folding):
+2. searched as AWQ does (:mod:`.awq`, :mod:`.awq_scale`: the one implementation of the candidates, the search
+   and the folding):
    candidates scored by the error of the module output under round-to-nearest inside the loss, self_attn for
    q/k/v, the MLP for gate/up, the linear's own output for o and down; no clip search (BoA picks its grids);
 3. folded into the producers (input_layernorm, post_attention_layernorm, v_proj rows, up_proj rows; OPT's
@@ -35,7 +36,9 @@ from ...errors import TritonqError
 from ..adapters import ScalePair
 from ..grid import GridSpec
 from ..hessian import HessianAccumulator
-from .awq import AWQ, AWQState, PairObserver, ScaleSearchOptions, candidate_scales, grid_ratios, parent_of, weight_mean
+from .awq import AWQ, AWQState, parent_of
+from .awq_observe import PairObserver
+from .awq_scale import ScaleSearchOptions, candidate_scales, grid_ratios, weight_mean
 from .base import LayerResult
 from .boa import AttentionStats, BoA, BoAOptions
 from .smoothquant import MIN_WEIGHT_MAX, fold_gqa_value, smoothing_pairs
@@ -72,7 +75,7 @@ class ABoAOptions(ScaleSearchOptions, BoAOptions):
 
 
 class TiedPairObserver(PairObserver):
-    """:class:`.awq.PairObserver` that also keeps ``max |x_j|`` (the salient rule's statistic) and knows how
+    """:class:`.awq_observe.PairObserver` that also keeps ``max |x_j|`` (the salient rule's statistic) and knows how
     its balance input is tied: ``repeat`` query heads of ``head_dim`` channels share one scale (GQA v -> o)."""
 
     def __init__(self, pair: ScalePair, parent: str | None, sample_tokens: int, repeat: int = 1,

@@ -5,7 +5,8 @@ Source: anhnda/FPRAG ``awq_dh_xl.py`` and its README ("Dynamic Heuristic AWQ"; a
 paper), as specified in ``../shared/docs/awq_family.md`` §8, in tritonq's packable adaptation (§8 "tritonq
 spec", ours):
 
-* scales as AWQ (``engine/awq.py``: same groups, search and folding), salience ``E[x^2]`` (clamped at 1e-5),
+* scales as AWQ (:mod:`.awq`, :mod:`.awq_scale`: same groups, search and folding), salience ``E[x^2]``
+  (clamped at 1e-5),
   ``s = E[x^2]^a`` for ``a`` in ``{0, 0.05, .., 1}`` (21 points), normalised; the quantizer inside the search
   and the final one is :func:`heuristic_quantize` on ``W s`` with the mean input ``m' = E[x] / s``;
 * :func:`heuristic_quantize`: round on the shared grid, row error ``e_i = sum_j (W - Wq)_ij m'_j``; every
@@ -29,8 +30,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from ...errors import TritonqError
-from ..grid import GridSpec, default_g_idx, fit_groups
-from .awq import AWQ, SEARCH_DTYPES, AWQState, PairObserver, Quantizer, candidate_scales
+from ..grid import GridSpec, default_g_idx, dequantize_codes, fit_groups, quantize_codes
+from .awq import AWQ, AWQState
+from .awq_observe import PairObserver
+from .awq_scale import SEARCH_DTYPES, Quantizer, candidate_scales
 from .base import LayerResult
 
 if TYPE_CHECKING:
@@ -106,10 +109,9 @@ def heuristic_quantize(weight: torch.Tensor, mean_input: torch.Tensor, spec: Gri
     scale, zero = fit_groups(w, spec)
     g_idx = default_g_idx(k, spec).to(w.device)
     sc, zc = scale[:, g_idx.long()], zero[:, g_idx.long()]
-    ratio = w / sc
-    codes = torch.clamp(torch.round(ratio) + zc, 0, spec.maxq)
-    frac = ratio - (codes - zc)  # unrounded code minus the code
-    deq = sc * (codes - zc)
+    codes = quantize_codes(w, sc, zc, spec.maxq)
+    frac = w / sc - (codes - zc)  # unrounded code minus the code
+    deq = dequantize_codes(codes, sc, zc)
     err = ((w - deq) * m[None]).sum(dim=1)
     direction = torch.where(frac < 0, -1.0, 1.0)
     impact = m[None] * direction * sc
@@ -136,7 +138,7 @@ def heuristic_quantize(weight: torch.Tensor, mean_input: torch.Tensor, spec: Gri
         chosen = torch.zeros_like(valid)
         chosen.scatter_(1, order, chosen_sorted)
         codes = codes + torch.where(chosen, direction, torch.zeros_like(direction))
-    q = sc * (codes - zc)
+    q = dequantize_codes(codes, sc, zc)
     after = ((w - q) * m[None]).sum(dim=1)
     return HeuristicResult(LayerResult(q, scale, zero, g_idx, {"flips": int(flips.sum())}), flips, err, after)
 

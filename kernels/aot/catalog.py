@@ -179,6 +179,16 @@ def _picks_awq(mod: Any, target: Target, dtype: str) -> list[Pick]:
     return [Pick(mod.pick_config(g), f"group={g}", (("GROUP", g),), dtype) for g in groups]
 
 
+def _picks_awq_linear(mod: Any, target: Target, dtype: str) -> list[Pick]:
+    groups = sorted({64, BENCH_SHAPES["group_size"]})
+    return [Pick(mod.pick_linear_config(g), f"group={g}", (("GROUP", g),), dtype) for g in groups]
+
+
+def _picks_awq_clip(mod: Any, target: Target, dtype: str) -> list[Pick]:
+    groups = sorted({64, BENCH_SHAPES["group_size"]})
+    return [Pick(mod.pick_config(g), f"group={g}", (("GROUP", g),), dtype) for g in groups]
+
+
 def _picks_boa(mod: Any, target: Target, dtype: str) -> list[Pick]:
     return [Pick(mod.pick_config(), "q/k heads (one config)", (), dtype)]
 
@@ -212,9 +222,18 @@ ENTRIES: tuple[KernelEntry, ...] = (
                 # engine/hessian.py: C = W[:, c0+B:] (row-major), A = err^T.t() (column-major), B = U slice
                 assume={"M": "16", "N": "16", "K": "16", "stride_cm": "16", "stride_cn": "1", "stride_am": "1",
                         "stride_ak": "16", "stride_bk": "16", "stride_bn": "1"}),
-    KernelEntry("awq_search", "awq_search", "awq_loss_kernel", "CONFIGS", "aot_signature", _picks_awq,
+    KernelEntry("awq_search", "awq_search", "awq_candidates_kernel", "CONFIGS", "aot_signature", _picks_awq,
                 excluded="excluded", launcher_checks_exclusion=True,
                 assume={"N": "16", "K": "16", "T": "16", "stride_w": "16", "stride_x": "16", "stride_s": "16"}),
+    # the same kernel writing the module searches' candidate outputs (norm -> q/k/v, norm -> gate/up):
+    # contiguous x [T, K], y [A, T, N]
+    KernelEntry("awq_linear", "awq_search", "awq_candidates_kernel", "LINEAR_CONFIGS", "aot_signature_linear",
+                _picks_awq_linear, excluded="excluded", launcher_checks_exclusion=True,
+                assume={"N": "16", "K": "16", "stride_w": "16", "stride_x": "16", "stride_s": "16", "stride_ya": "16",
+                        "stride_yt": "16"}),
+    # the clip search: fp32 weights [N, K] row-major, Gram blocks [G, g, g] contiguous
+    KernelEntry("awq_clip", "awq_clip", "awq_clip_kernel", "CONFIGS", "aot_signature", _picks_awq_clip,
+                assume={"N": "16", "stride_w": "16"}),
     # engine/boa.py: contiguous tensors; K a multiple of 16 at the bench shapes (Llama q_proj)
     KernelEntry("boa_rows", "boa_rows", "boa_rows_kernel", "CONFIGS", "aot_signature", _picks_boa,
                 assume={"K": "16"}),
@@ -239,7 +258,8 @@ def get_entry(name: str) -> KernelEntry:
     raise TritonqError(f"no kernel {name!r} in the catalog; known: {', '.join(e.name for e in ENTRIES)}")
 
 
-_NOT_KERNEL_MODULES = {"aot", "configs", "grid_rule"}  # tritonq.kernels modules without jitted kernels
+# tritonq.kernels modules without kernels of their own (grid_fit: device helpers, compiled inside their callers)
+_NOT_KERNEL_MODULES = {"aot", "configs", "grid_rule", "grid_fit"}
 
 
 def discover_kernels() -> set[tuple[str, str]]:
