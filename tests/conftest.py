@@ -31,3 +31,11 @@ def _method_registry_restored():
     yield
     registry.METHODS.clear()
     registry.METHODS.update(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """The CLI tests' one-block random Llama with the tiny tokenizer (``helpers.save_tiny_llama``)."""
+    from helpers import save_tiny_llama
+
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny"))

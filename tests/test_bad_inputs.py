@@ -15,15 +15,10 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import make_fake_dir, save_tiny_llama
+from helpers import make_fake_dir
 from tritonq.cli import main
 from tritonq.engine import outputs
 from tritonq.errors import TritonqError
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return save_tiny_llama(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")

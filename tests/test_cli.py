@@ -8,14 +8,9 @@ import time
 
 import pytest
 import torch
-from helpers import save_tiny_llama, tiny_tokenizer
+from helpers import tiny_tokenizer
 from tritonq.cli import main
 from tritonq.errors import TritonqError
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return save_tiny_llama(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")
