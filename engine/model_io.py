@@ -268,7 +268,21 @@ def model_context(name: str, trust_remote_code: bool = False) -> int | None:
 
 
 def load_config(name: str, trust_remote_code: bool = False):
-    """The model config of ``name``."""
+    """The model config of ``name`` (a fresh copy per call: callers may change it).
+
+    A hub id or the built-in default is parsed once per process (the default's config comes from a GGUF
+    header, seconds of work; preflight asks for it more than once); a local directory is read every time."""
+    import copy
+
+    from transformers import AutoConfig
+
+    if Path(name).expanduser().is_dir():
+        return _from_pretrained("config", AutoConfig, name, trust_remote_code)
+    return copy.deepcopy(_remote_config(name, trust_remote_code))
+
+
+@lru_cache(maxsize=8)
+def _remote_config(name: str, trust_remote_code: bool):
     from transformers import AutoConfig
 
     return _from_pretrained("config", AutoConfig, name, trust_remote_code)
