@@ -181,6 +181,8 @@ def test_check_request_asks_the_format_class(model_dir):
         ("gguf", request({"a": g64}), "group size 64"),
         ("gptq", request({"a": GridSpec(3, 32, False)}), "2, 4 or 8 bits"),
         ("awq", request(mixed), "one grid for the whole model"),
+        ("awq", request({"a": GridSpec(3, 64, False)}), "4-bit grouped weights only"),  # gptq --bits 3 --format awq
+        ("awq", request({"a": g32}, "dynamic"), "cannot store group act-order"),
         ("zip", request({"a": g32}), "unknown --format 'zip'"),
     ]
     for fmt, req, message in refusals:

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ...errors import TritonqError
 from ..grid import GridSpec
-from .base import PackedFormat, distinct_grids, method_of, qweight_layers
+from .base import FormatRequest, PackedFormat, distinct_grids, method_of, qweight_layers
 from .bitpack import awq_pack, awq_unpack
 from .records import QuantizedWeight, check_layer, default_g_idx, is_default_g_idx, stored_scale
 from .store import TensorStore
@@ -37,6 +37,12 @@ class AwqFormat(PackedFormat):
             )
         for spec in specs:
             self.check_grid(spec)
+
+    def check(self, request: FormatRequest) -> None:
+        super().check(request)
+        if request.act_order_groups == "dynamic":  # known before work: refuse here, not after the quantization
+            raise TritonqError("AWQ has no g_idx and cannot store group act-order (--act-order dynamic); quantize "
+                               "with --act-order static, or use --format gptq_v2 or compressed-tensors")
 
     def check_grid(self, spec: GridSpec) -> None:
         if spec.bits != 4 or spec.group_size == -1:
