@@ -60,7 +60,8 @@ def _add_quantize(sub) -> None:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--format", default="fake", dest="out_format",
                    help="fake (float weights on the grid), compressed-tensors, gptq, gptq_v2, awq, or gguf "
-                        "(llama.cpp / ollama: model.gguf, Q4_1 or Q4_0 blocks; needs --bits 4 --group-size 32)")
+                        "(llama.cpp / ollama: model.gguf; group size 32: 4-bit as Q4_1, or Q4_0 when symmetric, "
+                        "symmetric 8-bit as Q8_0)")
     p.add_argument("--eval-data", default=None, help="evaluate perplexity after quantizing (file or name)")
     p.add_argument("--eval-windows", type=int, default=None, help="evaluate only the first K windows")
     p.add_argument("--no-progress", action="store_true")
@@ -171,7 +172,7 @@ def _add_pack(sub) -> None:
     p.add_argument("src", help="directory written by 'tritonq quantize'")
     p.add_argument("--format", default="compressed-tensors", dest="out_format",
                    help="compressed-tensors (default), gptq, gptq_v2, awq, or gguf (llama.cpp / ollama: "
-                        "model.gguf; 4-bit group-32 grids as Q4_1, symmetric as Q4_0)")
+                        "model.gguf; group-32 grids: 4-bit as Q4_1, or Q4_0 when symmetric, symmetric 8-bit as Q8_0)")
     p.add_argument("--output", required=True)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(handler=_run_pack)
