@@ -161,6 +161,7 @@ def test_sharded_output_holds_the_same_tensors(tmp_path, fmt):
 
 def test_check_request_asks_the_format_class(model_dir):
     """The one preflight entry dispatches through the registry; each class refuses what it cannot hold."""
+    from tritonq.engine.activations import ActSpec
     from tritonq.engine.formats.gguf_vocab import tokenizer_json_of
     from tritonq.engine.formats.request import FormatRequest, check_request
     from tritonq.engine.grid import GridSpec
@@ -183,6 +184,7 @@ def test_check_request_asks_the_format_class(model_dir):
         ("awq", request(mixed), "one grid for the whole model"),
         ("awq", request({"a": GridSpec(3, 64, False)}), "4-bit grouped weights only"),  # gptq --bits 3 --format awq
         ("awq", request({"a": g32}, "dynamic"), "cannot store group act-order"),
+        ("gguf", FormatRequest({"a": g32}, config, vocab, None, ActSpec(bits=8)), "no setting for activation"),
         ("zip", request({"a": g32}), "unknown --format 'zip'"),
     ]
     for fmt, req, message in refusals:

@@ -275,6 +275,12 @@ class GgufFormat(OutputFormat):
         for spec in distinct_grids(request.layer_grids.values()):
             check_gguf_grid(spec, request.act_order_groups)
         check_gguf_model(request.config)
+        if request.activations is not None:  # llama.cpp would run it weight-only: a different model, said up front
+            raise TritonqError(f"GGUF has no setting for activation quantization ({request.activations.bits}-bit "
+                               f"{request.activations.scheme} inputs); "
+                               "llama.cpp would run these weights on unquantized inputs. Use --format "
+                               "compressed-tensors for a W4A8/W8A8 model, or quantize without --act-bits "
+                               "(and with a weight-only method, not AWRQ or SmoothQuant)")
         if request.tokenizer_json is None:
             raise TritonqError("GGUF export writes the vocabulary from a fast (tokenizers) tokenizer; this model has "
                                "none. Convert the fake-quantized output with llama.cpp's convert_hf_to_gguf.py")
@@ -294,7 +300,7 @@ class GgufFormat(OutputFormat):
             check_gguf_model(config)
             for spec in distinct_grids(ckpt.grids.values()):
                 check_gguf_grid(spec, meta.get("act_order_groups"))
-            if meta.get("activations"):
+            if meta.get("activations"):  # 'tritonq pack' of such an output: the preflight of quantize refuses it
                 warn("GGUF has no setting for activation quantization; llama.cpp runs the weights with its own "
                      "activation handling (8-bit blocks for Q4 dot products on the CPU)")
             keys = ckpt.float_keys()
