@@ -11,7 +11,9 @@ From the model's config (a meta skeleton, no weights) and its tokenizer, :func:`
    method; for a packed 4-bit output, the dequant-matmul kernels that serve it.
 
 So a run the output cannot hold (``--method awq+gptq --act-order dynamic --format gguf``) fails in seconds with
-one line, not after the whole quantization.
+one line, not after the whole quantization. Before any of that, :func:`check_quantize_options` refuses what the
+options alone show (counts, the grid, data files parsed, the output directory, the model's files and context),
+before the tokenizer loads; ``tritonq eval`` and :func:`tritonq.engine.api.evaluate` use its pieces too.
 """
 
 from __future__ import annotations
