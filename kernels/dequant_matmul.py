@@ -22,6 +22,9 @@ with ``GEMV_CONFIGS`` / ``GEMM_CONFIGS`` (``CONFIGS`` is both), ``aot_signature_
 ``aot_attrs(signature)`` for the 16-divisibility hints. ``pick_config(M, K, N, group_size, dtype,
 num_sms=, capability=)`` returns a :class:`Plan` (kernel, config, split_k, per_k); ``grid(plan, M, N, K)``
 is (output tiles, K splits, 1) for both kernels and ``k_split(plan, K)`` the clamped split.
+
+The file runs past 400 lines because it is one op: both kernels share the in-register dequantization, the
+launcher, the config choice and the reference they are tested against (one file per op, as gemlite does).
 """
 
 from __future__ import annotations

@@ -20,6 +20,9 @@ Specialization: at launch the JIT marks every pointer 16-byte aligned (torch all
 integer that is a multiple of 16 as such, which is what lets it emit 128-bit loads. AOT compiles see no
 values, so pointers always get the alignment hint and integers get it when the signature says so
 (``"i32:16"``, the convention of ``triton/tools/compile.py``; ``"i32:1"`` specializes the value to 1).
+
+The file runs past 400 lines because it is one driver: compile, read back for both vendors, cache, worker
+processes and the problems check all handle the same :class:`StaticReport`.
 """
 
 from __future__ import annotations
