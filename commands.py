@@ -95,7 +95,7 @@ def evaluate(args) -> int:
     if args.record:
         from pathlib import Path
 
-        from .engine.evaluation.report import QUANT_JSON
+        from .engine.outputs import QUANT_JSON
 
         if not (Path(args.model) / QUANT_JSON).is_file():
             raise TritonqError(f"--record stores scores in {QUANT_JSON}, which {args.model} does not have; give a "
@@ -228,15 +228,10 @@ def plot(args) -> int:
 
 def pack(args) -> int:
     """``tritonq pack SRC --format F --output OUT [--overwrite]``: pack a tritonq output, print its size."""
-    from pathlib import Path
-
-    from .engine.evaluation.report import QUANT_JSON, read_quantization_json
     from .engine.formats.registry import save_packed
     from .engine.outputs import check_output_dir
 
     check_output_dir(args.output, args.overwrite)  # unwritable, or not ours to replace: refused before packing
-    if (Path(args.src) / QUANT_JSON).is_file():
-        read_quantization_json(Path(args.src) / QUANT_JSON)
     out = save_packed(args.src, args.output, args.out_format, overwrite=args.overwrite)
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     print(f"wrote {args.out_format} checkpoint to {out} ({size / 2**20:.1f} MiB)")

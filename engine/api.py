@@ -29,11 +29,10 @@ from .data import (
     load_corpus,
     tokenize,
 )
-from .evaluation.report import read_quantization_json
 from .grid import GridSpec
 from .methods.registry import make_method
 from .model_io import load_model, load_tokenizer, resolve_device, resolve_dtype
-from .outputs import atomic_output_dir
+from .outputs import atomic_output_dir, read_quantization_json
 from .preflight import check_model_files, check_quantize_options, check_seqlen_fits, preflight
 
 

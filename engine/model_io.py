@@ -13,6 +13,7 @@ logs each retry).
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -265,6 +266,13 @@ def model_context(name: str, trust_remote_code: bool = False) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def tokenizer_json(tokenizer: Any) -> dict | None:
+    """A loaded tokenizer's ``tokenizer.json`` content (formats that embed the vocabulary need it); None for a slow
+    (Python) tokenizer, which has none."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return None if backend is None else json.loads(backend.to_str())
 
 
 def load_config(name: str, trust_remote_code: bool = False):

@@ -53,6 +53,12 @@ def read_json_object(path: Path, fix: str) -> dict:
     return value
 
 
+def read_quantization_json(path: Path) -> dict:
+    """A ``quantization.json`` as a JSON object, or one clear error (corrupt, not an object, not readable)."""
+    return read_json_object(path, "it was damaged after tritonq wrote it: re-run 'tritonq quantize' (or 'pack') "
+                                  "into this directory, or restore the file")
+
+
 def _json_object(path: Path) -> dict | None:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))

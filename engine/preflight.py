@@ -18,7 +18,6 @@ before the tokenizer loads; ``tritonq eval`` and :func:`tritonq.engine.api.evalu
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -30,14 +29,13 @@ from ..kernels.configs import check_limits
 from .activations import ActSpec, resolve_act_spec
 from .adapters import Adapter, adapter_for
 from .data import check_context, check_data, check_positive
-from .evaluation.report import QUANT_JSON, read_quantization_json
 from .formats.request import FormatRequest, check_request
 from .grid import GridSpec
 from .methods.act_quant import WithActivationQuant
 from .methods.base import Method
 from .methods.registry import method_class
-from .model_io import load_config, model_context, resolve_model
-from .outputs import check_output_dir
+from .model_io import load_config, model_context, resolve_model, tokenizer_json
+from .outputs import QUANT_JSON, check_output_dir, read_quantization_json
 from .pipeline import group_grid
 
 _TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -54,13 +52,6 @@ class Preflight:
     adapter: Adapter
     widths: dict[str, int]  # every linear -> its input width
     config: dict  # the model's config.json as a dict
-
-
-def linear_widths(model_name: str, trust_remote_code: bool = False) -> tuple[Adapter, dict[str, int]]:
-    """Adapter of the model and the input width of every linear of every block, from the config alone."""
-    config = load_config(model_name, trust_remote_code)
-    adapter = adapter_for(config)
-    return adapter, block_widths(config, adapter, trust_remote_code)
 
 
 def block_widths(config: Any, adapter: Adapter, trust_remote_code: bool = False) -> dict[str, int]:
@@ -86,8 +77,6 @@ def default_group_size(widths: dict[str, int]) -> int:
 def check_model_files(name: str) -> None:
     """A local model directory's metadata must parse before anything loads: ``config.json`` (every loader reads
     it) and, where present, ``quantization.json`` (eval, generate and serve read its activation record)."""
-
-
     if Path(name).expanduser().is_dir():
         resolve_model(name)  # config.json present and a JSON object
         meta = Path(name).expanduser() / QUANT_JSON
@@ -97,14 +86,12 @@ def check_model_files(name: str) -> None:
 
 def check_seqlen_fits(model: str, seqlen: int, trust_remote_code: bool, flag: str = "--seqlen") -> None:
     """Windows of ``seqlen`` tokens must fit the model's context; read from the config before the model loads."""
-
     check_context(seqlen, model_context(model, trust_remote_code), flag, model)
 
 
 def check_quantize_options(opts: Any) -> None:
     """What the options alone (and the model's config) can refuse, before anything is tokenized or loaded
     (``opts``: :class:`tritonq.engine.api.QuantizeOptions`)."""
-
     GridSpec(bits=opts.bits, group_size=128 if opts.group_size is None else opts.group_size, sym=opts.sym,
              mse=opts.mse)  # the grid's own checks, before the config is read below
     check_positive(opts.nsamples, "--nsamples", 128)
@@ -143,7 +130,7 @@ def preflight(method: Method, model_name: str, spec: GridSpec, *, default_group:
         spec = replace(spec, group_size=default_group_size(widths))
     grids = layer_grids(method, adapter, widths, spec)
     record = config.to_dict()
-    vocabulary = None if out_format == "fake" else _tokenizer_json(tokenizer)  # a fake output holds no vocabulary
+    vocabulary = None if out_format == "fake" else tokenizer_json(tokenizer)  # a fake output holds no vocabulary
     check_request(out_format, FormatRequest(layer_grids=grids, config=record, tokenizer_json=vocabulary,
                                             act_order_groups=method.act_order_groups(), activations=act))
     check_kernel_limits(method, out_format, grids, widths, device, dtype)
@@ -181,10 +168,3 @@ def check_kernel_limits(method: Method, out_format: str, grids: dict[str, GridSp
             if grid.bits == 4:  # 8-bit sym per-channel weights run on int8_matmul, other widths are not served
                 check_limits("dequant_matmul", dequant_matmul.LIMITS, bits=grid.bits, group_size=grid.group_size,
                              in_features=widths[name], where=name)
-
-
-def _tokenizer_json(tokenizer: Any) -> dict | None:
-    """The tokenizer's ``tokenizer.json`` content (formats that embed the vocabulary need it); None for a slow
-    (Python) tokenizer, which has none."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    return None if backend is None else json.loads(backend.to_str())

@@ -162,13 +162,12 @@ def test_sharded_output_holds_the_same_tensors(tmp_path, fmt):
 def test_check_request_asks_the_format_class(model_dir):
     """The one preflight entry dispatches through the registry; each class refuses what it cannot hold."""
     from tritonq.engine.activations import ActSpec
-    from tritonq.engine.formats.gguf_vocab import tokenizer_json_of
     from tritonq.engine.formats.request import FormatRequest, check_request
     from tritonq.engine.grid import GridSpec
-    from tritonq.engine.model_io import load_tokenizer
+    from tritonq.engine.model_io import load_tokenizer, tokenizer_json
 
     config = json.loads((model_dir / "config.json").read_text())
-    vocab = tokenizer_json_of(load_tokenizer(str(model_dir)))
+    vocab = tokenizer_json(load_tokenizer(str(model_dir)))
     g32, g64 = GridSpec(4, 32, False), GridSpec(4, 64, False)
     mixed = {"model.layers.0.mlp.up_proj": g32, "model.layers.0.mlp.down_proj": GridSpec(8, 32, True)}
 

@@ -20,9 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ...errors import TritonqError
-from ..outputs import atomic_write, read_json_object
+from ..outputs import QUANT_JSON, atomic_write, read_json_object, read_quantization_json
 
-QUANT_JSON = "quantization.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")  # what counts as weights on disk
 PERPLEXITY = "perplexity"
 LM_EVAL = "lm_eval"
@@ -61,12 +60,6 @@ def record_evaluation(directory: str | os.PathLike, kind: str, label: str, recor
         meta.setdefault("seconds", {}).update({k: round(float(v), 3) for k, v in seconds.items()})
     atomic_write(path, (json.dumps(meta, indent=2) + "\n").encode())
     return path
-
-
-def read_quantization_json(path: Path) -> dict:
-    """A ``quantization.json`` as a JSON object, or one clear error (corrupt, not an object, not readable)."""
-    return read_json_object(path, "it was damaged after tritonq wrote it: re-run 'tritonq quantize' (or 'pack') "
-                                  "into this directory, or restore the file")
 
 
 def perplexity_label(data: str, windows: int, seqlen: int) -> str:

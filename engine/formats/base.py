@@ -25,7 +25,8 @@ from torch import Tensor
 from ...errors import warn
 from ..activations import ActSpec
 from ..grid import GridSpec
-from .records import QUANT_JSON, QuantizedWeight, is_default_g_idx, layout_key, model_dtype
+from ..outputs import QUANT_JSON
+from .records import QuantizedWeight, is_default_g_idx, layout_key, model_dtype
 from .store import ShardedWriter, TensorStore
 
 if TYPE_CHECKING:

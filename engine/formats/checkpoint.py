@@ -25,9 +25,9 @@ from torch import Tensor
 
 from ...errors import TritonqError
 from ..grid import GridSpec
+from ..outputs import QUANT_JSON, read_json_object, read_quantization_json
 from .records import (
     GRID_LEAF,
-    QUANT_JSON,
     QUANT_PARAMS,
     QuantizedWeight,
     check_layer,
@@ -140,7 +140,7 @@ def read_source(src_dir: str | os.PathLike) -> tuple[dict, GridSpec, dict]:
     """Read a ``tritonq quantize`` output: (config.json dict, the run's grid, quantization.json dict)."""
     src = Path(src_dir)
     cfg_file = src / "config.json"
-    if cfg_file.is_file() and "quantization_config" in json.loads(cfg_file.read_text()):
+    if cfg_file.is_file() and "quantization_config" in read_json_object(cfg_file, "restore its config.json"):
         raise TritonqError(
             f"{src} is already a packed checkpoint; pack reads the fake-quantized output of 'tritonq quantize'"
         )
@@ -149,12 +149,12 @@ def read_source(src_dir: str | os.PathLike) -> tuple[dict, GridSpec, dict]:
             raise TritonqError(
                 f"{src} has no {f}; pass a directory written by 'tritonq quantize' (--format fake)"
             )
-    meta = json.loads((src / QUANT_JSON).read_text())
+    meta = read_quantization_json(src / QUANT_JSON)
     for key in ("bits", "group_size", "sym", "layers"):
         if key not in meta:
             raise TritonqError(f"{src / QUANT_JSON} lacks {key!r}; re-run 'tritonq quantize'")
     spec = GridSpec(int(meta["bits"]), int(meta["group_size"]), bool(meta["sym"]), bool(meta.get("mse", False)))
-    config = json.loads((src / "config.json").read_text())
+    config = read_json_object(src / "config.json", "restore its config.json")
     return config, spec, meta
 
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..outputs import QUANT_JSON
 from .base import OutputFormat
 from .checkpoint import Checkpoint, write_quant_params
-from .records import QUANT_JSON, QUANT_PARAMS
+from .records import QUANT_PARAMS
 from .store import ShardedWriter
 
 

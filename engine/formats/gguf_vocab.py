@@ -127,17 +127,6 @@ def pre_tokenizer_name(tokenizer_json: Mapping) -> str:
     )
 
 
-def tokenizer_json_of(tokenizer) -> dict:
-    """The ``tokenizer.json`` content of a loaded fast tokenizer; an error for a slow (Python) one."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        raise TritonqError(
-            "GGUF export writes the vocabulary from a fast (tokenizers) tokenizer; this model's tokenizer is "
-            f"{type(tokenizer).__name__}. Convert the fake-quantized output with llama.cpp's convert_hf_to_gguf.py"
-        )
-    return json.loads(backend.to_str())
-
-
 def tokenizer_json_in(directory: Path) -> dict:
     f = directory / "tokenizer.json"
     if not f.is_file():

@@ -17,7 +17,6 @@ from torch import Tensor
 from ...errors import TritonqError
 from ..grid import GridSpec, codes_of, dequantize
 
-QUANT_JSON = "quantization.json"
 QUANT_PARAMS = "quant_params.safetensors"
 GRID_LEAF = "grid"  # quant_params tensor ``<name>.grid``: int32 [bits, group_size, sym] (absent in old files)
 

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ...errors import TritonqError
 from ..grid import GridSpec
-from ..outputs import atomic_output_dir, check_output_dir
+from ..outputs import QUANT_JSON, atomic_output_dir, check_output_dir
 from .awq import AwqFormat
 from .base import OutputFormat, PackedFormat, method_of
 from .checkpoint import FakeDirectory
@@ -26,7 +26,7 @@ from .compressed_tensors import CompressedTensorsFormat
 from .fake import FakeFormat
 from .gguf import GgufFormat
 from .gptq import GptqFormat, GptqV2Format
-from .records import QUANT_JSON, QuantizedWeight
+from .records import QuantizedWeight
 from .store import TensorStore
 
 DEFAULT_FORMAT = "compressed-tensors"
