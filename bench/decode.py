@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..engine.outputs import read_json_object
+from ..engine.outputs import QUANT_JSON, read_json_object, read_quantization_json
 from ..errors import TritonqError
 
 PROMPT = "The history of quantization in signal processing"
@@ -304,8 +304,8 @@ def _source(args) -> dict:
             path / "config.json", "restore the checkpoint's config.json, or pack it again with 'tritonq pack'"):
         raise TritonqError(f"{path} is not a packed checkpoint (no config.json with a quantization_config); "
                            "make one with 'tritonq pack', or pass --random-llama")
-    if (path / "quantization.json").is_file():  # its activation record is read when the model loads
-        read_json_object(path / "quantization.json", "restore it, or pack the model again with 'tritonq pack'")
+    if (path / QUANT_JSON).is_file():  # its activation record is read when the model loads
+        read_quantization_json(path / QUANT_JSON)
     return {"kind": "dir", "path": str(path.resolve()), "prompt_tokens": prompt_tokens}
 
 

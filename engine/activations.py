@@ -31,7 +31,7 @@ import torch.nn as nn
 
 from ..errors import TritonqError
 from ..kernels.grid_rule import MIN_ACT_SCALE
-from .outputs import read_json_object
+from .outputs import QUANT_JSON, read_json_object, read_quantization_json
 
 ACT_BITS = (8, 6, 4)
 ACT_SCHEMES = ("per-token", "per-tensor")
@@ -166,10 +166,9 @@ def saved_act_spec(directory: str | Path) -> ActSpec | None:
     """The activation setting recorded in a tritonq output (``quantization.json``) or a packed checkpoint's
     ``config.json`` (tritonq's record beside the ``quantization_config``); None when weights only."""
     path = Path(directory)
-    meta = path / "quantization.json"
+    meta = path / QUANT_JSON
     if meta.is_file():
-        record = read_json_object(meta, "re-run 'tritonq quantize' into this directory, or restore the file").get(
-            "activations")
+        record = read_quantization_json(meta).get("activations")
         return ActSpec.from_record(record) if record else None
     cfg = path / "config.json"
     if not cfg.is_file():

@@ -32,7 +32,7 @@ from .data import (
 from .grid import GridSpec
 from .methods.registry import make_method
 from .model_io import load_model, load_tokenizer, resolve_device, resolve_dtype
-from .outputs import atomic_output_dir, read_quantization_json
+from .outputs import QUANT_JSON, atomic_output_dir, read_quantization_json
 from .preflight import check_model_files, check_quantize_options, check_seqlen_fits, preflight
 
 
@@ -222,7 +222,7 @@ def apply_run_activation_quant(model, model_name: str, bits: int | None, scheme:
     act = resolve_act_spec(saved, bits, scheme, sym)
     if act is None:
         return
-    meta = Path(model_name) / "quantization.json"
+    meta = Path(model_name) / QUANT_JSON
     if meta.is_file():
         names = read_quantization_json(meta).get("layers") or []
     else:  # a packed checkpoint (its layers already wrapped by load_packed_model: re-set) or a float model
