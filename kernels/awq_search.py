@@ -151,9 +151,6 @@ def excluded(target: str, dtype: str, config: LaunchConfig) -> str | None:
     return None
 
 
-_TARGET_OF_DEVICE: dict[int, str | None] = {}
-
-
 def kernel_usable(w: torch.Tensor, group_size: int, x: torch.Tensor | None = None) -> bool:
     """Whether the Triton path takes this grid (one group is one reduction tile) and, on a GPU, whether
     :func:`excluded` allows the launch for ``x``'s device and dtype."""
@@ -161,12 +158,9 @@ def kernel_usable(w: torch.Tensor, group_size: int, x: torch.Tensor | None = Non
         return False
     if x is None or not x.is_cuda:
         return True
-    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    if index not in _TARGET_OF_DEVICE:
-        from .aot.catalog import runtime_target
+    from .aot.catalog import device_target
 
-        _TARGET_OF_DEVICE[index] = runtime_target(x.device)
-    target = _TARGET_OF_DEVICE[index]
+    target = device_target(x.device)
     dtype = _TORCH_TO_TRITON.get(x.dtype, "fp32")
     return target is None or excluded(target, dtype, pick_config(group_size)) is None
 

@@ -114,19 +114,13 @@ def excluded(target: str, dtype: str, config: LaunchConfig) -> str | None:
     return None
 
 
-_TARGET_OF_DEVICE: dict[int, str | None] = {}
-
-
 def kernel_usable(x: torch.Tensor) -> bool:
     """False where :func:`excluded` rules out the launch for ``x``'s device and dtype."""
     if not x.is_cuda:
         return True  # the interpreter
-    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    if index not in _TARGET_OF_DEVICE:
-        from .aot.catalog import runtime_target
+    from .aot.catalog import device_target
 
-        _TARGET_OF_DEVICE[index] = runtime_target(x.device)
-    target = _TARGET_OF_DEVICE[index]
+    target = device_target(x.device)
     dtype = _TORCH_TO_TRITON.get(x.dtype, "fp32")
     return target is None or excluded(target, dtype, pick_config(x.shape[-1])) is None
 

@@ -127,19 +127,13 @@ def excluded(target: str, dtype: str, config: LaunchConfig) -> str | None:
     return None
 
 
-_TARGET_OF_DEVICE: dict[int, str | None] = {}
-
-
 def kernel_usable(x: torch.Tensor) -> bool:
     """False where :func:`excluded` rules out the int8 GEMM for ``x``'s device (the interpreter: True)."""
     if not x.is_cuda:
         return True
-    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    if index not in _TARGET_OF_DEVICE:
-        from .aot.catalog import runtime_target
+    from .aot.catalog import device_target
 
-        _TARGET_OF_DEVICE[index] = runtime_target(x.device)
-    target = _TARGET_OF_DEVICE[index]
+    target = device_target(x.device)
     return target is None or excluded(target, "fp16", pick_gemm_config(1)) is None
 
 

@@ -354,3 +354,16 @@ def runtime_target(device: Any) -> str | None:
     else:
         name = f"sm_{props.major}{props.minor}"
     return name if name in TARGETS else None
+
+
+_TARGET_OF_DEVICE: dict[int, str | None] = {}
+
+
+def device_target(device: Any) -> str | None:
+    """:func:`runtime_target` of a CUDA device, asked once per device index (launchers call it on every launch)."""
+    import torch
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _TARGET_OF_DEVICE:
+        _TARGET_OF_DEVICE[index] = runtime_target(device)
+    return _TARGET_OF_DEVICE[index]
