@@ -136,6 +136,57 @@ class ModelCheckpoint(Checkpoint):
         return scratch
 
 
+class RunCheckpoint(Checkpoint):
+    """The output of a quantize run as it streams: the finished blocks from the run's work directory
+    (``engine/workdir.py``), every other tensor from the model's weights source (``engine/streaming.py``: a model
+    in memory, or the checkpoint's shards on disk), each in the dtype the checkpoint stores it in. One tensor is
+    in memory at a time; nothing holds the whole model. ``layers``: each quantized linear's result (its grid)."""
+
+    def __init__(self, weights, work, blocks: str, tokenizer, layers: Mapping, meta: dict, run_spec: GridSpec) -> None:
+        model = weights.model
+        # what save_pretrained records before writing the config (transformers modeling_utils.save_pretrained)
+        model.config.dtype = str(weights.output_dtype()).split(".")[1]
+        model.config.architectures = [type(model).__name__]
+        self.weights, self.work, self.tokenizer, self.meta = weights, work, tokenizer, meta
+        self.label = str(meta.get("model", "model"))
+        self._blocks = f"{blocks}."
+        self._config_text = model.config.to_json_string(use_diff=True)
+        self.config = json.loads(self._config_text)
+        self.grids = {name: layers[name].spec or run_spec for name in sorted(layers)}
+
+    def _block_of(self, key: str) -> int | None:
+        if not key.startswith(self._blocks):
+            return None
+        index = key[len(self._blocks):].split(".", 1)[0]
+        return int(index) if index.isdigit() else None
+
+    def config_text(self) -> str:
+        return self._config_text
+
+    def float_keys(self) -> list[str]:
+        return self.weights.output_keys()
+
+    def tensor(self, key: str) -> Tensor:
+        index = self._block_of(key)
+        return self.weights.tensor(key) if index is None else self.work.block_tensors(index, [key])[key]
+
+    def params(self, name: str) -> tuple[Tensor, Tensor, Tensor]:
+        scale, zero, g_idx = self.work.layer_params(self._block_of(name), name)
+        return scale.float(), zero.float(), g_idx.to(torch.int32)
+
+    def write_side_files(self, out: Path) -> None:
+        self.tokenizer.save_pretrained(out)
+        model = self.weights.model
+        if model.can_generate() and model.generation_config is not None:
+            model.generation_config.save_pretrained(out)
+
+    def vocabulary_dir(self, scratch: Path) -> Path:
+        scratch.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(scratch)
+        (scratch / "config.json").write_text(self._config_text)
+        return scratch
+
+
 def read_source(src_dir: str | os.PathLike) -> tuple[dict, GridSpec, dict]:
     """Read a ``tritonq quantize`` output: (config.json dict, the run's grid, quantization.json dict)."""
     src = Path(src_dir)
