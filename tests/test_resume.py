@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import tiny_config, tiny_tokenizer
-
 from tritonq.engine.outputs import QUANT_JSON
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import tiny_config, tiny_tokenizer
-
 from tritonq.engine.api import QuantizeOptions, quantize
 from tritonq.engine.outputs import QUANT_JSON
 from tritonq.errors import TritonqError
@@ -72,7 +71,6 @@ def test_bf16_checkpoint_keeps_its_dtype(tmp_path):
     """The float part keeps bf16 (computing in fp32); the grids equal the in-memory fp32 run's, and the output
     packs (every quantized weight is a bf16 rounding of its grid point)."""
     from safetensors import safe_open
-
     from tritonq.engine.formats.registry import save_packed
 
     src = _save(tmp_path / "bf16", dtype="bfloat16", tie=True)
@@ -92,7 +90,8 @@ def test_bf16_checkpoint_keeps_its_dtype(tmp_path):
 def test_offloaded_activations_change_nothing(fp32_dir, tmp_path, place):
     base, _ = _run(fp32_dir, tmp_path / "device", stream=True, eval_data=None, eval_windows=None)
     kw = {"activations_dir": str(tmp_path / "acts")} if place == "disk" else {}
-    out, _ = _run(fp32_dir, tmp_path / place, stream=True, eval_data=None, eval_windows=None, offload_activations=place, **kw)
+    out, _ = _run(fp32_dir, tmp_path / place, stream=True, eval_data=None, eval_windows=None,
+                  offload_activations=place, **kw)
     assert _digests(base) == _digests(out)
     if place == "disk":  # the mapped files are unlinked as soon as they are made
         assert list((tmp_path / "acts").iterdir()) == []
