@@ -5,9 +5,10 @@ A :class:`Checkpoint` gives a writer, one layer at a time, the integer record of
 :meth:`QuantizedWeight.from_grid`), every other float tensor, ``config.json`` and the files that travel with
 the model (tokenizer, generation config). Two sources exist:
 
-* :class:`ModelCheckpoint`: the model still in memory right after ``tritonq quantize`` (the pipeline keeps
-  scale, zero, g_idx and grid per layer; the fake-quantized weights are the model's own). Nothing is read
-  back from disk. Tensors and config are the ones ``save_pretrained`` would write.
+* :class:`RunCheckpoint`: the run of ``tritonq quantize`` that just finished: its blocks from the run's work
+  directory (``engine/workdir.py``), every other tensor from the model's weights (in memory, or streamed from
+  the checkpoint's shards), one tensor at a time. Tensors and config are the ones ``save_pretrained`` would
+  write, in the checkpoint's dtype.
 * :class:`FakeDirectory`: a ``tritonq quantize --format fake`` output on disk (``tritonq pack``).
 """
 
@@ -93,47 +94,6 @@ def hf_state_dict(model: torch.nn.Module) -> dict[str, Tensor]:
 
     state = remove_tied_weights_from_state_dict(model.state_dict(), model)
     return revert_weight_conversion(model, state)
-
-
-class ModelCheckpoint(Checkpoint):
-    """The model of a finished quantize run, in memory: ``layers`` maps each quantized linear to its
-    :class:`~tritonq.engine.methods.base.LayerResult` (scale, zero, g_idx, spec; the weights are the model's)."""
-
-    def __init__(self, model: torch.nn.Module, tokenizer, layers: Mapping, meta: dict, run_spec: GridSpec) -> None:
-        # what save_pretrained records before writing the config (transformers modeling_utils.save_pretrained)
-        model.config.dtype = str(model.dtype).split(".")[1]
-        model.config.architectures = [type(model).__name__]
-        self.model, self.tokenizer, self.meta = model, tokenizer, meta
-        self.label = str(meta.get("model", "model"))
-        self._layers = layers
-        self._config_text = model.config.to_json_string(use_diff=True)
-        self.config = json.loads(self._config_text)
-        self.grids = {name: layers[name].spec or run_spec for name in sorted(layers)}
-        self._state = hf_state_dict(model)
-
-    def config_text(self) -> str:
-        return self._config_text
-
-    def float_keys(self) -> list[str]:
-        return list(self._state)
-
-    def tensor(self, key: str) -> Tensor:
-        return self._state[key].cpu()  # a model run on a GPU keeps its blocks there
-
-    def params(self, name: str) -> tuple[Tensor, Tensor, Tensor]:
-        res = self._layers[name]
-        return res.scale.float(), res.zero.float(), res.g_idx.to(torch.int32)
-
-    def write_side_files(self, out: Path) -> None:
-        self.tokenizer.save_pretrained(out)
-        if self.model.can_generate() and self.model.generation_config is not None:
-            self.model.generation_config.save_pretrained(out)
-
-    def vocabulary_dir(self, scratch: Path) -> Path:
-        scratch.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save_pretrained(scratch)
-        (scratch / "config.json").write_text(self._config_text)
-        return scratch
 
 
 class RunCheckpoint(Checkpoint):
