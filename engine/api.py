@@ -237,7 +237,7 @@ def evaluate(model_name: str, data: str, max_windows: int | None = None, seqlen:
 
     Activations are quantized as the checkpoint records (``quantization.json`` / ``config.json``); ``act_*``
     override that, or quantize a float model's block inputs (the W16A8 ``act_only`` ablation)."""
-    from .evaluation.perplexity import perplexity
+    from .evaluation.perplexity import perplexity, streamed_perplexity
 
     check_eval_seqlen(seqlen)
     check_positive(max_windows, "--max-windows", 8)
@@ -248,6 +248,15 @@ def evaluate(model_name: str, data: str, max_windows: int | None = None, seqlen:
     tokenizer = load_tokenizer(model_name, trust_remote_code)
     corpus = load_corpus(data, split="test")
     windows = evaluation_windows(tokenize(tokenizer, corpus.text), seqlen, max_windows, corpus.source)
+    from .runtime.serve import is_packed_checkpoint
+
+    if not is_packed_checkpoint(model_name):  # float weights in safetensors shards: streamed block by block
+        weights = open_weights(model_name, resolve_dtype(dtype, dev), trust_remote_code)
+        if weights.streamed:
+            saved = saved_act_spec(model_name) if Path(model_name).is_dir() else None
+            act = resolve_act_spec(saved, act_bits, act_scheme, act_sym)
+            return streamed_perplexity(weights, adapter_for(weights.model.config), windows, dev, None, act,
+                                       progress=progress)
     model = load_evaluation_model(model_name, dev, resolve_dtype(dtype, dev), trust_remote_code, act_bits,
                                   act_scheme, act_sym)
     return perplexity(model, windows, dev, progress=progress)

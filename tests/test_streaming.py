@@ -127,3 +127,19 @@ def test_sharded_checkpoint_streams(tmp_path):
     many, s2 = _run(tmp_path / "sharded", tmp_path / "many", stream=True)
     assert _digests(one)["model.safetensors"] == _digests(many)["model.safetensors"]
     assert s1.perplexity == s2.perplexity
+
+
+@pytest.mark.parametrize("act_bits", [None, 8])
+def test_eval_streams_float_checkpoints(fp32_dir, act_bits):
+    """``tritonq eval`` on safetensors floats streams block by block and gives the whole model's perplexity."""
+    from tritonq.engine.api import evaluate, load_evaluation_model
+    from tritonq.engine.data import evaluation_windows, load_corpus, tokenize
+    from tritonq.engine.evaluation.perplexity import perplexity
+    from tritonq.engine.model_io import load_tokenizer
+
+    streamed = evaluate(str(fp32_dir), "pydoc", max_windows=2, seqlen=64, device="cpu", progress=False,
+                        act_bits=act_bits)
+    text = load_corpus("pydoc", split="test")
+    windows = evaluation_windows(tokenize(load_tokenizer(str(fp32_dir)), text.text), 64, 2, text.source)
+    whole = load_evaluation_model(str(fp32_dir), torch.device("cpu"), torch.float32, act_bits=act_bits)
+    assert streamed.perplexity == perplexity(whole, windows, torch.device("cpu"), progress=False).perplexity

@@ -45,10 +45,11 @@ def perplexity(
 
 
 def streamed_perplexity(weights, adapter, windows: torch.Tensor, device: torch.device,
-                        block_tensors: Callable[[int], dict[str, torch.Tensor]], act=None,
+                        block_tensors: Callable[[int], dict[str, torch.Tensor]] | None = None, act=None,
                         progress: bool = True) -> PerplexityResult:
     """Perplexity of a model streamed block by block (``engine/streaming.py``), its blocks' weights given by
-    ``block_tensors(i)`` (a quantize run's work directory). Nothing holds the whole model.
+    ``block_tensors(i)`` (a quantize run's work directory) or read from the checkpoint (None). Nothing holds the
+    whole model; ``act``: activation quantization of every block linear.
 
     Layer-major: every window goes through block ``i`` before block ``i + 1`` loads, one window at a time, so
     each window sees exactly the operations of :func:`perplexity`'s full forward (the same numbers). The part
@@ -65,7 +66,7 @@ def streamed_perplexity(weights, adapter, windows: torch.Tensor, device: torch.d
         returns_tuple = False
         for i in tqdm(range(len(blocks)), desc="perplexity (streamed)", unit="block", disable=not progress):
             prefix = f"{adapter.blocks}.{i}"
-            block = weights.load(prefix, device, block_tensors(i))
+            block = weights.load(prefix, device, None if block_tensors is None else block_tensors(i))
             originals = []
             if act is not None:  # activation quantization as the run applies it, on this block's linears
                 for name in adapter.linear_names():

@@ -22,7 +22,8 @@ WEIGHTS_FILE = "model.safetensors"
 
 
 class TensorStore:
-    """Lazy read access to the tensors of a checkpoint directory (one file or shards + index)."""
+    """Lazy read access to the tensors of a checkpoint directory (one file or shards + index), one tensor at a
+    time."""
 
     def __init__(self, directory: str | os.PathLike, filename: str = WEIGHTS_FILE) -> None:
         self.dir = Path(directory)
@@ -39,10 +40,10 @@ class TensorStore:
             raise TritonqError(
                 f"{self.dir} has no {filename} (nor a sharded index); is it a checkpoint directory?"
             )
-        self._handles = {f: safe_open(str(f), framework="pt") for f in files}
         if not self._where:
-            for f, h in self._handles.items():
-                self._where.update(dict.fromkeys(h.keys(), f))
+            for f in files:
+                with safe_open(str(f), framework="pt") as h:
+                    self._where.update(dict.fromkeys(h.keys(), f))
 
     def keys(self) -> list[str]:
         return list(self._where)
@@ -56,7 +57,10 @@ class TensorStore:
             raise TritonqError(
                 f"tensor {name!r} is missing from {self.dir}{hint}; the checkpoint is incomplete"
             )
-        return self._handles[self._where[name]].get_tensor(name)
+        # opened per read and closed again: a handle kept open keeps every page read from it mapped, and a pass
+        # over a large checkpoint would end with all of it counted in the process's resident memory
+        with safe_open(str(self._where[name]), framework="pt") as f:
+            return f.get_tensor(name)
 
     def maybe(self, name: str) -> Tensor | None:
         return self.get(name) if name in self._where else None
