@@ -75,6 +75,14 @@ def quantize(args) -> int:
     if s.perplexity is not None:
         text += f" Perplexity on {opts.eval_data} ({s.eval_windows} windows of {opts.eval_seqlen}): {s.perplexity:.2f}."
     print(text)
+    mem = s.memory
+    if mem.get("per_block"):
+        worst = max((b for b in mem["per_block"] if "host_peak_mb" in b), key=lambda b: b["host_peak_mb"],
+                    default=None)
+        where = f" (block {worst['block']})" if worst else ""
+        device = f", device {mem['device_peak_mb']:.0f} MB" if mem.get("device_peak_mb") else ""
+        print(f"Peak memory while quantizing: host {mem['host_peak_mb']:.0f} MB{where}{device}; weights "
+              f"{mem['weights']}, activations on {mem['activation_cache']} (per block in quantization.json).")
     return 0
 
 

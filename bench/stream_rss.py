@@ -27,11 +27,18 @@ from tritonq.engine.api import QuantizeOptions, quantize
 kw = dict(output=sys.argv[1], model=sys.argv[2], method=sys.argv[3], bits=int(sys.argv[4]),
           group_size=int(sys.argv[5]), nsamples=int(sys.argv[6]), seqlen=int(sys.argv[7]), out_format=sys.argv[8],
           stream={"stream": True, "memory": False}[sys.argv[9]], progress=False, overwrite=True)
-if sys.argv[10] != "device":
+if sys.argv[10] == "disk":
+    kw.update(offload_activations="disk", activations_dir=sys.argv[1] + ".activations")
+elif sys.argv[10] != "device":
     kw["offload_activations"] = sys.argv[10]
 quantize(QuantizeOptions(**kw))
 """
-BARE = "import torch, transformers, tritonq.engine.api"
+BARE = "import torch, transformers"
+# the same interpreter with the code a run imports (the model's modelling module, the pipeline), before any weight
+LOADED = ("import torch, transformers, tritonq.engine.api, tritonq.engine.pipeline, tritonq.engine.streaming\n"
+          "from transformers import AutoConfig, AutoModelForCausalLM\n"
+          "cfg = AutoConfig.from_pretrained({model!r})\n"
+          "with torch.device('meta'): AutoModelForCausalLM.from_config(cfg)")
 
 
 def peak_rss_mb(argv: list[str]) -> tuple[float, float]:
@@ -54,13 +61,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--format", default="fake")
-    p.add_argument("--cache", default="device", choices=["device", "cpu"])
+    p.add_argument("--cache", default="device", choices=["device", "cpu", "disk"])
     p.add_argument("--modes", nargs="+", default=["stream", "memory"], choices=["stream", "memory"])
     args = p.parse_args(argv)
     _, bare = peak_rss_mb([sys.executable, "-c", BARE])
-    print(f"bare interpreter (torch + transformers + tritonq imported): {bare:.0f} MB")
-    print("| weights | wall s | peak RSS MB | above interpreter MB | largest block peak MB |")
-    print("|---|---|---|---|---|")
+    _, loaded = peak_rss_mb([sys.executable, "-c", LOADED.format(model=args.model)])
+    print(f"bare interpreter (import torch, transformers): {bare:.0f} MB; with tritonq, the modelling code and a "
+          f"meta-device skeleton: {loaded:.0f} MB")
+    print("| weights | activation cache | wall s | peak RSS MB | above bare interpreter MB | largest block peak MB |")
+    print("|---|---|---|---|---|---|")
     for mode in args.modes:
         with tempfile.TemporaryDirectory(prefix="tritonq-rss-") as scratch:
             out = Path(scratch) / "out"
@@ -69,7 +78,8 @@ def main(argv: list[str] | None = None) -> None:
                                       args.cache])
             meta = json.loads((out / "quantization.json").read_text())
         block = meta["memory"]["host_peak_mb"]
-        print(f"| {meta['memory']['weights']} | {wall:.0f} | {peak:.0f} | {peak - bare:.0f} | {block:.0f} |")
+        cache = meta["memory"]["activation_cache"]
+        print(f"| {meta['memory']['weights']} | {cache} | {wall:.0f} | {peak:.0f} | {peak - bare:.0f} | {block:.0f} |")
 
 
 if __name__ == "__main__":

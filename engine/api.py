@@ -85,6 +85,7 @@ class QuantizeSummary:
     eval_windows: int | None = None
     layers: int = 0
     group_size: int | None = None
+    memory: dict = field(default_factory=dict)  # quantization.json's "memory": peaks per block (MB)
 
 
 
@@ -175,7 +176,7 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
     seconds["save"] = time.perf_counter() - t0
 
     summary = QuantizeSummary(str(Path(opts.output).resolve()), seconds, layers=len(report.layers),
-                              group_size=spec.group_size)
+                              group_size=spec.group_size, memory=meta["memory"])
     if eval_windows is not None:
         from .evaluation.perplexity import perplexity, streamed_perplexity
 

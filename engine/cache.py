@@ -3,15 +3,19 @@
 The pipeline caches every chunk's block inputs, the replayed sub-module outputs and a tail group's inputs
 (``pipeline.py``). ``--offload-activations cpu`` keeps them in host RAM so the accelerator holds only the
 working chunk; ``--offload-activations disk DIR`` keeps them in memory-mapped files under ``DIR``: each
-tensor is copied into a file that is unlinked at once, so its pages are written back by the kernel and
-dropped under memory pressure, and the space is freed when the tensor is (nothing to clean up after a
-crash).
+tensor is copied into a file that is unlinked at once, so the space is freed when the tensor is (nothing to
+clean up after a crash). Pages of a mapping stay resident (and counted in the process's memory) until the
+kernel needs them, so the pipeline calls :meth:`ActivationCache.page_out` after each chunk and stage, which
+asks the kernel to write them back and drop them now (``madvise(MADV_PAGEOUT)``, Linux >= 5.4; elsewhere the
+kernel drops them under memory pressure): only the chunk at work is resident.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import tempfile
+import weakref
 from pathlib import Path
 
 import torch
@@ -20,6 +24,8 @@ from torch import Tensor
 from ..errors import TritonqError
 
 PLACES = ("device", "cpu", "disk")
+MADV_PAGEOUT = 21  # linux/mman.h, Linux >= 5.4
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 class ActivationCache:
@@ -31,6 +37,8 @@ class ActivationCache:
         self.place = place
         self.device = device if place == "device" else torch.device("cpu")
         self.dir: Path | None = None
+        self._mapped: list[weakref.ref] = []  # disk: every mapped tensor still alive
+        self._madvise = None
         if place == "disk":
             if directory is None:
                 raise TritonqError("--offload-activations disk needs a directory: --offload-activations disk DIR")
@@ -57,7 +65,34 @@ class ActivationCache:
             os.close(fd)
             os.unlink(name)  # the mapping keeps the data; the space returns when the tensor is freed
         mapped.copy_(tensor.reshape(-1))
-        return mapped.view(tensor.shape)
+        kept = mapped.view(tensor.shape)
+        self._mapped.append(weakref.ref(kept))
+        return kept
+
+    def page_out(self) -> None:
+        """Disk: write the mapped activations back and drop their pages from memory now (a no-op otherwise)."""
+        if self.dir is None or self._madvise is False:
+            return
+        if self._madvise is None:
+            try:
+                libc = ctypes.CDLL(None, use_errno=True)
+                self._madvise = libc.madvise
+                self._madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            except (OSError, AttributeError):
+                self._madvise = False
+                return
+        alive = []
+        for ref in self._mapped:
+            t = ref()
+            if t is None:
+                continue
+            alive.append(ref)
+            start = t.data_ptr() - t.data_ptr() % _PAGE
+            length = t.data_ptr() + t.numel() * t.element_size() - start
+            if self._madvise(start, length, MADV_PAGEOUT) != 0:  # an old kernel: leave it to memory pressure
+                self._madvise = False
+                return
+        self._mapped = alive
 
     def describe(self) -> str:
         return f"disk ({self.dir})" if self.dir is not None else str(self.device)

@@ -3,8 +3,10 @@ accelerator's allocator peak. Elsewhere the host figure is the process's lifetim
 
 from __future__ import annotations
 
+import ctypes
 import resource
 import sys
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -38,3 +40,20 @@ def peak_memory() -> dict[str, float]:
     """The peaks since the last reset, in MB: ``host_peak_mb`` and ``device_peak_mb`` (0 without CUDA)."""
     device = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
     return {"host_peak_mb": round(host_peak_bytes() / 2**20, 1), "device_peak_mb": round(device / 2**20, 1)}
+
+
+@lru_cache(maxsize=1)
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def release_free_memory() -> None:
+    """Give the C heap's free pages back to the system (glibc ``malloc_trim``): tensors under the allocator's
+    mmap threshold (32 MiB at most) come from the heap, and after a stage frees its intermediates the heap keeps
+    their pages resident unless asked. Called between stages, so the resident size is what is alive."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)

@@ -54,7 +54,7 @@ from .adapters import Adapter
 from .cache import ActivationCache
 from .grid import GridSpec
 from .groups import BlockGroup, Chunk, Group
-from .memory_peak import peak_memory, reset_peak_memory
+from .memory_peak import peak_memory, release_free_memory, reset_peak_memory
 from .methods.base import LayerResult, Method
 from .stages import Stage, capture_block_inputs, run_block
 from .streaming import ModelWeights, as_weights
@@ -97,6 +97,7 @@ def quantize_block(
         if chunks and stage.events:
             t0 = time.perf_counter()
             stage.run(chunks)
+            release_free_memory()  # the stage's intermediates are gone: the solve starts from what is alive
             report.seconds["forward"] += time.perf_counter() - t0 - stage.observe_seconds
             report.seconds["observe"] += stage.observe_seconds
             _keep_complete_records(stage, replays, unrecorded, len(chunks))
@@ -114,6 +115,7 @@ def quantize_block(
             last, outputs = block.get_submodule(tail.linear), []
             while stage.tail_inputs:  # free each input as its output is made: the peak stays one list
                 outputs.append(cache.keep(last(stage.tail_inputs.pop(0).to(device))))
+                cache.page_out()
             replays[tail.parent] = (tail.returns_tuple, outputs)
             report.seconds["forward"] += time.perf_counter() - t0
     out = None
@@ -173,7 +175,10 @@ def quantize_whole_block(
 ) -> tuple[list[Chunk] | None, float]:
     """Quantize one block with a block-scope method; returns the next block's inputs and the mean loss."""
     t0 = time.perf_counter()
-    targets = [cache.keep(run_block(block, c.hidden.to(device), c.kwargs)) for c in chunks or []]
+    targets = []
+    for c in chunks or []:
+        targets.append(cache.keep(run_block(block, c.hidden.to(device), c.kwargs)))
+        cache.page_out()
     report.seconds["forward"] += time.perf_counter() - t0
     specs = [method.layer_grid(f"{adapter.blocks}.{index}.{n}", spec) for n in adapter.linear_names()]
     group = BlockGroup(block, index, adapter, config, specs, device, chunks or [], targets)
@@ -188,7 +193,10 @@ def quantize_whole_block(
     out = None
     if chunks:  # the quantized block on the same inputs: the next block's inputs
         t0 = time.perf_counter()
-        out = [Chunk(cache.keep(run_block(block, c.hidden.to(device), c.kwargs)), c.kwargs) for c in chunks]
+        out = []
+        for c in chunks:
+            out.append(Chunk(cache.keep(run_block(block, c.hidden.to(device), c.kwargs)), c.kwargs))
+            cache.page_out()
         report.seconds["forward"] += time.perf_counter() - t0
     for name, original in wrapped:
         _swap_module(block, name, original)
@@ -252,6 +260,7 @@ def quantize_blocks(
             report.seconds["capture"] += time.perf_counter() - t0
             if work is not None:
                 work.commit_inputs(0, chunks)
+            cache.page_out()
         bar = tqdm(range(start, count), desc=f"{method.name} blocks", unit="block", disable=not progress,
                    initial=start, total=count)
         for i in bar:
@@ -270,6 +279,8 @@ def quantize_blocks(
                     report.layers[name] = LayerResult(res.weight, torch.empty(0), torch.empty(0), torch.empty(0),
                                                       res.info, res.spec)
             weights.release(prefix)
+            cache.page_out()
+            release_free_memory()
             bar.set_postfix({**({"loss": f"{loss:.3g}"} if loss else {}), "rss": f"{peak['host_peak_mb']:.0f}MB"})
             if on_block is not None:
                 on_block(i, loss)

@@ -163,6 +163,8 @@ class Stage:
                     outputs.append(Chunk(self.cache.keep(out), chunk.kwargs))
                 except StopForward:
                     continue
+                finally:
+                    self.cache.page_out()
                 if self.events:
                     raise TritonqError(
                         f"{self.events - self.fired} observation(s) of {self.group.label} never fired in block "

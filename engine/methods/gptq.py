@@ -24,7 +24,13 @@ import torch
 
 from ...errors import TritonqError
 from ..grid import default_g_idx, fit_groups
-from ..hessian import HessianAccumulator, blocked_quantize, check_block_size, check_finite, inverse_cholesky
+from ..hessian import (
+    HessianAccumulator,
+    blocked_quantize,
+    check_block_size,
+    check_finite,
+    inverse_cholesky_reversed,
+)
 from .base import LayerResult, Method, split_rows
 
 if TYPE_CHECKING:
@@ -76,7 +82,7 @@ class GPTQ(Method):
         if state.tokens == 0:
             raise TritonqError(f"GPTQ saw no calibration tokens for {group.label}; give calibration data")
         weights = [lin.weight.data for lin in group.linears]
-        return solve(weights, state.hessian, group.spec, group.full_names, self.options, force=force)
+        return solve(weights, state.take(), group.spec, group.full_names, self.options, force=force)
 
 
 def solve(weights: list[torch.Tensor], hessian: torch.Tensor, spec, names: list[str], options: GPTQOptions,
@@ -88,9 +94,9 @@ def solve(weights: list[torch.Tensor], hessian: torch.Tensor, spec, names: list[
     k = w.shape[1]
     for name in names:
         spec.groups_for(k, name)
-    h = hessian.clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
+    dead = torch.diag(hessian) == 0
+    diag = torch.diag(hessian).clone()
+    diag[dead] = 1.0
     w[:, dead] = 0.0
 
     act_order = options.act_order
@@ -100,18 +106,28 @@ def solve(weights: list[torch.Tensor], hessian: torch.Tensor, spec, names: list[
         # per-row grids, and static groups, are fitted on the original (unpermuted) weights
         preset = fit_groups(w, spec, label)
 
+    # the working Hessian is one K x K matrix, gathered permuted (act-order) and reversed (the factorisation's
+    # order, hessian.py) at once; dead inputs get H_jj = 1 in it (the order comes from the diagonal with that fix)
     perm = None
     work_g_idx = g_idx
     if act_order:
-        perm = torch.argsort(torch.diag(h), descending=True)
+        perm = torch.argsort(diag, descending=True)
         w = w[:, perm]
-        h = h[perm][:, perm]
         if act_order == "static":
             work_g_idx = g_idx[perm]
         else:  # dynamic: groups are runs of g columns in the new order; g_idx records them
             g_idx = torch.empty_like(g_idx)
             g_idx[perm] = work_g_idx
-    factor = inverse_cholesky(h, options.damp, label)
+        reverse = perm.flip(0)
+        reversed_h = hessian[reverse[:, None], reverse]
+        dead = dead[reverse]
+    else:
+        reversed_h = hessian.flip(0, 1)
+        dead = dead.flip(0)
+    del hessian  # the accumulator's, when the caller handed it over (HessianAccumulator.take): freed here
+    reversed_h[dead, dead] = 1.0
+    factor = inverse_cholesky_reversed(reversed_h, options.damp, label)
+    del reversed_h
     res = blocked_quantize(w, factor.upper, spec, work_g_idx, options.block_size, preset, force=force)
     q = res.weight
     if perm is not None:
