@@ -10,7 +10,9 @@ The run streams the model (one block's weights at a time), so its peak is the la
   state for the group being solved (after they ran). The peak of a block is the worst stage;
 * **write**: the output writer's one tensor and its 64 MiB copy buffer.
 
-The interpreter with torch and transformers imported is a measured constant (``INTERPRETER_BYTES``).
+The interpreter with torch and transformers imported is a measured constant (``INTERPRETER_BYTES``). A disk
+store (``--offload-activations disk DIR``) counts no host bytes: its pages are file-backed, so the kernel writes
+them back and drops them under pressure (they do show in the RSS while they are warm).
 
 Each method's state follows its code: GPTQ keeps a ``K x K`` fp32 Hessian while the chunks run and, while
 solving, its damped copy, the order-reversed copy, the identity, the Cholesky factor and the inverse factor (7
@@ -157,14 +159,14 @@ def _dtype_bytes(dtype: torch.dtype | str) -> int:
     return DTYPE_BYTES[name]
 
 
-def _intermediates(m: ModelShape, windows: int, seqlen: int, c: int, device_type: str) -> int:
-    """One chunk's live activations in a block: the larger of attention and the MLP."""
+def _intermediates(m: ModelShape, windows: int, seqlen: int, c: int) -> int:
+    """One chunk's live activations in a block: the larger of attention and the MLP. Attention runs through
+    sdpa with ``is_causal`` (no mask is made for unpadded windows), so no ``T x T`` scores are held; measured
+    on the CPU (bench/RESULTS.md, "Memory you need")."""
     tokens = windows * seqlen
     qkv = (m.heads + 2 * m.kv_heads) * m.head_dim
-    # q/k/v, their rotated copies, k/v repeated to every head, the output and its transposed copy
-    attention = tokens * c * (2 * m.hidden + 2 * qkv + 4 * m.attention_width)
-    if device_type == "cpu":  # sdpa's math path on the CPU (a mask is given): the scores and their softmax
-        attention += 2 * windows * m.heads * seqlen * seqlen * c
+    # the input and the residual; q/k/v and their rotated copies; the output and its transposed copy
+    attention = tokens * c * (2 * m.hidden + 2 * qkv + 2 * m.attention_width)
     mlp = tokens * c * (2 * m.hidden + 3 * m.intermediate)  # act(gate), up and their product; input and output
     return max(attention, mlp)
 
@@ -239,7 +241,7 @@ def estimate_memory(config: Any, method_name: str, *, nsamples: int, seqlen: int
     # one chunk on the device while it runs from a host or disk store (its inputs and replays): on the CPU
     # only a disk store makes a copy (moving a tensor to its own device is free)
     staging = windows * seqlen * 4 * m.hidden * c if cache_on == "disk" or (cache_on == "host" and not on_cpu) else 0
-    work = _intermediates(m, windows, seqlen, c, device_type) if calibrated else 0
+    work = _intermediates(m, windows, seqlen, c) if calibrated else 0
 
     def cache(widths: tuple[int, ...]) -> int:
         return tokens * sum(widths) * c
