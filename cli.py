@@ -54,8 +54,15 @@ def _add_quantize(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--calib-batch", type=int, default=8,
                    help="calibration windows per forward chunk (bounds the working activation memory)")
-    p.add_argument("--offload-activations", action="store_true",
-                   help="keep the cached calibration activations on the CPU between stages (large models)")
+    p.add_argument("--offload-activations", nargs="*", metavar="PLACE", default=None,
+                   help="where the cached calibration activations wait between stages: 'cpu' (host RAM; the "
+                        "default when the flag is given alone) or 'disk DIR' (memory-mapped files under DIR); "
+                        "without the flag they stay on the compute device")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from its work directory (finished blocks are not redone)")
+    p.add_argument("--work-dir", default=None,
+                   help="where finished blocks and the next block's inputs are kept while the run lasts "
+                        "(default: OUTPUT.tritonq-work beside the output; removed when the run finishes)")
     p.add_argument("--output", required=True, help="output directory (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--format", default="fake", dest="out_format",

@@ -38,16 +38,31 @@ def method_options_from_args(args) -> dict:
     return given
 
 
+def offload_from_args(values: list[str] | None) -> tuple[bool | str, str | None]:
+    """``--offload-activations`` [cpu | disk DIR] as (place, directory)."""
+    from .errors import TritonqError
+
+    if values is None:
+        return False, None
+    if values in ([], ["cpu"]):
+        return "cpu", None
+    if len(values) == 2 and values[0] == "disk":
+        return "disk", values[1]
+    raise TritonqError(f"--offload-activations takes nothing, 'cpu', or 'disk DIR'; got {' '.join(values)!r}")
+
+
 def quantize(args) -> int:
     from .engine.api import QuantizeOptions
     from .engine.api import quantize as run_quantize
 
+    offload, activations_dir = offload_from_args(args.offload_activations)
     opts = QuantizeOptions(
         output=args.output, model=args.model, method=args.method, method_options=method_options_from_args(args),
         bits=args.bits, group_size=args.group_size, sym=args.sym, mse=args.mse, act_bits=args.act_bits,
         act_scheme=args.act_scheme, act_sym=args.act_sym, calib=args.calib,
         text_column=args.text_column, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
-        calib_batch=args.calib_batch, offload_activations=args.offload_activations, out_format=args.out_format,
+        calib_batch=args.calib_batch, offload_activations=offload, activations_dir=activations_dir,
+        resume=args.resume, work_dir=args.work_dir, out_format=args.out_format,
         overwrite=args.overwrite, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
         eval_data=args.eval_data, eval_windows=args.eval_windows, progress=not args.no_progress,
     )

@@ -20,6 +20,7 @@ import torch
 from .. import __version__
 from .activations import apply_activation_quant, block_linear_names, resolve_act_spec, saved_act_spec
 from .adapters import adapter_for
+from .cache import ActivationCache
 from .data import (
     calibration_windows,
     check_data,
@@ -30,10 +31,13 @@ from .data import (
     tokenize,
 )
 from .grid import GridSpec
+from .methods.base import Method
 from .methods.registry import make_method
 from .model_io import load_model, load_tokenizer, resolve_device, resolve_dtype
 from .outputs import QUANT_JSON, atomic_output_dir, read_quantization_json
 from .preflight import check_model_files, check_quantize_options, check_seqlen_fits, preflight
+from .streaming import model_files_fingerprint, open_weights
+from .workdir import WorkDir, default_work_dir
 
 
 @dataclass
@@ -55,7 +59,13 @@ class QuantizeOptions:
     seqlen: int = 512
     seed: int = 0
     calib_batch: int = 8  # calibration windows per forward chunk: bounds the working activation memory
-    offload_activations: bool = False  # keep the cached calibration activations on the CPU between stages
+    # where the cached calibration activations wait between stages: False (the device), True or "cpu" (host RAM),
+    # or "disk" with activations_dir (memory-mapped files; engine/cache.py)
+    offload_activations: bool | str = False
+    activations_dir: str | None = None
+    stream: bool | None = None  # None: stream the weights from disk when the checkpoint has safetensors shards
+    work_dir: str | None = None  # finished blocks and the next block's inputs (default: beside the output)
+    resume: bool = False  # continue an interrupted run from its work directory
     out_format: str = "fake"
     overwrite: bool = False
     device: str = "auto"
@@ -120,23 +130,30 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
         seconds["calibration_data"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    model = load_model(opts.model, dtype, opts.trust_remote_code)
+    weights = open_weights(opts.model, dtype, opts.trust_remote_code, opts.stream,
+                           whole_model=type(method).prepare is not Method.prepare)
     seconds["load"] = time.perf_counter() - t0
-    method.prepare(model, adapter)  # the model-level step, before the block inputs are captured
+    if not weights.streamed:
+        method.prepare(weights.model, adapter)  # the model-level step, before the block inputs are captured
+    work = WorkDir(Path(opts.work_dir).expanduser() if opts.work_dir else default_work_dir(opts.output),
+                   run_fingerprint(opts, method, spec, act, dtype, device, calib_meta), opts.resume, opts.overwrite)
+    resumed_from = work.done
+    if resumed_from:
+        print(f"resuming at block {resumed_from} from {work.path}")
 
     from .pipeline import quantize_blocks
 
     t0 = time.perf_counter()
-    store = torch.device("cpu") if opts.offload_activations else device
-    report = quantize_blocks(model, adapter, method, spec, device, batches, progress=opts.progress,
-                             store_device=store)
+    cache = ActivationCache(_offload_place(opts.offload_activations), device, opts.activations_dir)
+    report = quantize_blocks(weights, adapter, method, spec, device, batches, progress=opts.progress, cache=cache,
+                             work=work)
     seconds["quantize_total"] = time.perf_counter() - t0
     for stage, value in report.seconds.items():
         seconds[f"quantize_{stage}"] = value
 
     t0 = time.perf_counter()
     if act is not None:  # the saved config says how the model runs (eval, serve and export read it)
-        model.config.tritonq_activations = act.describe()
+        weights.model.config.tritonq_activations = act.describe()
     meta = {
         "method": method.name, **method.describe(), "bits": spec.bits, "group_size": spec.group_size,
         "sym": spec.sym, "mse": spec.mse, "activations": None if act is None else act.describe(),
@@ -144,12 +161,15 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
         "dtype": str(dtype).replace("torch.", ""), "device": str(device), "calibration": calib_meta,
         "tritonq_version": __version__, "layers": sorted(report.layers),
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
+        "memory": memory_record(report, weights.streamed, cache),
     }
-    from .formats.checkpoint import ModelCheckpoint
+    if resumed_from:
+        meta["resumed_from_block"] = resumed_from
+    from .formats.checkpoint import RunCheckpoint
     from .formats.registry import get_format
 
-    # written from memory, layer by layer, through the format's writer: nothing is read back from disk
-    checkpoint = ModelCheckpoint(model, tokenizer, report.layers, meta, spec)
+    # written from the work directory and the model's weights, one tensor at a time: nothing holds the whole model
+    checkpoint = RunCheckpoint(weights, work, adapter.blocks, tokenizer, report.layers, meta, spec)
     with atomic_output_dir(opts.output, opts.overwrite) as tmp:
         get_format(opts.out_format).write(checkpoint, tmp)
     seconds["save"] = time.perf_counter() - t0
@@ -157,12 +177,16 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
     summary = QuantizeSummary(str(Path(opts.output).resolve()), seconds, layers=len(report.layers),
                               group_size=spec.group_size)
     if eval_windows is not None:
-        from .evaluation.perplexity import perplexity
+        from .evaluation.perplexity import perplexity, streamed_perplexity
 
         t0 = time.perf_counter()
-        if act is not None:
-            apply_activation_quant(model, act, sorted(report.layers))
-        result = perplexity(model, eval_windows, device, progress=opts.progress)
+        if weights.streamed:  # block by block from the work directory, as the quantized blocks were made
+            result = streamed_perplexity(weights, adapter, eval_windows, device, work.block_tensors, act,
+                                         progress=opts.progress)
+        else:
+            if act is not None:
+                apply_activation_quant(weights.model, act, sorted(report.layers))
+            result = perplexity(weights.model, eval_windows, device, progress=opts.progress)
         seconds["eval"] = time.perf_counter() - t0
         summary.perplexity = result.perplexity
         summary.eval_windows = result.windows
@@ -172,8 +196,38 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
         record_evaluation(opts.output, PERPLEXITY, perplexity_label(opts.eval_data, result.windows, result.seqlen),
                           {**dataclasses.asdict(result), "data": opts.eval_data},
                           seconds={"save": seconds["save"], "eval": seconds["eval"]})
+    work.remove()  # the run is finished: its blocks are in the output now
     seconds["total"] = time.perf_counter() - started
     return summary
+
+
+def run_fingerprint(opts: QuantizeOptions, method: Method, spec: GridSpec, act, dtype: torch.dtype,
+                    device: torch.device, calib_meta: dict | None) -> dict:
+    """What makes two runs the same run (``--resume`` refuses a work directory whose fingerprint differs)."""
+    return {
+        "model": {"name": opts.model, "files": model_files_fingerprint(opts.model)},
+        "calibration": None if calib_meta is None else {**calib_meta, "calib_batch": opts.calib_batch},
+        "method": {"name": method.name, **method.describe()},
+        "grid": {"bits": spec.bits, "group_size": spec.group_size, "sym": spec.sym, "mse": spec.mse},
+        "activations": None if act is None else act.describe(),
+        "dtype": str(dtype).replace("torch.", ""), "device": device.type, "tritonq_version": __version__,
+    }
+
+
+def _offload_place(offload: bool | str | None) -> str:
+    """``QuantizeOptions.offload_activations`` as a cache place (False: the device; True: the CPU, as before)."""
+    return {False: "device", None: "device", True: "cpu"}.get(offload, offload)  # type: ignore[arg-type]
+
+
+def memory_record(report, streamed: bool, cache: ActivationCache) -> dict:
+    """Peak host and device memory per block (MB), as recorded in ``quantization.json``."""
+    blocks = [b for b in report.blocks if not b.get("resumed")]
+    host = max((b["host_peak_mb"] for b in blocks), default=0.0)
+    device = max((b["device_peak_mb"] for b in blocks), default=0.0)
+    return {"weights": "streamed from disk" if streamed else "in memory", "activation_cache": cache.describe(),
+            "host_peak_mb": host, "device_peak_mb": device,
+            "per_block": [{k: b[k] for k in ("block", "host_peak_mb", "device_peak_mb", "seconds", "resumed")
+                           if k in b} for b in report.blocks]}
 
 
 def evaluate(model_name: str, data: str, max_windows: int | None = None, seqlen: int = 2048,

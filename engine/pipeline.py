@@ -19,10 +19,14 @@ last stage runs the rest of the block and yields the next block's inputs. Per bl
 of every linear and of the attention core, the same work as a plain forward.
 
 Memory: the chunks' block inputs, the replayed outputs (hidden size each) and, during the stage of a
-tail group, that group's inputs stay on ``store_device`` (the compute device by default, ``cpu`` to keep
-the accelerator for the working chunk); one chunk's intermediates are live at a time.
+tail group, that group's inputs stay in the activation cache (``cache.py``: the compute device by default,
+CPU RAM or memory-mapped files on disk with ``--offload-activations``); one chunk's intermediates are live
+at a time.
 
-Only the block being quantized sits on the compute device; the model stays on the CPU.
+Only the block being quantized sits on the compute device. Its weights come from a ``ModelWeights`` source
+(``streaming.py``): a model held whole on the CPU, or a checkpoint on disk loaded block by block; a finished
+block goes to the work directory (``workdir.py``) with the next block's inputs, which is what the output
+writer reads and what ``--resume`` continues from.
 
 A method with ``scope = "block"`` skips the stages: it gets the whole block (:class:`BlockGroup`) with the
 chunks' inputs and the float block's outputs on them, with autograd on when it ``needs_grad``, returns one
@@ -47,16 +51,21 @@ from tqdm.auto import tqdm
 
 from ..errors import TritonqError
 from .adapters import Adapter
+from .cache import ActivationCache
 from .grid import GridSpec
 from .groups import BlockGroup, Chunk, Group
+from .memory_peak import peak_memory, reset_peak_memory
 from .methods.base import LayerResult, Method
 from .stages import Stage, capture_block_inputs, run_block
+from .streaming import ModelWeights, as_weights
+from .workdir import WorkDir
 
 
 @dataclass
 class QuantizeReport:
     layers: dict[str, LayerResult] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    blocks: list[dict] = field(default_factory=list)  # per block: seconds and peak host / device memory
 
 
 def _swap_module(block: nn.Module, name: str, module: nn.Module) -> nn.Module:
@@ -69,7 +78,7 @@ def _swap_module(block: nn.Module, name: str, module: nn.Module) -> nn.Module:
 
 def quantize_block(
     block: nn.Module, index: int, chunks: list[Chunk] | None, adapter: Adapter, config: Any, method: Method,
-    spec: GridSpec, device: torch.device, store: torch.device, report: QuantizeReport,
+    spec: GridSpec, device: torch.device, cache: ActivationCache, report: QuantizeReport,
 ) -> tuple[list[Chunk] | None, float]:
     """Quantize one block (on ``device``) in place; returns the next block's inputs and the mean loss."""
     replays: dict[str, tuple[bool, list]] = {}  # sub-module -> (returns a tuple, per-chunk outputs)
@@ -84,7 +93,7 @@ def quantize_block(
         group = Group(block, index, names, adapter, config, group_spec, device, set(done))
         state = method.observe(group)
         tail = adapter.tail_of(names[0]) if chunks else None
-        stage = Stage(block, group, replays, names[0] if tail else None, device, store, tuple(unrecorded))
+        stage = Stage(block, group, replays, names[0] if tail else None, device, cache, tuple(unrecorded))
         if chunks and stage.events:
             t0 = time.perf_counter()
             stage.run(chunks)
@@ -104,14 +113,14 @@ def quantize_block(
             t0 = time.perf_counter()
             last, outputs = block.get_submodule(tail.linear), []
             while stage.tail_inputs:  # free each input as its output is made: the peak stays one list
-                outputs.append(last(stage.tail_inputs.pop(0).to(device)).to(store))
+                outputs.append(cache.keep(last(stage.tail_inputs.pop(0).to(device))))
             replays[tail.parent] = (tail.returns_tuple, outputs)
             report.seconds["forward"] += time.perf_counter() - t0
     out = None
     if chunks:  # the rest of the block, replaying what is done: the next block's inputs
         t0 = time.perf_counter()
         last_stage = Stage(block, Group(block, index, (), adapter, config, spec, device, done), replays, None,
-                            device, store)
+                            device, cache)
         out = last_stage.run(chunks)
         report.seconds["forward"] += time.perf_counter() - t0
     for name, original in wrapped:  # wrappers serve propagation only; the model keeps its linears
@@ -160,11 +169,11 @@ def _frozen(module: nn.Module) -> Iterator[None]:
 
 def quantize_whole_block(
     block: nn.Module, index: int, chunks: list[Chunk] | None, adapter: Adapter, config: Any, method: Method,
-    spec: GridSpec, device: torch.device, store: torch.device, report: QuantizeReport,
+    spec: GridSpec, device: torch.device, cache: ActivationCache, report: QuantizeReport,
 ) -> tuple[list[Chunk] | None, float]:
     """Quantize one block with a block-scope method; returns the next block's inputs and the mean loss."""
     t0 = time.perf_counter()
-    targets = [run_block(block, c.hidden.to(device), c.kwargs).to(store) for c in chunks or []]
+    targets = [cache.keep(run_block(block, c.hidden.to(device), c.kwargs)) for c in chunks or []]
     report.seconds["forward"] += time.perf_counter() - t0
     specs = [method.layer_grid(f"{adapter.blocks}.{index}.{n}", spec) for n in adapter.linear_names()]
     group = BlockGroup(block, index, adapter, config, specs, device, chunks or [], targets)
@@ -179,7 +188,7 @@ def quantize_whole_block(
     out = None
     if chunks:  # the quantized block on the same inputs: the next block's inputs
         t0 = time.perf_counter()
-        out = [Chunk(run_block(block, c.hidden.to(device), c.kwargs).to(store), c.kwargs) for c in chunks]
+        out = [Chunk(cache.keep(run_block(block, c.hidden.to(device), c.kwargs)), c.kwargs) for c in chunks]
         report.seconds["forward"] += time.perf_counter() - t0
     for name, original in wrapped:
         _swap_module(block, name, original)
@@ -205,7 +214,7 @@ def _keep_complete_records(stage: Stage, replays: dict, unrecorded: list[str], n
 
 
 def quantize_blocks(
-    model: nn.Module,
+    model: nn.Module | ModelWeights,
     adapter: Adapter,
     method: Method,
     spec: GridSpec,
@@ -213,31 +222,87 @@ def quantize_blocks(
     batches: list[torch.Tensor] | None,
     progress: bool = True,
     on_block: Callable[[int, float], None] | None = None,
-    store_device: torch.device | None = None,
+    cache: ActivationCache | None = None,
+    work: WorkDir | None = None,
 ) -> QuantizeReport:
-    """Quantize every decoder block of ``model`` in place; returns the grid parameters per linear."""
+    """Quantize every decoder block in turn; returns the grid parameters per linear.
+
+    ``model``: a model held whole (quantized in place) or a :class:`~tritonq.engine.streaming.ModelWeights`
+    source, whose blocks are loaded one at a time and released after. ``work``: a work directory that receives
+    every finished block and the next block's inputs (``workdir.py``); blocks it already holds are not redone.
+    """
     if method.scope not in ("group", "block"):
         raise TritonqError(f"method {method.name} declares scope {method.scope!r}; a method's scope is 'group' "
                            "(quantize per linear group) or 'block' (quantize_block per decoder block)")
     if method.scope == "block" and type(method).quantize_block is Method.quantize_block:
         raise TritonqError(f"method {method.name} declares scope 'block' but does not define quantize_block")
     step = quantize_block if method.scope == "group" else quantize_whole_block
+    weights = as_weights(model)
     report = QuantizeReport()
-    blocks = adapter.block_list(model)
-    store = store_device or device
+    count = len(adapter.block_list(weights.model))
+    cache = cache or ActivationCache("device", device)
+    start = work.done if work is not None else 0
     chunks = None
     with torch.no_grad():
-        if batches:
+        if start:
+            chunks = _restore(weights, adapter, work, start, batches is not None, cache, spec, report)
+        elif batches:
             t0 = time.perf_counter()
-            chunks = capture_block_inputs(model, adapter, batches, device, store)
+            chunks = capture_block_inputs(weights, adapter, batches, device, cache)
             report.seconds["capture"] += time.perf_counter() - t0
-        bar = tqdm(range(len(blocks)), desc=f"{method.name} blocks", unit="block", disable=not progress)
+            if work is not None:
+                work.commit_inputs(0, chunks)
+        bar = tqdm(range(start, count), desc=f"{method.name} blocks", unit="block", disable=not progress,
+                   initial=start, total=count)
         for i in bar:
-            block = blocks[i].to(device)
-            chunks, loss = step(block, i, chunks, adapter, model.config, method, spec, device, store, report)
-            blocks[i] = block.to("cpu")
-            if loss:
-                bar.set_postfix(loss=f"{loss:.3g}")
+            reset_peak_memory()
+            t0 = time.perf_counter()
+            prefix = f"{adapter.blocks}.{i}"
+            block = weights.load(prefix, device)
+            chunks, loss = step(block, i, chunks, adapter, weights.model.config, method, spec, device, cache, report)
+            peak = peak_memory()
+            record = {"seconds": round(time.perf_counter() - t0, 3), **peak}
+            report.blocks.append({"block": i, **record})
+            if work is not None:
+                layers = {n: report.layers[n] for n in report.layers if n.startswith(prefix + ".")}
+                work.commit_block(i, block_tensors(weights, block, prefix), layers, record, chunks)
+                for name, res in layers.items():  # the grids live in the work directory now, not in RAM
+                    report.layers[name] = LayerResult(res.weight, torch.empty(0), torch.empty(0), torch.empty(0),
+                                                      res.info, res.spec)
+            weights.release(prefix)
+            bar.set_postfix({**({"loss": f"{loss:.3g}"} if loss else {}), "rss": f"{peak['host_peak_mb']:.0f}MB"})
             if on_block is not None:
                 on_block(i, loss)
     return report
+
+
+def block_tensors(weights: ModelWeights, block: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    """The block's tensors as the output stores them: full names, each in the checkpoint's dtype."""
+    return {f"{prefix}.{key}": t.detach().to("cpu", weights.storage_dtype(f"{prefix}.{key}"))
+            for key, t in block.state_dict().items()}
+
+
+def _restore(weights: ModelWeights, adapter: Adapter, work: WorkDir, start: int, calibrated: bool,
+             cache: ActivationCache, spec: GridSpec, report: QuantizeReport) -> list[Chunk] | None:
+    """Resume: the finished blocks' grids into the report (a model held whole gets their weights back) and the
+    inputs of block ``start`` exactly as the interrupted run left them."""
+    for i in range(start):
+        prefix = f"{adapter.blocks}.{i}"
+        record = work.block_record(i)
+        for name in record["layers"]:
+            report.layers[name] = LayerResult(torch.empty(0), torch.empty(0), torch.empty(0), torch.empty(0),
+                                              record["layers"][name], work.layer_spec(i, name, spec))
+        report.blocks.append({"block": i, "resumed": True, **{k: v for k, v in record.items() if k != "layers"}})
+        if not weights.streamed:
+            block = weights.model.get_submodule(prefix)
+            saved = work.block_tensors(i)
+            with torch.no_grad():
+                for key, t in block.state_dict().items():
+                    t.copy_(saved[f"{prefix}.{key}"].to(t.dtype))
+    chunks = work.inputs(start)
+    if calibrated and chunks is None:
+        raise TritonqError(f"--resume: {work.path} has no inputs for block {start}; the directory is incomplete, "
+                           "pass --overwrite to start again")
+    if chunks is not None:
+        chunks = [Chunk(cache.keep(c.hidden), c.kwargs) for c in chunks]
+    return chunks

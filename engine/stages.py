@@ -15,7 +15,9 @@ import torch.nn as nn
 
 from ..errors import TritonqError
 from .adapters import Adapter
+from .cache import ActivationCache
 from .groups import Chunk, Group
+from .streaming import ModelWeights, as_weights
 
 OBSERVED_ATTENTION = "tritonq_observed"  # the attention interface that calls observers, then the real one
 
@@ -25,27 +27,30 @@ class StopForward(Exception):
 
 
 def capture_block_inputs(
-    model: nn.Module, adapter: Adapter, batches: list[torch.Tensor], device: torch.device,
-    store_device: torch.device | None = None,
+    weights: ModelWeights | nn.Module, adapter: Adapter, batches: list[torch.Tensor], device: torch.device,
+    cache: ActivationCache | None = None,
 ) -> list[Chunk]:
     """Run the embeddings on ``device`` and record what enters block 0 (hidden states and kwargs)."""
+    weights = as_weights(weights)
+    cache = cache or ActivationCache("device", device)
+    model = weights.model
     blocks = adapter.block_list(model)
-    moved = [blocks[0]]
+    loaded = []
     for name in adapter.embeddings:
         try:
-            moved.append(model.get_submodule(name))
+            model.get_submodule(name)
         except AttributeError:
             continue  # optional module absent in this variant (e.g. OPT's project_in)
-    for mod in moved:
-        mod.to(device)
+        weights.load(name, device)
+        loaded.append(name)
     chunks: list[Chunk] = []
-    store = store_device or device
 
     def hook(_module, args, kwargs):
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        chunks.append(Chunk(hidden.to(store), {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+        chunks.append(Chunk(cache.keep(hidden), {k: v for k, v in kwargs.items() if k != "hidden_states"}))
         raise StopForward
 
+    # block 0 stops every batch before it computes anything: its weights are not needed (nor loaded)
     handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for ids in batches:
@@ -55,8 +60,8 @@ def capture_block_inputs(
                 pass
     finally:
         handle.remove()
-        for mod in moved:
-            mod.to("cpu")
+        for name in loaded:
+            weights.release(name)
     return chunks
 
 
@@ -82,9 +87,9 @@ class Stage:
     """
 
     def __init__(self, block: nn.Module, group: Group, replays: dict[str, tuple[bool, list]],
-                 tail_input: str | None, device: torch.device, store: torch.device,
+                 tail_input: str | None, device: torch.device, cache: ActivationCache,
                  record: tuple[str, ...] = ()) -> None:
-        self.block, self.group, self.replays, self.device, self.store = block, group, replays, device, store
+        self.block, self.group, self.replays, self.device, self.cache = block, group, replays, device, cache
         self.recorded: dict[str, list[torch.Tensor]] = {name: [] for name in record}  # outputs of done linears
         self.tail_input = tail_input  # save the inputs of this linear (a tail) for its replay
         self.tail_inputs: list[torch.Tensor] = []
@@ -120,10 +125,10 @@ class Stage:
                 lambda _m, args, out, fn=fn: self._call(fn, args[0] if args else None, out)))
         if self.tail_input is not None:
             handles.append(self.block.get_submodule(self.tail_input).register_forward_pre_hook(
-                lambda _m, args: self._call(self.tail_inputs.append, args[0].to(self.store))))
+                lambda _m, args: self._call(self.tail_inputs.append, self.cache.keep(args[0]))))
         for name, outputs in self.recorded.items():
             handles.append(self.block.get_submodule(name).register_forward_hook(
-                lambda _m, _args, out, outputs=outputs: outputs.append(out.to(self.store))))
+                lambda _m, _args, out, outputs=outputs: outputs.append(self.cache.keep(out))))
         attention = None
         if group.attention_hooks:
             attention = self.block.get_submodule(group.adapter.attention)
@@ -155,7 +160,7 @@ class Stage:
                 self.chunk, self.fired = c, 0
                 try:
                     out = run_block(self.block, chunk.hidden.to(self.device), chunk.kwargs)
-                    outputs.append(Chunk(out.to(self.store), chunk.kwargs))
+                    outputs.append(Chunk(self.cache.keep(out), chunk.kwargs))
                 except StopForward:
                     continue
                 if self.events:

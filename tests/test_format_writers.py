@@ -105,8 +105,8 @@ def test_quantize_from_memory_writes_what_pack_writes_from_disk(model_dir, tmp_p
     assert files == sorted(p.name for p in packed.iterdir())
     for name in files:
         a, b = (direct / name).read_bytes(), (packed / name).read_bytes()
-        if name == "quantization.json":  # stage times differ between two runs
-            a, b = ({k: v for k, v in json.loads(x).items() if k != "seconds"} for x in (a, b))
+        if name == "quantization.json":  # stage times and memory peaks differ between two runs
+            a, b = ({k: v for k, v in json.loads(x).items() if k not in ("seconds", "memory")} for x in (a, b))
         assert a == b, name
 
 

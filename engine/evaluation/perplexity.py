@@ -6,6 +6,7 @@ Per window: mean cross-entropy of the ``seqlen - 1`` shifted positions; PPL = ex
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -41,3 +42,77 @@ def perplexity(
             nll += float(loss)
     n, seqlen = windows.shape
     return PerplexityResult(math.exp(nll / n), n, n * seqlen, seqlen)
+
+
+def streamed_perplexity(weights, adapter, windows: torch.Tensor, device: torch.device,
+                        block_tensors: Callable[[int], dict[str, torch.Tensor]], act=None,
+                        progress: bool = True) -> PerplexityResult:
+    """Perplexity of a model streamed block by block (``engine/streaming.py``), its blocks' weights given by
+    ``block_tensors(i)`` (a quantize run's work directory). Nothing holds the whole model.
+
+    Layer-major: every window goes through block ``i`` before block ``i + 1`` loads, one window at a time, so
+    each window sees exactly the operations of :func:`perplexity`'s full forward (the same numbers). The part
+    after the last block (final norm, ``lm_head``) runs as the model's own forward with every block replaying
+    the window's final hidden states."""
+    from ..activations import ActQuantLinear
+    from ..stages import capture_block_inputs
+
+    n, seqlen = windows.shape
+    model = weights.model
+    blocks = adapter.block_list(model)
+    with torch.no_grad():
+        chunks = capture_block_inputs(weights, adapter, [w.unsqueeze(0) for w in windows], device)
+        returns_tuple = False
+        for i in tqdm(range(len(blocks)), desc="perplexity (streamed)", unit="block", disable=not progress):
+            prefix = f"{adapter.blocks}.{i}"
+            block = weights.load(prefix, device, block_tensors(i))
+            originals = []
+            if act is not None:  # activation quantization as the run applies it, on this block's linears
+                for name in adapter.linear_names():
+                    parent_name, _, leaf = name.rpartition(".")
+                    parent = block.get_submodule(parent_name) if parent_name else block
+                    originals.append((parent, leaf, getattr(parent, leaf)))
+                    setattr(parent, leaf, ActQuantLinear(getattr(parent, leaf), act))
+            for c in chunks:
+                out = block(c.hidden.to(device), **c.kwargs)
+                returns_tuple = isinstance(out, tuple)
+                c.hidden = out[0] if returns_tuple else out
+            for parent, leaf, module in originals:
+                setattr(parent, leaf, module)
+            weights.release(prefix)
+        head = _modules_outside_blocks(model, adapter.blocks)
+        for name in head:
+            weights.load(name, device)
+        nll = 0.0
+        try:
+            for ids, c in zip(windows, chunks):
+                for block in blocks:
+                    block.forward = _replayer(c.hidden, returns_tuple)
+                ids = ids.unsqueeze(0).to(device)
+                logits = model(input_ids=ids, use_cache=False).logits.float()
+                nll += float(F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="mean"))
+        finally:
+            for block in blocks:
+                block.__dict__.pop("forward", None)
+            for name in head:
+                weights.release(name)
+    return PerplexityResult(math.exp(nll / n), n, n * seqlen, seqlen)
+
+
+def _modules_outside_blocks(model: nn.Module, blocks: str) -> list[str]:
+    """Every module outside the decoder blocks that holds weights or buffers of its own (embeddings, final norm,
+    lm_head, the rotary embedding)."""
+    names = []
+    for name, module in model.named_modules(remove_duplicate=False):
+        if name == blocks or name.startswith(blocks + "."):
+            continue
+        own = list(module.parameters(recurse=False)) + [b for b in module.buffers(recurse=False)]
+        if own:
+            names.append(name)
+    return names
+
+
+def _replayer(hidden: torch.Tensor, as_tuple: bool) -> Callable:
+    def forward(*_args, **_kwargs):
+        return (hidden,) if as_tuple else hidden
+    return forward

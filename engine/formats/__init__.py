@@ -3,8 +3,8 @@
 * ``base.py``: :class:`OutputFormat` (``check(request)``, ``write(checkpoint, out, shard_bytes)``), the
   :class:`FormatRequest` a format checks before calibration, and the shared part of the packed safetensors
   layouts (:class:`PackedFormat`);
-* ``checkpoint.py``: what writers write from, layer by layer: a model in memory (``tritonq quantize``) or a
-  fake output on disk (``tritonq pack``);
+* ``checkpoint.py``: what writers write from, layer by layer: a finished run (``tritonq quantize``: its work
+  directory and the model's weights) or a fake output on disk (``tritonq pack``);
 * ``records.py`` (the format-neutral integer record and the runtime layouts), ``bitpack.py`` (bit packing),
   ``store.py`` (reading tensors, writing shards with an index);
 * one file per format: ``fake.py``, ``compressed_tensors.py`` (+ ``ct_int8.py``: the W8A8

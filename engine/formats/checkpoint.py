@@ -5,9 +5,10 @@ A :class:`Checkpoint` gives a writer, one layer at a time, the integer record of
 :meth:`QuantizedWeight.from_grid`), every other float tensor, ``config.json`` and the files that travel with
 the model (tokenizer, generation config). Two sources exist:
 
-* :class:`ModelCheckpoint`: the model still in memory right after ``tritonq quantize`` (the pipeline keeps
-  scale, zero, g_idx and grid per layer; the fake-quantized weights are the model's own). Nothing is read
-  back from disk. Tensors and config are the ones ``save_pretrained`` would write.
+* :class:`RunCheckpoint`: the run of ``tritonq quantize`` that just finished: its blocks from the run's work
+  directory (``engine/workdir.py``), every other tensor from the model's weights (in memory, or streamed from
+  the checkpoint's shards), one tensor at a time. Tensors and config are the ones ``save_pretrained`` would
+  write, in the checkpoint's dtype.
 * :class:`FakeDirectory`: a ``tritonq quantize --format fake`` output on disk (``tritonq pack``).
 """
 
@@ -95,39 +96,49 @@ def hf_state_dict(model: torch.nn.Module) -> dict[str, Tensor]:
     return revert_weight_conversion(model, state)
 
 
-class ModelCheckpoint(Checkpoint):
-    """The model of a finished quantize run, in memory: ``layers`` maps each quantized linear to its
-    :class:`~tritonq.engine.methods.base.LayerResult` (scale, zero, g_idx, spec; the weights are the model's)."""
+class RunCheckpoint(Checkpoint):
+    """The output of a quantize run as it streams: the finished blocks from the run's work directory
+    (``engine/workdir.py``), every other tensor from the model's weights source (``engine/streaming.py``: a model
+    in memory, or the checkpoint's shards on disk), each in the dtype the checkpoint stores it in. One tensor is
+    in memory at a time; nothing holds the whole model. ``layers``: each quantized linear's result (its grid)."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, layers: Mapping, meta: dict, run_spec: GridSpec) -> None:
+    def __init__(self, weights, work, blocks: str, tokenizer, layers: Mapping, meta: dict, run_spec: GridSpec) -> None:
+        model = weights.model
         # what save_pretrained records before writing the config (transformers modeling_utils.save_pretrained)
-        model.config.dtype = str(model.dtype).split(".")[1]
+        model.config.dtype = str(weights.output_dtype()).split(".")[1]
         model.config.architectures = [type(model).__name__]
-        self.model, self.tokenizer, self.meta = model, tokenizer, meta
+        self.weights, self.work, self.tokenizer, self.meta = weights, work, tokenizer, meta
         self.label = str(meta.get("model", "model"))
-        self._layers = layers
+        self._blocks = f"{blocks}."
         self._config_text = model.config.to_json_string(use_diff=True)
         self.config = json.loads(self._config_text)
         self.grids = {name: layers[name].spec or run_spec for name in sorted(layers)}
-        self._state = hf_state_dict(model)
+
+    def _block_of(self, key: str) -> int | None:
+        if not key.startswith(self._blocks):
+            return None
+        index = key[len(self._blocks):].split(".", 1)[0]
+        return int(index) if index.isdigit() else None
 
     def config_text(self) -> str:
         return self._config_text
 
     def float_keys(self) -> list[str]:
-        return list(self._state)
+        return self.weights.output_keys()
 
     def tensor(self, key: str) -> Tensor:
-        return self._state[key].cpu()  # a model run on a GPU keeps its blocks there
+        index = self._block_of(key)
+        return self.weights.tensor(key) if index is None else self.work.block_tensors(index, [key])[key]
 
     def params(self, name: str) -> tuple[Tensor, Tensor, Tensor]:
-        res = self._layers[name]
-        return res.scale.float(), res.zero.float(), res.g_idx.to(torch.int32)
+        scale, zero, g_idx = self.work.layer_params(self._block_of(name), name)
+        return scale.float(), zero.float(), g_idx.to(torch.int32)
 
     def write_side_files(self, out: Path) -> None:
         self.tokenizer.save_pretrained(out)
-        if self.model.can_generate() and self.model.generation_config is not None:
-            self.model.generation_config.save_pretrained(out)
+        model = self.weights.model
+        if model.can_generate() and model.generation_config is not None:
+            model.generation_config.save_pretrained(out)
 
     def vocabulary_dir(self, scratch: Path) -> Path:
         scratch.mkdir(parents=True, exist_ok=True)

@@ -2,8 +2,8 @@
 
 ``FORMATS`` maps each ``--format`` to its writer: ``fake`` (float weights on the grid), the packed safetensors
 layouts tritonq also reads back (compressed-tensors - with W8A8 as ``int-quantized`` -, gptq, gptq_v2, awq)
-and ``gguf`` (llama.cpp). ``tritonq quantize`` writes the model in memory through them
-(:class:`~tritonq.engine.formats.checkpoint.ModelCheckpoint`); ``tritonq pack`` reads a fake output from disk
+and ``gguf`` (llama.cpp). ``tritonq quantize`` writes its run through them, one tensor at a time
+(:class:`~tritonq.engine.formats.checkpoint.RunCheckpoint`); ``tritonq pack`` reads a fake output from disk
 (:class:`~tritonq.engine.formats.checkpoint.FakeDirectory`) and writes it through the same classes.
 """
 

@@ -1,0 +1,195 @@
+"""The work directory of a quantize run: every finished block on disk, so a run streams its results out and an
+interrupted run resumes where it stopped, bit for bit.
+
+After block ``i`` the pipeline commits, each file written to a temporary name and renamed into place:
+
+* ``block-0000i.safetensors``: the block's tensors as the output stores them (the checkpoint's dtype; the
+  quantized linears' weights are their grid points);
+* ``block-0000i.params.safetensors``: scale, zero, g_idx and grid of each quantized linear;
+* ``block-0000i.json``: each linear's info (loss, damping ...) and the block's seconds and peak memory;
+* ``inputs-0000{i+1}[.rank R].pt``: the calibration chunks entering the next block, exactly as they are (not
+  regenerated: auto-round's resume regenerated them, was not bit-identical, and lost 20x on the first
+  resumed block);
+* ``progress.json`` last: ``{"done": i + 1}``, the commit point. A run killed anywhere before it finds the
+  previous commit and redoes only block ``i``.
+
+``fingerprint.json`` says what the run is (model files, calibration data, method, options, tritonq version);
+``--resume`` refuses a directory whose fingerprint differs and says what differs. The output writer reads the
+blocks from here (nothing holds the whole model), and a finished run removes the directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from ..errors import TritonqError
+from .formats.records import GRID_LEAF, grid_from_tensor, grid_tensor
+from .grid import GridSpec
+from .groups import Chunk
+from .methods.base import LayerResult
+from .outputs import atomic_file
+
+FINGERPRINT = "fingerprint.json"
+PROGRESS = "progress.json"
+
+
+def default_work_dir(output: str | Path) -> Path:
+    out = Path(output).expanduser().resolve()
+    return out.with_name(f"{out.name}.tritonq-work")
+
+
+def file_fingerprint(path: Path) -> dict:
+    """Name, size and a hash of the first MiB (a safetensors header and its first tensors; a GGUF header):
+    enough to tell another checkpoint apart without reading gigabytes."""
+    with open(path, "rb") as f:
+        head = hashlib.sha256(f.read(1 << 20)).hexdigest()[:16]
+    return {"size": path.stat().st_size, "head": head}
+
+
+def model_fingerprint(directory: Path) -> dict:
+    """Every weight and config file of a model directory, by name."""
+    names = sorted(p for p in directory.iterdir()
+                   if p.is_file() and p.suffix in (".safetensors", ".json", ".gguf", ".bin"))
+    return {p.name: file_fingerprint(p) for p in names}
+
+
+class WorkDir:
+    """The committed state of a run (see the module docstring). ``rank``: this process's rank (its own inputs)."""
+
+    def __init__(self, path: Path, fingerprint: dict, resume: bool, overwrite: bool, rank: int = 0,
+                 writer: bool = True) -> None:
+        self.path, self.fingerprint, self.rank, self.writer = path, fingerprint, rank, writer
+        self.done = 0
+        exists = (path / FINGERPRINT).is_file()
+        if exists and not resume:
+            if not overwrite:
+                raise TritonqError(
+                    f"{path} holds an interrupted run's finished blocks; pass --resume to continue it, or "
+                    "--overwrite to start again (or delete the directory)")
+            if writer:
+                shutil.rmtree(path)
+            exists = False
+        if exists:
+            saved = json.loads((path / FINGERPRINT).read_text())
+            differ = describe_difference(saved, fingerprint)
+            if differ:
+                raise TritonqError(f"--resume: {path} was written by another run ({differ}); run the same command "
+                                   "again, or pass --overwrite instead of --resume to start over")
+            progress = path / PROGRESS
+            self.done = int(json.loads(progress.read_text())["done"]) if progress.is_file() else 0
+        elif writer:
+            path.mkdir(parents=True, exist_ok=True)
+            _write_json(path / FINGERPRINT, fingerprint)
+
+    # -- names
+
+    def _block(self, i: int, suffix: str) -> Path:
+        return self.path / f"block-{i:05d}{suffix}"
+
+    def _inputs(self, i: int) -> Path:
+        rank = f".rank{self.rank}" if self.rank else ""
+        return self.path / f"inputs-{i:05d}{rank}.pt"
+
+    # -- committing
+
+    def commit_inputs(self, index: int, chunks: list[Chunk] | None) -> None:
+        """The chunks entering block ``index`` (after the capture, or after block ``index - 1``)."""
+        if chunks is None:
+            return
+        with atomic_file(self._inputs(index)) as tmp:
+            torch.save([(c.hidden, c.kwargs) for c in chunks], tmp)
+
+    def commit_block(self, index: int, tensors: dict[str, Tensor], layers: dict[str, LayerResult],
+                     record: dict, next_chunks: list[Chunk] | None) -> None:
+        """Block ``index`` is finished: its tensors, its grids, its record, the next block's inputs, then the mark."""
+        if self.writer:
+            with atomic_file(self._block(index, ".safetensors")) as tmp:
+                save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, str(tmp))
+            params = {}
+            for name, res in layers.items():
+                params[f"{name}.scale"] = res.scale.float().contiguous().clone()
+                params[f"{name}.zero"] = res.zero.float().contiguous().clone()
+                params[f"{name}.g_idx"] = res.g_idx.to(torch.int32).contiguous().clone()
+                params[f"{name}.{GRID_LEAF}"] = grid_tensor(res.spec)
+            with atomic_file(self._block(index, ".params.safetensors")) as tmp:
+                save_file(params, str(tmp))
+            _write_json(self._block(index, ".json"),
+                        {"layers": {n: _jsonable(r.info) for n, r in layers.items()}, **record})
+        self.commit_inputs(index + 1, next_chunks)
+        if self.writer:
+            _write_json(self.path / PROGRESS, {"done": index + 1})
+        self.done = index + 1
+        old = self._inputs(index)
+        if old.exists():
+            old.unlink()
+
+    # -- reading back
+
+    def inputs(self, index: int) -> list[Chunk] | None:
+        path = self._inputs(index)
+        if not path.is_file():
+            return None
+        return [Chunk(hidden, kwargs) for hidden, kwargs in torch.load(path, weights_only=False)]
+
+    def block_record(self, index: int) -> dict:
+        return json.loads(self._block(index, ".json").read_text())
+
+    def block_tensors(self, index: int, keys: list[str] | None = None) -> dict[str, Tensor]:
+        with safe_open(str(self._block(index, ".safetensors")), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in (keys if keys is not None else f.keys())}
+
+    def block_keys(self, index: int) -> list[str]:
+        with safe_open(str(self._block(index, ".safetensors")), framework="pt") as f:
+            return list(f.keys())
+
+    def layer_params(self, index: int, name: str) -> tuple[Tensor, Tensor, Tensor]:
+        """``(scale, zero, g_idx)`` of quantized linear ``name`` of block ``index``."""
+        with safe_open(str(self._block(index, ".params.safetensors")), framework="pt") as f:
+            return f.get_tensor(f"{name}.scale"), f.get_tensor(f"{name}.zero"), f.get_tensor(f"{name}.g_idx")
+
+    def layer_spec(self, index: int, name: str, run: GridSpec) -> GridSpec:
+        with safe_open(str(self._block(index, ".params.safetensors")), framework="pt") as f:
+            return grid_from_tensor(name, f.get_tensor(f"{name}.{GRID_LEAF}"), run)
+
+    def remove(self) -> None:
+        if self.writer:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
+def describe_difference(saved: dict, now: dict, prefix: str = "") -> str:
+    """What differs between two fingerprints, as ``key: old -> new`` items (at most four)."""
+    items = []
+    for key in sorted(set(saved) | set(now)):
+        a, b = saved.get(key), now.get(key)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            inner = describe_difference(a, b, f"{prefix}{key}.")
+            items.append(inner)
+        else:
+            items.append(f"{prefix}{key}: {_short(a)} -> {_short(b)}")
+    return "; ".join(i for i in items if i)[:600]
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _jsonable(info: dict) -> dict:
+    return {k: (float(v) if isinstance(v, (float, int)) and not isinstance(v, bool) else v)
+            for k, v in info.items() if isinstance(v, (bool, int, float, str, type(None)))}
+
+
+def _write_json(path: Path, content: dict) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
