@@ -124,8 +124,8 @@ def _add_memory(sub) -> None:
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--calib-batch", type=int, default=8)
-    p.add_argument("--offload-activations", nargs="*", default=None, metavar="cpu|disk [DIR]",
-                   help="where the calibration cache lives: cpu (the default with no value), or disk")
+    p.add_argument("--offload-activations", nargs="*", metavar="PLACE", default=None,
+                   help="as quantize's: 'cpu' (the default when the flag is given alone) or 'disk DIR'")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="the device to estimate for (it need not be present; auto: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],

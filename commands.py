@@ -82,14 +82,10 @@ def memory(args) -> int:
     """Print the memory estimate of a quantize run (``engine/memory.py``) without loading any weights."""
     from types import SimpleNamespace
 
-    from .engine.memory import GIB, estimate_for_options
+    from .engine.memory import GIB, estimate_for_options, store_of
     from .engine.model_io import load_config
-    from .errors import TritonqError
 
-    offload = args.offload_activations
-    store = "device" if offload is None else (offload[0] if offload else "cpu")
-    if store not in ("device", "cpu", "disk"):
-        raise TritonqError(f"--offload-activations takes cpu or disk (then a directory), got {store!r}")
+    offload, _directory = offload_from_args(args.offload_activations)  # the directory does not change the estimate
     device = args.device
     if device == "auto":
         import torch
@@ -97,15 +93,16 @@ def memory(args) -> int:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     opts = SimpleNamespace(method=args.method, method_options=method_options_from_args(args), nsamples=args.nsamples,
                            seqlen=args.seqlen, calib_batch=args.calib_batch, group_size=args.group_size,
-                           offload_activations=store, dtype=args.dtype, device=device)
+                           offload_activations=offload, dtype=args.dtype, device=device)
     est = estimate_for_options(opts, load_config(args.model, args.trust_remote_code), device=device)
     if args.json:
         print(json.dumps(est.to_json(), indent=1))
         return 0
-    where = f"{est.settings['device_type']} ({est.settings['compute_dtype']}), cache on {store}"
-    print(f"{args.model}, {args.method}, {args.nsamples} x {args.seqlen} (calib-batch {args.calib_batch}), {where}: "
-          f"peak host {est.peak_host / GIB:.2f} GiB" + (f", device {est.peak_device / GIB:.2f} GiB"
-                                                        if est.peak_device else ""))
+    where = f"{est.settings['device_type']} ({est.settings['compute_dtype']}), cache on {store_of(offload)}"
+    peaks = f"peak host {est.peak_host / GIB:.2f} GiB" + (f", device {est.peak_device / GIB:.2f} GiB"
+                                                        if est.peak_device else "")
+    print(f"{args.model}, {args.method}, {args.nsamples} x {args.seqlen} (calib-batch {args.calib_batch}), "
+          f"{where}: {peaks}")
     print(est.describe())
     return 0
 

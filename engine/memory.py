@@ -15,8 +15,9 @@ store (``--offload-activations disk DIR``) counts no host bytes: its pages are f
 them back and drops them under pressure (they do show in the RSS while they are warm).
 
 Each method's state follows its code: GPTQ keeps a ``K x K`` fp32 Hessian while the chunks run and, while
-solving, its damped copy, the order-reversed copy, the identity, the Cholesky factor and the inverse factor (7
-``K^2`` at the triangular solve, ``hessian.inverse_cholesky``) beside the group's rows in fp32; AWQ caches the
+solving, its damped copy, the order-reversed copy, the identity, the Cholesky factor, the inverse factor and its
+flipped copy (``hessian.inverse_cholesky``), plus one more ``K^2`` that LAPACK's column-major copy adds (8 ``K^2``:
+the count that matches the measured RSS, bench/RESULTS.md) beside the group's rows in fp32; AWQ caches the
 parent modules' calls on ``--search-tokens`` tokens and scores candidates on a bf16 copy of the module; BoA is
 GPTQ plus its query/key moments and rotary matrices; RTN holds one fp32 copy of a group's rows. Methods not
 modelled here are counted as GPTQ (an upper bound for every method built on the shared Hessian core).
@@ -177,8 +178,9 @@ def _method_state(method: str, m: ModelShape, k: int, n: int, group: str, *, c: 
     fp32 = 4
     rounding = 3 * n * k * fp32  # per linear: its rounded copy, the gathered scales and zeros, temporaries
     hessian = k * k * fp32
-    # at the triangular solve: H, its damped and reversed copies, I, L and U (7 K^2); or the blocked sweep
-    gptq_solve = max(7 * hessian + n * k * fp32, 3 * hessian + 4 * n * k * fp32)
+    # at the triangular solve: H, its damped and reversed copies, I, L, U, U flipped and LAPACK's column-major
+    # copy (8 K^2); or the blocked sweep: H, its copy, U and four copies of the rows
+    gptq_solve = max(8 * hessian + n * k * fp32, 3 * hessian + 4 * n * k * fp32)
     if method == "rtn":
         return 0, rounding
     if method == "smoothquant":  # per-channel statistics, then rounding
@@ -242,6 +244,7 @@ def estimate_memory(config: Any, method_name: str, *, nsamples: int, seqlen: int
     # only a disk store makes a copy (moving a tensor to its own device is free)
     staging = windows * seqlen * 4 * m.hidden * c if cache_on == "disk" or (cache_on == "host" and not on_cpu) else 0
     work = _intermediates(m, windows, seqlen, c) if calibrated else 0
+    same_device = cache_on == "device" or (on_cpu and cache_on == "host")
 
     def cache(widths: tuple[int, ...]) -> int:
         return tokens * sum(widths) * c
@@ -253,7 +256,10 @@ def estimate_memory(config: Any, method_name: str, *, nsamples: int, seqlen: int
             label, k, n = m.groups()[s]
             observe, solve = _method_state(method_name, m, k, n, label, c=c, seqlen=seqlen, tokens=tokens,
                                            search_tokens=search_tokens, group_size=group_size)
-            running = {"method state": observe, "chunk intermediates": work, "chunk staging": staging}
+            # a tail group's inputs are kept as they are made: on the store's own device the running chunk's
+            # are already among its intermediates (counted once)
+            kept = windows * seqlen * k * c if label in ("o_proj", "down_proj") and same_device else 0
+            running = {"method state": observe, "chunk intermediates": work - kept, "chunk staging": staging}
             solving = {"method state": solve}
             parts = running if calibrated and sum(running.values()) > solve else solving
         else:

@@ -92,7 +92,7 @@ def test_small_config_by_hand():
     assert ModelShape.from_config(_tiny()).block_params() == params
     tokens = 4 * 16
     cache_down = tokens * (64 + 64 + 128) * 4  # inputs, the attention's replay, down_proj's inputs
-    solve_down = 7 * 128 * 128 * 4 + 64 * 128 * 4  # seven K x K fp32 at the triangular solve, the rows in fp32
+    solve_down = 8 * 128 * 128 * 4 + 64 * 128 * 4  # eight K x K fp32 at the triangular solve, the rows in fp32
     block = next(v[0] for k, v in est.phases.items() if k.startswith("block stage"))
     assert "block stage down_proj" in est.phases
     assert block == INTERPRETER_BYTES + params * 4 + cache_down + solve_down
@@ -151,6 +151,8 @@ def test_cli_from_config_only(tmp_path, capsys):
     assert main(["memory", "--model", str(tmp_path), "--method", "awq", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "peak host" in out and "memory estimate" in out
+    assert main(["memory", "--model", str(tmp_path), "--offload-activations", "disk", str(tmp_path / "acts")]) == 0
+    assert "cache on disk" in capsys.readouterr().out
     assert main(["memory", "--model", str(tmp_path), "--offload-activations", "ssd"]) == 2
     assert "--offload-activations" in capsys.readouterr().err
 
