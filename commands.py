@@ -94,7 +94,8 @@ def memory(args) -> int:
     opts = SimpleNamespace(method=args.method, method_options=method_options_from_args(args), nsamples=args.nsamples,
                            seqlen=args.seqlen, calib_batch=args.calib_batch, group_size=args.group_size,
                            offload_activations=offload, dtype=args.dtype, device=device)
-    est = estimate_for_options(opts, load_config(args.model, args.trust_remote_code), device=device)
+    est = estimate_for_options(opts, load_config(args.model, args.trust_remote_code), device=device,
+                               streamed=_streams(args.model))
     if args.json:
         print(json.dumps(est.to_json(), indent=1))
         return 0
@@ -105,6 +106,18 @@ def memory(args) -> int:
           f"{where}: {peaks}")
     print(est.describe())
     return 0
+
+
+def _streams(model: str) -> bool:
+    """Whether quantize would stream ``model`` block by block, judged without reading or downloading weights: a
+    directory with safetensors shards, or a hub id (assumed to have them); the built-in GGUF default loads whole."""
+    from pathlib import Path
+
+    from .engine.model_io import SMOLLM2_NAME
+    from .engine.streaming import checkpoint_files
+
+    path = Path(model).expanduser()
+    return model != SMOLLM2_NAME and (not path.is_dir() or checkpoint_files(path) is not None)
 
 
 def evaluate(args) -> int:

@@ -220,11 +220,13 @@ def _awq_state(m: ModelShape, k: int, n: int, group: str, *, c: int, sample: int
 def estimate_memory(config: Any, method_name: str, *, nsamples: int, seqlen: int, calib_batch: int,
                     compute_dtype: torch.dtype | str, checkpoint_dtype: torch.dtype | str, store: str = "device",
                     device_type: str = "cpu", search_tokens: int = AWQ_SEARCH_TOKENS,
-                    group_size: int = 128) -> MemoryEstimate:
+                    group_size: int = 128, streamed: bool = True) -> MemoryEstimate:
     """The peak host and device bytes of a streamed quantize run, by component (see the module docstring).
 
     ``config``: a transformers config or a config.json dict; ``store``: where the calibration cache lives
-    (``--offload-activations``: the compute device, CPU RAM, or files on disk); ``device_type``: cpu or cuda.
+    (``--offload-activations``: the compute device, CPU RAM, or files on disk); ``device_type``: cpu or cuda;
+    ``streamed``: False where the weights load whole (a GGUF file, ``.bin`` weights): the whole model then sits in
+    host RAM in the compute dtype through every phase.
     """
     if store not in STORES:
         raise TritonqError(f"unknown activation store {store!r}; choose device, cpu or disk")
@@ -285,6 +287,16 @@ def estimate_memory(config: Any, method_name: str, *, nsamples: int, seqlen: int
     largest = max(m.vocab * m.hidden, max(k * n for _, k, n in m.groups()))
     write_host = {"interpreter": INTERPRETER_BYTES, "writer tensor + buffer": largest * ck + WRITER_BUFFER_BYTES}
 
+    if not streamed:  # loaded whole on the CPU in the compute dtype; the block on the device is a copy of its part
+        whole = m.layers * m.block_params() + m.vocab * m.hidden * (1 if m.tied else 2) + m.hidden
+        for host_side in (block_host, load_host, capture_host, write_host):
+            host_side["the whole model (not streamed)"] = whole * c
+        if on_cpu:  # the block and the embedding are the model's own tensors there, not copies
+            block_device.pop("block weights")
+            load_device.pop("block weights")
+            load_host.pop("block load (checkpoint dtype)")
+            capture_device.pop("token embedding")
+            capture_host.pop("embedding load (checkpoint dtype)")
     phases = {f"block stage {stage}": (block_host, block_device), "a block's load": (load_host, load_device),
               "the write": (write_host, {})}
     if calibrated:  # data-free methods never run the embedding
@@ -351,8 +363,10 @@ def store_of(offload: Any) -> str:
     return str(offload)
 
 
-def estimate_for_options(opts: Any, config: Any, device: torch.device | str | None = None) -> MemoryEstimate:
-    """:func:`estimate_memory` for a ``QuantizeOptions``-like object (the one call a quantize run makes)."""
+def estimate_for_options(opts: Any, config: Any, device: torch.device | str | None = None,
+                         streamed: bool = True) -> MemoryEstimate:
+    """:func:`estimate_memory` for a ``QuantizeOptions``-like object (the one call a quantize run makes);
+    ``streamed``: whether the run streams the weights (``streaming.StreamedModel``) or holds them whole."""
     from .methods.registry import make_method
     from .model_io import resolve_device, resolve_dtype
 
@@ -364,4 +378,4 @@ def estimate_for_options(opts: Any, config: Any, device: torch.device | str | No
     return estimate_memory(config, method.name, nsamples=opts.nsamples, seqlen=opts.seqlen,
                            calib_batch=opts.calib_batch, compute_dtype=compute,
                            checkpoint_dtype=checkpoint_dtype_of(config), store=store_of(opts.offload_activations),
-                           device_type=dev.type, search_tokens=search, group_size=group_size)
+                           device_type=dev.type, search_tokens=search, group_size=group_size, streamed=streamed)

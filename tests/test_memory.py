@@ -129,6 +129,16 @@ def test_config_without_sizes():
         _est({"model_type": "llama"})
 
 
+def test_whole_model_when_not_streamed():
+    streamed = _est(LLAMA_8B, device_type="cpu", compute_dtype="float32")
+    whole = _est(LLAMA_8B, device_type="cpu", compute_dtype="float32", streamed=False)
+    params = 32 * ModelShape.from_config(LLAMA_8B).block_params() + 2 * 128256 * 4096 + 4096
+    assert whole.host_parts["the whole model (not streamed)"] == params * 4
+    # the block being quantized is part of the whole model on the CPU: not counted twice
+    assert "block weights" not in whole.host_parts
+    assert whole.peak_host - streamed.peak_host == params * 4 - streamed.host_parts["block weights"]
+
+
 def test_opt_names():
     shape = ModelShape.from_config(dict(model_type="opt", num_hidden_layers=2, hidden_size=64, ffn_dim=256,
                                         num_attention_heads=4, vocab_size=100))
@@ -145,7 +155,8 @@ def test_cli_from_config_only(tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out)
     expected = estimate_memory(_tiny(hidden_size=128, intermediate_size=256, max_position_embeddings=256), "gptq",
                                nsamples=8, seqlen=32, calib_batch=8, compute_dtype="float16",
-                               checkpoint_dtype="float32", store="cpu", device_type="cuda")
+                               checkpoint_dtype="float32", store="cpu", device_type="cuda",
+                               streamed=False)  # a directory without safetensors shards loads whole
     assert printed["peak_host_bytes"] == expected.peak_host
     assert printed["peak_device_bytes"] == expected.peak_device
     assert main(["memory", "--model", str(tmp_path), "--method", "awq", "--device", "cpu"]) == 0
