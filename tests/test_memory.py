@@ -173,3 +173,20 @@ def test_readme_table_is_generated():
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert table() in readme
+
+
+def test_one_call_from_quantize_options(tmp_path):
+    """What a quantize run calls: QuantizeOptions in, the estimate out (AWQ's --search-tokens from the options)."""
+    from tritonq.engine.api import QuantizeOptions
+    from tritonq.engine.memory import estimate_for_options
+
+    config = _tiny(hidden_size=128, intermediate_size=512, num_attention_heads=8, num_key_value_heads=8)
+    opts = QuantizeOptions(output=str(tmp_path / "out"), method="awq", nsamples=16, seqlen=64, calib_batch=4,
+                           offload_activations="cpu", method_options={"search_tokens": 128}, device="cpu")
+    est = estimate_for_options(opts, config)
+    direct = estimate_memory(config, "awq", nsamples=16, seqlen=64, calib_batch=4, compute_dtype="float32",
+                             checkpoint_dtype="float32", store="cpu", device_type="cpu", search_tokens=128)
+    assert est.peak_host == direct.peak_host and est.settings == direct.settings
+    more = estimate_for_options(QuantizeOptions(**{**opts.__dict__, "method_options": {"search_tokens": 1024}}),
+                                config)
+    assert more.block_rise() > est.block_rise()  # more sampled tokens for the scale search: more cached calls
