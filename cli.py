@@ -116,6 +116,31 @@ def _run_quantize(args) -> int:
     return quantize(args)
 
 
+def _add_memory(sub) -> None:
+    p = sub.add_parser("memory", help="the host and device memory a quantize run needs, from the config alone")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="hub id, local directory, or 'smollm2'")
+    p.add_argument("--group-size", type=int, default=None, help="as quantize's (AWQ's clip Gram blocks)")
+    _add_method_args(p)
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--calib-batch", type=int, default=8)
+    p.add_argument("--offload-activations", nargs="*", metavar="PLACE", default=None,
+                   help="as quantize's: 'cpu' (the default when the flag is given alone) or 'disk DIR'")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="the device to estimate for (it need not be present; auto: cuda if available)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="compute dtype (default: float16 on CUDA, float32 on CPU)")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the estimate as JSON (bytes by component)")
+    p.set_defaults(handler=_run_memory)
+
+
+def _run_memory(args) -> int:
+    from .commands import memory
+
+    return memory(args)
+
+
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="perplexity, or lm-eval task accuracy, of a model or a tritonq output")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
@@ -288,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tritonq", description="Post-training quantization on Triton kernels")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command")
-    for add in (_add_quantize, _add_eval, _add_pack, _add_generate, _add_serve, _add_bench, _add_report, _add_plot):
+    for add in (_add_quantize, _add_memory, _add_eval, _add_pack, _add_generate, _add_serve, _add_bench, _add_report,
+                _add_plot):
         add(sub)
     return parser
 

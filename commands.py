@@ -86,6 +86,48 @@ def quantize(args) -> int:
     return 0
 
 
+def memory(args) -> int:
+    """Print the memory estimate of a quantize run (``engine/memory.py``) without loading any weights."""
+    from types import SimpleNamespace
+
+    from .engine.memory import GIB, estimate_for_options, store_of
+    from .engine.model_io import load_config
+
+    offload, _directory = offload_from_args(args.offload_activations)  # the directory does not change the estimate
+    device = args.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    opts = SimpleNamespace(method=args.method, method_options=method_options_from_args(args), nsamples=args.nsamples,
+                           seqlen=args.seqlen, calib_batch=args.calib_batch, group_size=args.group_size,
+                           offload_activations=offload, dtype=args.dtype, device=device)
+    est = estimate_for_options(opts, load_config(args.model, args.trust_remote_code), device=device,
+                               streamed=_streams(args.model))
+    if args.json:
+        print(json.dumps(est.to_json(), indent=1))
+        return 0
+    where = f"{est.settings['device_type']} ({est.settings['compute_dtype']}), cache on {store_of(offload)}"
+    peaks = f"peak host {est.peak_host / GIB:.2f} GiB" + (f", device {est.peak_device / GIB:.2f} GiB"
+                                                        if est.peak_device else "")
+    print(f"{args.model}, {args.method}, {args.nsamples} x {args.seqlen} (calib-batch {args.calib_batch}), "
+          f"{where}: {peaks}")
+    print(est.describe())
+    return 0
+
+
+def _streams(model: str) -> bool:
+    """Whether quantize would stream ``model`` block by block, judged without reading or downloading weights: a
+    directory with safetensors shards, or a hub id (assumed to have them); the built-in GGUF default loads whole."""
+    from pathlib import Path
+
+    from .engine.model_io import SMOLLM2_NAME
+    from .engine.streaming import checkpoint_files
+
+    path = Path(model).expanduser()
+    return model != SMOLLM2_NAME and (not path.is_dir() or checkpoint_files(path) is not None)
+
+
 def evaluate(args) -> int:
     """``tritonq eval``: perplexity on ``--data`` (default wikitext2), and/or lm-eval ``--tasks``.
 
