@@ -134,6 +134,12 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
     weights = open_weights(opts.model, dtype, opts.trust_remote_code, opts.stream,
                            whole_model=type(method).prepare is not Method.prepare)
     seconds["load"] = time.perf_counter() - t0
+    from .memory import estimate_for_options
+
+    # the memory this run needs, from the config alone (engine/memory.py), before the long part
+    estimate = estimate_for_options(opts, weights.model.config, device, streamed=weights.streamed)
+    if opts.progress:
+        print(estimate.describe())
     if not weights.streamed:
         method.prepare(weights.model, adapter)  # the model-level step, before the block inputs are captured
     work = WorkDir(Path(opts.work_dir).expanduser() if opts.work_dir else default_work_dir(opts.output),
@@ -162,7 +168,7 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
         "dtype": str(dtype).replace("torch.", ""), "device": str(device), "calibration": calib_meta,
         "tritonq_version": __version__, "layers": sorted(report.layers),
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
-        "memory": memory_record(report, weights.streamed, cache),
+        "memory": {**memory_record(report, weights.streamed, cache), "estimate": estimate.to_json()},
     }
     if resumed_from:
         meta["resumed_from_block"] = resumed_from

@@ -14,10 +14,10 @@ The interpreter with torch and transformers imported is a measured constant (``I
 store (``--offload-activations disk DIR``) counts no host bytes: its pages are file-backed, so the kernel writes
 them back and drops them under pressure (they do show in the RSS while they are warm).
 
-Each method's state follows its code: GPTQ keeps a ``K x K`` fp32 Hessian while the chunks run and, while
-solving, its damped copy, the order-reversed copy, the identity, the Cholesky factor, the inverse factor and its
-flipped copy (``hessian.inverse_cholesky``), plus one more ``K^2`` that LAPACK's column-major copy adds (8 ``K^2``:
-the count that matches the measured RSS, bench/RESULTS.md) beside the group's rows in fp32; AWQ caches the
+Each method's state follows its code: GPTQ keeps a ``K x K`` fp32 Hessian while the chunks run; the solve takes
+it over and holds at most four ``K^2`` (the permuted and reversed working copy, then the Cholesky factor, the
+identity and the inverse factor: ``hessian.inverse_cholesky_reversed``; 3.1 ``K^2`` above the input measured at
+K = 5632, tests and bench/RESULTS.md) beside the group's rows in fp32; AWQ caches the
 parent modules' calls on ``--search-tokens`` tokens and scores candidates on a bf16 copy of the module; BoA is
 GPTQ plus its query/key moments and rotary matrices; RTN holds one fp32 copy of a group's rows. Methods not
 modelled here are counted as GPTQ (an upper bound for every method built on the shared Hessian core).
@@ -178,9 +178,9 @@ def _method_state(method: str, m: ModelShape, k: int, n: int, group: str, *, c: 
     fp32 = 4
     rounding = 3 * n * k * fp32  # per linear: its rounded copy, the gathered scales and zeros, temporaries
     hessian = k * k * fp32
-    # at the triangular solve: H, its damped and reversed copies, I, L, U, U flipped and LAPACK's column-major
-    # copy (8 K^2); or the blocked sweep: H, its copy, U and four copies of the rows
-    gptq_solve = max(8 * hessian + n * k * fp32, 3 * hessian + 4 * n * k * fp32)
+    # at the triangular solve: the reversed working copy, L, I and L^-1 (4 K^2; the accumulator's H was handed
+    # over and freed); or the blocked sweep: U and four copies of the rows
+    gptq_solve = max(4 * hessian + n * k * fp32, hessian + 4 * n * k * fp32)
     if method == "rtn":
         return 0, rounding
     if method == "smoothquant":  # per-channel statistics, then rounding
