@@ -29,6 +29,7 @@ from .data import (
     load_corpus,
     tokenize,
 )
+from .distributed import current_collective
 from .grid import GridSpec
 from .methods.registry import make_method
 from .model_io import load_model, load_tokenizer, resolve_device, resolve_dtype
@@ -101,6 +102,7 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
                     device=device, dtype=dtype, trust_remote_code=opts.trust_remote_code)
     method, spec, act, adapter = run.method, run.spec, run.act, run.adapter
     seconds["preflight"] = time.perf_counter() - t0
+    collective = current_collective()  # [distributed] world 1 unless run under torchrun / --nproc
 
     calib_meta = None
     batches = None
@@ -114,6 +116,7 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
         corpus = load_corpus(opts.calib, opts.text_column, split="train")
         windows = calibration_windows(tokenize(tokenizer, corpus.text), opts.nsamples, opts.seqlen, opts.seed,
                                       corpus.source)
+        windows = collective.share(windows, opts.calib_batch)  # [distributed] this rank's whole chunks
         batches = list(torch.split(windows, opts.calib_batch))
         calib_meta = {"name": opts.calib, "source": corpus.source, "sha256": corpus.sha256,
                       "nsamples": opts.nsamples, "seqlen": opts.seqlen, "seed": opts.seed}
@@ -128,7 +131,8 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
 
     t0 = time.perf_counter()
     store = torch.device("cpu") if opts.offload_activations else device
-    report = quantize_blocks(model, adapter, method, spec, device, batches, progress=opts.progress,
+    report = quantize_blocks(model, adapter, method, spec, device, batches,
+                             progress=opts.progress and collective.is_writer,  # [distributed] bars on rank 0 only
                              store_device=store)
     seconds["quantize_total"] = time.perf_counter() - t0
     for stage, value in report.seconds.items():
@@ -150,13 +154,14 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
 
     # written from memory, layer by layer, through the format's writer: nothing is read back from disk
     checkpoint = ModelCheckpoint(model, tokenizer, report.layers, meta, spec)
-    with atomic_output_dir(opts.output, opts.overwrite) as tmp:
-        get_format(opts.out_format).write(checkpoint, tmp)
+    if collective.is_writer:  # [distributed] rank 0 writes; the other ranks hold the same results
+        with atomic_output_dir(opts.output, opts.overwrite) as tmp:
+            get_format(opts.out_format).write(checkpoint, tmp)
     seconds["save"] = time.perf_counter() - t0
 
     summary = QuantizeSummary(str(Path(opts.output).resolve()), seconds, layers=len(report.layers),
                               group_size=spec.group_size)
-    if eval_windows is not None:
+    if eval_windows is not None and collective.is_writer:  # [distributed] rank 0 evaluates what it wrote
         from .evaluation.perplexity import perplexity
 
         t0 = time.perf_counter()
