@@ -72,6 +72,10 @@ def _add_quantize(sub) -> None:
     p.add_argument("--eval-data", default=None, help="evaluate perplexity after quantizing (file or name)")
     p.add_argument("--eval-windows", type=int, default=None, help="evaluate only the first K windows")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="data-parallel calibration: launch N ranks through torch.distributed.run (gloo on the "
+                        "CPU, NCCL on CUDA), each on a share of the windows; rank 0 writes. The same as "
+                        "'torchrun --nproc-per-node N -m tritonq quantize ...'")
     _add_model_args(p)
     p.set_defaults(handler=_run_quantize)
 
@@ -362,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what --nproc relaunches on every rank
     if args.version:
         from . import __version__
 

@@ -51,10 +51,54 @@ def offload_from_args(values: list[str] | None) -> tuple[bool | str, str | None]
     raise TritonqError(f"--offload-activations takes nothing, 'cpu', or 'disk DIR'; got {' '.join(values)!r}")
 
 
+def launch_ranks(argv: list[str], nproc: int) -> int:
+    """``tritonq quantize --nproc N``: the same command on N ranks through ``torch.distributed.run`` (a standalone
+    rendezvous on a free local port); each rank runs ``python -m tritonq`` without ``--nproc`` (torchrun's own
+    parser would take it for an abbreviation of its ``--nproc-per-node``), joins the group from torchrun's
+    environment, and rank 0 writes. Returns the launcher's exit status."""
+    import subprocess
+    import sys
+
+    rest, skip = [], False
+    for arg in argv:
+        if skip or arg.startswith("--nproc="):
+            skip = False
+            continue
+        if arg == "--nproc":
+            skip = True
+            continue
+        rest.append(arg)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "tritonq", *rest]
+    return subprocess.run(cmd, check=False).returncode
+
+
 def quantize(args) -> int:
+    from .engine import distributed
     from .engine.api import QuantizeOptions
     from .engine.api import quantize as run_quantize
+    from .engine.model_io import resolve_device
+    from .errors import TritonqError
 
+    if args.nproc < 1:
+        raise TritonqError(f"--nproc must be a positive number of ranks, got {args.nproc}")
+    if args.nproc > 1:
+        if distributed.launched_world() > 1:
+            raise TritonqError("--nproc launches its own ranks; under torchrun drop --nproc (torchrun sets them)")
+        from .engine.methods.registry import make_method
+        from .engine.preflight import check_data_parallel
+
+        # refuse a method that cannot run data-parallel before N processes start
+        check_data_parallel(make_method(args.method, method_options_from_args(args)), args.nproc)
+        return launch_ranks(args.argv, args.nproc)
+    collective = distributed.init_from_env(resolve_device(args.device))
+    try:
+        return _quantize_here(args, run_quantize, QuantizeOptions, collective.is_writer)
+    finally:
+        distributed.shutdown()
+
+
+def _quantize_here(args, run_quantize, QuantizeOptions, writer: bool) -> int:  # noqa: N803 (a class passed in)
     offload, activations_dir = offload_from_args(args.offload_activations)
     opts = QuantizeOptions(
         output=args.output, model=args.model, method=args.method, method_options=method_options_from_args(args),
@@ -67,6 +111,8 @@ def quantize(args) -> int:
         eval_data=args.eval_data, eval_windows=args.eval_windows, progress=not args.no_progress,
     )
     s = run_quantize(opts)
+    if not writer:  # [distributed] rank 0 prints the summary of what it wrote
+        return 0
     secs = s.seconds
     grid = f"{opts.bits}-bit, group {s.group_size}, {'sym' if opts.sym else 'asym'}"
     text = (f"Quantized {opts.model} with {opts.method.upper()} ({grid}) over {s.layers} linear layers in "

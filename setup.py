@@ -11,7 +11,8 @@ from setuptools.command.build_py import build_py
 # every folder of the package; a new sub-package is one entry here
 SUBPACKAGES = ("kernels", "kernels.aot", "engine", "engine.methods", "engine.formats", "engine.runtime",
                "engine.evaluation", "bench")
-ROOT_MODULES = ("__init__", "cli", "commands", "errors")  # the only root-level .py files that belong to the package
+# the only root-level .py files that belong to the package (__main__: python -m tritonq, torchrun -m tritonq)
+ROOT_MODULES = ("__init__", "__main__", "cli", "commands", "errors")
 
 
 class BuildPy(build_py):

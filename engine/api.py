@@ -30,6 +30,7 @@ from .data import (
     load_corpus,
     tokenize,
 )
+from .distributed import current_collective
 from .grid import GridSpec
 from .methods.base import Method
 from .methods.registry import make_method
@@ -112,6 +113,7 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
                     device=device, dtype=dtype, trust_remote_code=opts.trust_remote_code)
     method, spec, act, adapter = run.method, run.spec, run.act, run.adapter
     seconds["preflight"] = time.perf_counter() - t0
+    collective = current_collective()  # [distributed] world 1 unless run under torchrun / --nproc
 
     calib_meta = None
     batches = None
@@ -125,6 +127,7 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
         corpus = load_corpus(opts.calib, opts.text_column, split="train")
         windows = calibration_windows(tokenize(tokenizer, corpus.text), opts.nsamples, opts.seqlen, opts.seed,
                                       corpus.source)
+        windows = collective.share(windows, opts.calib_batch)  # [distributed] this rank's whole chunks
         batches = list(torch.split(windows, opts.calib_batch))
         calib_meta = {"name": opts.calib, "source": corpus.source, "sha256": corpus.sha256,
                       "nsamples": opts.nsamples, "seqlen": opts.seqlen, "seed": opts.seed}
@@ -138,12 +141,15 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
 
     # the memory this run needs, from the config alone (engine/memory.py), before the long part
     estimate = estimate_for_options(opts, weights.model.config, device, streamed=weights.streamed)
-    if opts.progress:
+    if opts.progress and collective.is_writer:
         print(estimate.describe())
     if not weights.streamed:
         method.prepare(weights.model, adapter)  # the model-level step, before the block inputs are captured
+    # [distributed] rank 0 writes the blocks and the commit mark; every rank keeps its own share of the inputs
     work = WorkDir(Path(opts.work_dir).expanduser() if opts.work_dir else default_work_dir(opts.output),
-                   run_fingerprint(opts, method, spec, act, dtype, device, calib_meta), opts.resume, opts.overwrite)
+                   {**run_fingerprint(opts, method, spec, act, dtype, device, calib_meta), "ranks": collective.world},
+                   opts.resume, opts.overwrite, rank=collective.rank, writer=collective.is_writer,
+                   barrier=collective.barrier)
     resumed_from = work.done
     if resumed_from:
         print(f"resuming at block {resumed_from} from {work.path}")
@@ -152,8 +158,8 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
 
     t0 = time.perf_counter()
     cache = ActivationCache(_offload_place(opts.offload_activations), device, opts.activations_dir)
-    report = quantize_blocks(weights, adapter, method, spec, device, batches, progress=opts.progress, cache=cache,
-                             work=work)
+    report = quantize_blocks(weights, adapter, method, spec, device, batches, cache=cache, work=work,
+                             progress=opts.progress and collective.is_writer)  # [distributed] bars on rank 0 only
     seconds["quantize_total"] = time.perf_counter() - t0
     for stage, value in report.seconds.items():
         seconds[f"quantize_{stage}"] = value
@@ -176,14 +182,15 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
     from .formats.registry import get_format
 
     # written from the work directory and the model's weights, one tensor at a time: nothing holds the whole model
-    checkpoint = RunCheckpoint(weights, work, adapter.blocks, tokenizer, report.layers, meta, spec)
-    with atomic_output_dir(opts.output, opts.overwrite) as tmp:
-        get_format(opts.out_format).write(checkpoint, tmp)
+    if collective.is_writer:  # [distributed] rank 0 writes; the other ranks hold the same results
+        checkpoint = RunCheckpoint(weights, work, adapter.blocks, tokenizer, report.layers, meta, spec)
+        with atomic_output_dir(opts.output, opts.overwrite) as tmp:
+            get_format(opts.out_format).write(checkpoint, tmp)
     seconds["save"] = time.perf_counter() - t0
 
     summary = QuantizeSummary(str(Path(opts.output).resolve()), seconds, layers=len(report.layers),
                               group_size=spec.group_size, memory=meta["memory"])
-    if eval_windows is not None:
+    if eval_windows is not None and collective.is_writer:  # [distributed] rank 0 evaluates what it wrote
         from .evaluation.perplexity import perplexity, streamed_perplexity
 
         t0 = time.perf_counter()

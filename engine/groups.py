@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from ..errors import TritonqError
 from .adapters import Adapter, ScalePair
+from .distributed import SINGLE, Collective
 from .grid import GridSpec
 
 
@@ -30,11 +31,12 @@ class Group:
     """One linear group of one block as a method sees it: its modules, the grid, and the observation API.
 
     ``names`` are relative to the block (``self_attn.q_proj``); ``full_names`` are the model's names.
-    Observers receive tensors on the compute device, once per calibration chunk.
+    Observers receive tensors on the compute device, once per calibration chunk (this rank's chunks when
+    several ranks run: ``collective``, see ``engine/distributed.py``).
     """
 
     def __init__(self, block: nn.Module, index: int, names: tuple[str, ...], adapter: Adapter, config: Any,
-                 spec: GridSpec, device: torch.device, done: set[str]) -> None:
+                 spec: GridSpec, device: torch.device, done: set[str], collective: Collective = SINGLE) -> None:
         self.block = block
         self.index = index
         self.names = names
@@ -45,6 +47,7 @@ class Group:
         self.spec = spec
         self.device = device
         self._done = done  # linears of this block quantized before this group
+        self.collective = collective
         self.input_hooks: list[tuple[str, Callable[[torch.Tensor], None]]] = []
         self.output_hooks: list[tuple[str, Callable[[torch.Tensor, Any], None]]] = []
         self.attention_hooks: list[Callable[[torch.Tensor, torch.Tensor], None]] = []

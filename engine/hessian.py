@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -17,16 +18,33 @@ from .. import kernels
 from ..errors import TritonqError, warn
 from .grid import GridSpec, fit_groups
 
+if TYPE_CHECKING:
+    from .distributed import Collective
+
 
 class HessianAccumulator:
-    """Running mean of ``2 x x^T`` over calibration tokens of one linear input (fp32 [K, K])."""
+    """Running mean of ``2 x x^T`` over calibration tokens of one linear input (fp32 [K, K]).
 
-    def __init__(self, in_features: int, device: torch.device | str) -> None:
+    Several ranks (``collective`` given, world > 1): rank 0 accumulates as one process does; a later rank keeps
+    its inputs and :meth:`reduce` folds them, in order, onto the Hessian of the ranks before it
+    (:meth:`Collective.in_rank_order`), so every rank ends with one process's Hessian, bit for bit. The cost is
+    memory: a later rank holds its share of this input (T / world x K, the model's dtype) until the solve.
+    Without ``collective`` :meth:`reduce` merges the ranks' means instead (close, not bitwise).
+    """
+
+    def __init__(self, in_features: int, device: torch.device | str, collective: Collective | None = None) -> None:
         self.hessian = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         self.tokens = 0
+        self.in_order = collective is not None and collective.world > 1
+        self.kept: list[torch.Tensor] = []  # a later rank's inputs, folded in by ``reduce``
+        self._keep = self.in_order and collective.rank > 0
 
     def add(self, x: torch.Tensor) -> None:
         x2d = x.reshape(-1, x.shape[-1])
+        if self._keep:
+            self.kept.append(x2d.clone())
+            self.tokens += x2d.shape[0]
+            return
         self.tokens = kernels.hessian_accumulate(self.hessian, x2d, self.tokens)
 
     def take(self) -> torch.Tensor:
@@ -34,6 +52,29 @@ class HessianAccumulator:
         can free this one (one K x K less at the peak: 0.8 GB for an 8B model's down_proj in fp32)."""
         hessian, self.hessian = self.hessian, None
         return hessian
+
+    def reduce(self, collective: Collective) -> None:
+        """The Hessian of every rank's tokens, the same on every rank (nothing changes at world 1): one process's
+        running mean continued rank after rank (``in_order``), or else the ranks' means merged,
+        ``sum_r H_r t_r / sum_r t_r`` in float64 in rank order (:meth:`Collective.sum`), rounded once to fp32."""
+        if collective.world == 1:
+            return
+        counts = collective.counts(self.tokens)
+        if self.in_order:
+            seen = sum(counts[: collective.rank])
+
+            def resume(carry: list[torch.Tensor]) -> list[torch.Tensor]:
+                hessian, done = carry[0], seen
+                while self.kept:
+                    done = kernels.hessian_accumulate(hessian, self.kept.pop(0), done)
+                return [hessian]
+
+            self.hessian = collective.in_rank_order([self.hessian], resume)[0]
+            self._keep = False
+        else:
+            weighted = collective.sum(self.hessian.double() * self.tokens)
+            self.hessian = (weighted / max(sum(counts), 1)).float()
+        self.tokens = sum(counts)
 
 
 def check_finite(hessian: torch.Tensor, layer: str) -> None:

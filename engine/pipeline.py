@@ -34,6 +34,15 @@ result per linear, and the quantized block's outputs on the same inputs go on to
 forwards per block). Both loops live here because they share the capture, the write-in and the propagation.
 
 What a method sees (:class:`Group`, :class:`BlockGroup`) is in ``groups.py``, the staged forward in ``stages.py``.
+
+Several ranks (``distributed.py``): each rank runs its own share of the chunks through every stage; before a
+group is solved, ``method.reduce`` makes its statistics those of every rank's chunks (identical on every rank).
+Groups stay sequential (a group's inputs depend on the quantized groups before it), so the work is spread
+inside a group: a ``data_parallel = "solve"`` method solves each linear of the group on one owner rank (greedy
+over the cost ``rows x K^2``, GPTQ's dominant term: q_proj on one rank and k/v on another, gate and up on two;
+a one-linear group such as o_proj runs on one rank while the others wait) and the owner broadcasts the
+result; a ``"replicated"`` method runs its whole ``quantize`` on every rank. Every rank then writes the same
+results into its block, so the propagation stays in step.
 """
 
 from __future__ import annotations
@@ -52,6 +61,7 @@ from tqdm.auto import tqdm
 from ..errors import TritonqError
 from .adapters import Adapter
 from .cache import ActivationCache
+from .distributed import assign_owners, current_collective
 from .grid import GridSpec
 from .groups import BlockGroup, Chunk, Group
 from .memory_peak import peak_memory, release_free_memory, reset_peak_memory
@@ -81,6 +91,7 @@ def quantize_block(
     spec: GridSpec, device: torch.device, cache: ActivationCache, report: QuantizeReport,
 ) -> tuple[list[Chunk] | None, float]:
     """Quantize one block (on ``device``) in place; returns the next block's inputs and the mean loss."""
+    collective = current_collective()  # [distributed] the ranks of this run (world 1: one process)
     replays: dict[str, tuple[bool, list]] = {}  # sub-module -> (returns a tuple, per-chunk outputs)
     done: set[str] = set()
     # quantized linears outside every tail's parent (OPT's fc1): their outputs are recorded in the next stage
@@ -90,7 +101,7 @@ def quantize_block(
     losses = 0.0
     for names in adapter.linear_groups:
         group_spec = group_grid(method, [f"{adapter.blocks}.{index}.{n}" for n in names], spec)
-        group = Group(block, index, names, adapter, config, group_spec, device, set(done))
+        group = Group(block, index, names, adapter, config, group_spec, device, set(done), collective)
         state = method.observe(group)
         tail = adapter.tail_of(names[0]) if chunks else None
         stage = Stage(block, group, replays, names[0] if tail else None, device, cache, tuple(unrecorded))
@@ -102,8 +113,10 @@ def quantize_block(
             report.seconds["observe"] += stage.observe_seconds
             _keep_complete_records(stage, replays, unrecorded, len(chunks))
         t0 = time.perf_counter()
+        if collective.world > 1:  # [distributed] every rank's statistics, before the solve
+            state = method.reduce(state, collective)
         with torch.set_grad_enabled(method.needs_grad):
-            results = method.quantize(group, state)
+            results = _solve(method, group, state)
         losses += _write_results(method, group.label, group.linears, group.full_names, results,
                                  [group_spec] * len(names), report)
         report.seconds["solve"] += time.perf_counter() - t0
@@ -128,6 +141,24 @@ def quantize_block(
     for name, original in wrapped:  # wrappers serve propagation only; the model keeps its linears
         _swap_module(block, name, original)
     return out, losses
+
+
+def _solve(method: Method, group: Group, state: Any) -> list[LayerResult]:
+    """``method.quantize(group, state)``; on several ranks, for a ``data_parallel = "solve"`` method, each linear
+    is solved on its owner rank (``assign_owners`` over ``rows x K^2``) and broadcast from there (as CPU tensors)."""
+    collective = group.collective
+    if collective.world == 1 or method.data_parallel != "solve":
+        return method.quantize(group, state)
+    owners = assign_owners([lin.out_features * lin.in_features**2 for lin in group.linears], collective.world)
+    mine = tuple(name for name, owner in zip(group.names, owners) if owner == collective.rank)
+    solved: dict[str, LayerResult] = {}
+    if mine:
+        sub = Group(group.block, group.index, mine, group.adapter, group.config, group.spec, group.device,
+                    {n for n in group.adapter.linear_names() if group.is_quantized(n)}, collective)
+        for name, res in zip(mine, method.quantize(sub, state)):
+            solved[name] = LayerResult(res.weight.cpu(), res.scale.cpu(), res.zero.cpu(), res.g_idx.cpu(), res.info,
+                                       res.spec)
+    return [collective.broadcast(solved.get(name), owner) for name, owner in zip(group.names, owners)]
 
 
 def _write_results(method: Method, label: str, linears: list[nn.Linear], full_names: list[str],

@@ -11,9 +11,11 @@ From the model's config (a meta skeleton, no weights) and its tokenizer, :func:`
    method; for a packed 4-bit output, the dequant-matmul kernels that serve it.
 
 So a run the output cannot hold (``--method awq+gptq --act-order dynamic --format gguf``) fails in seconds with
-one line, not after the whole quantization. Before any of that, :func:`check_quantize_options` refuses what the
-options alone show (counts, the grid, data files parsed, the output directory, the model's files and context),
-before the tokenizer loads; ``tritonq eval`` and :func:`tritonq.engine.api.evaluate` use its pieces too.
+one line, not after the whole quantization. On several ranks (``engine/distributed.py``) a method that cannot
+run data-parallel is refused here too (:func:`check_data_parallel`). Before any of that,
+:func:`check_quantize_options` refuses what the options alone show (counts, the grid, data files parsed, the
+output directory, the model's files and context), before the tokenizer loads; ``tritonq eval`` and
+:func:`tritonq.engine.api.evaluate` use its pieces too.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from ..kernels.configs import check_limits
 from .activations import ActSpec, resolve_act_spec
 from .adapters import Adapter, adapter_for
 from .data import check_context, check_data, check_positive
+from .distributed import current_collective
 from .formats.request import FormatRequest, check_request
 from .grid import GridSpec
 from .methods.act_quant import WithActivationQuant
@@ -123,6 +126,7 @@ def preflight(method: Method, model_name: str, spec: GridSpec, *, default_group:
     act = resolve_act_spec(method.default_act, act_bits, act_scheme, act_sym)
     if act is not None:
         method = WithActivationQuant(method, act)
+    check_data_parallel(method, current_collective().world)
     config = load_config(model_name, trust_remote_code)
     adapter = adapter_for(config)
     widths = block_widths(config, adapter, trust_remote_code)
@@ -135,6 +139,27 @@ def preflight(method: Method, model_name: str, spec: GridSpec, *, default_group:
                                             act_order_groups=method.act_order_groups(), activations=act))
     check_kernel_limits(method, out_format, grids, widths, device, dtype)
     return Preflight(method, spec, grids, act, adapter, widths, record)
+
+
+DATA_PARALLEL_MODES = ("solve", "replicated", "refused")
+
+
+def check_data_parallel(method: Method, world: int) -> None:
+    """On ``world > 1`` ranks, the method must declare a way to run data-parallel (``Method.data_parallel``):
+    a block-scope method, or one that declares ``"refused"``, stops here with one line naming the reason."""
+    if method.data_parallel not in DATA_PARALLEL_MODES:
+        raise TritonqError(f"method {method.name} declares data_parallel {method.data_parallel!r}; it must be one of "
+                           f"{', '.join(DATA_PARALLEL_MODES)}")
+    if world <= 1:
+        return
+    if method.scope == "block":
+        reason = "it optimises whole blocks (scope 'block'), and that optimisation is not split across ranks"
+    elif method.data_parallel == "refused":
+        reason = method.data_parallel_refusal
+    else:
+        return
+    raise TritonqError(f"--method {method.name} cannot run on {world} ranks: {reason}; run it in one process "
+                       "(without --nproc or torchrun)")
 
 
 def layer_grids(method: Method, adapter: Adapter, widths: dict[str, int], spec: GridSpec) -> dict[str, GridSpec]:

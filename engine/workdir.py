@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,19 +67,24 @@ class WorkDir:
     """The committed state of a run (see the module docstring). ``rank``: this process's rank (its own inputs)."""
 
     def __init__(self, path: Path, fingerprint: dict, resume: bool, overwrite: bool, rank: int = 0,
-                 writer: bool = True) -> None:
+                 writer: bool = True, barrier: Callable[[], None] | None = None) -> None:
         self.path, self.fingerprint, self.rank, self.writer = path, fingerprint, rank, writer
+        self._barrier = barrier or (lambda: None)  # several ranks: rank 0 writes, every rank keeps its inputs
         self.done = 0
         exists = (path / FINGERPRINT).is_file()
-        if exists and not resume:
-            if not overwrite:
-                raise TritonqError(
-                    f"{path} holds an interrupted run's finished blocks; pass --resume to continue it, or "
-                    "--overwrite to start again (or delete the directory)")
-            if writer:
+        if exists and not resume and not overwrite:
+            raise TritonqError(
+                f"{path} holds an interrupted run's finished blocks; pass --resume to continue it, or "
+                "--overwrite to start again (or delete the directory)")
+        self._barrier()  # every rank has looked before rank 0 changes anything
+        if self.writer:
+            if exists and not resume:
                 shutil.rmtree(path)
-            exists = False
-        if exists:
+            if not (exists and resume):
+                path.mkdir(parents=True, exist_ok=True)
+                _write_json(path / FINGERPRINT, fingerprint)
+        self._barrier()
+        if exists and resume:
             saved = json.loads((path / FINGERPRINT).read_text())
             differ = describe_difference(saved, fingerprint)
             if differ:
@@ -86,9 +92,6 @@ class WorkDir:
                                    "again, or pass --overwrite instead of --resume to start over")
             progress = path / PROGRESS
             self.done = int(json.loads(progress.read_text())["done"]) if progress.is_file() else 0
-        elif writer:
-            path.mkdir(parents=True, exist_ok=True)
-            _write_json(path / FINGERPRINT, fingerprint)
 
     # -- names
 
@@ -125,8 +128,10 @@ class WorkDir:
             _write_json(self._block(index, ".json"),
                         {"layers": {n: _jsonable(r.info) for n, r in layers.items()}, **record})
         self.commit_inputs(index + 1, next_chunks)
+        self._barrier()  # every rank's inputs for the next block are on disk before the mark says so
         if self.writer:
             _write_json(self.path / PROGRESS, {"done": index + 1})
+        self._barrier()  # and the mark is down before any rank lets go of the inputs it replaces
         self.done = index + 1
         old = self._inputs(index)
         if old.exists():

@@ -34,6 +34,7 @@ import torch
 
 from ...errors import TritonqError
 from ..adapters import ScalePair
+from ..distributed import SINGLE, Collective
 from ..grid import GridSpec
 from ..hessian import HessianAccumulator
 from .awq import AWQ, AWQState, parent_of
@@ -79,8 +80,8 @@ class TiedPairObserver(PairObserver):
     its balance input is tied: ``repeat`` query heads of ``head_dim`` channels share one scale (GQA v -> o)."""
 
     def __init__(self, pair: ScalePair, parent: str | None, sample_tokens: int, repeat: int = 1,
-                 head_dim: int = 0) -> None:
-        super().__init__(pair, parent, sample_tokens)
+                 head_dim: int = 0, collective: Collective = SINGLE) -> None:
+        super().__init__(pair, parent, sample_tokens, collective=collective)
         self.repeat = repeat
         self.head_dim = head_dim
         self.abs_max: torch.Tensor | None = None
@@ -89,6 +90,12 @@ class TiedPairObserver(PairObserver):
         super().add_stat(x)
         m = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float()
         self.abs_max = m if self.abs_max is None else torch.maximum(self.abs_max, m)
+
+    def reduce(self, collective: Collective) -> None:
+        """:meth:`PairObserver.reduce`, and ``max |x_j|`` over every rank (exact in any order)."""
+        super().reduce(collective)
+        if self.abs_max is not None:
+            self.abs_max = collective.max(self.abs_max)
 
     def tie(self, values: torch.Tensor, reduce: str) -> torch.Tensor:
         """[heads * D] -> [kv_heads * D], the ``mean`` or ``amax`` over the heads sharing a channel."""
@@ -150,7 +157,7 @@ class ABoA(AWQ):
             parent = parent_of(pair)
             if parent is None and len(pair.balance) > 1:
                 raise TritonqError(f"A-BoA needs a module that holds all of {pair.balance} to score their scales")
-            obs = TiedPairObserver(pair, parent, self.options.search_tokens, repeat, head_dim)
+            obs = TiedPairObserver(pair, parent, self.options.search_tokens, repeat, head_dim, group.collective)
             if parent is not None:
                 group.on_call(parent, obs.add_call)
             group.on_input(pair.balance[0], obs.add_stat)

@@ -15,6 +15,7 @@ from .base import LayerResult, Method
 
 if TYPE_CHECKING:
     from ..adapters import Adapter
+    from ..distributed import Collective
     from ..groups import Group
 
 
@@ -54,6 +55,17 @@ class WithActivationQuant(Method):
     @property
     def scope(self) -> str:  # type: ignore[override]
         return self.inner.scope
+
+    @property
+    def data_parallel(self) -> str:  # type: ignore[override]
+        return self.inner.data_parallel
+
+    @property
+    def data_parallel_refusal(self) -> str:  # type: ignore[override]
+        return self.inner.data_parallel_refusal
+
+    def reduce(self, state: Any, collective: Collective) -> Any:
+        return self.inner.reduce(state, collective)
 
     def set_activation(self, act: ActSpec) -> None:
         self.act = act

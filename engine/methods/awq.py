@@ -65,6 +65,7 @@ from .gptq import GPTQOptions, solve
 from .rtn import round_to_nearest
 
 if TYPE_CHECKING:
+    from ..distributed import Collective
     from ..groups import Group
 
 
@@ -123,6 +124,7 @@ class AWQ(Method):
     name = "awq"
     summary = "AWQ: activation-aware scales (grid search, folded) + clip search (Lin et al. 2024)"
     Options = AWQOptions
+    data_parallel = "replicated"  # folds scales: every rank searches (losses reduced) and folds the same scale
     moments: tuple[str, ...] = ("abs",)  # input moments the scales need: E|x| (DH-AWQ adds E[x^2] and E[x])
 
     def observe(self, group: Group) -> AWQState:
@@ -131,19 +133,28 @@ class AWQ(Method):
             parent = parent_of(pair)
             if parent is None and len(pair.balance) > 1:
                 raise TritonqError(f"AWQ needs a module that holds all of {pair.balance} to score their scales")
-            obs = PairObserver(pair, parent, self.options.search_tokens, self.moments)
+            obs = PairObserver(pair, parent, self.options.search_tokens, self.moments, group.collective)
             if parent is not None:
                 group.on_call(parent, obs.add_call)
             group.on_input(pair.balance[0], obs.add_stat)
             pairs.append(obs)
         return AWQState(pairs, self.observe_input(group))
 
+    def reduce(self, state: AWQState, collective: Collective) -> AWQState:
+        """Every pair's moments and sample (``PairObserver.reduce``) and the group's own input statistics (the
+        Gram blocks; AWQ+GPTQ's Hessian; DH-AWQ's mean) over every rank's windows."""
+        for obs in state.pairs:
+            obs.reduce(collective)
+        if state.own_input is not None:
+            state.own_input.reduce(collective)
+        return state
+
     def observe_input(self, group: Group) -> Any:
         """What the final step needs of the group's own input: the Gram blocks for clipping (None: no clip)."""
         if self.options.no_clip or all(n.rsplit(".", 1)[-1] in CLIP_SKIP for n in group.names):
             return None
         k = group.linears[0].in_features
-        gram = GramObserver(k, group.spec.effective_group(k))
+        gram = GramObserver(k, group.spec.effective_group(k), group.collective)
         group.on_input(group.names[0], gram.add)
         return gram
 
@@ -172,11 +183,14 @@ class AWQ(Method):
             if obs.parent is not None:
                 module = group.block.get_submodule(obs.parent)
                 best, _losses = search_module_scale(module, linears, obs.calls, candidates, group.spec, label,
-                                                    search_dtype(self.options.search_dtype, weights[0]), quantizer)
+                                                    search_dtype(self.options.search_dtype, weights[0]), quantizer,
+                                                    collective=group.collective)
             elif quantizer is None:
-                best, _losses = search_linear_scale(weights[0], obs.sample_inputs(), candidates, group.spec, label)
+                best, _losses = search_linear_scale(weights[0], obs.sample_inputs(), candidates, group.spec, label,
+                                                    collective=group.collective)
             else:
-                best, _losses = search_linear_scale_with(weights[0], obs.sample_inputs(), candidates, quantizer, label)
+                best, _losses = search_linear_scale_with(weights[0], obs.sample_inputs(), candidates, quantizer, label,
+                                                         collective=group.collective)
             s = candidates[best].to(weights[0].device)
             self.fold_pair(group, obs, s)
             obs.calls, obs.inputs = [], []
@@ -225,7 +239,7 @@ class AWQGPTQ(AWQ):
         return self.options.act_order
 
     def observe_input(self, group: Group) -> HessianAccumulator:
-        acc = HessianAccumulator(group.linears[0].in_features, group.device)
+        acc = HessianAccumulator(group.linears[0].in_features, group.device, group.collective)
         group.on_input(group.names[0], acc.add)
         return acc
 

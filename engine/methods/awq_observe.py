@@ -15,6 +15,7 @@ import torch
 
 from ...errors import TritonqError
 from ..adapters import ScalePair
+from ..distributed import SINGLE, Collective, OrderedSum
 
 
 class PairObserver:
@@ -25,34 +26,40 @@ class PairObserver:
     """
 
     def __init__(self, pair: ScalePair, parent: str | None, sample_tokens: int,
-                 moments: tuple[str, ...] = ("abs", "sq", "sum")) -> None:
+                 moments: tuple[str, ...] = ("abs", "sq", "sum"), collective: Collective = SINGLE) -> None:
         self.pair = pair
         self.moments = moments  # which of |x|, x^2, x to sum (each is a pass over every token in fp64)
         self.parent = parent  # module whose output scores candidates; None: the single balance linear
         self.sample_tokens = sample_tokens
-        self.abs_sum: torch.Tensor | None = None  # fp64 sums per channel of |x|, x^2 and x
-        self.sq_sum: torch.Tensor | None = None
-        self.sum: torch.Tensor | None = None
+        # fp64 sums per channel of |x|, x^2 and x, in chunk order (several ranks: finished in one process's order)
+        self._sums = {m: OrderedSum(collective) for m in ("abs", "sq", "sum") if m in moments}
+        self.width = 0
         self.tokens = 0
         self.calls: list[tuple[tuple, dict]] = []
         self.inputs: list[torch.Tensor] = []
         self.sampled = 0
+
+    @property
+    def abs_sum(self) -> torch.Tensor | None:
+        return self._sums["abs"].total if "abs" in self._sums else None
+
+    @property
+    def sq_sum(self) -> torch.Tensor | None:
+        return self._sums["sq"].total if "sq" in self._sums else None
+
+    @property
+    def sum(self) -> torch.Tensor | None:
+        return self._sums["sum"].total if "sum" in self._sums else None
 
     def _sample_full(self) -> bool:
         return 0 < self.sample_tokens <= self.sampled
 
     def add_stat(self, x: torch.Tensor) -> None:
         flat = x.reshape(-1, x.shape[-1]).float()
-
-        def add(total: torch.Tensor | None, moment: str, values: Callable[[], torch.Tensor]) -> torch.Tensor | None:
-            if moment not in self.moments:
-                return None
-            part = values().sum(dim=0, dtype=torch.float64)
-            return part if total is None else total + part
-
-        self.abs_sum = add(self.abs_sum, "abs", flat.abs)
-        self.sq_sum = add(self.sq_sum, "sq", flat.square)
-        self.sum = add(self.sum, "sum", lambda: flat)
+        values: dict[str, Callable[[], torch.Tensor]] = {"abs": flat.abs, "sq": flat.square, "sum": lambda: flat}
+        for moment, total in self._sums.items():
+            total.add(values[moment]().sum(dim=0, dtype=torch.float64))
+        self.width = flat.shape[1]
         self.tokens += flat.shape[0]
         if self.parent is None and not self._sample_full():
             self.inputs.append(x.reshape(-1, x.shape[-1]))
@@ -93,8 +100,46 @@ class PairObserver:
         return self._mean(self.sum, "sum")
 
     def sample_inputs(self) -> torch.Tensor:
+        if not self.inputs:  # a rank whose windows all lie past the sample (several ranks): nothing to score
+            return torch.empty(0, self.width)
         x = torch.cat(self.inputs)
         return x[: self.sample_tokens] if self.sample_tokens else x
+
+    def reduce(self, collective: Collective) -> None:
+        """Statistics of every rank's tokens, and the sample one process would take: the moment sums are finished
+        in one process's chunk order (``OrderedSum``: bitwise one process's); the sample keeps the first
+        ``sample_tokens`` tokens of the global window order (rank 0's windows first), so each rank keeps only the
+        part of its own sample that one process would have taken, possibly none, and the search losses are
+        reduced over the ranks (``awq_scale``)."""
+        if collective.world == 1:
+            return
+        counts = collective.counts(self.tokens)
+        before = sum(counts[: collective.rank])  # tokens on the lower ranks: this rank's offset in the global order
+        if self.sample_tokens:
+            self._trim_sample(max(0, self.sample_tokens - before))
+        for total in self._sums.values():
+            total.reduce(collective)
+        self.tokens = sum(counts)
+
+    def _trim_sample(self, budget: int) -> None:
+        """Keep the first ``budget`` tokens of this rank's sample: whole windows of the calls (as ``add_call``
+        takes them), tokens of the inputs (as ``sample_inputs`` cuts them)."""
+        kept_calls, left = [], budget
+        for args, kwargs in self.calls:
+            if left <= 0:
+                break
+            hidden = args[0] if args else kwargs["hidden_states"]
+            windows, per_window = hidden.shape[0], hidden.shape[1:-1].numel()
+            need = -(-left // per_window)
+            if hidden.dim() > 2 and need < windows:
+                args, kwargs = _take_windows(args, windows, need), _take_windows(kwargs, windows, need)
+                windows = need
+            kept_calls.append((args, kwargs))
+            left -= windows * per_window
+        self.calls = kept_calls
+        if self.inputs:
+            x = torch.cat(self.inputs)[:budget]
+            self.inputs = [x] if x.shape[0] else []
 
 
 def _take_windows(value: Any, windows: int, keep: int) -> Any:
@@ -114,18 +159,28 @@ def _take_windows(value: Any, windows: int, keep: int) -> Any:
 class GramObserver:
     """Diagonal ``g x g`` blocks of ``sum_t x_t x_t^T`` of one input (fp64 sums; the clip error's Gram form)."""
 
-    def __init__(self, in_features: int, group: int) -> None:
+    def __init__(self, in_features: int, group: int, collective: Collective = SINGLE) -> None:
         self.group = group
-        self.blocks: torch.Tensor | None = None
+        self._blocks = OrderedSum(collective)
         self.tokens = 0
         self.in_features = in_features
+
+    @property
+    def blocks(self) -> torch.Tensor | None:
+        return self._blocks.total
 
     def add(self, x: torch.Tensor) -> None:
         flat = x.reshape(-1, self.in_features).float()
         grouped = flat.reshape(flat.shape[0], -1, self.group).transpose(0, 1)  # [G, T, g]
-        part = (grouped.transpose(1, 2) @ grouped).double()
-        self.blocks = part if self.blocks is None else self.blocks + part
+        self._blocks.add((grouped.transpose(1, 2) @ grouped).double())
         self.tokens += flat.shape[0]
+
+    def reduce(self, collective: Collective) -> None:
+        """Sums and token counts of every rank, the sums finished in one process's chunk order (``OrderedSum``)."""
+        if collective.world == 1:
+            return
+        self._blocks.reduce(collective)
+        self.tokens = collective.sum_count(self.tokens)
 
     def mean(self, input_scale: torch.Tensor | None = None) -> torch.Tensor:
         """``[G, g, g]`` fp32 mean over tokens; of ``x / input_scale`` when given (exact rescaling)."""

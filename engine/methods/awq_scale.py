@@ -29,7 +29,7 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
@@ -38,6 +38,9 @@ from ... import kernels
 from ...errors import TritonqError
 from ..grid import GridSpec, fake_quantize_groups
 from .awq_observe import PairObserver
+
+if TYPE_CHECKING:
+    from ..distributed import Collective
 
 SEARCH_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -121,6 +124,15 @@ def pick_best(losses: torch.Tensor, label: str) -> int:
     return int(torch.argmin(masked))
 
 
+def reduced_losses(totals: torch.Tensor, count: int, collective: Collective | None) -> torch.Tensor:
+    """Per-candidate mean error ``totals / count`` over every rank's sample: with several ranks each scores the
+    candidates on its own sample and the sums (fp64) and counts are added in rank order (``Collective.sum``), so
+    every rank takes the same argmin; one process divides as before."""
+    if collective is None or collective.world == 1:
+        return totals / max(count, 1)
+    return collective.sum(totals.double()) / max(collective.sum_count(count), 1)
+
+
 def fake_quantize_scaled(w: torch.Tensor, s: torch.Tensor, spec: GridSpec) -> torch.Tensor:
     """``Q(W * s) / s`` on the shared grid (fp32)."""
     sf = s.float()[None, :]
@@ -159,7 +171,7 @@ Quantizer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (W, s) -> th
 def search_module_scale(module: nn.Module, linears: list[nn.Linear], calls: list[tuple[tuple, dict]],
                         candidates: torch.Tensor, spec: GridSpec, label: str = "module",
                         dtype: torch.dtype | None = None, quantizer: Quantizer | None = None,
-                        force: str | None = None) -> tuple[int, torch.Tensor]:
+                        force: str | None = None, collective: Collective | None = None) -> tuple[int, torch.Tensor]:
     """Score every candidate by the mean squared error of ``module``'s output when each of ``linears`` holds
     ``Q(W s)/s``, against its float output on the same ``calls``; restores the weights. (best, losses).
 
@@ -169,7 +181,8 @@ def search_module_scale(module: nn.Module, linears: list[nn.Linear], calls: list
     weights are computed in fp32 either way and the squared errors summed in fp64. ``quantizer``:
     ``(W, s) -> Q(W s)/s`` (default: rounding on the grid, :func:`fake_quantize_scaled`; another one, or an MSE
     grid, takes the reference). ``force``: ``kernels.FORCE`` for the batched Triton path (see the module
-    docstring).
+    docstring). ``collective``: several ranks, each with its own ``calls`` (maybe none): the losses are
+    reduced over them (:func:`reduced_losses`).
     """
     if quantizer is None and not spec.mse and calls:
         first = calls[0][0][0] if calls[0][0] else calls[0][1]["hidden_states"]
@@ -177,7 +190,7 @@ def search_module_scale(module: nn.Module, linears: list[nn.Linear], calls: list
         probe = first.new_empty(0, dtype=dtype or first.dtype)  # the device and dtype the kernel would see
         if kernels.awq_linear_usable(linears[0].weight, probe, g, force):
             with torch.no_grad():
-                return _score_batched(module, linears, calls, candidates, spec, label, dtype, force)
+                return _score_batched(module, linears, calls, candidates, spec, label, dtype, force, collective)
     quantizer = quantizer or (lambda w, s: fake_quantize_scaled(w, s, spec))
     if dtype is not None and dtype != linears[0].weight.dtype:
         import copy
@@ -188,17 +201,18 @@ def search_module_scale(module: nn.Module, linears: list[nn.Linear], calls: list
         linears_work = [module.get_submodule(n) for n in lin_names]
         calls = [(_cast(a, dtype), _cast(k, dtype)) for a, k in calls]
         originals = [lin.weight.data.float() for lin in linears]
-        return _score_candidates(module, linears_work, originals, calls, candidates, quantizer, label)
+        return _score_candidates(module, linears_work, originals, calls, candidates, quantizer, label, collective)
     return _score_candidates(module, linears, [lin.weight.data.clone() for lin in linears], calls, candidates,
-                             quantizer, label)
+                             quantizer, label, collective)
 
 
 def _score_candidates(module: nn.Module, linears: list[nn.Linear], originals: list[torch.Tensor],
                       calls: list[tuple[tuple, dict]], candidates: torch.Tensor, quantizer: Quantizer,
-                      label: str) -> tuple[int, torch.Tensor]:
+                      label: str, collective: Collective | None = None) -> tuple[int, torch.Tensor]:
     with torch.no_grad():
         targets = [_call(module, a, k).float() for a, k in calls]
-        losses = torch.empty(candidates.shape[0], dtype=torch.float64)
+        totals = torch.empty(candidates.shape[0], dtype=torch.float64)
+        count = 0
         try:
             for i, s in enumerate(candidates):
                 for lin, w in zip(linears, originals):
@@ -208,32 +222,45 @@ def _score_candidates(module: nn.Module, linears: list[nn.Linear], originals: li
                     diff = _call(module, a, k).float()  # a fresh output: safe to overwrite
                     total += float(diff.sub_(target).square_().sum(dtype=torch.float64))
                     count += target.numel()
-                losses[i] = total / max(count, 1)
+                totals[i] = total
         finally:
             for lin, w in zip(linears, originals):
                 lin.weight.data.copy_(w.to(lin.weight.dtype))
+    losses = reduced_losses(totals, count, collective)
     return pick_best(losses, label), losses
 
 
 def search_linear_scale(weight: torch.Tensor, inputs: torch.Tensor, candidates: torch.Tensor, spec: GridSpec,
-                        label: str = "linear", force: str | None = None) -> tuple[int, torch.Tensor]:
+                        label: str = "linear", force: str | None = None,
+                        collective: Collective | None = None) -> tuple[int, torch.Tensor]:
     """Score every candidate by the output error of one linear on ``inputs`` (the ``awq_scale_loss`` kernel:
-    no candidate weight is stored); (best, losses)."""
+    no candidate weight is stored); (best, losses). With several ranks (``collective``) each rank's mean is
+    weighted by its token count (none: nothing scored) and reduced (:func:`reduced_losses`)."""
     g = -1 if spec.group_size == -1 else spec.group_size
+    if collective is not None and collective.world > 1:
+        tokens = inputs.reshape(-1, inputs.shape[-1]).shape[0]
+        totals = torch.zeros(candidates.shape[0], dtype=torch.float64)
+        if tokens:
+            totals = kernels.awq_scale_loss(weight.float(), inputs, candidates.to(weight.device), g, spec.maxq,
+                                            spec.sym, force=force).cpu().double() * tokens
+        losses = reduced_losses(totals, tokens, collective)
+        return pick_best(losses, label), losses
     losses = kernels.awq_scale_loss(weight.float(), inputs, candidates.to(weight.device), g, spec.maxq, spec.sym,
                                     force=force)
     return pick_best(losses.cpu(), label), losses.cpu()
 
 
 def search_linear_scale_with(weight: torch.Tensor, inputs: torch.Tensor, candidates: torch.Tensor,
-                             quantizer: Quantizer, label: str = "linear") -> tuple[int, torch.Tensor]:
+                             quantizer: Quantizer, label: str = "linear",
+                             collective: Collective | None = None) -> tuple[int, torch.Tensor]:
     """:func:`search_linear_scale` for another quantizer than rounding (torch, Gram form ``tr(E X^T X E^T)``)."""
     x = inputs.reshape(-1, inputs.shape[-1]).float()
     gram = x.t() @ x
-    losses = torch.empty(candidates.shape[0], dtype=torch.float64)
+    totals = torch.empty(candidates.shape[0], dtype=torch.float64)
     for i, s in enumerate(candidates):
         err = quantizer(weight.float(), s.to(weight.device)) - weight.float()
-        losses[i] = float(((err @ gram) * err).sum(dtype=torch.float64)) / (x.shape[0] * weight.shape[0])
+        totals[i] = float(((err @ gram) * err).sum(dtype=torch.float64))
+    losses = reduced_losses(totals, x.shape[0] * weight.shape[0], collective)
     return pick_best(losses, label), losses
 
 
@@ -273,7 +300,7 @@ def _answering(linears: list[nn.Linear], outputs: list[torch.Tensor]) -> Iterato
 
 def _score_batched(module: nn.Module, linears: list[nn.Linear], calls: list[tuple[tuple, dict]],
                    candidates: torch.Tensor, spec: GridSpec, label: str, dtype: torch.dtype | None,
-                   force: str | None) -> tuple[int, torch.Tensor]:
+                   force: str | None, collective: Collective | None = None) -> tuple[int, torch.Tensor]:
     """The Triton path of :func:`search_module_scale` (see the module docstring): one kernel launch gives every
     candidate's balance outputs for every sampled token (a launch per slice of windows when that would exceed
     :data:`BATCH_ELEMENTS`), then one module forward per slice on ``candidates x windows`` gives the losses."""
@@ -322,5 +349,5 @@ def _score_batched(module: nn.Module, linears: list[nn.Linear], calls: list[tupl
         with _answering(linears, outs):
             out = _call(module, a, k).float().reshape(n_cand, -1)
         total += out.sub_(targets[i][w0:w1].reshape(1, -1)).square_().sum(dim=1, dtype=torch.float64)
-    losses = (total / max(count, 1)).cpu()
+    losses = reduced_losses(total, count, collective).cpu()
     return pick_best(losses, label), losses

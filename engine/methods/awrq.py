@@ -40,6 +40,7 @@ from .gptq import GPTQOptions, solve
 from .smoothquant import SmoothPair, fold_smoothing, observe_smoothing
 
 if TYPE_CHECKING:
+    from ..distributed import Collective
     from ..groups import Group
 
 
@@ -61,6 +62,16 @@ class QuantizedInputStats:
         # the same running-mean weighting as HessianAccumulator: cross = 2/total * sum (x - x_q) x_q^T
         self.cross.mul_(before / total)
         self.cross.addmm_((x2d - xq2d).t(), xq2d, alpha=2.0 / total)
+
+    def reduce(self, collective: Collective) -> None:
+        """Every rank's running means, merged as ``HessianAccumulator.reduce`` merges ``H`` (token-weighted, fp64,
+        rank order)."""
+        if collective.world == 1:
+            return
+        tokens = self.hessian.tokens
+        total = collective.sum_count(tokens)
+        self.cross = (collective.sum(self.cross.double() * tokens) / max(total, 1)).float()
+        self.hessian.reduce(collective)
 
 
 def reformulate(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, damp: float,
@@ -103,6 +114,7 @@ class AWRQ(Method):
     Options = AWRQOptions
     default_act = ActSpec(bits=8, scheme="per-tensor", sym=False)
     receives_act = True  # H and M are statistics of the quantized inputs: the run's setting decides them
+    data_parallel = "replicated"  # folds smoothing scales: every rank folds and solves on the same statistics
 
     def __init__(self, options: Any = None) -> None:
         super().__init__(options)
@@ -128,6 +140,14 @@ class AWRQ(Method):
         group.on_input(group.names[0], state.inputs.append if own_fold else stats.add)
         return state
 
+    def reduce(self, state: AWRQState, collective: Collective) -> AWRQState:
+        """The smoothing maxima and the input statistics of every rank (when the group smooths its own input, the
+        statistics are gathered after the fold, in ``quantize``)."""
+        for sp in state.smoothing:
+            sp.observer.reduce(collective)
+        state.stats.reduce(collective)
+        return state
+
     def quantize(self, group: Group, state: AWRQState) -> list[LayerResult]:
         scales = fold_smoothing(group, state.smoothing, self.options.alpha, self.options.min)
         if state.inputs:  # this group's own input was smoothed: its statistics are of x / s
@@ -135,6 +155,7 @@ class AWRQ(Method):
             s = scales[own.smooth]
             while state.inputs:
                 state.stats.add(state.inputs.pop(0) / s.to(group.device))
+            state.stats.reduce(group.collective)  # several ranks: each added its own inputs
         if state.stats.hessian.tokens == 0:
             raise TritonqError(f"AWRQ saw no calibration tokens for {group.label}; give calibration data")
         h = state.stats.hessian.hessian

@@ -14,6 +14,14 @@ block inputs are captured after it), and a method with ``scope = "block"`` is ha
 linear groups: ``quantize_block(block)`` gets the block, its calibration inputs and the float block's outputs
 on them (``groups.BlockGroup``), with autograd enabled when ``needs_grad``.
 
+Several ranks (``engine/distributed.py``): each rank observes its own share of the calibration windows, then
+``reduce(state, collective)`` makes ``state`` the statistics of every rank's windows, identical on every rank.
+``data_parallel`` declares what happens next: ``"solve"`` - ``quantize`` is a pure function of the reduced state
+and the weights, linear by linear, so the pipeline solves each linear on one owner rank (spread by cost) and
+broadcasts the results; ``"replicated"`` - every rank runs ``quantize`` on the same reduced state (it folds
+scales into the block, so every rank must), reducing inside where it scores data (AWQ's search losses through
+``group.collective``); ``"refused"`` - the run stops at preflight with ``data_parallel_refusal``.
+
 Adding a method is one file with a ``Method`` subclass (and an options dataclass) plus one line in
 ``registry.py``.
 """
@@ -32,6 +40,7 @@ from ..grid import GridSpec
 
 if TYPE_CHECKING:
     from ..adapters import Adapter
+    from ..distributed import Collective
     from ..groups import BlockGroup, Group
 
 
@@ -64,6 +73,8 @@ class Method:
     receives_act: ClassVar[bool] = False  # the run's activation setting is handed over (``set_activation``)
     needs_grad: ClassVar[bool] = False  # quantize runs with autograd enabled
     scope: ClassVar[str] = "group"  # "group": ``quantize(group)`` per linear group; "block": ``quantize_block``
+    data_parallel: ClassVar[str] = "refused"  # on several ranks: "solve", "replicated" or "refused" (docstring)
+    data_parallel_refusal: ClassVar[str] = "it does not declare how its statistics are reduced across ranks"
 
     def __init__(self, options: Any = None) -> None:
         self.options = options if options is not None else self.Options()
@@ -100,6 +111,11 @@ class Method:
         (the adapter's ``linear_names()``). ``block.inputs`` / ``block.targets`` are the calibration chunks and
         the float block's outputs on them; ``block.run`` replays the block with candidate weights."""
         raise NotImplementedError
+
+    def reduce(self, state: Any, collective: Collective) -> Any:
+        """The state of every rank's calibration windows, from this rank's ``state`` (``observe``'s, after the
+        pass); called on every rank before ``quantize`` when several ranks run. Default: no statistics."""
+        return state
 
     def wrap(self, group: Group, name: str, linear: nn.Module) -> nn.Module | None:
         """A module to run in place of the quantized ``linear`` for the rest of this block's propagation."""

@@ -58,6 +58,7 @@ from .gptq import GPTQOptions
 from .gptq import solve as gptq_solve
 
 if TYPE_CHECKING:
+    from ..distributed import Collective
     from ..groups import Group
 
 QPARAMS = ("minmax", "mmse", "hessian")
@@ -106,7 +107,7 @@ class AttentionStats:
         geo = group.adapter.geometry(group.config)
         self.geo = geo
         d, dev = group.linears[0].in_features, group.device
-        self.inputs = HessianAccumulator(d, dev)
+        self.inputs = HessianAccumulator(d, dev, group.collective)
         self.cov_q = torch.zeros(geo.heads, geo.head_dim, geo.head_dim, device=dev)
         self.cov_k = torch.zeros(geo.kv_heads, geo.head_dim, geo.head_dim, device=dev)
         self.qk_tokens = 0
@@ -117,6 +118,20 @@ class AttentionStats:
         self.value = torch.zeros(geo.kv_heads, d, d, device=dev) if block_v else None
         self.value_tokens = 0
         self._x: torch.Tensor | None = None
+
+    def reduce(self, collective: Collective) -> None:
+        """Every rank's statistics: the input Hessian merged (``HessianAccumulator.reduce``), the fp32 moment sums
+        added in rank order in fp64 (``Collective.sum``) and rounded once, the token counts summed."""
+        if collective.world == 1:
+            return
+        self.inputs.reduce(collective)
+        self.cov_q = collective.sum(self.cov_q).to(self.cov_q.dtype)
+        self.cov_k = collective.sum(self.cov_k).to(self.cov_k.dtype)
+        self.qk_tokens = collective.sum_count(self.qk_tokens)
+        self.positions = int(collective.max(torch.tensor([self.positions]))[0])
+        if self.value is not None:
+            self.value = collective.sum(self.value).to(self.value.dtype)
+            self.value_tokens = collective.sum_count(self.value_tokens)
 
     def on_input(self, x: torch.Tensor) -> None:
         self.inputs.add(x)
@@ -365,6 +380,7 @@ class BoA(Method):
     name = "boa"
     summary = "BoA: attention-aware two-sided GPTQ for q/k, GPTQ elsewhere (Kim et al. 2025)"
     Options = BoAOptions
+    data_parallel = "replicated"  # q and k are solved together: every rank runs the same solve on reduced stats
 
     def act_order_groups(self) -> str | None:
         """``--act-order-col`` reorders columns with every group's grid fixed first (GPTQ's static groups):
@@ -375,6 +391,10 @@ class BoA(Method):
         o = self.options
         return GPTQOptions(act_order="static" if o.act_order_col else None, damp=o.damp, block_size=o.block_size)
 
+    def reduce(self, state: AttentionStats | HessianAccumulator, collective: Collective) -> Any:
+        state.reduce(collective)
+        return state
+
     def observe(self, group: Group) -> Any:
         roles = [_role(n) for n in group.names]
         if "q_proj" in roles and "k_proj" in roles:
@@ -382,7 +402,7 @@ class BoA(Method):
             group.on_input(group.names[0], stats.on_input)
             group.on_attention(stats.on_attention)
             return stats
-        acc = HessianAccumulator(group.linears[0].in_features, group.device)
+        acc = HessianAccumulator(group.linears[0].in_features, group.device, group.collective)
         group.on_input(group.names[0], acc.add)
         return acc
 

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ...errors import TritonqError
+from ..distributed import SINGLE, Collective, OrderedSum
 from ..grid import GridSpec, default_g_idx, dequantize_codes, fit_groups, quantize_codes
 from .awq import AWQ, AWQState
 from .awq_observe import PairObserver
@@ -146,20 +147,26 @@ def heuristic_quantize(weight: torch.Tensor, mean_input: torch.Tensor, spec: Gri
 class _MeanObserver:
     """``E[x]`` per channel of one input."""
 
-    def __init__(self) -> None:
-        self.total: torch.Tensor | None = None
+    def __init__(self, collective: Collective = SINGLE) -> None:
+        self._total = OrderedSum(collective)  # fp64, in chunk order (several ranks: finished in that order)
         self.tokens = 0
 
     def add(self, x: torch.Tensor) -> None:
         flat = x.reshape(-1, x.shape[-1]).float()
-        part = flat.sum(dim=0, dtype=torch.float64)
-        self.total = part if self.total is None else self.total + part
+        self._total.add(flat.sum(dim=0, dtype=torch.float64))
         self.tokens += flat.shape[0]
+
+    def reduce(self, collective: Collective) -> None:
+        """The sum and token count of every rank, the sum finished in one process's chunk order."""
+        if collective.world == 1:
+            return
+        self._total.reduce(collective)
+        self.tokens = collective.sum_count(self.tokens)
 
     def mean(self) -> torch.Tensor:
         if not self.tokens:
             raise TritonqError("DH-AWQ saw no calibration tokens; give calibration data")
-        return (self.total / self.tokens).float()
+        return (self._total.total / self.tokens).float()
 
 
 class DHAWQ(AWQ):
@@ -186,7 +193,7 @@ class DHAWQ(AWQ):
         return heuristic_quantize(w, mean, spec, o.max_flip_percent, o.knee_tolerance, o.dh_reference_cap)
 
     def observe_input(self, group: Group) -> _MeanObserver:
-        obs = _MeanObserver()
+        obs = _MeanObserver(group.collective)
         group.on_input(group.names[0], obs.add)
         return obs
 

@@ -34,6 +34,7 @@ from ..hessian import (
 from .base import LayerResult, Method, split_rows
 
 if TYPE_CHECKING:
+    from ..distributed import Collective
     from ..groups import Group
 
 ACT_ORDERS = (None, "static", "dynamic")
@@ -63,11 +64,16 @@ class GPTQ(Method):
     name = "gptq"
     summary = "GPTQ: second-order error feedback through the inverse Hessian (Frantar et al. 2023)"
     Options = GPTQOptions
+    data_parallel = "solve"  # a pure function of the reduced Hessian and the weights, rows independent
 
     def observe(self, group: Group) -> HessianAccumulator:
-        acc = HessianAccumulator(group.linears[0].in_features, group.device)
+        acc = HessianAccumulator(group.linears[0].in_features, group.device, group.collective)
         group.on_input(group.names[0], acc.add)  # the linears of a group share their input
         return acc
+
+    def reduce(self, state: HessianAccumulator, collective: Collective) -> HessianAccumulator:
+        state.reduce(collective)
+        return state
 
     def act_order_groups(self) -> str | None:
         return self.options.act_order

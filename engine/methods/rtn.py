@@ -17,6 +17,7 @@ class RTN(Method):
     name = "rtn"
     summary = "round to nearest on the min-max (or --mse) grid; no calibration data"
     calibrated = False
+    data_parallel = "solve"  # no statistics: a pure function of the weights
 
     def quantize(self, group: Group, state: Any) -> list[LayerResult]:
         return [round_to_nearest(lin.weight.data, group.spec, name)

@@ -39,6 +39,7 @@ from .base import LayerResult, Method
 from .rtn import round_to_nearest
 
 if TYPE_CHECKING:
+    from ..distributed import Collective
     from ..groups import Group
 
 MIN_WEIGHT_MAX = 1e-5
@@ -53,6 +54,11 @@ class MaxAbsObserver:
     def add(self, x: torch.Tensor) -> None:
         m = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float()
         self.value = m if self.value is None else torch.maximum(self.value, m)
+
+    def reduce(self, collective: Collective) -> None:
+        """The max over every rank's tokens (exact in any order)."""
+        if self.value is not None:
+            self.value = collective.max(self.value)
 
 
 @dataclass
@@ -161,9 +167,15 @@ class SmoothQuant(Method):
     summary = "SmoothQuant W8A8: max|x| migration scales folded into norms, v and up rows; RTN (Xiao et al. 2023)"
     Options = SmoothQuantOptions
     default_act = ActSpec(bits=8, scheme="per-token", sym=True)
+    data_parallel = "replicated"  # folds scales: every rank folds the same max-reduced statistics
 
     def observe(self, group: Group) -> list[SmoothPair]:
         return observe_smoothing(group)
+
+    def reduce(self, state: list[SmoothPair], collective: Collective) -> list[SmoothPair]:
+        for sp in state:
+            sp.observer.reduce(collective)
+        return state
 
     def quantize(self, group: Group, state: list[SmoothPair]) -> list[LayerResult]:
         fold_smoothing(group, state, self.options.alpha, MIN_WEIGHT_MAX)
