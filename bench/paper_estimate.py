@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass
 from pathlib import Path
+
+from tritonq.engine.memory import ModelShape
 
 # H100 SXM datasheet (kernels/aot/targets.py)
 PEAK_FP16 = 989e12
@@ -39,37 +40,28 @@ LAUNCH = 20e-6  # s per kernel launch of the solve (gptq_block + trailing update
 STEP = 1e-6  # s per dependent column step inside gptq_block (load a U row, round, update the tile: latency-bound)
 
 
-@dataclass(frozen=True)
-class Shape:
-    layers: int
-    hidden: int
-    intermediate: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-
-    def groups(self) -> list[tuple[str, int, list[int]]]:
-        """(name, K, rows of each linear) per linear group of a block."""
-        h, i, d = self.hidden, self.intermediate, self.head_dim
-        return [("q/k/v", h, [self.heads * d, self.kv_heads * d, self.kv_heads * d]),
-                ("o", self.heads * d, [h]), ("gate/up", h, [i, i]), ("down", i, [h])]
-
-    def linear_params(self) -> int:
-        return sum(k * n for _, k, rows in self.groups() for n in rows)
+def linear_rows(s: ModelShape) -> list[tuple[str, int, list[int]]]:
+    """(name, K, rows of each linear) per linear group of a block (``ModelShape.groups`` stacks the rows)."""
+    h, i, d = s.hidden, s.intermediate, s.head_dim
+    return [("q/k/v", h, [s.heads * d, s.kv_heads * d, s.kv_heads * d]),
+            ("o", s.heads * d, [h]), ("gate/up", h, [i, i]), ("down", i, [h])]
 
 
-LLAMA_31_8B = Shape(32, 4096, 14336, 32, 8, 128, 128256)
-SMOLLM2_135M = Shape(30, 576, 1536, 9, 3, 64, 49152)
+def linear_params(s: ModelShape) -> int:
+    return sum(k * n for _, k, rows in linear_rows(s) for n in rows)
 
 
-def stage_flops(s: Shape, nsamples: int, seqlen: int) -> dict[str, float]:
+LLAMA_31_8B = ModelShape(32, 4096, 14336, 32, 8, 128, 128256, tied=False)
+SMOLLM2_135M = ModelShape(30, 576, 1536, 9, 3, 64, 49152, tied=True)
+
+
+def stage_flops(s: ModelShape, nsamples: int, seqlen: int) -> dict[str, float]:
     """FLOPs of the calibration forward, the Hessian products and the GPTQ solves of a whole model."""
     tokens = nsamples * seqlen
     attention = 2 * 2 * nsamples * seqlen * seqlen * s.heads * s.head_dim  # QK^T and PV (full, no causal skip)
-    forward = s.layers * (2 * tokens * s.linear_params() + attention)
-    hessian = s.layers * sum(tokens * k * k for _, k, _ in s.groups())  # upper triangle of 2 T K^2, mirrored
-    solve = s.layers * sum(2 * k**3 / 3 + sum(rows) * k * k for _, k, rows in s.groups())  # chol + trsm; updates
+    forward = s.layers * (2 * tokens * linear_params(s) + attention)
+    hessian = s.layers * sum(tokens * k * k for _, k, _ in linear_rows(s))  # upper triangle of 2 T K^2, mirrored
+    solve = s.layers * sum(2 * k**3 / 3 + sum(rows) * k * k for _, k, rows in linear_rows(s))  # chol + trsm; updates
     return {"forward": forward, "hessian": hessian, "solve": solve}
 
 
@@ -90,21 +82,21 @@ def _bin_pack(costs: list[float], ranks: int) -> float:
     return max(loads)
 
 
-def estimate(shape: Shape, nsamples: int, seqlen: int, ranks: int, frac: dict[str, float],
+def estimate(shape: ModelShape, nsamples: int, seqlen: int, ranks: int, frac: dict[str, float],
              split_rows: bool = False) -> dict[str, float]:
     """Seconds per stage; ``split_rows``: a linear's rows spread over the ranks too (GPTQ's rows are independent
     given the Hessian), instead of one linear per rank."""
     f = stage_flops(shape, nsamples, seqlen)
-    weights = 2 * (shape.linear_params() * shape.layers + 2 * shape.vocab * shape.hidden)  # bf16 on disk
+    weights = 2 * (linear_params(shape) * shape.layers + 2 * shape.vocab * shape.hidden)  # bf16 on disk
     out = {"load": weights / DISK}
     out["forward"] = f["forward"] / ranks / (PEAK_FP16 * E_GEMM_FP16 * frac["forward"])
     out["hessian"] = f["hessian"] / ranks / (PEAK_FP16 * E_HESSIAN * frac["hessian"])
     out["solve (profile)"] = shape.layers * _solve(shape, ranks, PEAK_FP32 * E_FP32 * frac["solve"], 0.0, split_rows)
     out["solve (kernels)"] = shape.layers * _solve(shape, ranks, PEAK_FP32 * E_FP32, STEP, split_rows)
-    hessian_bytes = 4 * sum(k * k for _, k, _ in shape.groups())
-    result_bytes = 2 * sum(k * n for _, k, rows in shape.groups() for n in rows)
+    hessian_bytes = 4 * sum(k * k for _, k, _ in linear_rows(shape))
+    result_bytes = 2 * sum(k * n for _, k, rows in linear_rows(shape) for n in rows)
     out["reduce + broadcast"] = 0.0 if ranks == 1 else shape.layers * (hessian_bytes + result_bytes) / NVLINK
-    packed = shape.layers * shape.linear_params() * (0.5 + 2.5 / 128) + 2 * 2 * shape.vocab * shape.hidden
+    packed = shape.layers * linear_params(shape) * (0.5 + 2.5 / 128) + 2 * 2 * shape.vocab * shape.hidden
     out["write"] = packed / DISK
     fixed = sum(v for k, v in out.items() if not k.startswith("solve"))
     out["total (profile)"] = fixed + out["solve (profile)"]
@@ -112,12 +104,12 @@ def estimate(shape: Shape, nsamples: int, seqlen: int, ranks: int, frac: dict[st
     return out
 
 
-def _solve(shape: Shape, ranks: int, rate: float, step: float, split_rows: bool) -> float:
+def _solve(shape: ModelShape, ranks: int, rate: float, step: float, split_rows: bool) -> float:
     """Seconds of one block's GPTQ solves: per group (in order: true-sequential), the factor ``2/3 K^3`` on each
     owner, the ``N K^2`` updates of its linears bin-packed over the ranks (or its rows split), and per 128-column
     lazy block two launches plus 128 dependent column steps of ``step`` seconds each (the in-block loop)."""
     total = 0.0
-    for _, k, rows in shape.groups():
+    for _, k, rows in linear_rows(shape):
         updates = [n * k * k / rate for n in rows]
         total += 2 * k**3 / 3 / rate + (sum(updates) / ranks if split_rows else _bin_pack(updates, ranks))
         total += (k // 128) * (2 * LAUNCH + 128 * step)

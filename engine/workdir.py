@@ -152,10 +152,6 @@ class WorkDir:
         with safe_open(str(self._block(index, ".safetensors")), framework="pt") as f:
             return {k: f.get_tensor(k) for k in (keys if keys is not None else f.keys())}
 
-    def block_keys(self, index: int) -> list[str]:
-        with safe_open(str(self._block(index, ".safetensors")), framework="pt") as f:
-            return list(f.keys())
-
     def layer_params(self, index: int, name: str) -> tuple[Tensor, Tensor, Tensor]:
         """``(scale, zero, g_idx)`` of quantized linear ``name`` of block ``index``."""
         with safe_open(str(self._block(index, ".params.safetensors")), framework="pt") as f:
