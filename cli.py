@@ -56,6 +56,9 @@ def _add_quantize(sub) -> None:
                    help="calibration windows per forward chunk (bounds the working activation memory)")
     p.add_argument("--offload-activations", action="store_true",
                    help="keep the cached calibration activations on the CPU between stages (large models)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="model-free RTN (a data-free method on safetensors shards): layers rounded ahead in "
+                        "parallel while the output is written (default 1)")
     p.add_argument("--output", required=True, help="output directory (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--format", default="fake", dest="out_format",

@@ -50,6 +50,7 @@ def quantize(args) -> int:
         calib_batch=args.calib_batch, offload_activations=args.offload_activations, out_format=args.out_format,
         overwrite=args.overwrite, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
         eval_data=args.eval_data, eval_windows=args.eval_windows, progress=not args.no_progress,
+        workers=args.workers,
     )
     s = run_quantize(opts)
     secs = s.seconds
