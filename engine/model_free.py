@@ -9,7 +9,8 @@ shards, and whose quantized linears are rounded on demand by ``methods/rtn.round
 pipeline's RTN calls, so the grids, codes and weights are identical). Every format writes from it unchanged.
 
 Memory: one layer being written plus at most ``workers`` layers computed ahead in a thread pool (torch releases
-the GIL), each shard opened per read and closed after, so mapped pages do not accumulate in the RSS.
+the GIL), each rounded ``ROWS_PER_STEP`` rows at a time. Tensors are read with plain file reads, not through a
+memory map, because a mapped shard's touched pages count in the RSS while the mapping lives.
 
 The float tensors keep the checkpoint's dtype (``--dtype`` other than ``auto`` casts them as the pipeline's
 load would, which makes the output byte-identical to the pipeline's for the same flags).
@@ -25,7 +26,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
-from safetensors import safe_open
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -34,7 +34,7 @@ from ..errors import TritonqError
 from ..kernels.grid_rule import quantize_codes
 from .formats.checkpoint import Checkpoint, hf_state_dict
 from .formats.records import QuantizedWeight, check_layer
-from .formats.store import WEIGHTS_FILE
+from .formats.store import WEIGHTS_FILE, read_header, read_tensor
 from .grid import GridSpec, dequantize
 from .methods.base import Method
 from .methods.rtn import RTN, round_to_nearest
@@ -88,9 +88,11 @@ ROWS_PER_STEP = 2048  # weight rows read and rounded at a time (RTN is per row: 
 class ShardCheckpoint(Checkpoint):
     """A checkpoint directory of safetensors shards, quantized with RTN layer by layer as a writer asks.
 
-    ``grids``: every quantized linear -> its grid (``preflight``); ``dtype``: the float dtype of the output;
-    ``order``: the layers in the order the writer will ask (lookahead for ``workers`` > 1);
-    ``keep_params``: keep every layer's (scale, zero, g_idx) once computed (formats that ask again later)."""
+    ``grids``: every quantized linear -> its grid (``preflight``); ``dtype``: the float dtype of the output
+    (None: the checkpoint's); ``workers``: threads rounding the next layers ahead of the writer (at most that
+    many layers ahead); ``keep_params``: keep every layer's (scale, zero, g_idx) once computed, for the writers
+    that ask for them again after the weights (fake, GGUF). Layers are rounded ahead in the order the writer
+    asks: the fake writer's tensor order with ``keep_params``, else the packed writers' (sorted) order."""
 
     def __init__(self, directory: Path, config: Any, grids: dict[str, GridSpec], meta: dict, tokenizer: Any,
                  dtype: torch.dtype | None = None, workers: int = 1, keep_params: bool = False,
@@ -103,6 +105,7 @@ class ShardCheckpoint(Checkpoint):
             skeleton = AutoModelForCausalLM.from_config(config)
         self._names = list(hf_state_dict(skeleton))  # the tensors save_pretrained writes, tied aliases dropped
         self._file_of = _weight_map(directory)
+        self._headers: dict[Path, tuple[int, dict]] = {}  # per shard: where its data starts, its header
         missing = [k for k in self._names if k not in self._file_of]
         if missing:
             raise TritonqError(f"{directory} has no tensor {missing[0]!r} ({len(missing)} missing); model-free "
@@ -191,13 +194,18 @@ class ShardCheckpoint(Checkpoint):
     # ---- reading and rounding
 
     def _read(self, key: str, rows: slice | None = None) -> Tensor:
-        # opened per read and closed after: the mapping goes with the handle, so RSS holds what was read
-        with safe_open(str(self._file_of[key]), framework="pt") as f:
-            return f.get_tensor(key) if rows is None else f.get_slice(key)[rows]
+        # plain file reads, no memory map: the RSS holds what was read, never the mapped pages of a shard
+        path = self._file_of[key]
+        header = self._headers.get(path)
+        if header is None:
+            header = self._headers[path] = read_header(path)
+        return read_tensor(path, key, header, rows)
 
     def _shape(self, key: str) -> list[int]:
-        with safe_open(str(self._file_of[key]), framework="pt") as f:
-            return f.get_slice(key).get_shape()
+        path = self._file_of[key]
+        if path not in self._headers:
+            self._headers[path] = read_header(path)
+        return list(self._headers[path][1][key]["shape"])
 
     def _compute(self, name: str) -> _Layer:
         """RTN of one linear, ``ROWS_PER_STEP`` rows at a time, straight to codes (run in a worker thread)."""
@@ -248,17 +256,18 @@ def _weight_map(directory: Path) -> dict[str, Path]:
     index = directory / f"{WEIGHTS_FILE}.index.json"
     if index.is_file():
         return {k: directory / v for k, v in json.loads(index.read_text())["weight_map"].items()}
-    with safe_open(str(directory / WEIGHTS_FILE), framework="pt") as f:
-        return dict.fromkeys(f.keys(), directory / WEIGHTS_FILE)
+    single = directory / WEIGHTS_FILE
+    return {k: single for k in read_header(single)[1] if k != "__metadata__"}
+
+
+_FLOAT_NAMES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
 def _stored_dtype(path: Path, key: str) -> torch.dtype:
-    with safe_open(str(path), framework="pt") as f:
-        name = f.get_slice(key).get_dtype()
-    dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
-    if name not in dtypes:
+    name = read_header(path)[1][key]["dtype"]
+    if name not in _FLOAT_NAMES:
         raise TritonqError(f"{path}: {key} is stored as {name}, not a float; model-free RTN quantizes float weights")
-    return dtypes[name]
+    return _FLOAT_NAMES[name]
 
 
 def quantize_model_free(opts: Any, run: Preflight, source: Path, tokenizer: Any,

@@ -131,3 +131,26 @@ def test_writer_keeps_no_tensor(tmp_path):
     files = writer.close()
     assert len(files) == 2
     assert load_file(str(files[0]))["t0"].shape == (64, 1024)
+
+
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_read_tensor_matches_the_library_whole_and_by_rows(tmp_path, seed):
+    from tritonq.engine.formats.store import read_header, read_tensor
+
+    tensors = _random_dict(100 + seed)
+    path = tmp_path / "t.safetensors"
+    save_file(tensors, str(path))
+    header = read_header(path)
+    for key, t in tensors.items():
+        got = read_tensor(path, key, header)
+        assert got.dtype == t.dtype and got.shape == t.shape and torch.equal(_raw(got), _raw(t))
+        if t.dim() >= 1:
+            for rows in (slice(0, 1), slice(1, 3), slice(2, None), slice(0, t.shape[0])):
+                part = read_tensor(path, key, rows=rows)
+                assert part.shape == t[rows].shape and torch.equal(_raw(part), _raw(t[rows])), (key, rows)
+    with pytest.raises(store.TritonqError, match="holds no tensor"):
+        read_tensor(path, "nope", header)

@@ -65,6 +65,44 @@ class TensorStore:
         return self.get(name) if name in self._where else None
 
 
+def read_header(path: str | os.PathLike) -> tuple[int, dict]:
+    """Where a safetensors file's data starts and its header (``{name: {dtype, shape, data_offsets}}``)."""
+    with open(path, "rb") as f:
+        size = struct.unpack("<Q", f.read(8))[0]
+        return 8 + size, json.loads(f.read(size))
+
+
+def read_tensor(path: str | os.PathLike, key: str, header: tuple[int, dict] | None = None,
+                rows: slice | None = None) -> Tensor:
+    """One tensor of a safetensors file, or a block of its leading-dimension ``rows``, read with plain file reads
+    into a fresh tensor. No memory map: the process holds exactly the bytes asked for (a mapped file's touched
+    pages count in its RSS as long as the mapping lives). ``header``: :func:`read_header`'s answer, if known."""
+    start, entries = read_header(path) if header is None else header
+    if key not in entries or key == "__metadata__":
+        raise TritonqError(f"{path} holds no tensor {key!r}; the checkpoint index and its shards disagree")
+    entry = entries[key]
+    dtype = _DTYPE_OF_NAME.get(entry["dtype"])
+    if dtype is None:
+        raise TritonqError(f"{path}: {key} is stored as {entry['dtype']}, which tritonq does not read")
+    shape = list(entry["shape"])
+    begin, end = entry["data_offsets"]
+    if rows is not None:
+        first, last, _ = rows.indices(shape[0] if shape else 0)
+        row_bytes = (end - begin) // shape[0] if shape and shape[0] else 0
+        begin, end, shape[0] = begin + first * row_bytes, begin + max(last, first) * row_bytes, max(last - first, 0)
+    out = torch.empty(shape, dtype=dtype)
+    view = memoryview(out.reshape(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
+    with open(path, "rb") as f:
+        f.seek(start + begin)
+        done = 0
+        while done < end - begin:
+            n = f.readinto(view[done:min(end - begin, done + COPY_CHUNK)])
+            if not n:
+                raise TritonqError(f"{path} ends inside tensor {key!r}; the file is truncated")
+            done += n
+    return out
+
+
 class ShardedWriter:
     """Write tensors as they come, a shard at a time, so a checkpoint never has to sit in memory whole.
 
@@ -166,6 +204,7 @@ _SAFETENSORS_DTYPE = {
     torch.float8_e5m2: "F8_E5M2", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
 }
 _RANK = {dtype: i for i, dtype in enumerate(_SAFETENSORS_DTYPE)}
+_DTYPE_OF_NAME = {name: dtype for dtype, name in _SAFETENSORS_DTYPE.items()}
 COPY_CHUNK = 64 << 20  # bytes moved per read/write when a shard is assembled or a tensor written
 
 
