@@ -9,7 +9,7 @@ shards, and whose quantized linears are rounded on demand by ``methods/rtn.round
 pipeline's RTN calls, so the grids, codes and weights are identical). Every format writes from it unchanged.
 
 Memory: one layer being written plus at most ``workers`` layers computed ahead in a thread pool (torch releases
-the GIL), each rounded ``ROWS_PER_STEP`` rows at a time. Tensors are read with plain file reads, not through a
+the GIL), each rounded a few rows at a time. Tensors are read with plain file reads, not through a
 memory map, because a mapped shard's touched pages count in the RSS while the mapping lives.
 
 The float tensors keep the checkpoint's dtype (``--dtype`` other than ``auto`` casts them as the pipeline's
@@ -82,7 +82,8 @@ class _Layer(NamedTuple):
     seconds: float  # time the rounding took (in a worker)
 
 
-ROWS_PER_STEP = 2048  # weight rows read and rounded at a time (RTN is per row: same bits, small temporaries)
+ELEMENTS_PER_STEP = 1 << 22  # weights read and rounded at a time, whole rows (RTN is per row: same bits, and
+# the temporaries of a step -- fp32 copies, gathered scales, codes -- stay near 100 MB whatever the layer's width)
 
 
 class ShardCheckpoint(Checkpoint):
@@ -208,7 +209,7 @@ class ShardCheckpoint(Checkpoint):
         return list(self._headers[path][1][key]["shape"])
 
     def _compute(self, name: str) -> _Layer:
-        """RTN of one linear, ``ROWS_PER_STEP`` rows at a time, straight to codes (run in a worker thread)."""
+        """RTN of one linear, ``ELEMENTS_PER_STEP`` weights (whole rows) at a time, to codes (in a worker)."""
         t0 = time.perf_counter()
         spec, key = self.grids[name], f"{name}.weight"
         n, k = self._shape(key)
@@ -217,8 +218,9 @@ class ShardCheckpoint(Checkpoint):
         codes = torch.empty(n, k, dtype=torch.uint8)
         scale, zero = torch.empty(n, groups), torch.empty(n, groups)
         g_idx = torch.empty(k, dtype=torch.int32)
-        for start in range(0, n, ROWS_PER_STEP):
-            rows = slice(start, min(n, start + ROWS_PER_STEP))
+        step_rows = max(1, ELEMENTS_PER_STEP // k)
+        for start in range(0, n, step_rows):
+            rows = slice(start, min(n, start + step_rows))
             w = self._read(key, rows).to(self.dtype)  # the weight as the pipeline's model holds it
             res = round_to_nearest(w.float(), spec, name)
             scale[rows], zero[rows], g_idx = res.scale, res.zero, res.g_idx.to(torch.int32)

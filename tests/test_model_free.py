@@ -183,14 +183,14 @@ def test_bad_workers_and_calibrated_methods(tmp_path, fp32_dir, monkeypatch):
 @pytest.mark.parametrize("grid", [dict(bits=4, group_size=32), dict(bits=4, group_size=-1, sym=True),
                                   dict(bits=3, group_size=16, mse=True), dict(bits=8, group_size=64, sym=True)])
 def test_rows_in_steps_give_rtn_of_the_whole_weight(tmp_path, dtype, grid, monkeypatch):
-    """Rounded a few rows at a time (7: not a divisor of any width), every layer is RTN of the whole weight,
+    """Rounded a few rows at a time (7 or 3: not divisors of any width), every layer is RTN of the whole weight,
     and its record is exactly what ``QuantizedWeight.from_grid`` recovers from the checkpoint-dtype weight."""
     from transformers import AutoConfig
     from tritonq.engine.formats.records import QuantizedWeight
     from tritonq.engine.grid import GridSpec
     from tritonq.engine.methods.rtn import round_to_nearest
 
-    monkeypatch.setattr(model_free, "ROWS_PER_STEP", 7)
+    monkeypatch.setattr(model_free, "ELEMENTS_PER_STEP", 7 * 64)  # 7 rows of the 64-wide layers, 3 of down_proj
     src = _save_model(tmp_path / "m", dtype, seed=int(torch.randint(0, 1000, (1,))))
     source = load_file(str(src / "model.safetensors"))
     spec = GridSpec(**grid)
