@@ -63,6 +63,9 @@ def _add_quantize(sub) -> None:
     p.add_argument("--work-dir", default=None,
                    help="where finished blocks and the next block's inputs are kept while the run lasts "
                         "(default: OUTPUT.tritonq-work beside the output; removed when the run finishes)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="model-free RTN (a data-free method on safetensors shards): layers rounded ahead in "
+                        "parallel while the output is written (default 1)")
     p.add_argument("--output", required=True, help="output directory (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--format", default="fake", dest="out_format",

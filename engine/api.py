@@ -76,6 +76,7 @@ class QuantizeOptions:
     eval_windows: int | None = None
     eval_seqlen: int = 2048
     progress: bool = True
+    workers: int = 1  # model-free RTN: layers rounded ahead in a thread pool while the writer writes
 
 
 @dataclass
@@ -122,6 +123,17 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
         eval_corpus = load_corpus(opts.eval_data, split="test")
         eval_windows = evaluation_windows(tokenize(tokenizer, eval_corpus.text), opts.eval_seqlen,
                                           opts.eval_windows, eval_corpus.source, windows_flag="--eval-windows")
+    # --- model-free RTN (issue 21 item 3): a data-free method on safetensors shards builds no model at all;
+    # the shards are read layer by layer and written straight to the output format (engine/model_free.py)
+    from . import model_free
+
+    # one process only (ranks go through the pipeline, where RTN's solves are shared out), and not when the caller
+    # asked for the model in memory (stream=False)
+    source = model_free.applies(method, run, opts.model) if collective.world == 1 and opts.stream is not False else None
+    if source is not None:
+        return QuantizeSummary(**model_free.quantize_model_free(opts, run, source, tokenizer, seconds, started,
+                                                                eval_windows))
+    # --- end model-free
     if method.calibrated:
         t0 = time.perf_counter()
         corpus = load_corpus(opts.calib, opts.text_column, split="train")

@@ -155,7 +155,9 @@ def test_packed_outputs_keep_method_times_and_score(tmp_path, capsys):
     s, f, r = read_output(packed), read_output(fake), read_output(repacked)
     assert (s.method, s.out_format, s.bits, s.group_size) == ("rtn", "compressed-tensors", 4, 32)
     assert {"load", "quantize_total", "save", "eval"} <= set(s.seconds)
-    assert s.perplexities == pytest.approx(f.perplexities, rel=1e-6)  # the same grid, scored in memory
+    # the same grid; model-free RTN scores what it wrote: the packed model runs its int4 layers (another
+    # summation order than the fake float model), so the scores agree closely but not to the last bits
+    assert s.perplexities == pytest.approx(f.perplexities, rel=1e-4)
     assert (r.method, r.out_format, r.perplexities) == ("rtn", "gptq", {})  # the fake model's scores stay behind
     assert main(["eval", str(repacked), "--data", str(text), "--seqlen", "128", "--max-windows", "2", "--record",
                  "--device", "cpu"]) == 0

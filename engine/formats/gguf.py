@@ -24,6 +24,7 @@ permutation leaves the blocks of each row intact. Vocabulary, hyper-parameters a
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -155,7 +156,9 @@ def _matrix_type(model_dtype: torch.dtype, gguf, out_type: str | None = None):
 
 
 def _float_plan(gname: str, tensor: Tensor, model_dtype: torch.dtype, gguf, out_type: str | None,
-                permute: Tensor | None = None) -> _Planned:
+                permute: Tensor | None = None, reread: Callable[[], Tensor] | None = None) -> _Planned:
+    """``reread``: how to get the tensor again when the file reaches it, so the plan does not hold it (the
+    float tensors of a big model -- embeddings, lm_head -- would otherwise sit in memory for the whole write)."""
     q = gguf.GGMLQuantizationType
     is_norm = tensor.dim() <= 1 or gname.endswith("_norm.weight") or not gname.endswith(".weight")
     qtype = q.F32 if is_norm else _matrix_type(model_dtype, gguf, out_type)
@@ -163,9 +166,11 @@ def _float_plan(gname: str, tensor: Tensor, model_dtype: torch.dtype, gguf, out_
         warn(f"{gname} has values beyond the fp16 range; writing it as F32")
         qtype = q.F32
     itemsize = 4 if qtype == q.F32 else 2
+    held = tensor if reread is None else None
 
     def make() -> np.ndarray:
-        t = tensor if permute is None else tensor[permute]
+        t = held if reread is None else reread()
+        t = t if permute is None else t[permute]
         return _float_array(t.contiguous(), qtype, gguf)
 
     return _Planned(gname, tuple(tensor.shape), qtype, tensor.numel() * itemsize, make)
@@ -261,8 +266,8 @@ def _float_plans(keys: list[str], get: Callable[[str], Tensor], config: Mapping,
             continue
         if key.endswith(".bias"):
             raise TritonqError(f"{key}: GGUF export does not write biases yet; choose --format compressed-tensors")
-        tensor = get(key)
-        yield _float_plan(_gguf_name(name_map, key), tensor, dtype, gguf, out_type, _row_order(key, config))
+        yield _float_plan(_gguf_name(name_map, key), get(key), dtype, gguf, out_type, _row_order(key, config),
+                          reread=functools.partial(get, key))
 
 
 class GgufFormat(OutputFormat):
