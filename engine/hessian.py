@@ -104,32 +104,40 @@ def inverse_cholesky(hessian: torch.Tensor, damp: float, layer: str, max_tries: 
 
 def inverse_cholesky_reversed(reversed_h: torch.Tensor, damp: float, layer: str,
                               max_tries: int = 8) -> InverseFactor:
-    """:func:`inverse_cholesky` of ``H`` given ``J H J`` (rows and columns in reverse order): a caller that builds
-    the reversed matrix in its own gather (GPTQ's act-order permutation) makes no other K x K copy."""
+    """:func:`inverse_cholesky` of ``H`` given ``J H J`` (rows and columns in reverse order), which it damps in place
+    and consumes: a caller that builds the reversed matrix in its own gather (GPTQ's act-order permutation) and
+    lets go of it makes no other K x K copy."""
     # With J the order reversal, J H J = L L^T gives H^-1 = (J L^-1 J)^T (J L^-1 J), and J L^-1 J is
     # upper triangular with a positive diagonal: it is U. One Cholesky and one triangular solve instead of
     # a Cholesky, an inverse and a second Cholesky (half the time on the CPU, and no less accurate).
-    # Memory: four K x K matrices at the peak, the input included (the down_proj of an 8B model has K = 14336:
-    # 0.8 GB each in fp32); the damping goes onto the diagonal of a copy in place, which adds the same fp32
-    # value to each diagonal entry as adding ``damp * mean * I`` does, without the identity's K x K.
+    # Memory: three K x K matrices at the peak, the input included (the down_proj of an 8B model has K = 14336:
+    # 0.8 GB each in fp32). The damping goes onto the input's diagonal in place (the same fp32 sum on each
+    # diagonal entry as adding ``damp * mean * I``) and the undamped diagonal is kept aside for a retry; the
+    # input is let go once it is factored.
     k = reversed_h.shape[0]
     mean_diag = torch.mean(torch.diag(reversed_h).flip(0)).item()  # summed in H's own order
+    diagonal = torch.diag(reversed_h).clone()
     tried = damp
     for _ in range(max_tries):
-        damped = reversed_h.clone()
-        damped.diagonal().add_(tried * mean_diag)
-        lower, info = torch.linalg.cholesky_ex(damped)
-        del damped
+        reversed_h.diagonal().copy_(diagonal)
+        reversed_h.diagonal().add_(tried * mean_diag)
+        lower, info = torch.linalg.cholesky_ex(reversed_h)
         if info.item() == 0:
+            reversed_h = None  # the caller's reference is the only one left (GPTQ drops it: one K x K less)
             eye = torch.eye(k, device=lower.device, dtype=lower.dtype)
             inverse = torch.linalg.solve_triangular(lower, eye, upper=False)
-            del lower, eye
-            upper = inverse.flip(0, 1)
-            del inverse
-            if torch.isfinite(upper).all():
+            del eye
+            if torch.isfinite(inverse).all():
+                del lower
+                upper = inverse.flip(0, 1)
+                del inverse
                 if tried != damp:
                     warn(f"{layer}: Cholesky failed at damp {damp}; succeeded with damp {tried:g}")
                 return InverseFactor(upper.contiguous(), tried)
+            # rare: factored but the inverse overflowed. Retry from L L^T (the damped matrix to within rounding)
+            # with the undamped diagonal put back, as the input is gone
+            reversed_h = lower @ lower.mT
+            del lower, inverse
         tried *= 10.0
     raise TritonqError(
         f"the Hessian of {layer} is not positive definite even with damping {tried / 10:g}; "

@@ -119,6 +119,7 @@ def quantize_block(
             results = _solve(method, group, state)
         losses += _write_results(method, group.label, group.linears, group.full_names, results,
                                  [group_spec] * len(names), report)
+        del results, state  # the weights are in the block now; the next group's solve needs the room
         report.seconds["solve"] += time.perf_counter() - t0
         wrapped += _wrap(method, group, block, names, group.linears)
         done.update(names)

@@ -69,3 +69,25 @@ def test_peak_memory_resets_and_sees_an_allocation():
     after = peak_memory()["host_peak_mb"]
     assert after - before > 50, (before, after)
     del big
+
+
+def test_an_overflowing_inverse_is_retried_with_more_damping(monkeypatch):
+    """The input is let go once factored; a non-finite inverse retries from L L^T with ten times the damping."""
+    import pytest
+
+    h = _hessian(64, 3)
+    solve = torch.linalg.solve_triangular
+    calls = []
+
+    def overflow_once(*args, **kwargs):
+        out = solve(*args, **kwargs)
+        calls.append(1)
+        return out * float("inf") if len(calls) == 1 else out
+
+    monkeypatch.setattr(torch.linalg, "solve_triangular", overflow_once)
+    with pytest.warns(UserWarning, match="succeeded with damp 0.1"):
+        got = inverse_cholesky(h, 0.01, "layer")
+    monkeypatch.undo()
+    assert got.damp == pytest.approx(0.1) and torch.isfinite(got.upper).all()
+    direct = inverse_cholesky(h, 0.1, "layer").upper
+    torch.testing.assert_close(got.upper, direct, rtol=1e-4, atol=1e-5)

@@ -132,8 +132,9 @@ def solve(weights: list[torch.Tensor], hessian: torch.Tensor, spec, names: list[
         dead = dead.flip(0)
     del hessian  # the accumulator's, when the caller handed it over (HessianAccumulator.take): freed here
     reversed_h[dead, dead] = 1.0
-    factor = inverse_cholesky_reversed(reversed_h, options.damp, label)
+    box = [reversed_h]  # handed over with no name left here, so the factorisation can free it once factored
     del reversed_h
+    factor = inverse_cholesky_reversed(box.pop(), options.damp, label)
     res = blocked_quantize(w, factor.upper, spec, work_g_idx, options.block_size, preset, force=force)
     q = res.weight
     if perm is not None:
