@@ -183,7 +183,9 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
         "method": method.name, **method.describe(), "bits": spec.bits, "group_size": spec.group_size,
         "sym": spec.sym, "mse": spec.mse, "activations": None if act is None else act.describe(),
         "model": opts.model, "architecture": adapter.family,
-        "dtype": str(dtype).replace("torch.", ""), "device": str(device), "calibration": calib_meta,
+        # the dtype the output stores (the checkpoint's), and the one the run computed in
+        "dtype": str(weights.output_dtype()).replace("torch.", ""),
+        "compute_dtype": str(dtype).replace("torch.", ""), "device": str(device), "calibration": calib_meta,
         "tritonq_version": __version__, "layers": sorted(report.layers),
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
         "memory": {**memory_record(report, weights.streamed, cache), "estimate": estimate.to_json()},

@@ -12,8 +12,9 @@ Memory: one layer being written plus at most ``workers`` layers computed ahead i
 the GIL), each rounded a few rows at a time. Tensors are read with plain file reads, not through a
 memory map, because a mapped shard's touched pages count in the RSS while the mapping lives.
 
-The float tensors keep the checkpoint's dtype (``--dtype`` other than ``auto`` casts them as the pipeline's
-load would, which makes the output byte-identical to the pipeline's for the same flags).
+The float tensors keep the checkpoint's dtype, each its own, as the pipeline's streamed output does; ``--dtype``
+is the dtype the weights are rounded in (after the pipeline's load into it), so for the same flags the output is
+byte-identical to the pipeline's.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ class ShardCheckpoint(Checkpoint):
     asks: the fake writer's tensor order with ``keep_params``, else the packed writers' (sorted) order."""
 
     def __init__(self, directory: Path, config: Any, grids: dict[str, GridSpec], meta: dict, tokenizer: Any,
-                 dtype: torch.dtype | None = None, workers: int = 1, keep_params: bool = False,
+                 compute_dtype: torch.dtype = torch.float32, workers: int = 1, keep_params: bool = False,
                  progress: bool = True) -> None:
         from transformers import AutoModelForCausalLM
 
@@ -112,7 +113,8 @@ class ShardCheckpoint(Checkpoint):
             raise TritonqError(f"{directory} has no tensor {missing[0]!r} ({len(missing)} missing); model-free "
                                "quantization reads checkpoints written by save_pretrained -- re-save it so")
         first = f"{next(iter(grids))}.weight" if grids else self._names[0]
-        self.dtype = dtype or _stored_dtype(self._file_of[first], first)
+        self.dtype = _stored_dtype(self._file_of[first], first)  # what config.json records
+        self.compute_dtype = compute_dtype
         self._can_generate = skeleton.can_generate()
         # what load_model and save_pretrained record before the config is written (ModelCheckpoint does the same)
         config.use_cache = False
@@ -148,9 +150,9 @@ class ShardCheckpoint(Checkpoint):
         if leaf == "weight" and module in self.grids:  # only the fake format asks: its grid points, in dtype
             layer = self._layer(module)
             # scale * (codes - zero): the operations of RTN's fake_quantize on the same values, so the same bits
-            return dequantize(layer.codes, layer.scale, layer.zero, layer.g_idx).to(self.dtype)
-        t = self._read(key)
-        return t.to(self.dtype) if t.is_floating_point() else t
+            stored = _stored_dtype(self._file_of[key], key)
+            return dequantize(layer.codes, layer.scale, layer.zero, layer.g_idx).to(stored)
+        return self._read(key)
 
     def params(self, name: str) -> tuple[Tensor, Tensor, Tensor]:
         if self._kept is not None and name in self._kept:
@@ -221,7 +223,7 @@ class ShardCheckpoint(Checkpoint):
         step_rows = max(1, ELEMENTS_PER_STEP // k)
         for start in range(0, n, step_rows):
             rows = slice(start, min(n, start + step_rows))
-            w = self._read(key, rows).to(self.dtype)  # the weight as the pipeline's model holds it
+            w = self._read(key, rows).to(self.compute_dtype)  # the weight as the pipeline's model holds it
             res = round_to_nearest(w.float(), spec, name)
             scale[rows], zero[rows], g_idx = res.scale, res.zero, res.g_idx.to(torch.int32)
             # the codes of the fp32 grid points on the [rows, G, g] view (no [rows, K] gathers); the dtype's
@@ -279,22 +281,26 @@ def quantize_model_free(opts: Any, run: Preflight, source: Path, tokenizer: Any,
     fields of the run's ``QuantizeSummary``."""
     from .data import check_positive
     from .formats.registry import get_format
+    from .memory_peak import host_peak_bytes
     from .model_io import load_config, resolve_dtype
     from .outputs import atomic_output_dir
 
     check_positive(opts.workers, "--workers", 2)
     t0 = time.perf_counter()
     method, spec = run.method, run.spec
-    dtype = None if opts.dtype == "auto" else resolve_dtype(opts.dtype, torch.device("cpu"))
+    compute_dtype = resolve_dtype(opts.dtype, torch.device("cpu"))
     meta = {
         "method": method.name, **method.describe(), "bits": spec.bits, "group_size": spec.group_size,
         "sym": spec.sym, "mse": spec.mse, "activations": None, "model": opts.model,
-        "architecture": run.adapter.family, "dtype": None, "device": "cpu", "calibration": None,
+        "architecture": run.adapter.family, "dtype": None, "compute_dtype": None, "device": "cpu",
+        "calibration": None,
         "tritonq_version": __version__, "layers": sorted(run.grids), "seconds": {}, "model_free": True,
     }
     ckpt = ShardCheckpoint(source, load_config(opts.model, opts.trust_remote_code), dict(sorted(run.grids.items())),
-                           meta, tokenizer, dtype, opts.workers, opts.out_format in PARAMS_KEPT_BY, opts.progress)
+                           meta, tokenizer, compute_dtype, opts.workers, opts.out_format in PARAMS_KEPT_BY,
+                           opts.progress)
     meta["dtype"] = str(ckpt.dtype).replace("torch.", "")
+    meta["compute_dtype"] = str(compute_dtype).replace("torch.", "")
     seconds["load"] = time.perf_counter() - t0  # config, skeleton and index: no weights
     try:
         with atomic_output_dir(opts.output, opts.overwrite) as tmp:
@@ -303,25 +309,28 @@ def quantize_model_free(opts: Any, run: Preflight, source: Path, tokenizer: Any,
             # rounding (summed over the workers) overlaps the writing: "save" is the wall time of both
             seconds["quantize_total"] = ckpt.rounding_seconds
             seconds["save"] = time.perf_counter() - t0
-            # the stage times are known only once the record is written, so it is rewritten
-            _rewrite_seconds(tmp, {k: round(v, 3) for k, v in seconds.items()})
+            # the stage times and the peak are known only once the record is written, so it is rewritten
+            memory = {"weights": "model-free (shards in, shards out)", "host_peak_mb":
+                      round(host_peak_bytes() / 2**20, 1), "device_peak_mb": 0.0, "per_block": []}
+            _rewrite_record(tmp, {k: round(v, 3) for k, v in seconds.items()}, memory)
     finally:
         ckpt.close()
     summary = {"output": str(Path(opts.output).resolve()), "seconds": seconds, "layers": len(run.grids),
-               "group_size": spec.group_size}
+               "group_size": spec.group_size, "memory": memory}
     if eval_windows is not None:
         summary["perplexity"], summary["eval_windows"] = _evaluate_output(opts, eval_windows, seconds)
     seconds["total"] = time.perf_counter() - started
     return summary
 
 
-def _rewrite_seconds(out: Path, stage_seconds: dict) -> None:
+def _rewrite_record(out: Path, stage_seconds: dict, memory: dict) -> None:
     from .outputs import QUANT_JSON
 
     path = out / QUANT_JSON
     if path.is_file():
         record = json.loads(path.read_text())
         record["seconds"] = {**record.get("seconds", {}), **stage_seconds}
+        record["memory"] = memory  # the process's peak (quantize runs record theirs per block)
         path.write_text(json.dumps(record, indent=2) + "\n")
 
 

@@ -78,7 +78,7 @@ def _digests(out: Path) -> dict[str, str]:
     for f in sorted(out.iterdir()):
         data = f.read_bytes()
         if f.name == "quantization.json":
-            record = {k: v for k, v in json.loads(data).items() if k not in ("seconds", "model_free")}
+            record = {k: v for k, v in json.loads(data).items() if k not in ("seconds", "model_free", "memory")}
             data = json.dumps(record, sort_keys=True).encode()
         found[f.name] = hashlib.sha256(data).hexdigest()
     return found
@@ -93,15 +93,18 @@ def test_fp32_output_is_byte_identical_to_the_pipeline(tmp_path, fp32_dir, fmt, 
 
 
 @pytest.mark.parametrize("fmt", ["fake", "compressed-tensors", "gguf"])
-def test_bf16_with_dtype_float32_is_byte_identical(tmp_path, bf16_dir, fmt, monkeypatch):
+def test_bf16_is_byte_identical_to_the_streamed_pipeline(tmp_path, bf16_dir, fmt, monkeypatch):
+    """Both keep the checkpoint's bf16 for the float part and round in the compute dtype (fp32 here)."""
     ref = _run(bf16_dir, tmp_path / "pipeline", fmt, model_free_on=False, monkeypatch=monkeypatch, dtype="float32")
     got = _run(bf16_dir, tmp_path / "free", fmt, model_free_on=True, monkeypatch=monkeypatch, dtype="float32")
     assert _digests(got) == _digests(ref)
+    if fmt != "gguf":  # a GGUF file carries its own types
+        assert json.loads((got / "config.json").read_text())["dtype"] == "bfloat16"
 
 
 @pytest.mark.parametrize("fmt", PACKED)
 def test_bf16_keeps_its_dtype_and_the_packed_codes(tmp_path, bf16_dir, fmt, monkeypatch):
-    """``--dtype auto`` keeps bf16 float tensors (the pipeline's today are fp32); codes, scales, zeros agree."""
+    """``--dtype auto`` keeps bf16 float tensors; codes, scales and zeros agree with an fp32 pipeline run's."""
     ref = _run(bf16_dir, tmp_path / "pipeline", fmt, model_free_on=False, monkeypatch=monkeypatch, dtype="float32")
     got = _run(bf16_dir, tmp_path / "free", fmt, model_free_on=True, monkeypatch=monkeypatch)
     theirs = {name: q for name, _, q in read_packed(ref)}
@@ -125,8 +128,8 @@ def test_bf16_fake_weights_are_the_grid_points_rounded_to_bf16(tmp_path, bf16_di
     got = _run(bf16_dir, tmp_path / "free", "fake", model_free_on=True, monkeypatch=monkeypatch)
     ours, theirs = load_file(str(got / "model.safetensors")), load_file(str(ref / "model.safetensors"))
     w = "model.layers.1.mlp.down_proj.weight"
-    assert ours[w].dtype == torch.bfloat16 and theirs[w].dtype == torch.float32
-    assert torch.equal(ours[w], theirs[w].to(torch.bfloat16))
+    assert ours[w].dtype == theirs[w].dtype == torch.bfloat16  # the streamed pipeline keeps bf16 too
+    assert torch.equal(ours[w], theirs[w])
     assert not torch.equal(ours[w].float(), load_file(str(bf16_dir / "model.safetensors"))[w].float())
     params = [load_file(str(d / "quant_params.safetensors")) for d in (got, ref)]
     assert params[0].keys() == params[1].keys()
