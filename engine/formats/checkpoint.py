@@ -21,7 +21,6 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 
 from ...errors import TritonqError
@@ -36,7 +35,7 @@ from .records import (
     grid_from_tensor,
     grid_tensor,
 )
-from .store import WEIGHTS_FILE, TensorStore
+from .store import WEIGHTS_FILE, ShardedWriter, TensorStore
 
 _SKIP_COPY = {QUANT_JSON, QUANT_PARAMS, "config.json", WEIGHTS_FILE, f"{WEIGHTS_FILE}.index.json"}
 
@@ -244,13 +243,13 @@ def source_layers(src_dir: str | os.PathLike, spec: GridSpec,
 
 
 def write_quant_params(path: Path, ckpt: Checkpoint) -> None:
-    """``quant_params.safetensors``: per quantized linear its scale, zero, g_idx and grid (``<name>.grid``)."""
-    tensors = {}
+    """``quant_params.safetensors``: per quantized linear its scale, zero, g_idx and grid (``<name>.grid``), written
+    as they are read (one layer's in memory: 4 GB of grids for a 70B model never sit in RAM together)."""
+    writer = ShardedWriter(path.parent, metadata=None, filename=path.name)  # as save_file(tensors, path) writes
     for name, spec in ckpt.grids.items():
         scale, zero, g_idx = ckpt.params(name)
-        # clones: linears of one group share g_idx (and row slices of one solve), safetensors wants owners
-        tensors[f"{name}.scale"] = scale.float().clone()
-        tensors[f"{name}.zero"] = zero.float().clone()
-        tensors[f"{name}.g_idx"] = g_idx.to(torch.int32).clone()
-        tensors[f"{name}.{GRID_LEAF}"] = grid_tensor(spec)
-    save_file(tensors, str(path))
+        writer.add(f"{name}.scale", scale.float())
+        writer.add(f"{name}.zero", zero.float())
+        writer.add(f"{name}.g_idx", g_idx.to(torch.int32))
+        writer.add(f"{name}.{GRID_LEAF}", grid_tensor(spec))
+    writer.close()

@@ -107,6 +107,9 @@ def read_tensor(path: str | os.PathLike, key: str, header: tuple[int, dict] | No
     return out
 
 
+PT_METADATA = {"format": "pt"}  # what save_pretrained writes; ``save_file(..., metadata=None)`` writes none
+
+
 class ShardedWriter:
     """Write tensors as they come, a shard at a time, so a checkpoint never has to sit in memory whole.
 
@@ -115,22 +118,23 @@ class ShardedWriter:
     in bounded chunks in safetensors' order. The file is byte-identical to what ``save_file`` writes for the
     same tensors (see :func:`safetensors_header`), so memory holds one tensor plus a copy buffer, never a shard.
 
-    ``shard_bytes=None`` writes one ``model.safetensors``. With a limit, a shard closes as soon as the next
-    tensor would push it past ``shard_bytes`` (a larger tensor gets a shard of its own); :meth:`close` names the
-    shards ``model-0000i-of-0000n.safetensors`` and writes the index. Keys must be unique.
+    ``shard_bytes=None`` writes one ``filename`` (``model.safetensors``). With a limit, a shard closes as soon as the
+    next tensor would push it past ``shard_bytes`` (a larger tensor gets a shard of its own); :meth:`close` names
+    the shards ``model-0000i-of-0000n.safetensors`` and writes the index. Keys must be unique.
     """
 
     def __init__(self, directory: str | os.PathLike, shard_bytes: int | None = None,
-                 metadata: dict[str, str] | None = None) -> None:
+                 metadata: dict[str, str] | None = PT_METADATA, filename: str = WEIGHTS_FILE) -> None:
         if shard_bytes is not None and shard_bytes < 1:
             raise TritonqError(f"the shard size must be positive, got {shard_bytes} bytes")
         self.dir = Path(directory)
+        self.filename = filename
         self.shard_bytes = shard_bytes
-        self.metadata = {"format": "pt"} if metadata is None else metadata
+        self.metadata = None if metadata is None else dict(metadata)  # None: a header without __metadata__
         self._pending: dict[str, _Entry] = {}  # the open shard's tensors: where their bytes sit in _data
         self._pending_bytes = 0
         self._data: BinaryIO | None = None
-        self._data_path = self.dir / f".{WEIGHTS_FILE}.{os.getpid()}-{id(self)}.data"  # the open shard's bytes
+        self._data_path = self.dir / f".{filename}.{os.getpid()}-{id(self)}.data"  # the open shard's bytes
         self._shards: list[tuple[Path, list[str]]] = []
         self._seen: set[str] = set()
         self.total_bytes = 0
@@ -176,8 +180,8 @@ class ShardedWriter:
     def close(self) -> list[Path]:
         """Write what is pending, name the shards, write the index; returns the files written."""
         if not self._shards:
-            self._flush(self.dir / WEIGHTS_FILE)
-            return [self.dir / WEIGHTS_FILE]
+            self._flush(self.dir / self.filename)
+            return [self.dir / self.filename]
         if self._pending:
             self._flush(self.dir / f"model-{len(self._shards) + 1:05d}.safetensors.part")
         count = len(self._shards)
