@@ -135,7 +135,7 @@ def test_collectives_are_deterministic_and_match_a_float64_reference(tmp_path):
 LEAVER = """
 import sys
 import torch
-from tritonq.engine.distributed import init_from_env
+from tritonq.engine.distributed import init_from_env, shutdown
 from tritonq.errors import TritonqError
 
 c = init_from_env(torch.device("cpu"))
@@ -145,6 +145,8 @@ try:
     c.sum(torch.ones(4))
 except TritonqError as exc:
     print(f"tritonq: error: {exc}", file=sys.stderr)
+finally:
+    shutdown()  # as the CLI does after any error: leave the group before the interpreter exits
 """
 
 
