@@ -277,3 +277,51 @@ def test_refused_method_stops_before_launching(model_and_calib, tmp_path, capsys
 def test_python_dash_m_runs_the_cli():
     out = subprocess.run([sys.executable, "-m", "tritonq", "--version"], capture_output=True, text=True, check=True)
     assert out.stdout.strip()
+
+
+# Two ranks under torchrun's environment that stop for good (os._exit, no cleanup) once block 0 is committed:
+# what a killed multi-rank run leaves in its work directory.
+STOPPED_AFTER_BLOCK_0 = """
+import os
+import sys
+import tritonq.engine.workdir as workdir
+from tritonq.cli import main
+
+commit = workdir.WorkDir.commit_block
+
+
+def commit_block(self, index, *args, **kwargs):
+    commit(self, index, *args, **kwargs)
+    if index == 0:
+        os._exit(0)
+
+
+workdir.WorkDir.commit_block = commit_block
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_two_ranks_resume_from_their_own_inputs(model_and_calib, tmp_path):
+    """Every rank keeps its share of the next block's inputs; ``--resume --nproc 2`` continues a killed two-rank run
+    and writes the bytes of an uninterrupted two-rank run."""
+    model, calib = model_and_calib
+    full, out = tmp_path / "full", tmp_path / "out"
+    assert main(_quantize(model, calib, full, "gptq", "--nproc", "2")) == 0
+    script = tmp_path / "stop.py"
+    script.write_text(textwrap.dedent(STOPPED_AFTER_BLOCK_0), encoding="utf-8")
+    port, procs = str(_free_port()), []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}
+        cmd = [sys.executable, str(script), str(tmp_path), *_quantize(model, calib, out, "gptq")]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    work = tmp_path / "out.tritonq-work"
+    assert sorted(f.name for f in work.glob("inputs-*")) == ["inputs-00001.pt", "inputs-00001.rank1.pt"]
+    assert not out.exists()
+    assert main(_quantize(model, calib, out, "gptq", "--nproc", "2", "--resume")) == 0
+    for name in ("model.safetensors", "quant_params.safetensors"):
+        assert (out / name).read_bytes() == (full / name).read_bytes(), name
+    assert not work.exists()
