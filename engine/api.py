@@ -152,7 +152,7 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
     from .memory import estimate_for_options
 
     # the memory this run needs, from the config alone (engine/memory.py), before the long part
-    estimate = estimate_for_options(opts, weights.model.config, device, streamed=weights.streamed)
+    estimate = estimate_for_options(opts, run.config, device, streamed=weights.streamed)  # config.json: its dtype
     if opts.progress and collective.is_writer:
         print(estimate.describe())
     if not weights.streamed:

@@ -166,7 +166,7 @@ class StreamedModel(ModelWeights):
         for name, param in self.model.named_parameters(remove_duplicate=False):
             self._alias[name] = first.setdefault(id(param), name)
         self._output_keys = list(hf_state_dict(self.model))
-        self._missing_check()
+        self._check_complete()
 
     # -- construction
 
@@ -197,7 +197,7 @@ class StreamedModel(ModelWeights):
         raise TritonqError(f"tensor {key!r} of {type(self.model).__name__} is not in the checkpoint {self.dir}; "
                            "the checkpoint does not match its config.json (download or save it again)")
 
-    def _missing_check(self) -> None:
+    def _check_complete(self) -> None:
         """Every parameter has a tensor in the checkpoint: fail before calibration, not at block 30."""
         for name, _ in self.model.named_parameters():
             self._checkpoint_key(name)
