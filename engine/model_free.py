@@ -35,7 +35,7 @@ from ..errors import TritonqError
 from ..kernels.grid_rule import quantize_codes
 from .formats.checkpoint import Checkpoint, hf_state_dict
 from .formats.records import QuantizedWeight, check_layer
-from .formats.store import WEIGHTS_FILE, read_header, read_tensor
+from .formats.store import WEIGHTS_FILE, read_header, read_tensor, stored_dtype, tensor_files
 from .grid import GridSpec, dequantize
 from .methods.base import Method
 from .methods.rtn import RTN, round_to_nearest
@@ -106,7 +106,7 @@ class ShardCheckpoint(Checkpoint):
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config)
         self._names = list(hf_state_dict(skeleton))  # the tensors save_pretrained writes, tied aliases dropped
-        self._file_of = _weight_map(directory)
+        self._file_of = tensor_files(directory)
         self._headers: dict[Path, tuple[int, dict]] = {}  # per shard: where its data starts, its header
         missing = [k for k in self._names if k not in self._file_of]
         if missing:
@@ -256,22 +256,11 @@ class ShardCheckpoint(Checkpoint):
         return layer
 
 
-def _weight_map(directory: Path) -> dict[str, Path]:
-    index = directory / f"{WEIGHTS_FILE}.index.json"
-    if index.is_file():
-        return {k: directory / v for k, v in json.loads(index.read_text())["weight_map"].items()}
-    single = directory / WEIGHTS_FILE
-    return {k: single for k in read_header(single)[1] if k != "__metadata__"}
-
-
-_FLOAT_NAMES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
-
-
 def _stored_dtype(path: Path, key: str) -> torch.dtype:
-    name = read_header(path)[1][key]["dtype"]
-    if name not in _FLOAT_NAMES:
-        raise TritonqError(f"{path}: {key} is stored as {name}, not a float; model-free RTN quantizes float weights")
-    return _FLOAT_NAMES[name]
+    dtype = stored_dtype(path, key)
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise TritonqError(f"{path}: {key} is stored as {dtype}, not a float; model-free RTN quantizes float weights")
+    return dtype
 
 
 def quantize_model_free(opts: Any, run: Preflight, source: Path, tokenizer: Any,

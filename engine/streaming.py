@@ -18,7 +18,6 @@ checkpoint gives a bf16 output whatever dtype the computation runs in.
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 
 import torch
@@ -28,44 +27,7 @@ from torch import Tensor
 
 from ..errors import TritonqError
 from .formats.checkpoint import hf_state_dict
-
-#: safetensors dtype names -> torch dtypes (the float and int types checkpoints hold)
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
-
-
-def safetensors_header(path: Path) -> dict:
-    """The JSON header of a safetensors file (tensor name -> dtype, shape, offsets), read without mapping data."""
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise TritonqError(f"{path} is not a safetensors file (shorter than its 8-byte header length); "
-                               "download or save the checkpoint again")
-        (size,) = struct.unpack("<Q", raw)
-        try:
-            header = json.loads(f.read(size))
-        except ValueError:
-            raise TritonqError(f"{path} has a corrupt safetensors header; download or save the checkpoint "
-                               "again") from None
-    header.pop("__metadata__", None)
-    return header
-
-
-def checkpoint_files(directory: Path) -> dict[str, Path] | None:
-    """Tensor name -> file of a safetensors checkpoint directory (one file or shards + index); None if it has none."""
-    index = directory / INDEX_FILE
-    if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map") or {}
-        return {k: directory / v for k, v in weight_map.items()}
-    single = directory / SINGLE_FILE
-    if single.is_file():
-        return dict.fromkeys(safetensors_header(single), single)
-    return None
+from .formats.store import read_header, stored_dtype, tensor_files
 
 
 class ModelWeights:
@@ -157,7 +119,7 @@ class StreamedModel(ModelWeights):
 
             self.model.generation_config = GenerationConfig.from_pretrained(directory)
         self._rebuild_buffers()
-        self._headers: dict[Path, dict] = {}
+        self._headers: dict[Path, tuple[int, dict]] = {}
         prefix = getattr(self.model, "base_model_prefix", "") or ""
         self._prefix = f"{prefix}." if prefix else ""
         # parameters shared by several names (tied embeddings): every alias reads the first name's tensor
@@ -202,9 +164,9 @@ class StreamedModel(ModelWeights):
         for name, _ in self.model.named_parameters():
             self._checkpoint_key(name)
 
-    def _header(self, path: Path) -> dict:
+    def _header(self, path: Path) -> tuple[int, dict]:
         if path not in self._headers:
-            self._headers[path] = safetensors_header(path)
+            self._headers[path] = read_header(path)
         return self._headers[path]
 
     # -- the interface
@@ -238,10 +200,8 @@ class StreamedModel(ModelWeights):
 
     def storage_dtype(self, key: str) -> torch.dtype:
         ckpt_key = self._checkpoint_key(key)
-        code = self._header(self.files[ckpt_key])[ckpt_key]["dtype"]
-        if code not in SAFETENSORS_DTYPES:
-            raise TritonqError(f"tensor {ckpt_key} of {self.dir} has dtype {code}, which tritonq does not read")
-        return SAFETENSORS_DTYPES[code]
+        path = self.files[ckpt_key]
+        return stored_dtype(path, ckpt_key, self._header(path))
 
     def tensor(self, key: str) -> Tensor:
         return self._read([key])[key]
@@ -295,7 +255,7 @@ def streamable_directory(name: str) -> Path | None:
                                               local_files_only=bool(source.kwargs.get("local_files_only"))))
         except Exception:  # noqa: BLE001 - no snapshot: load whole through transformers, which reports the cause
             return None
-    if checkpoint_files(path) is None:
+    if tensor_files(path) is None:
         return None
     config = json.loads((path / "config.json").read_text())
     if config.get("quantization_config"):  # packed weights: transformers' loader dequantizes them
@@ -318,7 +278,7 @@ def open_weights(name: str, dtype: torch.dtype, trust_remote_code: bool = False,
             raise TritonqError(f"model {name!r} cannot be streamed from disk: {why}")
         return InMemoryModel(load_model(name, dtype, trust_remote_code))
     config = load_config(str(directory), trust_remote_code)
-    return StreamedModel(directory, checkpoint_files(directory), config, dtype, trust_remote_code)
+    return StreamedModel(directory, tensor_files(directory), config, dtype, trust_remote_code)
 
 
 def model_files_fingerprint(name: str) -> dict:

@@ -24,29 +24,30 @@ from ...errors import TritonqError
 WEIGHTS_FILE = "model.safetensors"
 
 
+def tensor_files(directory: str | os.PathLike, filename: str = WEIGHTS_FILE) -> dict[str, Path] | None:
+    """Tensor name -> file of a checkpoint directory: one ``filename`` (names in sorted order) or its shards listed
+    by ``filename.index.json``; None when it has neither."""
+    directory = Path(directory)
+    single, index = directory / filename, directory / f"{filename}.index.json"
+    if single.is_file():
+        return dict.fromkeys(sorted(k for k in read_header(single)[1] if k != "__metadata__"), single)
+    if index.is_file():
+        return {k: directory / v for k, v in json.loads(index.read_text())["weight_map"].items()}
+    return None
+
+
 class TensorStore:
     """Lazy read access to the tensors of a checkpoint directory (one file or shards + index), one tensor at a
     time."""
 
     def __init__(self, directory: str | os.PathLike, filename: str = WEIGHTS_FILE) -> None:
         self.dir = Path(directory)
-        index = self.dir / f"{filename}.index.json"
-        single = self.dir / filename
-        if single.is_file():
-            files = {single}
-            self._where: dict[str, Path] = {}
-        elif index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self._where = {k: self.dir / v for k, v in weight_map.items()}
-            files = set(self._where.values())
-        else:
+        where = tensor_files(self.dir, filename)
+        if where is None:
             raise TritonqError(
                 f"{self.dir} has no {filename} (nor a sharded index); is it a checkpoint directory?"
             )
-        if not self._where:
-            for f in files:
-                with safe_open(str(f), framework="pt") as h:
-                    self._where.update(dict.fromkeys(h.keys(), f))
+        self._where: dict[str, Path] = where
 
     def keys(self) -> list[str]:
         return list(self._where)
@@ -72,8 +73,24 @@ class TensorStore:
 def read_header(path: str | os.PathLike) -> tuple[int, dict]:
     """Where a safetensors file's data starts and its header (``{name: {dtype, shape, data_offsets}}``)."""
     with open(path, "rb") as f:
-        size = struct.unpack("<Q", f.read(8))[0]
-        return 8 + size, json.loads(f.read(size))
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise TritonqError(f"{path} is not a safetensors file (shorter than its 8-byte header length); "
+                               "download or save the checkpoint again")
+        size = struct.unpack("<Q", raw)[0]
+        try:
+            return 8 + size, json.loads(f.read(size))
+        except ValueError:
+            raise TritonqError(f"{path} has a corrupt safetensors header; download or save the checkpoint "
+                               "again") from None
+
+
+def stored_dtype(path: str | os.PathLike, key: str, header: tuple[int, dict] | None = None) -> torch.dtype:
+    """The dtype tensor ``key`` is stored in (``header``: :func:`read_header`'s answer, if known)."""
+    code = (read_header(path) if header is None else header)[1][key]["dtype"]
+    if code not in _DTYPE_OF_NAME:
+        raise TritonqError(f"{path}: {key} is stored as {code}, which tritonq does not read")
+    return _DTYPE_OF_NAME[code]
 
 
 def read_tensor(path: str | os.PathLike, key: str, header: tuple[int, dict] | None = None,
