@@ -55,7 +55,7 @@ def streamed_perplexity(weights, adapter, windows: torch.Tensor, device: torch.d
     each window sees exactly the operations of :func:`perplexity`'s full forward (the same numbers). The part
     after the last block (final norm, ``lm_head``) runs as the model's own forward with every block replaying
     the window's final hidden states."""
-    from ..activations import ActQuantLinear
+    from ..activations import apply_activation_quant
     from ..stages import capture_block_inputs
 
     n, seqlen = windows.shape
@@ -67,19 +67,17 @@ def streamed_perplexity(weights, adapter, windows: torch.Tensor, device: torch.d
         for i in tqdm(range(len(blocks)), desc="perplexity (streamed)", unit="block", disable=not progress):
             prefix = f"{adapter.blocks}.{i}"
             block = weights.load(prefix, device, None if block_tensors is None else block_tensors(i))
-            originals = []
+            originals = {name: block.get_submodule(name) for name in adapter.linear_names()}
             if act is not None:  # activation quantization as the run applies it, on this block's linears
-                for name in adapter.linear_names():
-                    parent_name, _, leaf = name.rpartition(".")
-                    parent = block.get_submodule(parent_name) if parent_name else block
-                    originals.append((parent, leaf, getattr(parent, leaf)))
-                    setattr(parent, leaf, ActQuantLinear(getattr(parent, leaf), act))
+                apply_activation_quant(block, act, list(originals))
             for c in chunks:
                 out = block(c.hidden.to(device), **c.kwargs)
                 returns_tuple = isinstance(out, tuple)
                 c.hidden = out[0] if returns_tuple else out
-            for parent, leaf, module in originals:
-                setattr(parent, leaf, module)
+            if act is not None:  # the plain linears back, so the skeleton keeps the checkpoint's names
+                for name, module in originals.items():
+                    parent_name, _, leaf = name.rpartition(".")
+                    setattr(block.get_submodule(parent_name) if parent_name else block, leaf, module)
             weights.release(prefix)
         head = _modules_outside_blocks(model, adapter.blocks)
         for name in head:
