@@ -35,33 +35,16 @@ from ..errors import TritonqError
 from ..kernels.grid_rule import quantize_codes
 from .formats.checkpoint import Checkpoint, hf_state_dict
 from .formats.records import QuantizedWeight, check_layer
-from .formats.store import WEIGHTS_FILE, read_header, read_tensor, stored_dtype, tensor_files
+from .formats.store import read_header, read_tensor, stored_dtype, tensor_files
 from .grid import GridSpec, dequantize
 from .methods.base import Method
 from .methods.rtn import RTN, round_to_nearest
+from .streaming import streamable_directory
 
 if TYPE_CHECKING:
     from .preflight import Preflight
 
 PARAMS_KEPT_BY = ("fake", "gguf")  # formats that ask every layer's grid parameters again after its weight
-
-
-def source_dir(model: str) -> Path | None:
-    """The directory of safetensors shards of ``model`` (a local directory or a hub-cache snapshot), else None."""
-    path = Path(model).expanduser()
-    if not path.is_dir():
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            cached = try_to_load_from_cache(model, "config.json")
-        except Exception:  # noqa: BLE001 - not a hub id (the default model, a bad name): not model-free
-            return None
-        if not isinstance(cached, str):
-            return None
-        path = Path(cached).parent
-    if (path / WEIGHTS_FILE).is_file() or (path / f"{WEIGHTS_FILE}.index.json").is_file():
-        return path
-    return None
 
 
 def applies(method: Method, run: Preflight, model: str) -> Path | None:
@@ -72,7 +55,7 @@ def applies(method: Method, run: Preflight, model: str) -> Path | None:
     if (method.calibrated or kind.prepare is not Method.prepare or kind.scope != "group"
             or not isinstance(method, RTN) or kind.quantize is not RTN.quantize or run.act is not None):
         return None
-    return source_dir(model)
+    return streamable_directory(model)  # the streamed pipeline's own test: safetensors, not packed
 
 
 class _Layer(NamedTuple):

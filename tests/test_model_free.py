@@ -179,7 +179,7 @@ def test_bad_workers_and_calibrated_methods(tmp_path, fp32_dir, monkeypatch):
 
     gptq = make_method("gptq", None)
     assert model_free.applies(gptq, None, str(fp32_dir)) is None  # calibrated: the pipeline runs it
-    assert model_free.source_dir("smollm2") is None  # the offline default is a GGUF file, not shards
+    assert model_free.streamable_directory("smollm2") is None  # the offline default is a GGUF file, not shards
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
