@@ -29,11 +29,12 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
 from ..errors import TritonqError
-from .formats.records import GRID_LEAF, grid_from_tensor, grid_tensor
+from .formats.checkpoint import grid_tensors
+from .formats.records import GRID_LEAF, grid_from_tensor
+from .formats.store import ShardedWriter
 from .grid import GridSpec
 from .groups import Chunk
 from .methods.base import LayerResult
@@ -115,16 +116,11 @@ class WorkDir:
                      record: dict, next_chunks: list[Chunk] | None) -> None:
         """Block ``index`` is finished: its tensors, its grids, its record, the next block's inputs, then the mark."""
         if self.writer:
-            with atomic_file(self._block(index, ".safetensors")) as tmp:
-                save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, str(tmp))
+            _save(self._block(index, ".safetensors"), tensors)
             params = {}
             for name, res in layers.items():
-                params[f"{name}.scale"] = res.scale.float().contiguous().clone()
-                params[f"{name}.zero"] = res.zero.float().contiguous().clone()
-                params[f"{name}.g_idx"] = res.g_idx.to(torch.int32).contiguous().clone()
-                params[f"{name}.{GRID_LEAF}"] = grid_tensor(res.spec)
-            with atomic_file(self._block(index, ".params.safetensors")) as tmp:
-                save_file(params, str(tmp))
+                params.update(grid_tensors(name, res.scale, res.zero, res.g_idx, res.spec))
+            _save(self._block(index, ".params.safetensors"), params)
             _write_json(self._block(index, ".json"),
                         {"layers": {n: _jsonable(r.info) for n, r in layers.items()}, **record})
         self.commit_inputs(index + 1, next_chunks)
@@ -189,6 +185,14 @@ def _short(value: Any) -> str:
 def _jsonable(info: dict) -> dict:
     return {k: (float(v) if isinstance(v, (float, int)) and not isinstance(v, bool) else v)
             for k, v in info.items() if isinstance(v, (bool, int, float, str, type(None)))}
+
+
+def _save(path: Path, tensors: dict[str, Tensor]) -> None:
+    """A safetensors file written atomically, a tensor at a time (the streaming writer: no serialised copy)."""
+    with atomic_file(path) as tmp:
+        writer = ShardedWriter(tmp.parent, metadata=None, filename=tmp.name)
+        writer.update(tensors)
+        writer.close()
 
 
 def _write_json(path: Path, content: dict) -> None:

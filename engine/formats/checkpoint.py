@@ -242,14 +242,17 @@ def source_layers(src_dir: str | os.PathLike, spec: GridSpec,
         yield name, ckpt.record(name)
 
 
+def grid_tensors(name: str, scale: Tensor, zero: Tensor, g_idx: Tensor, spec: GridSpec) -> dict[str, Tensor]:
+    """The ``quant_params.safetensors`` entries of one quantized linear: scale and zero (fp32), g_idx (int32) and
+    its grid (``<name>.grid``)."""
+    return {f"{name}.scale": scale.float(), f"{name}.zero": zero.float(), f"{name}.g_idx": g_idx.to(torch.int32),
+            f"{name}.{GRID_LEAF}": grid_tensor(spec)}
+
+
 def write_quant_params(path: Path, ckpt: Checkpoint) -> None:
     """``quant_params.safetensors``: per quantized linear its scale, zero, g_idx and grid (``<name>.grid``), written
     as they are read (one layer's in memory: 4 GB of grids for a 70B model never sit in RAM together)."""
     writer = ShardedWriter(path.parent, metadata=None, filename=path.name)  # as save_file(tensors, path) writes
     for name, spec in ckpt.grids.items():
-        scale, zero, g_idx = ckpt.params(name)
-        writer.add(f"{name}.scale", scale.float())
-        writer.add(f"{name}.zero", zero.float())
-        writer.add(f"{name}.g_idx", g_idx.to(torch.int32))
-        writer.add(f"{name}.{GRID_LEAF}", grid_tensor(spec))
+        writer.update(grid_tensors(name, *ckpt.params(name), spec))
     writer.close()
