@@ -168,11 +168,11 @@ def _streams(model: str) -> bool:
     directory with safetensors shards, or a hub id (assumed to have them); the built-in GGUF default loads whole."""
     from pathlib import Path
 
+    from .engine.formats.store import tensor_files
     from .engine.model_io import SMOLLM2_NAME
-    from .engine.streaming import checkpoint_files
 
     path = Path(model).expanduser()
-    return model != SMOLLM2_NAME and (not path.is_dir() or checkpoint_files(path) is not None)
+    return model != SMOLLM2_NAME and (not path.is_dir() or tensor_files(path) is not None)
 
 
 def evaluate(args) -> int:
