@@ -21,10 +21,13 @@ from .grid import GridSpec
 
 @dataclass
 class Chunk:
-    """Hidden states entering a block for one calibration batch, and the layer kwargs."""
+    """Hidden states entering a block for one calibration batch, and the layer kwargs. ``reference``: the float
+    model's own hidden states for the same windows (the float path), kept only for a block-scope method that
+    declares ``float_targets``; None means the same as ``hidden`` (block 0) or not kept."""
 
     hidden: torch.Tensor
     kwargs: dict
+    reference: torch.Tensor | None = None
 
 
 class Group:
@@ -122,9 +125,10 @@ class BlockGroup:
 
     ``names`` are every linear of the block in ``adapter.linear_names()`` order (``full_names`` the model's
     names, ``specs`` their grids); ``inputs`` are the calibration chunks entering the block (the quantized
-    blocks before it upstream) and ``targets`` the float block's output on each chunk, both on the store
-    device. The block's own parameters do not require gradients while the method runs: it makes its own
-    leaves and replays the block with them through ``run``.
+    blocks before it upstream) and ``targets`` the float block's output on each chunk (on the quantized path's
+    inputs, or on the float path's when the method declares ``float_targets``), both on the store device. The
+    block's own parameters do not require gradients while the method runs: it makes its own leaves and replays
+    the block with them through ``run`` or ``call``.
     """
 
     def __init__(self, block: nn.Module, index: int, adapter: Adapter, config: Any, specs: list[GridSpec],
@@ -149,6 +153,11 @@ class BlockGroup:
         """The block's output [B, T, hidden] on input chunk ``chunk``, on the compute device, with ``weights``
         (linear name -> [N, K]) in place of those linears' own weights; differentiable in them."""
         c = self.inputs[chunk]
+        return self.call(c.hidden.to(self.device), c.kwargs, weights)
+
+    def call(self, hidden: torch.Tensor, kwargs: dict, weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The block's output on ``hidden`` (a batch of windows on the compute device, with its keyword inputs),
+        with ``weights`` in place of those linears' own, as :meth:`run`."""
         params = {f"{name}.weight": w for name, w in (weights or {}).items()}
-        out = torch.func.functional_call(self.block, params, (c.hidden.to(self.device),), c.kwargs)
+        out = torch.func.functional_call(self.block, params, (hidden,), kwargs)
         return out[0] if isinstance(out, tuple) else out

@@ -208,8 +208,9 @@ def quantize_whole_block(
     """Quantize one block with a block-scope method; returns the next block's inputs and the mean loss."""
     t0 = time.perf_counter()
     targets = []
-    for c in chunks or []:
-        targets.append(cache.keep(run_block(block, c.hidden.to(device), c.kwargs)))
+    for c in chunks or []:  # the float block on the float path's inputs (float_targets) or on the quantized ones
+        source = c.reference if method.float_targets and c.reference is not None else c.hidden
+        targets.append(cache.keep(run_block(block, source.to(device), c.kwargs)))
         cache.page_out()
     report.seconds["forward"] += time.perf_counter() - t0
     specs = [method.layer_grid(f"{adapter.blocks}.{index}.{n}", spec) for n in adapter.linear_names()]
@@ -219,15 +220,17 @@ def quantize_whole_block(
         results = method.quantize_block(group)
     loss = _write_results(method, group.label, group.linears, group.full_names, results, group.specs, report)
     report.seconds["solve"] += time.perf_counter() - t0
+    # the float outputs are the next block's float path (float_targets); otherwise freed before the propagation
+    references = targets if method.float_targets else [None] * len(targets)
     del targets
-    group.targets = []  # free the float outputs before the propagation
+    group.targets = []
     wrapped = _wrap(method, group, block, group.names, group.linears)
     out = None
     if chunks:  # the quantized block on the same inputs: the next block's inputs
         t0 = time.perf_counter()
         out = []
-        for c in chunks:
-            out.append(Chunk(cache.keep(run_block(block, c.hidden.to(device), c.kwargs)), c.kwargs))
+        for c, reference in zip(chunks, references):
+            out.append(Chunk(cache.keep(run_block(block, c.hidden.to(device), c.kwargs)), c.kwargs, reference))
             cache.page_out()
         report.seconds["forward"] += time.perf_counter() - t0
     for name, original in wrapped:
@@ -347,5 +350,6 @@ def _restore(weights: ModelWeights, adapter: Adapter, work: WorkDir, start: int,
         raise TritonqError(f"--resume: {work.path} has no inputs for block {start}; the directory is incomplete, "
                            "pass --overwrite to start again")
     if chunks is not None:
-        chunks = [Chunk(cache.keep(c.hidden), c.kwargs) for c in chunks]
+        chunks = [Chunk(cache.keep(c.hidden), c.kwargs, None if c.reference is None else cache.keep(c.reference))
+                  for c in chunks]
     return chunks

@@ -110,7 +110,7 @@ class WorkDir:
         if chunks is None:
             return
         with atomic_file(self._inputs(index)) as tmp:
-            torch.save([(c.hidden, c.kwargs) for c in chunks], tmp)
+            torch.save([(c.hidden, c.kwargs, c.reference) for c in chunks], tmp)
 
     def commit_block(self, index: int, tensors: dict[str, Tensor], layers: dict[str, LayerResult],
                      record: dict, next_chunks: list[Chunk] | None) -> None:
@@ -139,7 +139,7 @@ class WorkDir:
         path = self._inputs(index)
         if not path.is_file():
             return None
-        return [Chunk(hidden, kwargs) for hidden, kwargs in torch.load(path, weights_only=False)]
+        return [Chunk(*saved) for saved in torch.load(path, weights_only=False)]  # (hidden, kwargs[, reference])
 
     def block_record(self, index: int) -> dict:
         return json.loads(self._block(index, ".json").read_text())

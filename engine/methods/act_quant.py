@@ -57,6 +57,10 @@ class WithActivationQuant(Method):
         return self.inner.scope
 
     @property
+    def float_targets(self) -> bool:  # type: ignore[override]
+        return self.inner.float_targets
+
+    @property
     def data_parallel(self) -> str:  # type: ignore[override]
         return self.inner.data_parallel
 

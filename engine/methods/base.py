@@ -73,6 +73,9 @@ class Method:
     receives_act: ClassVar[bool] = False  # the run's activation setting is handed over (``set_activation``)
     needs_grad: ClassVar[bool] = False  # quantize runs with autograd enabled
     scope: ClassVar[str] = "group"  # "group": ``quantize(group)`` per linear group; "block": ``quantize_block``
+    # block scope: the targets are the float block's outputs on the float model's own inputs (a second activation
+    # stream, as AutoRound's), not on the quantized path's
+    float_targets: ClassVar[bool] = False
     data_parallel: ClassVar[str] = "refused"  # on several ranks: "solve", "replicated" or "refused" (docstring)
     data_parallel_refusal: ClassVar[str] = "it does not declare how its statistics are reduced across ranks"
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from ...errors import TritonqError
 from .aboa import ABoA
+from .autoround import AutoRound
 from .awq import AWQ, AWQGPTQ
 from .awrq import AWRQ
 from .base import Method
@@ -21,7 +22,7 @@ from .rtn import RTN
 from .smoothquant import SmoothQuant
 
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (RTN, GPTQ, BoA, ABoA, AWQ, AWQGPTQ, DHAWQ, SmoothQuant,
-                                                                AWRQ)}
+                                                                AWRQ, AutoRound)}
 
 
 def register(cls: type[Method]) -> type[Method]:

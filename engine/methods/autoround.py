@@ -1,0 +1,232 @@
+"""AutoRound: each weight's rounding offset and each group's range, learned by signed gradient descent on the
+block's output error (Cheng et al., "Optimize Weight Rounding via Signed Gradient Descent for the Quantization of
+LLMs", arXiv:2309.05516; intel/auto-round 0.16, ``algorithms/quantization/sign_round/quantizer.py``).
+
+Per decoder block (``scope = "block"``: the pipeline hands over the block, its calibration inputs taken from the
+already-quantized blocks before it, and the float block's outputs on them, :class:`..groups.BlockGroup`):
+
+* every linear gets ``V`` [N, K] (zeros), added before rounding, and per-group factors on the range's min and max
+  (ones, kept in [0, 1] as auto-round's ``minmax_scale_bound``); the fake quantization with straight-through
+  rounding is :func:`tritonq.kernels.signround_qdq` (the Triton kernel on CUDA, its PyTorch reference elsewhere);
+* ``iters`` steps of signed gradient descent, ``p -= lr_t * sign(grad)``, on the MSE of the block's output against
+  the float block's, one batch of ``batch`` calibration windows per step drawn without replacement from a reshuffled
+  order (auto-round's ``IndexSampler``); ``lr_t`` decays linearly from ``lr`` (default ``1 / iters``) to 0;
+* the loss of every step is computed before its update, and the parameters with the lowest loss are kept (the
+  first step's, ``V = 0``, is round-to-nearest: the result is never a worse batch loss than RTN's).
+
+``--init gptq`` starts ``V`` from GPTQ's rounding: GPTQ (static act-order, the run's damping default) solves each
+linear on the Hessian of its input in the float block, on the min-max grid the factors start from, and ``V`` is set
+so that rounding gives GPTQ's codes (clipped to [-0.5, 0.5], so a code more than half a step away from the weight
+goes to the nearest reachable one).
+
+The targets are, as auto-round's (``enable_quanted_input``), the float block's outputs on the float model's own
+inputs, a second activation stream carried beside the quantized one (``--target quantized``: on the quantized path's
+inputs, as GPTQ-style methods reconstruct). Where we differ from auto-round: ``V`` is clamped
+to [-0.5, 0.5] after every step (auto-round leaves it free; its linear decay from ``1 / iters`` bounds the total
+movement by 0.5 anyway); the symmetric grid is tritonq's (``kernels/signround.py``). No automatic mixed precision:
+the block runs in the compute dtype (float32 on the CPU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from ...errors import TritonqError
+from ...kernels.signround import signround_grid, signround_qdq_ref
+from ..grid import GridSpec, default_g_idx
+from ..hessian import HessianAccumulator
+from .base import LayerResult, Method
+from .gptq import GPTQOptions
+from .gptq import solve as gptq_solve
+
+if TYPE_CHECKING:
+    from ..groups import BlockGroup
+
+INITS = ("none", "gptq")
+TARGETS = ("float", "quantized")
+
+
+@dataclass(frozen=True)
+class AutoRoundOptions:
+    iters: int = field(default=200, metadata={"help": "signed-gradient steps per block (auto-round's default 200)"})
+    lr: float = field(default=0.0, metadata={"help": "step size at the first step, decaying linearly to 0; 0 means "
+                                                     "1/iters (auto-round's default)"})
+    batch: int = field(default=8, metadata={"help": "calibration windows per step"})
+    init: str = field(default="none", metadata={
+        "help": "starting rounding: none (round to nearest) or gptq (GPTQ's codes as the initial offsets)",
+        "choices": INITS, "const": "gptq"})
+    target: str = field(default="float", metadata={
+        "help": "what each block is fitted to: the float block on the float model's own inputs (float, auto-round's "
+                "default: a second activation stream) or on the quantized blocks' outputs (quantized)",
+        "choices": TARGETS, "const": "float"})
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.iters, int) or self.iters < 0:
+            raise TritonqError(f"--iters must be a non-negative integer, got {self.iters!r}")
+        if not self.lr >= 0:
+            raise TritonqError(f"--lr must be >= 0 (0: 1/iters), got {self.lr!r}")
+        if not isinstance(self.batch, int) or self.batch < 1:
+            raise TritonqError(f"--batch must be a positive integer, got {self.batch!r}")
+        if self.init not in INITS:
+            raise TritonqError(f"--init must be one of {', '.join(INITS)}, got {self.init!r}")
+        if self.target not in TARGETS:
+            raise TritonqError(f"--target must be one of {', '.join(TARGETS)}, got {self.target!r}")
+
+    @property
+    def step_size(self) -> float:
+        return self.lr if self.lr > 0 else 1.0 / max(self.iters, 1)
+
+
+class _Tuned:
+    """One linear's fixed weight and grid shape, and its learnable offsets and range factors."""
+
+    def __init__(self, name: str, weight: torch.Tensor, spec: GridSpec, label: str) -> None:
+        if spec.mse:
+            raise TritonqError(f"autoround learns its grid; --mse does not apply ({label}): drop --mse")
+        self.name = name
+        self.spec = spec
+        self.w = weight.detach().float().contiguous()
+        n, k = self.w.shape
+        groups = spec.groups_for(k, label)
+        self.group = spec.effective_group(k)
+        self.offsets = torch.zeros_like(self.w, requires_grad=True)
+        self.min_factor = torch.ones(n, groups, device=self.w.device, requires_grad=True)
+        self.max_factor = torch.ones(n, groups, device=self.w.device, requires_grad=True)
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return [self.offsets, self.min_factor, self.max_factor]
+
+    def fake(self) -> torch.Tensor:
+        return signround_qdq_ref(self.w, self.offsets, self.min_factor, self.max_factor, self.group,
+                                     self.spec.maxq, self.spec.sym)
+
+    def grid(self) -> tuple[torch.Tensor, torch.Tensor]:
+        n, k = self.w.shape
+        lo, hi = torch.aminmax(self.w.view(n, k // self.group, self.group), dim=2)
+        return signround_grid(lo, hi, self.min_factor.detach(), self.max_factor.detach(), self.spec.maxq,
+                                      self.spec.sym)
+
+
+class _WindowSampler:
+    """Batches of window indices without replacement; a fresh shuffle when fewer than a batch remain
+    (auto-round's ``IndexSampler``)."""
+
+    def __init__(self, count: int, batch: int, generator: torch.Generator) -> None:
+        self.count, self.batch, self.gen = count, min(batch, count), generator
+        self.order, self.pos = torch.randperm(count, generator=generator), 0
+
+    def next(self) -> torch.Tensor:
+        if self.pos + self.batch > self.count:
+            self.order, self.pos = torch.randperm(self.count, generator=self.gen), 0
+        idx = self.order[self.pos:self.pos + self.batch]
+        self.pos += self.batch
+        return idx
+
+
+def _shared_kwargs(kwargs: dict, rows: int, batch: int, label: str) -> dict:
+    """The block's keyword inputs for a batch of ``batch`` windows from a chunk's (``rows`` windows): tensors with
+    one row per window must hold the same row for every window (equal-length windows: masks, positions)."""
+
+    def fit(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return tuple(fit(x) for x in v)
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == rows and rows > 1:
+            if not bool((v == v[:1]).all()):
+                raise TritonqError(f"autoround batches calibration windows across chunks, but {label} gets a "
+                                   "different keyword input per window; use windows of one length without padding")
+            return v[:1].expand(batch, *v.shape[1:])
+        return v
+
+    return {k: fit(v) for k, v in kwargs.items()}
+
+
+class AutoRound(Method):
+    name = "autoround"
+    summary = "AutoRound: rounding offsets and group ranges by signed gradient descent on the block output"
+    Options = AutoRoundOptions
+    scope = "block"
+    needs_grad = True
+    data_parallel_refusal = "its signed-gradient steps are not reduced across ranks; run it on one process"
+
+    @property
+    def float_targets(self) -> bool:  # type: ignore[override]
+        return self.options.target == "float"
+
+    def quantize_block(self, block: BlockGroup) -> list[LayerResult]:
+        o = self.options
+        tuned = [_Tuned(name, lin.weight, spec, full)
+                 for name, lin, spec, full in zip(block.names, block.linears, block.specs, block.full_names)]
+        if not block.inputs:
+            raise TritonqError("autoround needs calibration data; give --calib (the default is pydoc)")
+        if o.init == "gptq":
+            _start_from_gptq(block, tuned)
+        hidden = torch.cat([c.hidden for c in block.inputs])
+        targets = torch.cat(list(block.targets))
+        rows = block.inputs[0].hidden.shape[0]
+        gen = torch.Generator().manual_seed(block.index)
+        sampler = _WindowSampler(hidden.shape[0], o.batch, gen)
+        kwargs = _shared_kwargs(block.inputs[0].kwargs, rows, sampler.batch, block.label)
+        params = [p for t in tuned for p in t.params]
+        best, best_iter, first, kept = float("inf"), 0, None, None
+        for step in range(max(o.iters, 1)):
+            idx = sampler.next()
+            out = block.call(hidden[idx].to(block.device), kwargs, {t.name: t.fake() for t in tuned})
+            loss = F.mse_loss(out, targets[idx].to(block.device))
+            value = float(loss.detach())
+            if first is None:
+                first = value
+            if value < best:
+                best, best_iter = value, step
+                kept = [p.detach().clone() for p in params]
+            if o.iters == 0 or step == o.iters - 1:
+                break  # the last step's update would never be scored
+            grads = torch.autograd.grad(loss, params)
+            lr = o.step_size * (1.0 - step / o.iters)
+            with torch.no_grad():
+                for p, g in zip(params, grads):
+                    p.sub_(g.sign(), alpha=lr)
+                for t in tuned:
+                    t.offsets.clamp_(-0.5, 0.5)
+                    t.min_factor.clamp_(0.0, 1.0)
+                    t.max_factor.clamp_(0.0, 1.0)
+        with torch.no_grad():
+            for p, k in zip(params, kept):
+                p.copy_(k)
+            info = {"loss": best, "loss_first_step": first, "best_step": best_iter}
+            return [_result(t, info) for t in tuned]
+
+
+def _result(t: _Tuned, info: dict) -> LayerResult:
+    """The kept parameters' quantized weight and grid (codes on ``scale * (q - zero)`` exactly)."""
+    weight = t.fake()
+    scale, zero = t.grid()
+    return LayerResult(weight, scale, zero, default_g_idx(t.w.shape[1], t.spec).to(t.w.device), dict(info), t.spec)
+
+
+def _start_from_gptq(block: BlockGroup, tuned: list[_Tuned]) -> None:
+    """Offsets that round each weight to GPTQ's code: GPTQ on every linear's input Hessian in the float block (one
+    forward over the calibration chunks), on the min-max grid that the range factors start from."""
+    accs: dict[str, HessianAccumulator] = {}
+    handles = []
+    for t, lin in zip(tuned, block.linears):
+        acc = accs[t.name] = HessianAccumulator(lin.in_features, block.device)
+        handles.append(lin.register_forward_pre_hook(lambda _m, args, acc=acc: acc.add(args[0].detach())))
+    try:
+        with torch.no_grad():
+            for c in range(len(block.inputs)):
+                block.run(c)
+    finally:
+        for h in handles:
+            h.remove()
+    with torch.no_grad():
+        for t, full in zip(tuned, block.full_names):
+            res = gptq_solve([t.w], accs.pop(t.name).take(), t.spec, [full], GPTQOptions(act_order="static"))[0]
+            scale, zero = t.grid()
+            g = default_g_idx(t.w.shape[1], t.spec).long().to(t.w.device)
+            codes = torch.round(res.weight.to(t.w.device) / scale[:, g]) + zero[:, g]
+            t.offsets.copy_((codes - zero[:, g] - t.w / scale[:, g]).clamp_(-0.5, 0.5))

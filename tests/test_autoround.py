@@ -1,0 +1,145 @@
+"""AutoRound (``engine/methods/autoround.py``): signed gradient descent on rounding offsets and group ranges.
+
+* on a tiny Llama its block-output error is well below RTN's on the calibration windows and below it on held-out
+  windows, and the weights lie on the grids it returns;
+* zero steps is round-to-nearest bit for bit (the first scored step is ``V = 0`` with factors 1);
+* ``--init gptq`` starts from GPTQ's codes wherever they are within half a step of the weight;
+* the result packs into compressed-tensors and GPTQ exactly (codes, scales, zeros as the fake output);
+* bad options and ``--mse`` fail with one line.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_block_scope import _batches, _block_error, _load, _out
+from test_pipeline import make_family_model
+from tritonq.engine.adapters import adapter_for
+from tritonq.engine.api import QuantizeOptions, quantize
+from tritonq.engine.formats.checkpoint import read_source, source_layers
+from tritonq.engine.formats.registry import read_packed, save_packed
+from tritonq.engine.grid import GridSpec, fit_groups, quantize_codes
+from tritonq.engine.hessian import HessianAccumulator
+from tritonq.engine.methods import registry
+from tritonq.engine.methods.autoround import AutoRound, AutoRoundOptions
+from tritonq.engine.methods.gptq import GPTQOptions
+from tritonq.engine.methods.gptq import solve as gptq_solve
+from tritonq.engine.pipeline import capture_block_inputs, quantize_blocks
+from tritonq.errors import TritonqError
+
+SPEC = GridSpec(bits=3, group_size=32)
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def float_dir(tmp_path_factory):
+    return make_family_model(tmp_path_factory.mktemp("float") / "llama", "llama")
+
+
+def _run(float_dir, method, spec=SPEC):
+    model = _load(float_dir)
+    adapter = adapter_for(model.config)
+    return model, adapter, quantize_blocks(model, adapter, method, spec, CPU, _batches(), progress=False)
+
+
+def test_autoround_beats_rtn_on_the_block_output(float_dir):
+    reference = _load(float_dir)
+    adapter = adapter_for(reference.config)
+    data = {}
+    for split, seed in (("calibration", 0), ("held-out", 9)):
+        chunks = capture_block_inputs(reference, adapter, _batches(seed=seed), CPU)
+        with torch.no_grad():
+            data[split] = chunks, [_out(adapter.block_list(reference)[0], c) for c in chunks]
+    errors = {}
+    for name, method in (("rtn", registry.make_method("rtn")), ("autoround", AutoRound(AutoRoundOptions(iters=60)))):
+        model, adapter, report = _run(float_dir, method)
+        for split, (chunks, targets) in data.items():
+            errors[split, name] = _block_error(model, adapter, chunks, targets)
+        if name == "autoround":
+            assert all(p.grad is None and p.requires_grad for p in model.parameters())
+            for lname, res in report.layers.items():  # the weights lie on the returned grids
+                w = model.get_submodule(lname).weight.data
+                idx = res.g_idx.long()
+                q = quantize_codes(w, res.scale[:, idx], res.zero[:, idx], SPEC.maxq)
+                assert torch.equal(w, res.scale[:, idx] * (q - res.zero[:, idx])), lname
+                assert res.info["loss"] <= res.info["loss_first_step"]
+            assert max(r.info["best_step"] for r in report.layers.values()) > 0  # the steps improved on RTN
+    power = sum(float(t.pow(2).mean()) for t in data["calibration"][1]) / len(data["calibration"][1])
+    assert errors["calibration", "rtn"] > 1e-3 * power, (errors, power)  # RTN really errs
+    assert errors["calibration", "autoround"] < 0.8 * errors["calibration", "rtn"], errors
+    assert errors["held-out", "autoround"] < errors["held-out", "rtn"], errors
+
+
+def test_zero_steps_is_round_to_nearest(float_dir):
+    rtn_model, _, rtn = _run(float_dir, registry.make_method("rtn"))
+    model, _, report = _run(float_dir, AutoRound(AutoRoundOptions(iters=0)))
+    assert set(report.layers) == set(rtn.layers)
+    for name, res in report.layers.items():
+        assert torch.equal(model.get_submodule(name).weight, rtn_model.get_submodule(name).weight), name
+        assert torch.equal(res.scale, rtn.layers[name].scale) and torch.equal(res.zero, rtn.layers[name].zero)
+
+
+def test_gptq_init_starts_from_gptqs_codes(float_dir):
+    """Block 0's q/k/v see the captured inputs in both runs: GPTQ's codes there are the target of the init."""
+    reference = _load(float_dir)
+    adapter = adapter_for(reference.config)
+    chunks = capture_block_inputs(reference, adapter, _batches(), CPU)
+    block = adapter.block_list(reference)[0]
+    acc = HessianAccumulator(block.self_attn.q_proj.in_features, CPU)
+    hook = block.self_attn.q_proj.register_forward_pre_hook(lambda _m, a: acc.add(a[0]))
+    with torch.no_grad():
+        for c in chunks:
+            _out(block, c)
+    hook.remove()
+    hessian = acc.take()
+    model, _, report = _run(float_dir, AutoRound(AutoRoundOptions(iters=0, init="gptq")))
+    checked = 0
+    for lin in ("q_proj", "k_proj", "v_proj"):
+        name = f"model.layers.0.self_attn.{lin}"
+        w = reference.get_submodule(name).weight.data.float()
+        gptq = gptq_solve([w], hessian.clone(), SPEC, [name], GPTQOptions(act_order="static"))[0].weight
+        scale, zero = fit_groups(w, SPEC)
+        idx = torch.arange(w.shape[1]) // SPEC.group_size
+        s = scale[:, idx]
+        reachable = ((gptq - w) / s).abs() < 0.499  # GPTQ's code within half a step: an offset reaches it
+        got = model.get_submodule(name).weight.data
+        assert torch.equal(got[reachable], gptq[reachable]), name
+        assert reachable.float().mean() > 0.8
+        rtn = (quantize_codes(w, s, zero[:, idx], SPEC.maxq) - zero[:, idx]) * s
+        assert (got != rtn).float().mean() > 0.02  # the init moved codes away from round-to-nearest
+        checked += 1
+    assert checked == 3 and report.layers
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq_v2"])
+def test_autoround_output_packs_exactly(float_dir, tmp_path, fmt):
+    out = tmp_path / "fake"
+    quantize(QuantizeOptions(output=str(out), model=str(float_dir), method="autoround", bits=4, group_size=32,
+                             nsamples=4, seqlen=64, device="cpu", progress=False, method_options={"iters": 4}))
+    _, spec, meta = read_source(out)
+    expected = dict(source_layers(out, spec, meta["layers"]))
+    weights = load_file(str(out / "model.safetensors"))
+    packed = save_packed(out, tmp_path / fmt, fmt)
+    got = {name: q for name, _, q in read_packed(packed)}
+    assert set(got) == set(expected) and len(got) == 14
+    for name, q in got.items():
+        for field in ("codes", "scale", "zero"):
+            assert torch.equal(getattr(q, field), getattr(expected[name], field)), (name, field)
+        assert torch.equal(q.dequantize(), weights[f"{name}.weight"].float()), name
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"iters": -1}, "--iters must be a non-negative"),
+    ({"batch": 0}, "--batch must be a positive"),
+    ({"init": "awq2"}, "--init must be one of"),
+    ({"lr": -0.1}, "--lr must be >= 0"),
+])
+def test_bad_options_fail_with_one_line(options, message):
+    with pytest.raises(TritonqError, match=message):
+        registry.make_method("autoround", options)
+
+
+def test_mse_grid_is_refused(float_dir):
+    with pytest.raises(TritonqError, match="autoround learns its grid; --mse does not apply"):
+        _run(float_dir, AutoRound(AutoRoundOptions(iters=1)), GridSpec(bits=3, group_size=32, mse=True))
