@@ -13,13 +13,14 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_block_scope import _batches, _block_error, _load, _out
+from test_block_scope import BlockProbe, _batches, _block_error, _load, _out
 from test_pipeline import make_family_model
 from tritonq.engine.adapters import adapter_for
 from tritonq.engine.api import QuantizeOptions, quantize
 from tritonq.engine.formats.checkpoint import read_source, source_layers
 from tritonq.engine.formats.registry import read_packed, save_packed
 from tritonq.engine.grid import GridSpec, fit_groups, quantize_codes
+from tritonq.engine.groups import Chunk
 from tritonq.engine.hessian import HessianAccumulator
 from tritonq.engine.methods import registry
 from tritonq.engine.methods.autoround import AutoRound, AutoRoundOptions
@@ -143,3 +144,34 @@ def test_bad_options_fail_with_one_line(options, message):
 def test_mse_grid_is_refused(float_dir):
     with pytest.raises(TritonqError, match="autoround learns its grid; --mse does not apply"):
         _run(float_dir, AutoRound(AutoRoundOptions(iters=1)), GridSpec(bits=3, group_size=32, mse=True))
+
+
+class FloatProbe(BlockProbe):
+    """The probe of test_block_scope, asking for targets on the float path (``float_targets``)."""
+
+    name = "test-block-float-probe"
+    float_targets = True
+
+
+def test_float_targets_follow_the_float_path(float_dir):
+    """With ``float_targets`` block 1's targets are the float block 1 on the float block 0's outputs, while its inputs
+    are still the quantized block 0's outputs; without it, the float block 1 on those quantized inputs."""
+    original = _load(float_dir)
+    adapter = adapter_for(original.config)
+    entering = capture_block_inputs(original, adapter, _batches(), CPU)
+    seen = {}
+    for probe in (FloatProbe(), BlockProbe()):
+        BlockProbe.seen.clear()
+        quantize_blocks(_load(float_dir), adapter, probe, SPEC, CPU, _batches(), progress=False)
+        seen[probe.name] = list(BlockProbe.seen)
+    b0, b1 = adapter.block_list(original)[:2]
+    with torch.no_grad():
+        for c, chunk in enumerate(entering):
+            float_in = _out(b0, chunk)
+            float_out = _out(b1, Chunk(float_in, chunk.kwargs))
+            got = seen[FloatProbe.name][1]
+            torch.testing.assert_close(got["targets"][c], float_out, rtol=0, atol=1e-6)
+            assert (got["inputs"][c] - float_in).abs().max() > 1e-4  # the inputs are the quantized path's
+            q_out = _out(b1, Chunk(got["inputs"][c], chunk.kwargs))
+            torch.testing.assert_close(seen[BlockProbe.name][1]["targets"][c], q_out, rtol=0, atol=1e-6)
+            assert (q_out - float_out).abs().max() > 1e-4
