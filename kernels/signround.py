@@ -115,6 +115,10 @@ def signround_qdq_ref(w: torch.Tensor, offsets: torch.Tensor, min_factor: torch.
 #   dmin_factor = dlo min(w_lo, 0), dmax_factor = dhi max(w_hi, 0).
 
 
+# compiled into the two kernels below, never launched: no catalog entry (kernels/aot/catalog.py:discover_kernels)
+DEVICE_HELPERS = ("_group_range", "_factored_grid", "_unclipped_codes")
+
+
 @triton.jit
 def _group_range(w_row, row_ok, group, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Min and max of each row's group (``group`` columns from the pointers ``w_row`` [BLOCK_N, 1])."""

@@ -5,6 +5,7 @@ groups, per channel with a ragged last chunk, a group that is not a power of two
 one launch each way; bad arguments."""
 
 import contextlib
+import json
 
 import pytest
 import torch
@@ -211,3 +212,31 @@ def test_config_per_group_width():
     assert [signround.pick_config(g).constexprs()["BLOCK_K"] for g in (32, 48, 64, 128, 256, 576, 14336)] == [
         32, 64, 64, 128, 256, 512, 512]
     assert signround.LIMITS.dtypes == ("fp32",)
+
+
+def test_device_helpers_are_helpers_of_the_listed_kernels():
+    """What the catalog's discovery skips (``DEVICE_HELPERS``) is jitted, and both kernels are in the catalog."""
+    import inspect
+
+    from tritonq.kernels.aot import catalog
+
+    for name in signround.DEVICE_HELPERS:
+        assert hasattr(getattr(signround, name), "fn"), name
+        assert any(f"{name}(" in inspect.getsource(k.fn) for k in (signround.signround_fwd_kernel,
+                                                                   signround.signround_bwd_kernel)), name
+    listed = {(e.module, e.kernel) for e in catalog.ENTRIES}
+    assert {("signround", "signround_fwd_kernel"), ("signround", "signround_bwd_kernel")} <= listed
+
+
+def test_bench_runs_in_the_interpreter_and_stops_cleanly_without_it(monkeypatch, capsys):
+    from tritonq.bench import signround as bench
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the CPU proof, on any machine
+    assert bench.main(["--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert "NOT a speed measurement" in result["device"] and len(result["rows"]) == len(bench.CPU_SHAPES)
+    for row in result["rows"]:
+        assert row["forward_equal"] and row["grad_offsets_equal"] and row["factor_grad_rel_diff"] < GRAD_RTOL
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert bench.main([]) == 1
+    assert "no GPU" in capsys.readouterr().out
