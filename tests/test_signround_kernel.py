@@ -6,6 +6,7 @@ one launch each way; bad arguments."""
 
 import contextlib
 import json
+import re
 
 import pytest
 import torch
@@ -240,3 +241,55 @@ def test_bench_runs_in_the_interpreter_and_stops_cleanly_without_it(monkeypatch,
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert bench.main([]) == 1
     assert "no GPU" in capsys.readouterr().out
+
+
+_PTX_SCRIPT = r"""
+import json, re, sys
+import triton
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+from tritonq.kernels import signround as sr
+from tritonq.kernels.aot.compile import _split_signature
+
+out = {}
+for sym in (False, True):
+    sig, consts = sr.aot_signature("fp32", sr.pick_config(64), SYM=sym)
+    fn = sr.signround_fwd_kernel
+    s, c, attrs = _split_signature(sig, consts, fn.arg_names)
+    k = triton.compile(ASTSource(fn=fn, signature=s, constexprs=c, attrs=attrs), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": 4, "num_stages": 1, "enable_fp_fusion": True})
+    out[str(sym)] = k.asm["ptx"]
+json.dump(out, sys.stdout)
+"""
+
+
+def _contractions(ptx: str) -> list[str]:
+    """fp32 instructions that round differently from the reference's separate operations: an ``fma`` other than
+    ``r - 2 floor(r / 2)`` of the half-to-even rounding (exact on integers), or an add/sub/fma reading a plain
+    ``mul.f32`` result (ptxas may fuse that pair into one rounding)."""
+    lines = [line.strip() for line in ptx.splitlines()]
+    products = {m.group(1) for line in lines if (m := re.match(r"mul\.f32\s+(%r\d+),", line))}
+    bad = []
+    for line in lines:
+        if line.startswith("fma.rn.f32") and "0fC0000000" not in line:
+            bad.append(line)
+        elif re.match(r"(add|sub|fma)[.\w]*\.f32", line):
+            operands = re.findall(r"%r\d+", line)[1:]
+            bad += [line] if products & set(operands) else []
+    return bad
+
+
+@pytest.mark.slow
+def test_forward_compiles_without_contractions_for_the_gpu():
+    """The interpreter cannot show fma contraction; the compiled forward (sm_90, fp fusion on, as the launcher runs
+    it) has none where it would change a bit, so the GPU forward is the reference's too."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _PTX_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    for sym, ptx in json.loads(run.stdout).items():
+        assert "div.rn.f32" in ptx and "cvt.rn.f16.f32" in ptx, sym  # IEEE division, fp16 scale rounding
+        assert not _contractions(ptx), (sym, _contractions(ptx))
