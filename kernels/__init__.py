@@ -164,4 +164,6 @@ def signround_qdq(w: torch.Tensor, offsets: torch.Tensor, min_factor: torch.Tens
     group = signround.check_args(w, offsets, min_factor, max_factor, group, maxq)
     if use_triton(w, force):
         return signround.SignRoundQDQ.apply(w.detach(), offsets, min_factor, max_factor, group, maxq, sym)
-    return signround.signround_qdq_ref(w.detach(), offsets, min_factor, max_factor, group, maxq, sym)
+    # the reference views its inputs as [N, G, group]: contiguous copies of strided ones (the kernel's launcher too)
+    return signround.signround_qdq_ref(w.detach().contiguous(), offsets.contiguous(), min_factor, max_factor, group,
+                                       maxq, sym)

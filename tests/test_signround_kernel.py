@@ -179,6 +179,16 @@ def test_one_launch_forward_one_launch_backward(monkeypatch):
     assert len(fwd) == 1
 
 
+def test_strided_inputs_on_both_paths():
+    w, v, mf, xf = _problem(64, 96, 32, seed=12)
+    wt = w.t().contiguous().t()  # the same values, column-major
+    vt = v.detach().t().contiguous().t().requires_grad_()
+    outs = [kernels.signround_qdq(wt, vt, mf, xf, 32, 7, False, force=f) for f in ("ref", "triton")]
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], kernels.signround_qdq(w, v, mf, xf, 32, 7, False))
+    grads = [torch.autograd.grad(o, vt, torch.ones_like(o))[0] for o in outs]
+    assert torch.equal(grads[0], grads[1])
+
+
 def test_only_requested_gradients_and_a_constant_weight():
     w, v, mf, xf = _problem(8, 64, 32, seed=9)
     mf.requires_grad_(False)
@@ -293,3 +303,12 @@ def test_forward_compiles_without_contractions_for_the_gpu():
     for sym, ptx in json.loads(run.stdout).items():
         assert "div.rn.f32" in ptx and "cvt.rn.f16.f32" in ptx, sym  # IEEE division, fp16 scale rounding
         assert not _contractions(ptx), (sym, _contractions(ptx))
+
+
+@pytest.mark.slow  # compiles the catalog's 80 builds of both kernels (cached by kernels.aot; ~1 CPU-minute cold)
+def test_static_tables_report_clean_builds():
+    from tritonq.bench import signround as bench
+
+    text = bench.static_tables()
+    assert text.startswith("80 builds, 0 with problems, 0 bytes spilled.")
+    assert "NOT all" not in text and "4096 x 4096, g128 | signround_bwd | H100 SXM" in text
