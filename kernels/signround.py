@@ -279,9 +279,19 @@ def check_args(w: torch.Tensor, offsets: torch.Tensor, min_factor: torch.Tensor,
 def _launch_args(w: torch.Tensor, group: int) -> tuple[tuple[int, int], dict]:
     """Grid (groups, row tiles) and launch keywords for ``w`` [N, K] (contiguous) with groups of ``group``."""
     n, k = w.shape
+    if n * k > 2**31 - 1:
+        from ..errors import TritonqError
+
+        raise TritonqError(f"the signround kernels index with int32 and take at most 2^31 - 1 weights, got {n} x {k}; "
+                           "quantize this layer with the reference (force='ref') or split its rows")
     config = pick_config(group)
     meta = config.constexprs()
     grid = (k // group, triton.cdiv(n, meta["BLOCK_N"]))
+    if grid[1] > 65535:  # CUDA's limit on the grid's second axis
+        from ..errors import TritonqError
+
+        raise TritonqError(f"the signround kernels take at most {65535 * meta['BLOCK_N']} rows at group {group}, got "
+                           f"{n}; quantize this layer with the reference (force='ref') or split its rows")
     return grid, {"num_warps": config.num_warps, "num_stages": config.num_stages, **meta}
 
 

@@ -219,6 +219,15 @@ def test_bad_arguments_raise_one_line(change, match):
     assert "\n" not in str(info.value)
 
 
+def test_int32_indexing_limit():
+    huge = torch.empty(2**16, 2**15, device="meta")
+    with pytest.raises(TritonqError, match="int32"):
+        signround._launch_args(huge, 128)
+    assert signround._launch_args(torch.empty(2**16, 2**15 - 1, device="meta"), -1 + 2**15)[0] == (1, 2**14)
+    with pytest.raises(TritonqError, match="rows"):
+        signround._launch_args(torch.empty(65535 * 32 + 1, 8, device="meta"), 8)  # 32-row tiles at group 8
+
+
 def test_config_per_group_width():
     assert [signround.pick_config(g).constexprs()["BLOCK_K"] for g in (32, 48, 64, 128, 256, 576, 14336)] == [
         32, 64, 64, 128, 256, 512, 512]
