@@ -214,15 +214,16 @@ def signround_bwd_kernel(w_ptr, v_ptr, mf_ptr, xf_ptr, g_ptr, gv_ptr, gmf_ptr, g
         raw = tl.math.div_rn(2.0 * tl.maximum(-lo_c, hi_c), qmax)
     else:
         raw = tl.math.div_rn(hi_c - lo_c, qmax)
-    grad_raw = tl.where(raw >= min_scale, tl.math.div_rn(grad_scale, qmax), 0.0)  # d/d(raw * maxq)
+    # raw = span / maxq (span = hi - lo, or 2 max(-lo, hi)); the MIN_SCALE clamp passes where raw >= MIN_SCALE
+    grad_span = tl.where(raw >= min_scale, tl.math.div_rn(grad_scale, qmax), 0.0)
     if SYM:
-        grad_m = 2.0 * grad_raw
+        grad_m = 2.0 * grad_span
         tie = -lo_c == hi_c
         grad_hi = tl.where(tie, 0.5 * grad_m, tl.where(hi_c > -lo_c, grad_m, 0.0))
         grad_lo -= tl.where(tie, 0.5 * grad_m, tl.where(-lo_c > hi_c, grad_m, 0.0))
     else:
-        grad_hi = grad_raw
-        grad_lo -= grad_raw
+        grad_hi = grad_span
+        grad_lo -= grad_span
     tl.store(gmf_ptr + rows * G + grp, grad_lo * tl.minimum(w_lo, 0.0), mask=row_ok)
     tl.store(gxf_ptr + rows * G + grp, grad_hi * tl.maximum(w_hi, 0.0), mask=row_ok)
 
