@@ -151,3 +151,19 @@ def w8a8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: 
     triton_ok = use_triton(x, force) and (force == "triton" or int8_matmul.kernel_usable(x))
     fn = int8_matmul.w8a8_linear_triton if triton_ok else int8_matmul.w8a8_linear_ref
     return fn(x, wq, w_scale, bias)
+
+
+def signround_qdq(w: torch.Tensor, offsets: torch.Tensor, min_factor: torch.Tensor, max_factor: torch.Tensor,
+                  group: int, maxq: int, sym: bool, force: str | None = None) -> torch.Tensor:
+    """AutoRound's fake quantization of ``w`` [N, K] (fp32, a constant: no gradient) with rounding ``offsets``
+    [N, K] and grid factors [N, K // group], differentiable in the offsets and factors (straight-through);
+    ``group`` -1 is one group per row. Triton: one forward and one backward launch (``signround.SignRoundQDQ``);
+    the reference: autograd through ``signround.signround_qdq_ref``. Bad arguments raise on both paths."""
+    from . import signround
+
+    group = signround.check_args(w, offsets, min_factor, max_factor, group, maxq)
+    if use_triton(w, force):
+        return signround.SignRoundQDQ.apply(w.detach(), offsets, min_factor, max_factor, group, maxq, sym)
+    # the reference views its inputs as [N, G, group]: contiguous copies of strided ones (the kernel's launcher too)
+    return signround.signround_qdq_ref(w.detach().contiguous(), offsets.contiguous(), min_factor, max_factor, group,
+                                       maxq, sym)

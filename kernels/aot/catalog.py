@@ -4,7 +4,8 @@ Every ``@triton.jit`` kernel in ``tritonq.kernels`` must appear in :data:`ENTRIE
 finds every jitted function in the kernel modules and fails on one that is missing, then compiles each
 entry ahead of time for every target in :mod:`tritonq.kernels.aot.targets`
 (see :mod:`tritonq.kernels.aot.compile`).
-A new kernel is not done until it is listed here.
+A new kernel is not done until it is listed here. Device helpers (``@triton.jit`` functions only ever compiled
+inside a module's kernels) are named in that module's ``DEVICE_HELPERS`` instead, or live in ``grid_fit``.
 
 An entry names, by attribute, the jitted kernel, the tuple of configs its launcher may use, the
 ``aot_signature``-style function that gives Triton's argument types and, optionally, the module's
@@ -205,6 +206,14 @@ def _picks_int8_quant(mod: Any, target: Target, dtype: str) -> list[Pick]:
     return [Pick(mod.pick_quant_config(), "per-token rows (one config)", (), dtype)]
 
 
+def _picks_signround(mod: Any, target: Target, dtype: str) -> list[Pick]:
+    """AutoRound's fake quantization: the groups AutoRound runs with (SmolLM2's 64, the common 128, 32) and
+    one group per row (K = 4096, the 512-column chunks); the symmetric grid at 128."""
+    cases = [(g, f"group={g}") for g in (32, 64, BENCH_SHAPES["group_size"])] + [(4096, "per channel K=4096")]
+    picks = [Pick(mod.pick_config(g), case, (("SYM", False),), dtype) for g, case in cases]
+    return picks + [Pick(mod.pick_config(128), "group=128 sym", (("SYM", True),), dtype)]
+
+
 _DEQUANT_ASSUME = {"M": "16", "N": "16", "K": "16", "group_size": "16", "tiles_per_split": "16",
                    "stride_xm": "16", "stride_om": "16"}
 
@@ -243,6 +252,12 @@ ENTRIES: tuple[KernelEntry, ...] = (
                 assume={"N": "16", "K": "16", "stride_am": "16", "stride_bn": "16", "stride_cm": "16"}),
     KernelEntry("int8_quant", "int8_matmul", "quantize_per_token_kernel", "QUANT_CONFIGS", "aot_signature_quant",
                 _picks_int8_quant, assume={"K": "16", "stride_x": "16", "stride_q": "16"}),
+    # AutoRound's fake quantization: contiguous fp32 [N, K] weights, offsets and gradients; groups of 32/64/128
+    # and K multiples of 16 at the bench shapes
+    KernelEntry("signround_fwd", "signround", "signround_fwd_kernel", "CONFIGS", "aot_signature", _picks_signround,
+                assume={"N": "16", "group": "16", "stride": "16"}),
+    KernelEntry("signround_bwd", "signround", "signround_bwd_kernel", "CONFIGS", "aot_signature_bwd",
+                _picks_signround, assume={"N": "16", "group": "16", "stride": "16"}),
     # dequant_matmul routes around sm_75 in pick_config itself (no tensor-core dot): no exclusion hook
     KernelEntry("dequant_gemv", "dequant_matmul", "dequant_gemv_kernel", "GEMV_CONFIGS", "aot_signature_gemv",
                 _picks_dequant("gemv"), assume=_DEQUANT_ASSUME),
@@ -263,7 +278,8 @@ _NOT_KERNEL_MODULES = {"aot", "configs", "grid_rule", "grid_fit"}
 
 
 def discover_kernels() -> set[tuple[str, str]]:
-    """(module, attribute) of every jitted function defined in any module of ``tritonq.kernels``."""
+    """(module, attribute) of every jitted function defined in any module of ``tritonq.kernels``, less the device
+    helpers a kernel module declares in ``DEVICE_HELPERS`` (compiled inside its kernels, never launched)."""
     import pkgutil
 
     from triton.runtime.jit import JITFunction
@@ -274,7 +290,10 @@ def discover_kernels() -> set[tuple[str, str]]:
         if info.name in _NOT_KERNEL_MODULES:
             continue
         mod = importlib.import_module(f"{KERNELS_PACKAGE}.{info.name}")
+        helpers = set(getattr(mod, "DEVICE_HELPERS", ()))
         for attr, obj in vars(mod).items():
+            if attr in helpers:
+                continue
             raw = getattr(obj, "fn", None)
             jitted = isinstance(obj, JITFunction) or type(obj).__name__ == "InterpretedFunction"
             if jitted and raw is not None and getattr(raw, "__module__", None) == mod.__name__:
