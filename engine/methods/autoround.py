@@ -35,8 +35,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from ... import kernels
 from ...errors import TritonqError
-from ...kernels.signround import signround_grid, signround_qdq_ref
+from ...kernels.signround import signround_grid
 from ..grid import GridSpec, default_g_idx
 from ..hessian import HessianAccumulator
 from .base import LayerResult, Method
@@ -102,7 +103,7 @@ class _Tuned:
         return [self.offsets, self.min_factor, self.max_factor]
 
     def fake(self) -> torch.Tensor:
-        return signround_qdq_ref(self.w, self.offsets, self.min_factor, self.max_factor, self.group,
+        return kernels.signround_qdq(self.w, self.offsets, self.min_factor, self.max_factor, self.group,
                                      self.spec.maxq, self.spec.sym)
 
     def grid(self) -> tuple[torch.Tensor, torch.Tensor]:
