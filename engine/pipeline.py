@@ -206,6 +206,9 @@ def quantize_whole_block(
     spec: GridSpec, device: torch.device, cache: ActivationCache, report: QuantizeReport,
 ) -> tuple[list[Chunk] | None, float]:
     """Quantize one block with a block-scope method; returns the next block's inputs and the mean loss."""
+    prepass = method.block_prepass()
+    if prepass is not None:  # its folds and weights stay in the block; its propagated outputs are not needed
+        quantize_block(block, index, chunks, adapter, config, prepass, spec, device, cache, report)
     t0 = time.perf_counter()
     targets = []
     for c in chunks or []:  # the float block on the float path's inputs (float_targets) or on the quantized ones

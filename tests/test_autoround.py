@@ -175,3 +175,17 @@ def test_float_targets_follow_the_float_path(float_dir):
             q_out = _out(b1, Chunk(got["inputs"][c], chunk.kwargs))
             torch.testing.assert_close(seen[BlockProbe.name][1]["targets"][c], q_out, rtol=0, atol=1e-6)
             assert (q_out - float_out).abs().max() > 1e-4
+
+
+def test_awq_init_folds_awqs_scales_first(float_dir):
+    """``--init awq`` with no steps: block 0's q/k/v (searched on the same inputs as AWQ's own first group) are AWQ's
+    (scales folded, no clip) bit for bit, and the folded norm is AWQ's; the tuning starts from folded weights."""
+    awq_model, _, _ = _run(float_dir, registry.make_method("awq", {"no_clip": True}))
+    model, _, report = _run(float_dir, AutoRound(AutoRoundOptions(iters=0, init="awq")))
+    rtn_model, _, _ = _run(float_dir, registry.make_method("rtn"))
+    prefix = "model.layers.0."
+    for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "input_layernorm"):
+        assert torch.equal(model.get_submodule(prefix + name).weight, awq_model.get_submodule(prefix + name).weight)
+    q = prefix + "self_attn.q_proj"
+    assert not torch.equal(model.get_submodule(q).weight, rtn_model.get_submodule(q).weight)  # the fold mattered
+    assert len(report.layers) == 14 and all(r.scale.numel() > 0 for r in report.layers.values())

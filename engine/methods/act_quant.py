@@ -60,6 +60,9 @@ class WithActivationQuant(Method):
     def float_targets(self) -> bool:  # type: ignore[override]
         return self.inner.float_targets
 
+    def block_prepass(self) -> Method | None:
+        return self.inner.block_prepass()
+
     @property
     def data_parallel(self) -> str:  # type: ignore[override]
         return self.inner.data_parallel

@@ -14,7 +14,9 @@ already-quantized blocks before it, and the float block's outputs on them, :clas
 * the loss of every step is computed before its update, and the parameters with the lowest loss are kept (the
   first step's, ``V = 0``, is round-to-nearest: the result is never a worse batch loss than RTN's).
 
-``--init gptq`` starts ``V`` from GPTQ's rounding: GPTQ (static act-order, the run's damping default) solves each
+``--init awq`` first searches AWQ's activation-aware scales on the block and folds them (``awq.py``, without its
+clip; the clip would only narrow ranges that the learned factors set anyway). ``--init gptq`` starts ``V`` from
+GPTQ's rounding: GPTQ (static act-order, the run's damping default) solves each
 linear on the Hessian of its input in the float block, on the min-max grid the factors start from, and ``V`` is set
 so that rounding gives GPTQ's codes (clipped to [-0.5, 0.5], so a code more than half a step away from the weight
 goes to the nearest reachable one).
@@ -40,14 +42,15 @@ from ...errors import TritonqError
 from ...kernels.signround import signround_grid
 from ..grid import GridSpec, default_g_idx
 from ..hessian import HessianAccumulator
+from .awq import AWQ, AWQOptions
 from .base import LayerResult, Method
 from .gptq import GPTQOptions
 from .gptq import solve as gptq_solve
 
 if TYPE_CHECKING:
-    from ..groups import BlockGroup
+    from ..groups import BlockGroup, Group
 
-INITS = ("none", "gptq")
+INITS = ("none", "gptq", "awq")
 TARGETS = ("float", "quantized")
 
 
@@ -58,7 +61,8 @@ class AutoRoundOptions:
                                                      "1/iters (auto-round's default)"})
     batch: int = field(default=8, metadata={"help": "calibration windows per step"})
     init: str = field(default="none", metadata={
-        "help": "starting rounding: none (round to nearest) or gptq (GPTQ's codes as the initial offsets)",
+        "help": "start from: none (round to nearest), gptq (GPTQ's codes as the initial offsets) or awq (AWQ's "
+                "activation-aware scales searched and folded into the block first)",
         "choices": INITS, "const": "gptq"})
     target: str = field(default="float", metadata={
         "help": "what each block is fitted to: the float block on the float model's own inputs (float, auto-round's "
@@ -158,6 +162,9 @@ class AutoRound(Method):
     def float_targets(self) -> bool:  # type: ignore[override]
         return self.options.target == "float"
 
+    def block_prepass(self) -> Method | None:
+        return _AWQScales(self) if self.options.init == "awq" else None
+
     def quantize_block(self, block: BlockGroup) -> list[LayerResult]:
         o = self.options
         tuned = [_Tuned(name, lin.weight, spec, full)
@@ -200,6 +207,25 @@ class AutoRound(Method):
                 p.copy_(k)
             info = {"loss": best, "loss_first_step": first, "best_step": best_iter}
             return [_result(t, info) for t in tuned]
+
+
+class _AWQScales(AWQ):
+    """``--init awq``: AWQ's scale search and fold on the block (no clip, no rounding); the pipeline runs it in its
+    staged loop before the tuning (``Method.block_prepass``), and it hands back the folded float weights."""
+
+    name = "autoround-awq-init"
+
+    def __init__(self, outer: Method) -> None:
+        super().__init__(AWQOptions(no_clip=True))
+        self.outer = outer
+
+    def layer_grid(self, name: str, spec: GridSpec) -> GridSpec:
+        return self.outer.layer_grid(name, spec)
+
+    def quantize(self, group: Group, state: Any) -> list[LayerResult]:
+        self.search_and_fold(group, state)
+        empty = torch.empty(0)
+        return [LayerResult(lin.weight.data.float(), empty, empty, empty) for lin in group.linears]
 
 
 def _result(t: _Tuned, info: dict) -> LayerResult:

@@ -12,7 +12,8 @@ propagation (activation quantization). The pipeline knows nothing else about a m
 Two further doors: ``prepare(model, adapter)`` runs once on the whole float model before calibration (the
 block inputs are captured after it), and a method with ``scope = "block"`` is handed whole blocks instead of
 linear groups: ``quantize_block(block)`` gets the block, its calibration inputs and the float block's outputs
-on them (``groups.BlockGroup``), with autograd enabled when ``needs_grad``.
+on them (``groups.BlockGroup``), with autograd enabled when ``needs_grad``; ``block_prepass()`` may name a
+group-scope method that runs on the block first (AutoRound's ``--init awq``: AWQ's scales, folded).
 
 Several ranks (``engine/distributed.py``): each rank observes its own share of the calibration windows, then
 ``reduce(state, collective)`` makes ``state`` the statistics of every rank's windows, identical on every rank.
@@ -93,6 +94,13 @@ class Method:
     def layer_grid(self, name: str, spec: GridSpec) -> GridSpec:
         """The grid of linear ``name`` (the model's full name) given the run's ``spec``: mixed precision."""
         return spec
+
+    def block_prepass(self) -> Method | None:
+        """A block-scope method's first step on each block: a group-scope method the pipeline runs on the block in
+        its staged loop before ``quantize_block`` (e.g. AWQ's scale search and fold, which needs the per-group
+        observations). Its folds stay, and the weights it returns are written, so it returns the (folded) float
+        weights the block method starts from. Default: none."""
+        return None
 
     def prepare(self, model: nn.Module, adapter: Adapter) -> None:
         """A model-level step before calibration (e.g. a rotation of the residual stream); default: nothing."""
