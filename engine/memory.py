@@ -149,6 +149,9 @@ class MemoryEstimate:
         return "\n".join(lines)
 
 
+AUTOROUND_BATCH = 8  # AutoRound's windows per step (its default; engine/methods/autoround.py)
+
+
 def _gib(n: int) -> str:
     return f"{n / GIB:.2f} GiB"
 
@@ -253,7 +256,16 @@ def estimate_memory(config: Any, method_name: str, *, nsamples: int, seqlen: int
 
     stages = m.cache_widths()
     worst: tuple[int, str, int, dict[str, int]] = (-1, "", 0, {})  # (bytes, stage, cache bytes, working parts)
-    for s, widths in enumerate(stages):
+    if method_name == "autoround":  # one block-scope stage: inputs, float targets and the float path's inputs
+        h, fp32 = m.hidden, 4
+        batch = min(AUTOROUND_BATCH, nsamples)
+        tuning = {"method state": m.block_params() * fp32 * 9,  # weight, V and factors, their grads, best copy, fakes
+                  # saved for the backward, with the attention probabilities of the CPU's sdpa backward; fitted to
+                  # the default model's measured 1.77 GiB peak (32 x 512, batch 8, float32 on the CPU)
+                  "chunk intermediates": 6 * _intermediates(m, batch, seqlen, c)
+                  + 2 * batch * m.heads * seqlen * seqlen * fp32}
+        worst = (0, "autoround steps", cache((h, h, h)), tuning)
+    for s, widths in enumerate(stages if method_name != "autoround" else []):
         if s < len(m.groups()):
             label, k, n = m.groups()[s]
             observe, solve = _method_state(method_name, m, k, n, label, c=c, seqlen=seqlen, tokens=tokens,
