@@ -189,3 +189,25 @@ def test_awq_init_folds_awqs_scales_first(float_dir):
     q = prefix + "self_attn.q_proj"
     assert not torch.equal(model.get_submodule(q).weight, rtn_model.get_submodule(q).weight)  # the fold mattered
     assert len(report.layers) == 14 and all(r.scale.numel() > 0 for r in report.layers.values())
+
+
+@pytest.mark.slow
+def test_killed_autoround_resumes_byte_identical(tmp_path):
+    """The float path (``float_targets``) is part of what the work directory keeps: a run killed after block 1 and
+    resumed writes the same bytes as one never interrupted (the steps' window order is seeded per block)."""
+    from helpers import tiny_config, tiny_tokenizer
+    from test_resume import _args, _cli, _weights
+    from transformers import LlamaForCausalLM
+
+    model_dir = tmp_path / "model"
+    torch.manual_seed(1)
+    LlamaForCausalLM(tiny_config(num_hidden_layers=3)).save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    extra = ("--method", "autoround", "--iters", "3", "--bits", "3")
+    full = _cli(_args(model_dir, tmp_path / "full", *extra))
+    assert full.returncode == 0, full.stderr
+    out = tmp_path / "out"
+    assert _cli(_args(model_dir, out, *extra), kill=("after", 1)).returncode == -9
+    resumed = _cli(_args(model_dir, out, *extra, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert _weights(out) == _weights(tmp_path / "full")
