@@ -101,6 +101,8 @@ def quantize_block(
     losses = 0.0
     for names in adapter.linear_groups:
         group_spec = group_grid(method, [f"{adapter.blocks}.{index}.{n}" for n in names], spec)
+        if group_spec is None:  # left in float (a recipe's skip): nothing to observe or write
+            continue
         group = Group(block, index, names, adapter, config, group_spec, device, set(done), collective)
         state = method.observe(group)
         tail = adapter.tail_of(names[0]) if chunks else None
@@ -235,9 +237,9 @@ def quantize_whole_block(
     return out, loss
 
 
-def group_grid(method: Method, full_names: list[str], spec: GridSpec) -> GridSpec:
+def group_grid(method: Method, full_names: list[str], spec: GridSpec) -> GridSpec | None:
     """The one grid of a linear group: the method's ``layer_grid`` of each linear, which must agree, because the
-    linears of a group share their input statistics and are solved together."""
+    linears of a group share their input statistics and are solved together (None: the group stays float)."""
     grids = {method.layer_grid(name, spec) for name in full_names}
     if len(grids) > 1:
         raise TritonqError(f"method {method.name} gives the linears {', '.join(full_names)} different grids; they "
@@ -276,7 +278,6 @@ def quantize_blocks(
                            "(quantize per linear group) or 'block' (quantize_block per decoder block)")
     if method.scope == "block" and type(method).quantize_block is Method.quantize_block:
         raise TritonqError(f"method {method.name} declares scope 'block' but does not define quantize_block")
-    step = quantize_block if method.scope == "group" else quantize_whole_block
     weights = as_weights(model)
     report = QuantizeReport()
     count = len(adapter.block_list(weights.model))
@@ -300,6 +301,7 @@ def quantize_blocks(
             t0 = time.perf_counter()
             prefix = f"{adapter.blocks}.{i}"
             block = weights.load(prefix, device)
+            step = quantize_block if method.block_scope(i) == "group" else quantize_whole_block
             chunks, loss = step(block, i, chunks, adapter, weights.model.config, method, spec, device, cache, report)
             peak = peak_memory()
             record = {"seconds": round(time.perf_counter() - t0, 3), **peak}

@@ -56,6 +56,9 @@ class WithActivationQuant(Method):
     def scope(self) -> str:  # type: ignore[override]
         return self.inner.scope
 
+    def block_scope(self, index: int) -> str:
+        return self.inner.block_scope(index)
+
     @property
     def data_parallel(self) -> str:  # type: ignore[override]
         return self.inner.data_parallel
@@ -75,7 +78,7 @@ class WithActivationQuant(Method):
     def act_order_groups(self) -> str | None:
         return self.inner.act_order_groups()
 
-    def layer_grid(self, name: str, spec: GridSpec) -> GridSpec:
+    def layer_grid(self, name: str, spec: GridSpec) -> GridSpec | None:
         return self.inner.layer_grid(name, spec)
 
     def prepare(self, model: nn.Module, adapter: Adapter) -> None:

@@ -87,9 +87,14 @@ class Method:
         before reordering: the default ``g_idx``) or ``"dynamic"`` (groups follow the permuted order)."""
         return None
 
-    def layer_grid(self, name: str, spec: GridSpec) -> GridSpec:
-        """The grid of linear ``name`` (the model's full name) given the run's ``spec``: mixed precision."""
+    def layer_grid(self, name: str, spec: GridSpec) -> GridSpec | None:
+        """The grid of linear ``name`` (the model's full name) given the run's ``spec``: mixed precision. None leaves
+        the linear in float (a recipe's ``skip``): the pipeline passes its group by, the formats keep it float."""
         return spec
+
+    def block_scope(self, index: int) -> str:
+        """The scope of block ``index`` (``"group"`` or ``"block"``); a recipe mixes them across blocks."""
+        return self.scope
 
     def prepare(self, model: nn.Module, adapter: Adapter) -> None:
         """A model-level step before calibration (e.g. a rotation of the residual stream); default: nothing."""
