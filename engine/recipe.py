@@ -125,7 +125,7 @@ class Recipe:
             scheme = _scheme({k: v for k, v in raw.items() if k != "match"}, RULE_KEYS[1:], where, problems, RULE_KEYS)
             if pattern is not None:
                 rules.append(Rule(pattern, scheme, i))
-        if not default.skip and not rules and data.get("default") is None:
+        if not problems and not rules and data.get("default") is None:
             problems.append(f"{source}: the recipe sets nothing; give 'default' and/or 'rules'")
         if problems:
             raise TritonqError("\n".join(problems))

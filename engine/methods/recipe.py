@@ -97,7 +97,7 @@ class RecipeMethod(Method):
     def bind(self, adapter: Adapter, widths: dict[str, int], spec: GridSpec) -> None:
         """Resolve every linear of the model (``widths``: full name -> input width) and check the recipe against
         it; ``spec`` is the run's grid. Raises one :class:`TritonqError`, a line per problem."""
-        problems: list[str] = []
+        problems: dict[tuple, list[str]] = {}  # one line per kind of problem, the first linear named
         used: set[int] = set()
         choices: dict[str, LayerChoice] = {}
         for name in widths:
@@ -111,23 +111,25 @@ class RecipeMethod(Method):
         for rule in self.recipe.rules:
             if rule.index not in used:
                 example = next(iter(widths), "")
-                problems.append(f"{rule.label} matches no linear of this model (e.g. {example!r}); fix the regex "
-                                "or drop the rule (an earlier rule may match first)")
+                problems[("unused", rule.index)] = [
+                    f"{rule.label} matches no linear of this model (e.g. {example!r}); fix the regex or drop the rule "
+                    "(an earlier rule may match first)"]
         self.choices, self._spec = choices, spec
         for name, choice in choices.items():
             if not choice.skip:
                 try:
                     self.layer_grid(name, spec).groups_for(widths[name], name)
                 except TritonqError as exc:
-                    problems.append(f"{choice.source}: {exc}")
-        problems += self._check_groups(adapter, len(widths) // len(adapter.linear_names()), spec)
-        problems += self._check_prepare()
+                    problems.setdefault(("grid", choice.source, _leaf(name)), []).append(f"{choice.source}: {exc}")
+        self._check_groups(adapter, len(widths) // len(adapter.linear_names()), spec, problems)
+        for line in self._check_prepare():
+            problems[("prepare",)] = [line]
         if problems:
-            raise TritonqError("\n".join(f"{self.recipe.source}: {p}" for p in dict.fromkeys(problems)))
+            raise TritonqError("\n".join(f"{self.recipe.source}: {same[0]}" + (
+                f" (and {len(same) - 1} more like it)" if len(same) > 1 else "") for same in problems.values()))
 
-    def _check_groups(self, adapter: Adapter, blocks: int, spec: GridSpec) -> list[str]:
+    def _check_groups(self, adapter: Adapter, blocks: int, spec: GridSpec, problems: dict[tuple, list[str]]) -> None:
         """Linears sharing one input agree; a block-scope method has its block to itself."""
-        problems = []
         for i in range(blocks):
             prefix = f"{adapter.blocks}.{i}."
             for names in adapter.linear_groups:
@@ -135,7 +137,8 @@ class RecipeMethod(Method):
                 differing = [n for n in full if self._key(n, spec) != self._key(full[0], spec)]
                 if differing:
                     a, b = full[0], differing[0]
-                    problems.append(
+                    key = ("share", names, self.choices[a].source, self.choices[b].source)
+                    problems.setdefault(key, []).append(
                         f"{a} ({self.choices[a].source}: {self._describe(a, spec)}) and {b} "
                         f"({self.choices[b].source}: {self._describe(b, spec)}) share one input and are quantized "
                         f"together; give {', '.join(n.rsplit('.', 1)[-1] for n in full)} one rule (e.g. match "
@@ -143,10 +146,10 @@ class RecipeMethod(Method):
             subs = {id(self.choices[prefix + n].method): self.choices[prefix + n] for n in adapter.linear_names()}
             if len(subs) > 1 and any(c.method is not None and c.method.scope == "block" for c in subs.values()):
                 block_sub = next(c for c in subs.values() if c.method is not None and c.method.scope == "block")
-                problems.append(f"block {i}: {block_sub.source} gives it {block_sub.method.name}, which optimises "
-                                "whole blocks (scope 'block'), beside other methods or skips; give every linear of a "
-                                "block the same block-scope method (match the block, e.g. 'layers\\.3\\.')")
-        return problems
+                problems.setdefault(("block", block_sub.source), []).append(
+                    f"block {i}: {block_sub.source} gives it {block_sub.method.name}, which optimises whole blocks "
+                    "(scope 'block'), beside other methods or skips; give every linear of a block the same "
+                    "block-scope method (match the block, e.g. 'layers\\.3\\.')")
 
     def _check_prepare(self) -> list[str]:
         """A ``prepare`` that transforms the whole model is safe only when its method quantizes every layer."""
@@ -291,6 +294,13 @@ def _options_of(method: Method | None) -> dict:
 
 def _short_options(method: Method) -> str:
     return "(" + ", ".join(f"{k}={v}" for k, v in asdict(method.options).items()) + ")"
+
+
+def _leaf(name: str) -> str:
+    """A linear's name inside its block (``model.layers.3.mlp.up_proj`` -> ``mlp.up_proj``)."""
+    parts = name.split(".")
+    index = next((i for i, p in enumerate(parts) if p.isdigit()), -1)
+    return ".".join(parts[index + 1:])
 
 
 def _block_index(name: str) -> int | None:
