@@ -89,7 +89,14 @@ def quantize(args) -> int:
         from .engine.preflight import check_data_parallel
 
         # refuse a method that cannot run data-parallel before N processes start
-        check_data_parallel(make_method(args.method, method_options_from_args(args)), args.nproc)
+        if args.recipe is not None:
+            from .engine.methods.recipe import RecipeMethod
+            from .engine.recipe import load_recipe
+
+            method = RecipeMethod(load_recipe(args.recipe), args.method, method_options_from_args(args))
+        else:
+            method = make_method(args.method, method_options_from_args(args))
+        check_data_parallel(method, args.nproc)
         return launch_ranks(args.argv, args.nproc)
     collective = distributed.init_from_env(resolve_device(args.device))
     try:

@@ -4,7 +4,8 @@ From the model's config (a meta skeleton, no weights) and its tokenizer, :func:`
 
 1. the method, through its declared contract (``methods/base.py``): its activation setting (``default_act``, and
    ``set_activation`` when it ``receives_act``), the grid of every linear of every block (``layer_grid``), which
-   must divide the linear's input width and agree within a linear group, and its act-order groups;
+   must divide the linear's input width and agree within a linear group, and its act-order groups; a recipe
+   (``--recipe``, ``methods/recipe.py``) is first bound to the model's linears, every problem of it at once;
 2. the output format, through ``formats/request.py``'s :func:`check_request` with one :class:`FormatRequest`;
 3. the kernels the run will use on its device, through their declared ``LIMITS``
    (``kernels/configs.py``'s :func:`check_limits`): on CUDA, the Hessian and GPTQ kernels of a calibrated
@@ -166,7 +167,8 @@ def check_data_parallel(method: Method, world: int) -> None:
         reason = method.data_parallel_refusal
     else:
         return
-    raise TritonqError(f"--method {method.name} cannot run on {world} ranks: {reason}; run it in one process "
+    what = "this --recipe" if recipe_of(method) is not None else f"--method {method.name}"
+    raise TritonqError(f"{what} cannot run on {world} ranks: {reason}; run it in one process "
                        "(without --nproc or torchrun)")
 
 

@@ -197,6 +197,17 @@ def test_a_block_scope_method_has_its_block_to_itself(root, no_calibration):
              r"block 0: rule 1 .* gives it test-signround, which optimises whole blocks")
 
 
+def test_nproc_refuses_a_recipe_with_a_block_scope_method(root, tmp_path, capsys):
+    from test_block_scope import SignRound
+    from tritonq.engine.methods import registry
+
+    registry.register(SignRound)
+    (tmp_path / "r.json").write_text(json.dumps({"default": {"method": SignRound.name}}))
+    rc = main(["quantize", "--model", str(root / "float"), "--recipe", str(tmp_path / "r.json"), "--nproc", "2",
+               "--output", str(tmp_path / "out"), "--device", "cpu"])
+    assert rc == 2 and "this --recipe cannot run on 2 ranks: it optimises whole blocks" in capsys.readouterr().err
+
+
 # --- what runs ----------------------------------------------------------------------------------------------------
 
 
