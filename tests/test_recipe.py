@@ -197,6 +197,11 @@ def test_a_block_scope_method_has_its_block_to_itself(root, no_calibration):
              r"block 0: rule 1 .* gives it test-signround, which optimises whole blocks")
 
 
+def test_methods_with_different_activation_settings_are_refused(root, no_calibration):
+    recipe = {"default": {"method": "smoothquant"}, "rules": [{"match": "mlp", "method": "awrq"}]}
+    _refused(root, recipe, "methods awrq and smoothquant quantize activations differently")
+
+
 def test_nproc_refuses_a_recipe_with_a_block_scope_method(root, tmp_path, capsys):
     from test_block_scope import SignRound
     from tritonq.engine.methods import registry
@@ -257,6 +262,15 @@ def test_a_block_scope_method_on_one_block_beside_gptq(root):
     assert SignRound.grad_enabled == [True]  # block 0 only; block 1 went through GPTQ's groups
     meta = json.loads((root / "block" / "quantization.json").read_text())
     assert meta["methods"] == ["gptq", SignRound.name] and len(meta["layers"]) == 14
+
+
+def test_activation_quantization_covers_every_quantized_linear_of_a_recipe(root):
+    recipe = {"default": {"method": "gptq"}, "rules": [{"match": r"mlp\.", "method": "awrq"},
+                                                       {"match": r"layers\.1\.self_attn\.o_proj", "skip": True}]}
+    quantize(_opts(root, "w4a8", recipe=recipe, act_bits=8, act_scheme="per-tensor", act_sym=False))
+    meta = json.loads((root / "w4a8" / "quantization.json").read_text())
+    assert meta["activations"]["bits"] == 8 and meta["methods"] == ["awrq", "gptq"]
+    assert len(meta["layers"]) == 13
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch.nn as nn
 
 from ...errors import TritonqError
+from ..activations import ActSpec
 from ..grid import GridSpec
 from ..recipe import Recipe, Rule, Scheme
 from .base import LayerResult, Method
@@ -69,6 +70,10 @@ class RecipeMethod(Method):
         self._rule_subs = [None if r.scheme.skip else
                            self._sub(r.scheme.method or self.default_method, r.scheme.options, r.label, problems)
                            for r in recipe.rules]
+        acts = {m.default_act: m.name for m in self.methods if m.default_act is not None}
+        if len(acts) > 1:
+            problems.append(f"methods {' and '.join(sorted(acts.values()))} quantize activations differently; a run "
+                            "has one activation setting, so use one of them")
         if problems:
             raise TritonqError("\n".join(f"{recipe.source}: {p}" for p in problems))
 
@@ -194,6 +199,21 @@ class RecipeMethod(Method):
     @property
     def calibrated(self) -> bool:  # type: ignore[override]
         return any(m.calibrated for m in self.methods)
+
+    @property
+    def default_act(self) -> ActSpec | None:  # type: ignore[override]
+        """The activation setting the recipe's methods declare (the run's applies to every quantized linear)."""
+        declared = {m.default_act for m in self.methods if m.default_act is not None}
+        return declared.pop() if len(declared) == 1 else None  # several: refused at construction
+
+    @property
+    def receives_act(self) -> bool:  # type: ignore[override]
+        return any(m.receives_act for m in self.methods)
+
+    def set_activation(self, act: ActSpec) -> None:
+        for method in self.methods:
+            if method.receives_act:
+                method.set_activation(act)
 
     @property
     def needs_grad(self) -> bool:  # type: ignore[override]
