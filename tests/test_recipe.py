@@ -220,6 +220,9 @@ def test_a_one_method_recipe_writes_the_same_weights_as_the_method(root):
     quantize(_opts(root, "plain", method="gptq"))
     quantize(_opts(root, "recipe", method="rtn", recipe={"default": {"method": "gptq"}}))
     assert _sha(root / "plain") == _sha(root / "recipe")
+    # an option spelled out at its default (GPTQ's damp 0.1) is the same method: q_proj still agrees with k/v
+    quantize(_opts(root, "spelled", recipe={"rules": [{"match": "q_proj", "options": {"damp": 0.1}}]}))
+    assert _sha(root / "plain") == _sha(root / "spelled")
     meta = json.loads((root / "recipe" / "quantization.json").read_text())
     assert meta["method"] == "recipe" and meta["methods"] == ["gptq"] and len(meta["layers"]) == 14
 

@@ -81,17 +81,16 @@ class RecipeMethod(Method):
         cli_name, cli_options = self._cli
         merged = {**(cli_options if method == cli_name else {}),
                   **(self.recipe.default.options if method == self.default_method else {}), **options}
-        key = (method, repr(sorted(merged.items())))
-        if key not in self._methods:
-            try:
-                self._methods[key] = make_method(method, merged)
-            except TritonqError as exc:
-                problems.append(f"{where}: {exc}")
-                return None
-            except TypeError as exc:
-                problems.append(f"{where}: method {method} options {merged}: {exc}")
-                return None
-        return self._methods[key]
+        try:
+            made = make_method(method, merged)
+        except TritonqError as exc:
+            problems.append(f"{where}: {exc}")
+            return None
+        except TypeError as exc:
+            problems.append(f"{where}: method {method} options {merged}: {exc}")
+            return None
+        # one instance per effective (method, options): an option spelled out at its default is the same method
+        return self._methods.setdefault((method, repr(asdict(made.options))), made)
 
     @property
     def methods(self) -> list[Method]:
