@@ -311,6 +311,22 @@ def test_three_schemes_round_trip_through_packed_formats(three, tmp_path, fmt):
     assert _logits(ref, ids).abs().max().item() > 1e-3  # not a comparison between zeros
 
 
+def test_awq_keeps_a_skipped_linear_float(root, tmp_path):
+    from transformers import AutoModelForCausalLM
+    from tritonq.engine.runtime.serve import load_packed_model
+
+    skip = {"default": {"method": "rtn"}, "rules": [{"match": r"layers\.1\.self_attn\.o_proj", "skip": True}]}
+    quantize(_opts(root, "awq-fake", recipe=skip))
+    quantize(_opts(root, "awq", recipe=skip, out_format="awq"))
+    qcfg = json.loads((root / "awq" / "config.json").read_text())["quantization_config"]
+    assert "model.layers.1.self_attn.o_proj" in qcfg["modules_to_not_convert"]
+    packed, _ = load_packed_model(root / "awq", "cpu", "float32", cpu_int4=False)
+    assert type(packed.model.layers[1].self_attn.o_proj) is torch.nn.Linear
+    ref = AutoModelForCausalLM.from_pretrained(root / "awq-fake").eval()
+    ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(6))
+    assert (_logits(packed, ids) - _logits(ref, ids)).abs().max().item() <= LOGIT_TOL
+
+
 def test_gguf_keeps_the_skipped_linear_float(root, tmp_path):
     import gguf
     from test_gguf import bpe_tokenizer, gguf_export_config
