@@ -351,6 +351,7 @@ def test_quantization_json_replays_the_run(three, root):
     quantize(_opts(root, "replay", method="rtn", bits=8, group_size=64, sym=True,
                    recipe=str(three / "quantization.json")))
     assert _sha(root / "replay") == _sha(three)
+    assert load_recipe(three).to_dict() == load_recipe(three / "quantization.json").to_dict()  # the directory too
     again = json.loads((root / "replay" / "quantization.json").read_text())["recipe"]
     assert again == json.loads((three / "quantization.json").read_text())["recipe"]
 

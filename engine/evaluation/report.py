@@ -10,6 +10,11 @@ A ``tritonq quantize`` output keeps its settings, stage times (``seconds``) and,
 Packed outputs of ``tritonq quantize --format F`` and ``tritonq pack`` keep the source's ``quantization.json``
 (marked ``"format": F``); for packed checkpoints from elsewhere the grid is read from the
 ``quantization_config`` of ``config.json`` and the method is unknown. Nothing here loads a model.
+
+The ``bits/weight`` column is ``engine/bits.py``'s count over the blocks' linears (codes, scales, zeros as the
+output's format stores them, 16 bits for a float linear), with the linears' shapes from a meta skeleton of
+``config.json`` and each one's grid from the run's record: a recipe's ``recipe.layers``, a fake output's
+``quant_params.safetensors``, or a packed ``quantization_config`` (config groups, GPTQModel ``dynamic``).
 """
 
 from __future__ import annotations
