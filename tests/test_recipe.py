@@ -202,6 +202,29 @@ def test_methods_with_different_activation_settings_are_refused(root, no_calibra
     _refused(root, recipe, "methods awrq and smoothquant quantize activations differently")
 
 
+def test_a_method_that_transforms_the_whole_model_is_not_mixed(root, no_calibration):
+    from tritonq.engine.methods import registry
+    from tritonq.engine.methods.rtn import RTN
+
+    class Rotated(RTN):
+        """Test only: RTN after a model-level step (a rotation would go in ``prepare``)."""
+
+        name = "test-rotated"
+        prepared: list[str] = []
+
+        def prepare(self, model, adapter) -> None:
+            Rotated.prepared.append(adapter.family)
+
+    registry.register(Rotated)
+    _refused(root, {"default": {"method": "gptq"}, "rules": [{"match": "mlp", "method": Rotated.name}]},
+             "method test-rotated transforms the whole model before calibration")
+    _refused(root, {"default": {"method": Rotated.name}, "rules": [{"match": "o_proj", "skip": True}]},
+             "cannot be mixed with other methods or skips")
+    quantize(_opts(root, "rotated", recipe={"default": {"method": Rotated.name}, "rules": [
+        {"match": "down_proj", "bits": 8}]}))
+    assert Rotated.prepared == ["llama"]  # every layer uses it: its prepare ran, once
+
+
 def test_nproc_refuses_a_recipe_with_a_block_scope_method(root, tmp_path, capsys):
     from test_block_scope import SignRound
     from tritonq.engine.methods import registry
