@@ -199,3 +199,13 @@ def test_average_bits_weights_each_linear_by_its_size_and_counts_float_as_16():
     assert average_bits(grids, shapes) == pytest.approx((a + b + c) / (64 * 128 + 32 * 64 + 64 * 64))
     with pytest.raises(TritonqError, match="cannot count bits for format 'exl2'"):
         average_bits(grids, shapes, "exl2")
+
+
+def test_plot_series_use_average_bits_where_an_output_gives_them():
+    from tritonq.bench.plots import perplexity_series
+    from tritonq.engine.evaluation.report import OutputSummary
+
+    mixed = OutputSummary(Path("mix"), "recipe", 3, 64, False, "", "fake", perplexities={"wiki": 40.0},
+                          bits_per_weight=3.432)
+    uniform = OutputSummary(Path("w3"), "recipe", 3, 64, False, "", "fake", perplexities={"wiki": 55.0})
+    assert perplexity_series([mixed, uniform]) == {"wiki": {"recipe": [(3, 55.0), (3.432, 40.0)]}}
