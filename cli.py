@@ -46,6 +46,10 @@ def _add_quantize(sub) -> None:
     p.add_argument("--mse", action="store_true", help="search clipped ranges (shrink grid) per group")
     _add_act_args(p, "during propagation and in the saved model; default: none, or the method's")
     _add_method_args(p)
+    p.add_argument("--recipe", default=None, metavar="FILE",
+                   help="per-layer methods and grids: a .yaml/.json recipe (regex rules, first match wins; "
+                        "README 'Recipes') or a quantization.json to replay; --method and the grid flags fill "
+                        "what it leaves out")
     p.add_argument("--calib", default="pydoc",
                    help="pydoc (offline default), a .txt/.jsonl file, or wikitext2 / c4 / pileval")
     p.add_argument("--text-column", default="text", help="field of a .jsonl calibration file")

@@ -89,7 +89,14 @@ def quantize(args) -> int:
         from .engine.preflight import check_data_parallel
 
         # refuse a method that cannot run data-parallel before N processes start
-        check_data_parallel(make_method(args.method, method_options_from_args(args)), args.nproc)
+        if args.recipe is not None:
+            from .engine.methods.recipe import RecipeMethod
+            from .engine.recipe import load_recipe
+
+            method = RecipeMethod(load_recipe(args.recipe), args.method, method_options_from_args(args))
+        else:
+            method = make_method(args.method, method_options_from_args(args))
+        check_data_parallel(method, args.nproc)
         return launch_ranks(args.argv, args.nproc)
     collective = distributed.init_from_env(resolve_device(args.device))
     try:
@@ -102,6 +109,7 @@ def _quantize_here(args, run_quantize, QuantizeOptions, writer: bool) -> int:  #
     offload, activations_dir = offload_from_args(args.offload_activations)
     opts = QuantizeOptions(
         output=args.output, model=args.model, method=args.method, method_options=method_options_from_args(args),
+        recipe=args.recipe,
         bits=args.bits, group_size=args.group_size, sym=args.sym, mse=args.mse, act_bits=args.act_bits,
         act_scheme=args.act_scheme, act_sym=args.act_sym, calib=args.calib,
         text_column=args.text_column, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
@@ -116,7 +124,8 @@ def _quantize_here(args, run_quantize, QuantizeOptions, writer: bool) -> int:  #
         return 0
     secs = s.seconds
     grid = f"{opts.bits}-bit, group {s.group_size}, {'sym' if opts.sym else 'asym'}"
-    text = (f"Quantized {opts.model} with {opts.method.upper()} ({grid}) over {s.layers} linear layers in "
+    how = f"the recipe {opts.recipe}" if opts.recipe else opts.method.upper()
+    text = (f"Quantized {opts.model} with {how} ({grid}) over {s.layers} linear layers in "
             f"{secs.get('quantize_total', 0):.1f} s (load {secs.get('load', 0):.1f} s, "
             f"save {secs.get('save', 0):.1f} s, total {secs['total']:.1f} s); wrote {s.output} ({opts.out_format}).")
     if s.perplexity is not None:

@@ -74,14 +74,16 @@ def _series_name(summary) -> str:
     return f"{name} {summary.activations}" if summary.activations else name
 
 
-def perplexity_series(summaries: Iterable) -> dict[str, dict[str, list[tuple[int, float]]]]:
-    """``{perplexity label: {method: [(bits, ppl), ...] sorted by bits}}`` from report summaries."""
-    out: dict[str, dict[str, list[tuple[int, float]]]] = {}
+def perplexity_series(summaries: Iterable) -> dict[str, dict[str, list[tuple[float, float]]]]:
+    """``{perplexity label: {method: [(bits, ppl), ...] sorted by bits}}`` from report summaries; ``bits`` is the
+    average bits per weight with scales and zeros (``engine/bits.py``) where the output gives it, else the grid's."""
+    out: dict[str, dict[str, list[tuple[float, float]]]] = {}
     for s in summaries:
-        if s.bits is None:
+        bits = s.bits_per_weight if s.bits_per_weight is not None else s.bits
+        if bits is None:
             continue
         for label, ppl in s.perplexities.items():
-            out.setdefault(label, {}).setdefault(_series_name(s), []).append((int(s.bits), ppl))
+            out.setdefault(label, {}).setdefault(_series_name(s), []).append((bits, ppl))
     for series in out.values():
         for points in series.values():
             points.sort()
@@ -89,7 +91,8 @@ def perplexity_series(summaries: Iterable) -> dict[str, dict[str, list[tuple[int
 
 
 def plot_perplexity_vs_bits(summaries: list, path: str | os.PathLike) -> Path:
-    """One panel per recorded perplexity (data and windows): perplexity against weight bits, a line per method."""
+    """One panel per recorded perplexity (data and windows): perplexity against average bits per weight (scales and
+    zeros counted, as the report's column), a line per method."""
     data = perplexity_series(summaries)
     if not data:
         raise TritonqError("none of these outputs records a perplexity, so there is nothing to plot; evaluate them "
@@ -99,12 +102,12 @@ def plot_perplexity_vs_bits(summaries: list, path: str | os.PathLike) -> Path:
         for method, points in sorted(series.items()):
             bits, ppl = zip(*points, strict=True)
             ax.plot(bits, ppl, marker="o", label=method)
-        ax.set_xlabel("weight bits")
+        ax.set_xlabel("average bits per weight (scales and zeros counted)")
         # log scale: perplexity is exp(loss), and 2-bit runs sit orders of magnitude above 4-bit ones
         ax.set_yscale("log")
         ax.set_ylabel("perplexity, log scale (lower is better)")
         ax.set_title(label, fontsize=10)
-        ax.set_xticks(sorted({b for pts in series.values() for b, _ in pts}))
+        ax.set_xticks(sorted({round(b, 2) for pts in series.values() for b, _ in pts}))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     return save_png(fig, path)

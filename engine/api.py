@@ -51,6 +51,9 @@ class QuantizeOptions:
     sym: bool = False
     mse: bool = False
     method_options: Any = None  # the method's Options dataclass, a dict of its fields, or None (defaults)
+    # per-layer methods and grids (engine/recipe.py): a .yaml/.json file, a quantization.json to replay, or a dict;
+    # ``method`` and its options then fill what the recipe leaves out
+    recipe: Any = None
     act_bits: int | None = None  # dynamic activation quantization (engine/act_quant.py); None: the method's default
     act_scheme: str | None = None  # per-token or per-tensor (None: the method's default, else per-token)
     act_sym: bool | None = None  # None: the method's default, else symmetric
@@ -102,14 +105,24 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
     check_quantize_options(opts)  # counts, data files, the output directory, the model's files and context
     group_size = 128 if opts.group_size is None else opts.group_size
     spec = GridSpec(bits=opts.bits, group_size=group_size, sym=opts.sym, mse=opts.mse)
-    method = make_method(opts.method, opts.method_options)
+    default_group = opts.group_size is None
+    if opts.recipe is not None:
+        from .methods.recipe import RecipeMethod
+        from .recipe import load_recipe
+
+        recipe = load_recipe(opts.recipe)
+        method: Method = RecipeMethod(recipe, opts.method, opts.method_options)
+        spec = dataclasses.replace(spec, **recipe.default.grid_fields())  # the recipe's default is the run's grid
+        default_group = default_group and recipe.default.group_size is None
+    else:
+        method = make_method(opts.method, opts.method_options)
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device)
 
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(opts.model, opts.trust_remote_code)
     # the method, the output format and the kernels, asked once from the config: fail before loading anything big
-    run = preflight(method, opts.model, spec, default_group=opts.group_size is None, act_bits=opts.act_bits,
+    run = preflight(method, opts.model, spec, default_group=default_group, act_bits=opts.act_bits,
                     act_scheme=opts.act_scheme, act_sym=opts.act_sym, out_format=opts.out_format, tokenizer=tokenizer,
                     device=device, dtype=dtype, trust_remote_code=opts.trust_remote_code)
     method, spec, act, adapter = run.method, run.spec, run.act, run.adapter
@@ -146,8 +159,7 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
         seconds["calibration_data"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    weights = open_weights(opts.model, dtype, opts.trust_remote_code, opts.stream,
-                           whole_model=type(method).prepare is not Method.prepare)
+    weights = open_weights(opts.model, dtype, opts.trust_remote_code, opts.stream, whole_model=_prepares(method))
     seconds["load"] = time.perf_counter() - t0
     from .memory import estimate_for_options
 
@@ -240,6 +252,17 @@ def run_fingerprint(opts: QuantizeOptions, method: Method, spec: GridSpec, act, 
         "activations": None if act is None else act.describe(),
         "dtype": str(dtype).replace("torch.", ""), "device": device.type, "tritonq_version": __version__,
     }
+
+
+def _prepares(method: Method) -> bool:
+    """Whether the method transforms the whole model before calibration (``prepare``): it needs the model in memory.
+    A recipe prepares only through a method that quantizes every layer (``RecipeMethod.bind`` checks)."""
+    from .preflight import recipe_of
+
+    recipe = recipe_of(method)
+    if recipe is not None and type(method) is type(recipe):
+        return any(type(m).prepare is not Method.prepare for m in recipe.methods)
+    return type(method).prepare is not Method.prepare
 
 
 def _offload_place(offload: bool | str | None) -> str:

@@ -99,8 +99,16 @@ def quantize_block(
     unrecorded: list[str] = []
     wrapped: list[tuple[str, nn.Module]] = []
     losses = 0.0
+    float_path = None
+    if method.float_targets and chunks:  # a later block-scope block fits the float path: carry it through this one
+        t0 = time.perf_counter()
+        float_path = [cache.keep(run_block(block, (c.hidden if c.reference is None else c.reference).to(device),
+                                           c.kwargs)) for c in chunks]
+        report.seconds["forward"] += time.perf_counter() - t0
     for names in adapter.linear_groups:
         group_spec = group_grid(method, [f"{adapter.blocks}.{index}.{n}" for n in names], spec)
+        if group_spec is None:  # left in float (a recipe's skip): nothing to observe or write
+            continue
         group = Group(block, index, names, adapter, config, group_spec, device, set(done), collective)
         state = method.observe(group)
         tail = adapter.tail_of(names[0]) if chunks else None
@@ -138,6 +146,8 @@ def quantize_block(
         last_stage = Stage(block, Group(block, index, (), adapter, config, spec, device, done), replays, None,
                             device, cache)
         out = last_stage.run(chunks)
+        if float_path is not None:
+            out = [Chunk(c.hidden, c.kwargs, reference) for c, reference in zip(out, float_path)]
         report.seconds["forward"] += time.perf_counter() - t0
     for name, original in wrapped:  # wrappers serve propagation only; the model keeps its linears
         _swap_module(block, name, original)
@@ -206,7 +216,7 @@ def quantize_whole_block(
     spec: GridSpec, device: torch.device, cache: ActivationCache, report: QuantizeReport,
 ) -> tuple[list[Chunk] | None, float]:
     """Quantize one block with a block-scope method; returns the next block's inputs and the mean loss."""
-    prepass = method.block_prepass()
+    prepass = method.block_prepass(index)
     if prepass is not None:  # its folds and weights stay in the block; its propagated outputs are not needed
         quantize_block(block, index, chunks, adapter, config, prepass, spec, device, cache, report)
     t0 = time.perf_counter()
@@ -241,9 +251,9 @@ def quantize_whole_block(
     return out, loss
 
 
-def group_grid(method: Method, full_names: list[str], spec: GridSpec) -> GridSpec:
+def group_grid(method: Method, full_names: list[str], spec: GridSpec) -> GridSpec | None:
     """The one grid of a linear group: the method's ``layer_grid`` of each linear, which must agree, because the
-    linears of a group share their input statistics and are solved together."""
+    linears of a group share their input statistics and are solved together (None: the group stays float)."""
     grids = {method.layer_grid(name, spec) for name in full_names}
     if len(grids) > 1:
         raise TritonqError(f"method {method.name} gives the linears {', '.join(full_names)} different grids; they "
@@ -282,7 +292,6 @@ def quantize_blocks(
                            "(quantize per linear group) or 'block' (quantize_block per decoder block)")
     if method.scope == "block" and type(method).quantize_block is Method.quantize_block:
         raise TritonqError(f"method {method.name} declares scope 'block' but does not define quantize_block")
-    step = quantize_block if method.scope == "group" else quantize_whole_block
     weights = as_weights(model)
     report = QuantizeReport()
     count = len(adapter.block_list(weights.model))
@@ -306,6 +315,7 @@ def quantize_blocks(
             t0 = time.perf_counter()
             prefix = f"{adapter.blocks}.{i}"
             block = weights.load(prefix, device)
+            step = quantize_block if method.block_scope(i) == "group" else quantize_whole_block
             chunks, loss = step(block, i, chunks, adapter, weights.model.config, method, spec, device, cache, report)
             peak = peak_memory()
             record = {"seconds": round(time.perf_counter() - t0, 3), **peak}

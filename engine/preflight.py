@@ -4,7 +4,8 @@ From the model's config (a meta skeleton, no weights) and its tokenizer, :func:`
 
 1. the method, through its declared contract (``methods/base.py``): its activation setting (``default_act``, and
    ``set_activation`` when it ``receives_act``), the grid of every linear of every block (``layer_grid``), which
-   must divide the linear's input width and agree within a linear group, and its act-order groups;
+   must divide the linear's input width and agree within a linear group, and its act-order groups; a recipe
+   (``--recipe``, ``methods/recipe.py``) is first bound to the model's linears, every problem of it at once;
 2. the output format, through ``formats/request.py``'s :func:`check_request` with one :class:`FormatRequest`;
 3. the kernels the run will use on its device, through their declared ``LIMITS``
    (``kernels/configs.py``'s :func:`check_limits`): on CUDA, the Hessian and GPTQ kernels of a calibrated
@@ -36,6 +37,7 @@ from .formats.request import FormatRequest, check_request
 from .grid import GridSpec
 from .methods.act_quant import WithActivationQuant
 from .methods.base import Method
+from .methods.recipe import RecipeMethod
 from .methods.registry import method_class
 from .model_io import load_config, model_context, resolve_model, tokenizer_json
 from .outputs import QUANT_JSON, check_output_dir, read_quantization_json
@@ -105,6 +107,10 @@ def check_quantize_options(opts: Any) -> None:
         raise TritonqError("--eval-windows applies to the evaluation after quantizing; add --eval-data FILE "
                            "or drop --eval-windows")
     calibrated = method_class(opts.method).calibrated
+    if opts.recipe is not None:  # the recipe's own checks (keys, regexes, methods), before anything loads
+        from .recipe import load_recipe
+
+        calibrated = any(method_class(m).calibrated for m in load_recipe(opts.recipe).method_names(opts.method))
     check_output_dir(opts.output, opts.overwrite)  # cheap: before the model's config is read
     if calibrated:
         check_data(opts.calib, opts.text_column)
@@ -132,6 +138,9 @@ def preflight(method: Method, model_name: str, spec: GridSpec, *, default_group:
     widths = block_widths(config, adapter, trust_remote_code)
     if default_group:
         spec = replace(spec, group_size=default_group_size(widths))
+    recipe = recipe_of(method)
+    if recipe is not None:  # every linear's scheme, checked against the model (all problems at once)
+        recipe.bind(adapter, widths, spec)
     grids = layer_grids(method, adapter, widths, spec)
     record = config.to_dict()
     vocabulary = None if out_format == "fake" else tokenizer_json(tokenizer)  # a fake output holds no vocabulary
@@ -158,17 +167,27 @@ def check_data_parallel(method: Method, world: int) -> None:
         reason = method.data_parallel_refusal
     else:
         return
-    raise TritonqError(f"--method {method.name} cannot run on {world} ranks: {reason}; run it in one process "
+    what = "this --recipe" if recipe_of(method) is not None else f"--method {method.name}"
+    raise TritonqError(f"{what} cannot run on {world} ranks: {reason}; run it in one process "
                        "(without --nproc or torchrun)")
 
 
+def recipe_of(method: Method) -> RecipeMethod | None:
+    """The recipe a run's method runs (``--recipe``), under an activation-quantization wrapper or not."""
+    inner = method.inner if isinstance(method, WithActivationQuant) else method
+    return inner if isinstance(inner, RecipeMethod) else None
+
+
 def layer_grids(method: Method, adapter: Adapter, widths: dict[str, int], spec: GridSpec) -> dict[str, GridSpec]:
-    """The grid of every linear (``method.layer_grid``), one per linear group, each dividing its input width."""
+    """The grid of every linear the run quantizes (``method.layer_grid``; a linear left in float has none), one per
+    linear group, each dividing its input width."""
     grids: dict[str, GridSpec] = {}
     for i in range(len(widths) // len(adapter.linear_names())):  # every block holds every linear of the adapter
         for names in adapter.linear_groups:
             full = [f"{adapter.blocks}.{i}.{n}" for n in names]
             grid = group_grid(method, full, spec)
+            if grid is None:
+                continue
             for name in full:
                 grid.groups_for(widths[name], name)
                 grids[name] = grid

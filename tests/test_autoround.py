@@ -211,3 +211,33 @@ def test_killed_autoround_resumes_byte_identical(tmp_path):
     resumed = _cli(_args(model_dir, out, *extra, "--resume"))
     assert resumed.returncode == 0, resumed.stderr
     assert _weights(out) == _weights(tmp_path / "full")
+
+
+def test_recipe_carries_the_float_path_through_group_blocks(float_dir):
+    """A recipe with GPTQ on block 0 and a float-target block method on block 1: block 0 (group scope) carries the
+    float path, so block 1's targets are the float block 1 on the float block 0's outputs."""
+    from tritonq.engine.methods.recipe import RecipeMethod
+    from tritonq.engine.preflight import block_widths
+    from tritonq.engine.recipe import Recipe
+
+    registry.register(FloatProbe)
+    try:
+        recipe = Recipe.from_dict({"default": {"method": "gptq"},
+                                   "rules": [{"match": r"layers\.1\.", "method": FloatProbe.name}]})
+        method = RecipeMethod(recipe, "gptq")
+        original = _load(float_dir)
+        adapter = adapter_for(original.config)
+        method.bind(adapter, block_widths(original.config, adapter), SPEC)
+        assert method.float_targets and [method.block_scope(i) for i in (0, 1)] == ["group", "block"]
+        BlockProbe.seen.clear()
+        quantize_blocks(_load(float_dir), adapter, method, SPEC, CPU, _batches(), progress=False)
+    finally:
+        registry.METHODS.pop(FloatProbe.name, None)
+    (seen,) = BlockProbe.seen
+    entering = capture_block_inputs(original, adapter, _batches(), CPU)
+    b0, b1 = adapter.block_list(original)[:2]
+    with torch.no_grad():
+        for c, chunk in enumerate(entering):
+            float_out = _out(b1, Chunk(_out(b0, chunk), chunk.kwargs))
+            torch.testing.assert_close(seen["targets"][c], float_out, rtol=0, atol=1e-6)
+            assert (_out(b1, Chunk(seen["inputs"][c], chunk.kwargs)) - float_out).abs().max() > 1e-4

@@ -47,13 +47,13 @@ def outputs(tmp_path):
 
 
 EXPECTED = """\
-| output | method | format | bits | group | grid | activations | ppl wiki.txt 8x2048 | arc_easy 0-shot acc | \
-arc_easy 0-shot acc_norm | load s | quantize_total s | save s | weights MiB |
-| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |
-| gptq-w4 | gptq | fake | 4 | 64 | asym | - | 20.12 | 0.5000 | 0.2500 | 1.5 | 10.3 | - | 2.5 |
-| rtn-w3 | rtn | fake | 3 | 64 | sym | - | 25.50 | - | - | 2.0 | - | 0.5 | 0.0 |
-| packed | ? | compressed-tensors pack-quantized | 4 | 64 | asym | - | - | - | - | - | - | - | 0.5 |
-| sq | smoothquant | fake | 8 | -1 | sym | A8 per-token sym | - | - | - | 3.0 | - | - | 0.0 |"""
+| output | method | format | bits | group | grid | bits/weight | activations | ppl wiki.txt 8x2048 | \
+arc_easy 0-shot acc | arc_easy 0-shot acc_norm | load s | quantize_total s | save s | weights MiB |
+| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |
+| gptq-w4 | gptq | fake | 4 | 64 | asym | - | - | 20.12 | 0.5000 | 0.2500 | 1.5 | 10.3 | - | 2.5 |
+| rtn-w3 | rtn | fake | 3 | 64 | sym | - | - | 25.50 | - | - | 2.0 | - | 0.5 | 0.0 |
+| packed | ? | compressed-tensors pack-quantized | 4 | 64 | asym | - | - | - | - | - | - | - | - | 0.5 |
+| sq | smoothquant | fake | 8 | -1 | sym | - | A8 per-token sym | - | - | - | 3.0 | - | - | 0.0 |"""
 
 
 def test_table_across_outputs_is_exact(outputs, capsys):
@@ -159,6 +159,53 @@ def test_packed_outputs_keep_method_times_and_score(tmp_path, capsys):
     # summation order than the fake float model), so the scores agree closely but not to the last bits
     assert s.perplexities == pytest.approx(f.perplexities, rel=1e-4)
     assert (r.method, r.out_format, r.perplexities) == ("rtn", "gptq", {})  # the fake model's scores stay behind
+    # bits per weight by hand: 4 + 16/32 (fp16 scale) + 4/32 (packed zero) = 4.625; GPTQ adds a 32-bit g_idx per
+    # input column: 7 linears, 6 with K = 64 and down_proj with K = 96, over 30720 weights: +15360/30720 = 0.5
+    assert (s.bits_per_weight, f.bits_per_weight, r.bits_per_weight) == (4.625, 4.625, 5.125)
     assert main(["eval", str(repacked), "--data", str(text), "--seqlen", "128", "--max-windows", "2", "--record",
                  "--device", "cpu"]) == 0
     assert set(read_output(repacked).perplexities) == {"text.txt 2x128"}
+
+
+@pytest.mark.parametrize("bits, group, sym, fmt, per_weight", [
+    (4, 128, False, "fake", 4 + 16 / 128 + 4 / 128),  # codes, fp16 scale, packed 4-bit zero per group
+    (4, 128, True, "compressed-tensors", 4 + 16 / 128),  # symmetric: no zero point stored
+    (4, 128, True, "gptq", 4 + 16 / 128 + 4 / 128 + 32 / 256),  # qzeros always, g_idx 32 bits per column (N=256)
+    (4, 128, False, "awq", 4 + 16 / 128 + 4 / 128),
+    (4, 32, True, "gguf", 4.5),  # Q4_0
+    (4, 32, False, "gguf", 5.0),  # Q4_1: fp16 scale and fp16 minimum per 32
+    (8, 32, True, "gguf", 8.5),  # Q8_0
+    (3, -1, False, "fake", 3 + 16 / 512 + 3 / 512),  # per channel: one group of K = 512
+])
+def test_bits_per_weight_by_hand(bits, group, sym, fmt, per_weight):
+    from tritonq.engine.bits import linear_bits
+    from tritonq.engine.grid import GridSpec
+
+    rows, cols = 256, 512
+    assert linear_bits(GridSpec(bits, group, sym), rows, cols, fmt) == pytest.approx(per_weight * rows * cols,
+                                                                                     abs=1e-9)
+
+
+def test_average_bits_weights_each_linear_by_its_size_and_counts_float_as_16():
+    from tritonq.engine.bits import average_bits
+    from tritonq.engine.grid import GridSpec
+    from tritonq.errors import TritonqError
+
+    shapes = {"a": (64, 128), "b": (32, 64), "c": (64, 64)}
+    grids = {"a": GridSpec(4, 64, False), "b": GridSpec(8, -1, True)}  # c: left in float
+    a = 64 * 128 * (4 + 16 / 64 + 4 / 64)
+    b = 32 * 64 * (8 + 16 / 64)
+    c = 64 * 64 * 16
+    assert average_bits(grids, shapes) == pytest.approx((a + b + c) / (64 * 128 + 32 * 64 + 64 * 64))
+    with pytest.raises(TritonqError, match="cannot count bits for format 'exl2'"):
+        average_bits(grids, shapes, "exl2")
+
+
+def test_plot_series_use_average_bits_where_an_output_gives_them():
+    from tritonq.bench.plots import perplexity_series
+    from tritonq.engine.evaluation.report import OutputSummary
+
+    mixed = OutputSummary(Path("mix"), "recipe", 3, 64, False, "", "fake", perplexities={"wiki": 40.0},
+                          bits_per_weight=3.432)
+    uniform = OutputSummary(Path("w3"), "recipe", 3, 64, False, "", "fake", perplexities={"wiki": 55.0})
+    assert perplexity_series([mixed, uniform]) == {"wiki": {"recipe": [(3, 55.0), (3.432, 40.0)]}}

@@ -10,16 +10,29 @@ A ``tritonq quantize`` output keeps its settings, stage times (``seconds``) and,
 Packed outputs of ``tritonq quantize --format F`` and ``tritonq pack`` keep the source's ``quantization.json``
 (marked ``"format": F``); for packed checkpoints from elsewhere the grid is read from the
 ``quantization_config`` of ``config.json`` and the method is unknown. Nothing here loads a model.
+
+The ``bits/weight`` column is ``engine/bits.py``'s count over the blocks' linears (codes, scales, zeros as the
+output's format stores them, 16 bits for a float linear), with the linears' shapes from a meta skeleton of
+``config.json`` and each one's grid from the run's record: a recipe's ``recipe.layers``, a fake output's
+``quant_params.safetensors``, or a packed ``quantization_config`` (config groups, GPTQModel ``dynamic``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ...errors import TritonqError
+from ..bits import FORMATS, average_bits, block_linear_shapes
+from ..formats.base import method_of
+from ..formats.checkpoint import layer_grids
+from ..formats.ct_library import matches
+from ..formats.records import QUANT_PARAMS
+from ..formats.store import TensorStore
+from ..grid import GridSpec
 from ..outputs import QUANT_JSON, atomic_write, read_json_object, read_quantization_json
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")  # what counts as weights on disk
@@ -42,6 +55,7 @@ class OutputSummary:
     task_scores: dict[str, float] = field(default_factory=dict)  # "task setting metric" -> value
     seconds: dict[str, float] = field(default_factory=dict)
     weight_bytes: int = 0
+    bits_per_weight: float | None = None  # average over the blocks' linear weights, scales and zeros counted (bits.py)
 
 
 def record_evaluation(directory: str | os.PathLike, kind: str, label: str, record: dict,
@@ -139,7 +153,80 @@ def read_output(directory: str | os.PathLike) -> OutputSummary:
                 summary.task_scores[f"{label} {metric}"] = float(value)
     summary.seconds = {k: float(v) for k, v in _dict(meta.get("seconds")).items() if isinstance(v, int | float)}
     summary.weight_bytes = weight_bytes(path)
+    summary.bits_per_weight = output_bits_per_weight(path, meta)
     return summary
+
+
+def output_bits_per_weight(path: Path, meta: dict) -> float | None:
+    """Average bits per weight of an output (``engine/bits.py`` counts them: codes, fp16 scales, zeros as the
+    format stores them, 16 bits for a linear left in float), over its blocks' linears; None where the output does
+    not say which linears it quantized on which grid, or its config does not build."""
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        return None
+    config = read_json_object(config_path, "restore the checkpoint's config.json")
+    qconfig = _dict(config.get("quantization_config"))
+    try:
+        shapes = block_linear_shapes(config)
+        grids, fmt = _layer_grids(path, meta, qconfig, list(shapes))
+    except (TritonqError, ValueError, KeyError, TypeError):  # not a config transformers builds, or odd records
+        return None
+    return None if grids is None else round(average_bits(grids, shapes, fmt), 4)
+
+
+def _layer_grids(path: Path, meta: dict, qconfig: dict, names: list[str]) -> tuple[dict | None, str]:
+    """Every quantized linear's grid (the others stay float) and the format to count for."""
+    fmt = str(meta.get("format", "fake")) if meta else _format_of(qconfig)
+    recipe = _dict(meta.get("recipe"))
+    if isinstance(recipe.get("layers"), dict):  # a recipe run records each linear's scheme
+        return {n: None if s.get("skip") else GridSpec(int(s["bits"]), int(s["group_size"]), bool(s["sym"]))
+                for n, s in recipe["layers"].items()}, fmt
+    if meta and isinstance(meta.get("layers"), list) and "bits" in meta:
+        run = GridSpec(int(meta["bits"]), int(meta.get("group_size", 128)), bool(meta.get("sym", False)))
+        if (path / QUANT_PARAMS).is_file():  # a fake output keeps each layer's grid
+            return layer_grids(TensorStore(path, QUANT_PARAMS), list(meta["layers"]), run), fmt
+        if qconfig:
+            return _config_grids(qconfig, list(meta["layers"])), fmt
+        return dict.fromkeys(meta["layers"], run), fmt
+    if qconfig and fmt in FORMATS:
+        return _config_grids(qconfig, names), fmt
+    return None, fmt
+
+
+def _format_of(qconfig: dict) -> str:
+    method = method_of(qconfig)
+    return str(qconfig.get("checkpoint_format") or "gptq") if method == "gptq" else method
+
+
+def _config_grids(qconfig: dict, names: list[str]) -> dict[str, GridSpec]:
+    """Each named linear's grid from a packed ``quantization_config``: compressed-tensors config groups (first
+    group targeting it; ``ignore`` stays float), GPTQModel ``dynamic`` (first match; ``-:`` stays float), AWQ's
+    ``modules_to_not_convert``."""
+    grids = {}
+    groups = _dict(qconfig.get("config_groups"))
+    ignore = list(qconfig.get("ignore") or qconfig.get("modules_to_not_convert") or [])
+    bits, group, sym = qconfig.get("bits", qconfig.get("w_bit")), qconfig.get("group_size"), qconfig.get("sym")
+    for name in names:
+        if matches(name, ignore, linear=False) or any(name.startswith(m + ".") or name == m for m in ignore):
+            continue
+        if groups:
+            w = next((_dict(g.get("weights")) for g in groups.values() if matches(name, g.get("targets") or
+                                                                                  ["Linear"], linear=True)), None)
+            if w:
+                grids[name] = GridSpec(int(w["num_bits"]), -1 if w.get("strategy") == "channel" else
+                                       int(w["group_size"]), bool(w.get("symmetric")))
+            continue
+        spec = (int(bits), int(group), bool(True if sym is None else sym)) if qconfig.get("quant_method") != "awq" \
+            else (4, int(qconfig.get("group_size", qconfig.get("q_group_size"))), False)
+        for pattern, override in _dict(qconfig.get("dynamic")).items():
+            if re.match(pattern.removeprefix("+:").removeprefix("-:"), name):
+                spec = None if pattern.startswith("-:") else (int(override.get("bits", spec[0])),
+                                                              int(override.get("group_size", spec[1])),
+                                                              bool(override.get("sym", spec[2])))
+                break
+        if spec is not None:
+            grids[name] = GridSpec(*spec)
+    return grids
 
 
 def _union(dicts) -> list[str]:
@@ -158,18 +245,20 @@ def _cell(value) -> str:
 
 
 def markdown_table(summaries: list[OutputSummary]) -> str:
-    """One row per output: grid, scores (perplexity, lm-eval metrics), stage seconds, weight size in MiB.
+    """One row per output: grid, average bits per weight (scales and zeros counted), scores (perplexity, lm-eval
+    metrics), stage seconds, weight size in MiB.
 
     Columns are the union over all outputs, in order of first appearance; a missing value is ``-``."""
     ppl_keys = _union(s.perplexities for s in summaries)
     task_keys = _union(s.task_scores for s in summaries)
     time_keys = _union(s.seconds for s in summaries)
-    header = (["output", "method", "format", "bits", "group", "grid", "activations"]
+    header = (["output", "method", "format", "bits", "group", "grid", "bits/weight", "activations"]
               + [f"ppl {k}" for k in ppl_keys] + task_keys + [f"{k} s" for k in time_keys] + ["weights MiB"])
     rows = []
     for s in summaries:
         rows.append([s.path.name or str(s.path), s.method, s.out_format, _cell(s.bits), _cell(s.group_size),
-                     _cell(s.sym), s.activations or "-"]
+                     _cell(s.sym), "-" if s.bits_per_weight is None else f"{s.bits_per_weight:.3f}",
+                     s.activations or "-"]
                     + [f"{s.perplexities[k]:.2f}" if k in s.perplexities else "-" for k in ppl_keys]
                     + [f"{s.task_scores[k]:.4f}" if k in s.task_scores else "-" for k in task_keys]
                     + [f"{s.seconds[k]:.1f}" if k in s.seconds else "-" for k in time_keys]

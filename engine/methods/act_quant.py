@@ -56,12 +56,15 @@ class WithActivationQuant(Method):
     def scope(self) -> str:  # type: ignore[override]
         return self.inner.scope
 
+    def block_scope(self, index: int) -> str:
+        return self.inner.block_scope(index)
+
     @property
     def float_targets(self) -> bool:  # type: ignore[override]
         return self.inner.float_targets
 
-    def block_prepass(self) -> Method | None:
-        return self.inner.block_prepass()
+    def block_prepass(self, index: int) -> Method | None:
+        return self.inner.block_prepass(index)
 
     @property
     def data_parallel(self) -> str:  # type: ignore[override]
@@ -82,7 +85,7 @@ class WithActivationQuant(Method):
     def act_order_groups(self) -> str | None:
         return self.inner.act_order_groups()
 
-    def layer_grid(self, name: str, spec: GridSpec) -> GridSpec:
+    def layer_grid(self, name: str, spec: GridSpec) -> GridSpec | None:
         return self.inner.layer_grid(name, spec)
 
     def prepare(self, model: nn.Module, adapter: Adapter) -> None:

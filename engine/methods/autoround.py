@@ -162,7 +162,7 @@ class AutoRound(Method):
     def float_targets(self) -> bool:  # type: ignore[override]
         return self.options.target == "float"
 
-    def block_prepass(self) -> Method | None:
+    def block_prepass(self, index: int) -> Method | None:
         return _AWQScales(self) if self.options.init == "awq" else None
 
     def quantize_block(self, block: BlockGroup) -> list[LayerResult]:

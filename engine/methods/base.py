@@ -12,7 +12,7 @@ propagation (activation quantization). The pipeline knows nothing else about a m
 Two further doors: ``prepare(model, adapter)`` runs once on the whole float model before calibration (the
 block inputs are captured after it), and a method with ``scope = "block"`` is handed whole blocks instead of
 linear groups: ``quantize_block(block)`` gets the block, its calibration inputs and the float block's outputs
-on them (``groups.BlockGroup``), with autograd enabled when ``needs_grad``; ``block_prepass()`` may name a
+on them (``groups.BlockGroup``), with autograd enabled when ``needs_grad``; ``block_prepass(index)`` may name a
 group-scope method that runs on the block first (AutoRound's ``--init awq``: AWQ's scales, folded).
 
 Several ranks (``engine/distributed.py``): each rank observes its own share of the calibration windows, then
@@ -91,16 +91,21 @@ class Method:
         before reordering: the default ``g_idx``) or ``"dynamic"`` (groups follow the permuted order)."""
         return None
 
-    def layer_grid(self, name: str, spec: GridSpec) -> GridSpec:
-        """The grid of linear ``name`` (the model's full name) given the run's ``spec``: mixed precision."""
+    def layer_grid(self, name: str, spec: GridSpec) -> GridSpec | None:
+        """The grid of linear ``name`` (the model's full name) given the run's ``spec``: mixed precision. None leaves
+        the linear in float (a recipe's ``skip``): the pipeline passes its group by, the formats keep it float."""
         return spec
 
-    def block_prepass(self) -> Method | None:
-        """A block-scope method's first step on each block: a group-scope method the pipeline runs on the block in
+    def block_prepass(self, index: int) -> Method | None:
+        """A block-scope method's first step on block ``index``: a group-scope method the pipeline runs on it in
         its staged loop before ``quantize_block`` (e.g. AWQ's scale search and fold, which needs the per-group
         observations). Its folds stay, and the weights it returns are written, so it returns the (folded) float
         weights the block method starts from. Default: none."""
         return None
+
+    def block_scope(self, index: int) -> str:
+        """The scope of block ``index`` (``"group"`` or ``"block"``); a recipe mixes them across blocks."""
+        return self.scope
 
     def prepare(self, model: nn.Module, adapter: Adapter) -> None:
         """A model-level step before calibration (e.g. a rotation of the residual stream); default: nothing."""
