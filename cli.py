@@ -110,8 +110,9 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
             if "choices" in meta:
                 p.add_argument(flag, dest=method_flag_dest(f.name), nargs="?", const=meta.get("const"),
                                choices=meta["choices"], default=None, help=text)
-            elif kind == "bool":
-                p.add_argument(flag, dest=method_flag_dest(f.name), action="store_true", default=None, help=text)
+            elif kind == "bool":  # --flag / --no-flag: a default of True must be possible to turn off
+                p.add_argument(flag, dest=method_flag_dest(f.name), action=argparse.BooleanOptionalAction,
+                               default=None, help=text)
             else:
                 conv = int if kind == "int" else float if kind == "float" else str
                 p.add_argument(flag, dest=method_flag_dest(f.name), type=conv, default=None, help=text)
