@@ -71,8 +71,10 @@ def test_table_from_log_reports_mean_sd_and_the_first_windows(tmp_path, capsys):
                                              (["--no-act-order-col"], {"act_order_col": False}),
                                              (["--no-block-v", "--qparam", "minmax"],
                                               {"block_v": False, "qparam": "minmax"}),
+                                             (["--method", "awq", "--no-clip"], {"no_clip": True}),
                                              ([], {})])
 def test_boolean_options_can_be_turned_off(flags, expected):
+    # a --method among the flags overrides boa
     args = build_parser().parse_args(["quantize", "--method", "boa", "--output", "out", *flags])
     assert method_options_from_args(args) == expected
 
