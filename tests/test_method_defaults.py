@@ -85,3 +85,24 @@ def test_gptq_defaults_passes_its_settings_on_rewritten(monkeypatch):
     gptq_defaults.main(["--bits", "3", "--settings", "rtn", "static:0.1", "--seeds", "0"])
     assert seen[-1] == ["--method", "gptq", "--bits", "3", "--settings", "rtn", "gptq:act_order=static,damp=0.1",
                         "--seeds", "0"]
+
+
+def test_boa_default_run_is_the_chosen_setting(tiny_dir, tmp_path):
+    """The default BoA run changed on purpose (issue 22): it equals ``--act-order-col --block-v`` byte for byte and
+    differs from the old default, now ``--no-act-order-col --no-block-v``."""
+    import hashlib
+
+    from tritonq.cli import main
+
+    calib = tmp_path / "calib.txt"
+    words = [random.choice(["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta"]) for _ in range(2000)]
+    calib.write_text(" ".join(words), encoding="utf-8")
+    digests = {}
+    for run, flags in {"default": [], "chosen": ["--act-order-col", "--block-v"],
+                       "old": ["--no-act-order-col", "--no-block-v"]}.items():
+        out = tmp_path / run
+        assert main(["quantize", "--model", str(tiny_dir), "--calib", str(calib), "--nsamples", "4", "--seqlen", "64",
+                     "--group-size", "32", "--device", "cpu", "--no-progress", "--method", "boa", "--output",
+                     str(out), *flags]) == 0
+        digests[run] = hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
+    assert digests["default"] == digests["chosen"] != digests["old"]
