@@ -18,7 +18,7 @@ from tritonq.errors import TritonqError
 
 
 def _opts(**overrides) -> BoAOptions:
-    return BoAOptions(**{"damp": 0.01, "row_damp": 0.01, **overrides})
+    return BoAOptions(**{"damp": 0.01, "row_damp": 0.01, "qparam": "minmax", **overrides})  # the oracles' grid
 
 
 def _heads(heads=3, rows=8, d=48, seed=0):
@@ -264,3 +264,18 @@ def test_block_v_hessians_equal_those_from_the_models_causal_attention(tmp_path,
         quantize_blocks(model, adapter_for(model.config), method, GridSpec(bits=4, group_size=32),
                         torch.device("cpu"), [ids], progress=False)
     torch.testing.assert_close(method.value.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("group, rule", [(-1, "hessian"), (16, "minmax")])
+def test_auto_grid_is_the_hessian_search_per_channel_and_minmax_with_groups(group, rule):
+    """``--qparam auto`` (the default since issue 22) gives exactly the result of the rule it stands for, and
+    that result differs from the other rule's (so the choice is not a no-op)."""
+    seed = int(torch.randint(0, 10_000, ()))
+    w, h_col, h_row = _heads(heads=2, rows=6, d=64, seed=seed)
+    spec = GridSpec(bits=3, group_size=group)
+    assert BoAOptions().grid_rule(spec) == rule and BoAOptions(qparam="mmse").grid_rule(spec) == "mmse"
+    auto = boa_solve(w, h_col, h_row, spec, _opts(qparam="auto"), "layer")
+    named = boa_solve(w, h_col, h_row, spec, _opts(qparam=rule), "layer")
+    other = boa_solve(w, h_col, h_row, spec, _opts(qparam="minmax" if rule == "hessian" else "hessian"), "layer")
+    assert torch.equal(auto.weight, named.weight) and torch.equal(auto.scale, named.scale)
+    assert not torch.equal(auto.scale, other.scale)

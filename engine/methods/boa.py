@@ -30,7 +30,8 @@ solve and stay fixed (the static-group rule with ``--group-size``, which upstrea
 instead fits groups lazily). They apply to q/k/v; o_proj and the MLP keep GPTQ's grid (min-max, or the
 shrink search of ``--mse``). ``minmax`` is the spec's grid (so ``--mse`` applies there too); ``mmse`` and
 ``hessian`` are upstream's 200 candidates (shrink ``1 - k/100``, zero floored and ceiled) scored by
-``sum |q - w|^2.4`` or by ``(q - w) H_col (q - w)^T`` on the group's diagonal block of the damped ``H_col``.
+``sum |q - w|^2.4`` or by ``(q - w) H_col (q - w)^T`` on the group's diagonal block of the damped ``H_col``;
+``auto`` (the default) is ``hessian`` per channel and ``minmax`` with groups.
 
 Where we differ from the released code: column act-order and ``--block-v`` are on by default, chosen on
 calibration-side evidence (bench/RESULTS.md, issue 22); damping defaults to GPTQ's tritonq default (0.1) on
@@ -62,7 +63,7 @@ if TYPE_CHECKING:
     from ..distributed import Collective
     from ..groups import Group
 
-QPARAMS = ("minmax", "mmse", "hessian")
+QPARAMS = ("auto", "minmax", "mmse", "hessian")
 SHRINK_STEPS = 100  # upstream's candidate ranges p = 1 - k/100, k = 0..99
 SEARCH_NORM = 2.4  # GPTQ's error norm, used by the mmse score
 ROW_BLOCK = 16  # rows per call of the row sweep; one batched GEMM carries their residuals to the later rows
@@ -72,15 +73,16 @@ ROPE_CHUNK = 256  # positions per chunk of the RoPE average
 
 @dataclass(frozen=True)
 class BoAOptions:
-    # act_order_col and block_v default on: chosen on held-out pydoc and the Vim manual over three seeds, as
-    # GPTQ's defaults were (bench/RESULTS.md, "Defaults chosen on calibration-side evidence"; --no-FLAG turns off)
+    # act_order_col, block_v and qparam=auto: chosen on held-out pydoc and the Vim manual at 3 bits, as GPTQ's
+    # defaults were (bench/RESULTS.md, "Defaults chosen on calibration-side evidence"; --no-FLAG turns a flag off)
     act_order_col: bool = field(default=True, metadata={
         "help": "quantize columns by decreasing input-Hessian diagonal (grids stay on the original groups)"})
     act_order_row: bool = field(default=False, metadata={
         "help": "quantize each head's rows of q/k by decreasing row-Hessian diagonal"})
-    qparam: str = field(default="minmax", metadata={
-        "help": "grid per output row of q/k/v, fixed before the solve: minmax, mmse (|err|^2.4 search) or "
-                "hessian (H-weighted search)", "choices": QPARAMS, "const": "hessian"})
+    qparam: str = field(default="auto", metadata={
+        "help": "grid per output row of q/k/v, fixed before the solve: minmax, mmse (|err|^2.4 search), "
+                "hessian (H-weighted search), or auto: hessian per channel, minmax with groups",
+        "choices": QPARAMS, "const": "hessian"})
     block_v: bool = field(default=True, metadata={
         "help": "v_proj against each head's attention output (per-KV-head attention-weighted Hessians)"})
     damp: float = field(default=0.1, metadata={"help": "damping, a fraction of the mean Hessian diagonal"})
@@ -95,6 +97,13 @@ class BoAOptions:
             if not 0 < value < 10:
                 raise TritonqError(f"{flag} must be in (0, 10), got {value}")
         check_block_size(self.block_size)
+
+    def grid_rule(self, spec: GridSpec) -> str:
+        """The q/k/v grid rule for ``spec``: ``auto`` is the H-weighted search per channel, where one range spans
+        the whole row and its choice matters most, and min-max with groups (what won on calibration-side text)."""
+        if self.qparam != "auto":
+            return self.qparam
+        return "hessian" if spec.group_size == -1 else "minmax"
 
 
 def _role(name: str) -> str:
@@ -287,7 +296,8 @@ def boa_solve(weight: torch.Tensor, h_col: torch.Tensor, h_row: torch.Tensor | N
     original_h, original = h, w
     g_idx = default_g_idx(d, spec).to(w.device)
     groups = spec.groups_for(d, label)
-    scale, zero = search_grids(w.reshape(heads * rows, d), spec, options.qparam, _damped(h, options.damp), label)
+    rule = options.grid_rule(spec)
+    scale, zero = search_grids(w.reshape(heads * rows, d), spec, rule, _damped(h, options.damp), label)
     scale, zero = scale.reshape(heads, rows, groups), zero.reshape(heads, rows, groups)
 
     col_perm = None
