@@ -32,7 +32,7 @@ import statistics
 import sys
 import time
 import typing
-from dataclasses import fields
+from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +84,13 @@ def label(method: str, options: dict[str, Any]) -> str:
     the name does not change when a default does."""
     given = ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in options.items())
     return f"{method}:{given}" if given else f"{method} (defaults)"
+
+
+def _effective(method: Any) -> dict[str, Any]:
+    """Every option the run used, defaults included: the label names only those given, and a default may change
+    between runs of one sweep (issue 22 changed BoA's)."""
+    options = getattr(method, "options", None)
+    return asdict(options) if is_dataclass(options) else {}
 
 
 def _windows(ids: torch.Tensor, seqlen: int, limit: int | None) -> torch.Tensor:
@@ -160,12 +167,13 @@ def run_sweep(args: argparse.Namespace, done: list[dict]) -> list[dict]:
                     t0 = time.perf_counter()
                     quantize_blocks(model, adapter, method, spec, cpu, batches, progress=False)
                     row = {"bits": bits, "group_size": group_size, "setting": name, "seed": seed,
-                           "quantize_s": round(time.perf_counter() - t0, 1),
+                           "options": _effective(method), "quantize_s": round(time.perf_counter() - t0, 1),
                            "losses": {HELDOUT: window_losses(model, heldout)}}
                     for path, windows in checks.items():
                         row["losses"][path] = window_losses(model, windows)
                     rows.append(row)
-                    print(json.dumps({k: v for k, v in row.items() if k != "losses"}), file=sys.stderr, flush=True)
+                    print(json.dumps({k: v for k, v in row.items() if k not in ("losses", "options")}), file=sys.stderr,
+                          flush=True)
                     if args.log:
                         with open(args.log, "a") as log:
                             log.write(json.dumps(row) + "\n")
