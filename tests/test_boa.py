@@ -200,8 +200,9 @@ def _batches(vocab=256, n=4, seqlen=48, batch=2, seed=0):
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-@pytest.mark.parametrize("options", [{}, {"block_v": True, "act_order_col": True, "act_order_row": True,
-                                          "qparam": "hessian"}])
+@pytest.mark.parametrize("options", [{}, {"block_v": False, "act_order_col": False},  # the defaults before issue 22
+                                     {"block_v": True, "act_order_col": True, "act_order_row": True,
+                                      "qparam": "hessian"}])
 def test_boa_end_to_end_on_every_family(tmp_path, family, options):
     model = _load(make_family_model(tmp_path / "float", family))
     before = {n: m.weight.data.clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
