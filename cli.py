@@ -114,8 +114,10 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
             if "choices" in meta:
                 p.add_argument(flag, dest=method_flag_dest(f.name), nargs="?", const=meta.get("const"),
                                choices=meta["choices"], default=None, help=text)
-            elif kind == "bool":
-                p.add_argument(flag, dest=method_flag_dest(f.name), action="store_true", default=None, help=text)
+            elif kind == "bool":  # --flag / --no-flag: a default of True must be possible to turn off
+                negatable = not f.name.startswith("no_")  # --no-clip needs no --no-no-clip
+                action = argparse.BooleanOptionalAction if negatable else "store_true"
+                p.add_argument(flag, dest=method_flag_dest(f.name), action=action, default=None, help=text)
             else:
                 conv = int if kind == "int" else float if kind == "float" else str
                 p.add_argument(flag, dest=method_flag_dest(f.name), type=conv, default=None, help=text)

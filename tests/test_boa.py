@@ -18,7 +18,7 @@ from tritonq.errors import TritonqError
 
 
 def _opts(**overrides) -> BoAOptions:
-    return BoAOptions(**{"damp": 0.01, "row_damp": 0.01, **overrides})
+    return BoAOptions(**{"damp": 0.01, "row_damp": 0.01, "qparam": "minmax", **overrides})  # the oracles' grid
 
 
 def _heads(heads=3, rows=8, d=48, seed=0):
@@ -200,8 +200,9 @@ def _batches(vocab=256, n=4, seqlen=48, batch=2, seed=0):
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-@pytest.mark.parametrize("options", [{}, {"block_v": True, "act_order_col": True, "act_order_row": True,
-                                          "qparam": "hessian"}])
+@pytest.mark.parametrize("options", [{}, {"block_v": False, "act_order_col": False},  # the defaults before issue 22
+                                     {"block_v": True, "act_order_col": True, "act_order_row": True,
+                                      "qparam": "hessian"}])
 def test_boa_end_to_end_on_every_family(tmp_path, family, options):
     model = _load(make_family_model(tmp_path / "float", family))
     before = {n: m.weight.data.clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
@@ -264,3 +265,18 @@ def test_block_v_hessians_equal_those_from_the_models_causal_attention(tmp_path,
         quantize_blocks(model, adapter_for(model.config), method, GridSpec(bits=4, group_size=32),
                         torch.device("cpu"), [ids], progress=False)
     torch.testing.assert_close(method.value.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("group, rule", [(-1, "hessian"), (16, "minmax")])
+def test_auto_grid_is_the_hessian_search_per_channel_and_minmax_with_groups(group, rule):
+    """``--qparam auto`` (the default since issue 22) gives exactly the result of the rule it stands for, and
+    that result differs from the other rule's (so the choice is not a no-op)."""
+    seed = int(torch.randint(0, 10_000, ()))
+    w, h_col, h_row = _heads(heads=2, rows=6, d=64, seed=seed)
+    spec = GridSpec(bits=3, group_size=group)
+    assert BoAOptions().grid_rule(spec) == rule and BoAOptions(qparam="mmse").grid_rule(spec) == "mmse"
+    auto = boa_solve(w, h_col, h_row, spec, _opts(qparam="auto"), "layer")
+    named = boa_solve(w, h_col, h_row, spec, _opts(qparam=rule), "layer")
+    other = boa_solve(w, h_col, h_row, spec, _opts(qparam="minmax" if rule == "hessian" else "hessian"), "layer")
+    assert torch.equal(auto.weight, named.weight) and torch.equal(auto.scale, named.scale)
+    assert not torch.equal(auto.scale, other.scale)

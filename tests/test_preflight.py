@@ -85,7 +85,7 @@ def test_dynamic_act_order_to_gguf_fails_before_calibration(gguf_model, tmp_path
 
 def test_every_method_declares_its_act_order_groups():
     expected = {"gptq": "static", "awrq": "static", "awq+gptq": "static", "rtn": None, "awq": None, "dh-awq": None,
-                "smoothquant": None, "boa": None, "aboa": None, "autoround": None}  # the defaults
+                "smoothquant": None, "boa": "static", "aboa": "static", "autoround": None}  # the defaults (BoA's column act-order)
     assert {name: make_method(name).act_order_groups() for name in METHODS} == expected
     for name in ("gptq", "awrq", "awq+gptq"):
         for order in ("dynamic", "static", None):
@@ -96,7 +96,7 @@ def test_every_method_declares_its_act_order_groups():
     assert "act_order_groups" not in AWQGPTQ(AWQGPTQOptions(act_order="dynamic")).describe()  # same bytes as before
     for name in ("boa", "aboa"):  # column act-order keeps every group's grid: static groups, trivial g_idx
         assert make_method(name, {"act_order_col": True}).act_order_groups() == "static"
-        assert make_method(name, {"act_order_row": True}).act_order_groups() is None
+        assert make_method(name, {"act_order_row": True, "act_order_col": False}).act_order_groups() is None
 
 
 class _Toy(Method):

@@ -140,7 +140,8 @@ def rescale_statistics(stats: AttentionStats | HessianAccumulator, scale: torch.
 
 class ABoA(AWQ):
     name = "aboa"
-    summary = "A-BoA: AWQ-style scales (searched, folded exactly, GQA-tied v -> o), then BoA on the scaled block"
+    summary = ("A-BoA: AWQ-style scales (searched, folded exactly, GQA-tied v -> o), then BoA on the scaled block; "
+               "not better than plain awq at 3 bits on SmolLM2-135M (bench/RESULTS.md)")
     Options = ABoAOptions
 
     def __init__(self, options: Any = None) -> None:

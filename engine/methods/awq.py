@@ -232,7 +232,8 @@ class AWQGPTQ(AWQ):
     (``H / (s s^T)``); GPTQ itself is :func:`tritonq.engine.methods.gptq.solve`."""
 
     name = "awq+gptq"
-    summary = "AWQ scales (folded, no clip), then GPTQ on the scaled weights"
+    summary = ("AWQ scales (folded, no clip), then GPTQ on the scaled weights; loses to plain awq on SmolLM2-135M "
+               "(3 bits g64: 47.12 vs 41.57, bench/RESULTS.md)")
     Options = AWQGPTQOptions
 
     def act_order_groups(self) -> str | None:

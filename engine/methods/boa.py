@@ -19,9 +19,9 @@ this is exactly dense GPTQ on the Kronecker Hessian (tested against a float64 tr
 q and k share ``U_col`` and are one batch. On CUDA the sweep of a block of rows runs in one Triton launch
 and the cross-row compensation of the block is one batched matrix product (``kernels/boa_rows.py``).
 
-v_proj is one-sided GPTQ on ``H_col``, or with ``--block-v`` on per-KV-head Hessians of the
-attention-weighted inputs ``A_h X`` averaged over the group's query heads (boa.md §3), accumulated in
-chunks of query positions so the ``[heads, L, L]`` probabilities never exist at once; the causal mask is
+v_proj is one-sided GPTQ on ``H_col`` (``--no-block-v``), or with ``--block-v`` (the default) on per-KV-head
+Hessians of the attention-weighted inputs ``A_h X`` averaged over the group's query heads (boa.md §3), accumulated
+in chunks of query positions so the ``[heads, L, L]`` probabilities never exist at once; the causal mask is
 applied explicitly (boa.md §9.1; sliding windows are not applied: they only matter beyond the window,
 longer than our calibration windows). o_proj and the MLP are GPTQ through :func:`.gptq.solve`.
 
@@ -30,12 +30,14 @@ solve and stay fixed (the static-group rule with ``--group-size``, which upstrea
 instead fits groups lazily). They apply to q/k/v; o_proj and the MLP keep GPTQ's grid (min-max, or the
 shrink search of ``--mse``). ``minmax`` is the spec's grid (so ``--mse`` applies there too); ``mmse`` and
 ``hessian`` are upstream's 200 candidates (shrink ``1 - k/100``, zero floored and ceiled) scored by
-``sum |q - w|^2.4`` or by ``(q - w) H_col (q - w)^T`` on the group's diagonal block of the damped ``H_col``.
+``sum |q - w|^2.4`` or by ``(q - w) H_col (q - w)^T`` on the group's diagonal block of the damped ``H_col``;
+``auto`` (the default) is ``hessian`` per channel and ``minmax`` with groups.
 
-Where we differ from the released code: damping defaults to GPTQ's tritonq default (0.1) on ``H_col`` and
-upstream's 0.01 on ``H_row``; dead inputs get ``H_jj = 1`` as in GPTQ (upstream uses 1/seqlen: the value
-is immaterial because the weight column is zeroed); Cholesky failures retry with more damping a bounded
-number of times (boa.md §9.4).
+Where we differ from the released code: column act-order and ``--block-v`` are on by default, chosen on
+calibration-side evidence (bench/RESULTS.md, issue 22); damping defaults to GPTQ's tritonq default (0.1) on
+``H_col`` and upstream's 0.01 on ``H_row``; dead inputs get ``H_jj = 1`` as in GPTQ (upstream uses 1/seqlen:
+the value is immaterial because the weight column is zeroed); Cholesky failures retry with more damping a
+bounded number of times (boa.md §9.4).
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ if TYPE_CHECKING:
     from ..distributed import Collective
     from ..groups import Group
 
-QPARAMS = ("minmax", "mmse", "hessian")
+QPARAMS = ("auto", "minmax", "mmse", "hessian")
 SHRINK_STEPS = 100  # upstream's candidate ranges p = 1 - k/100, k = 0..99
 SEARCH_NORM = 2.4  # GPTQ's error norm, used by the mmse score
 ROW_BLOCK = 16  # rows per call of the row sweep; one batched GEMM carries their residuals to the later rows
@@ -71,14 +73,17 @@ ROPE_CHUNK = 256  # positions per chunk of the RoPE average
 
 @dataclass(frozen=True)
 class BoAOptions:
-    act_order_col: bool = field(default=False, metadata={
+    # act_order_col, block_v and qparam=auto: chosen on held-out pydoc and the Vim manual at 3 bits, as GPTQ's
+    # defaults were (bench/RESULTS.md, "Defaults chosen on calibration-side evidence"; --no-FLAG turns a flag off)
+    act_order_col: bool = field(default=True, metadata={
         "help": "quantize columns by decreasing input-Hessian diagonal (grids stay on the original groups)"})
     act_order_row: bool = field(default=False, metadata={
         "help": "quantize each head's rows of q/k by decreasing row-Hessian diagonal"})
-    qparam: str = field(default="minmax", metadata={
-        "help": "grid per output row of q/k/v, fixed before the solve: minmax, mmse (|err|^2.4 search) or "
-                "hessian (H-weighted search)", "choices": QPARAMS, "const": "hessian"})
-    block_v: bool = field(default=False, metadata={
+    qparam: str = field(default="auto", metadata={
+        "help": "grid per output row of q/k/v, fixed before the solve: minmax, mmse (|err|^2.4 search), "
+                "hessian (H-weighted search), or auto: hessian per channel, minmax with groups",
+        "choices": QPARAMS, "const": "hessian"})
+    block_v: bool = field(default=True, metadata={
         "help": "v_proj against each head's attention output (per-KV-head attention-weighted Hessians)"})
     damp: float = field(default=0.1, metadata={"help": "damping, a fraction of the mean Hessian diagonal"})
     row_damp: float = field(default=0.01, metadata={
@@ -92,6 +97,13 @@ class BoAOptions:
             if not 0 < value < 10:
                 raise TritonqError(f"{flag} must be in (0, 10), got {value}")
         check_block_size(self.block_size)
+
+    def grid_rule(self, spec: GridSpec) -> str:
+        """The q/k/v grid rule for ``spec``: ``auto`` is the H-weighted search per channel, where one range spans
+        the whole row and its choice matters most, and min-max with groups (what won on calibration-side text)."""
+        if self.qparam != "auto":
+            return self.qparam
+        return "hessian" if spec.group_size == -1 else "minmax"
 
 
 def _role(name: str) -> str:
@@ -284,7 +296,8 @@ def boa_solve(weight: torch.Tensor, h_col: torch.Tensor, h_row: torch.Tensor | N
     original_h, original = h, w
     g_idx = default_g_idx(d, spec).to(w.device)
     groups = spec.groups_for(d, label)
-    scale, zero = search_grids(w.reshape(heads * rows, d), spec, options.qparam, _damped(h, options.damp), label)
+    rule = options.grid_rule(spec)
+    scale, zero = search_grids(w.reshape(heads * rows, d), spec, rule, _damped(h, options.damp), label)
     scale, zero = scale.reshape(heads, rows, groups), zero.reshape(heads, rows, groups)
 
     col_perm = None
@@ -378,7 +391,8 @@ def _one_thread(active: bool) -> Iterator[None]:
 
 class BoA(Method):
     name = "boa"
-    summary = "BoA: attention-aware two-sided GPTQ for q/k, GPTQ elsewhere (Kim et al. 2025)"
+    summary = ("BoA: attention-aware two-sided GPTQ for q/k, GPTQ elsewhere (Kim et al. 2025); at 4 bits no better "
+               "than GPTQ on SmolLM2-135M (bench/RESULTS.md)")
     Options = BoAOptions
     data_parallel = "replicated"  # q and k are solved together: every rank runs the same solve on reduced stats
 

@@ -171,7 +171,8 @@ class _MeanObserver:
 
 class DHAWQ(AWQ):
     name = "dh-awq"
-    summary = "dynamic-heuristic AWQ: L2-salience scales (folded) + mean-error-cancelling code flips (FPRAG)"
+    summary = ("dynamic-heuristic AWQ: L2-salience scales (folded) + mean-error-cancelling code flips (FPRAG); "
+               "loses to plain awq on SmolLM2-135M (3 bits g64: 44.41 vs 41.57, bench/RESULTS.md)")
     Options = DHAWQOptions
     moments = ("sq", "sum")  # E[x^2] salience and the mean input E[x]
 
