@@ -8,7 +8,7 @@ Two protocols:
   perplexity on ``--eval`` (WikiText-2 test, first ``--eval-windows`` windows of 2048).
 
 For each seed: one scoring pass, then one quantized copy of the float model per row: the allocation under each
-``--scorings``, the "first and last k blocks at the high width, the rest at the low one" heuristic with the largest
+``--runs``, the "first and last k blocks at the high width, the rest at the low one" heuristic with the largest
 ``k`` whose average bits stay within the budget (``auto_bits.heuristic_choices``), and with ``--uniform`` the
 uniform GPTQ runs at the low and high widths. Each row prints as one JSON line on stderr when done.
 
@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calib", default="pydoc")
     p.add_argument("--avg-bits", type=float, default=3.5)
     p.add_argument("--candidates", default="gptq:2,gptq:3,gptq:4")
-    p.add_argument("--scorings", nargs="+", default=["absolute", "relative"])
+    p.add_argument("--runs", nargs="+", default=["absolute", "relative"],
+                   help="allocations to run: SCORING or SCORING@CANDIDATES (a subset of --candidates)")
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--nsamples", type=int, default=32)
@@ -86,12 +87,15 @@ def main(argv: list[str] | None = None) -> int:
         windows = calibration_windows(calib_ids, args.nsamples, args.seqlen, seed, args.calib)
         batches = list(torch.split(windows, 8))
         t0 = time.perf_counter()
-        groups = score_candidates(args.model, torch.float32, cpu, spec, candidates, batches, progress=False)
+        groups = score_candidates(args.model, torch.float32, cpu, spec, candidates, batches, progress=False,
+                                  fisher_pass=any(r.startswith("fisher") for r in args.runs))
         print(json.dumps({"seed": seed, "scoring_s": round(time.perf_counter() - t0, 1)}), file=sys.stderr, flush=True)
-        for scoring in args.scorings:
-            plan = plan_from_scores(groups, candidates, args.avg_bits, scoring, spec)
-            run(make_method("auto", {"avg_bits": args.avg_bits, "candidates": args.candidates, "plan": plan}), batches,
-                {"seed": seed, "run": f"auto {scoring}", "avg_bits": plan["achieved_avg_bits"],
+        for item in args.runs:
+            scoring, _, subset = item.partition("@")
+            subset = subset or args.candidates
+            plan = plan_from_scores(groups, parse_candidates(subset), args.avg_bits, scoring, spec)
+            run(make_method("auto", {"avg_bits": args.avg_bits, "candidates": subset, "plan": plan}), batches,
+                {"seed": seed, "run": f"auto {scoring} {subset}", "avg_bits": plan["achieved_avg_bits"],
                  "chosen": plan["chosen"]})
         if not args.no_heuristic:
             options = [GroupOption(g.names, g.shapes, {}) for g in groups]

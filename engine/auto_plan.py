@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from ..errors import TritonqError
 from .auto_bits import GroupOption, allocate, allocation_recipe, check_budget, parse_candidates
@@ -50,7 +51,7 @@ def plan_auto(opts: Any) -> Any:
                         default_group=opts.group_size is None, act_bits=opts.act_bits, act_scheme=opts.act_scheme,
                         act_sym=opts.act_sym, out_format=opts.out_format, tokenizer=tokenizer, device=device,
                         dtype=dtype, trust_remote_code=opts.trust_remote_code)
-    spec = run.spec
+    spec = dataclasses.replace(run.spec, bits=max(c.bits for c in candidates))  # group size resolved by preflight
     check_budget(auto.avg_bits, candidates, spec.group_size, spec.sym, list(run.widths.values()))
 
     t0 = time.perf_counter()
@@ -59,7 +60,7 @@ def plan_auto(opts: Any) -> Any:
                                   corpus.source)
     batches = list(torch.split(windows, opts.calib_batch))
     groups = score_candidates(opts.model, dtype, device, spec, candidates, batches, opts.progress,
-                              opts.trust_remote_code)
+                              opts.trust_remote_code, fisher_pass=auto.scoring == "fisher")
     plan = plan_from_scores(groups, candidates, auto.avg_bits, auto.scoring, spec)
     plan["scoring_seconds"] = round(time.perf_counter() - t0, 3)
     if opts.progress:
@@ -71,17 +72,63 @@ def plan_auto(opts: Any) -> Any:
 
 def score_candidates(model_name: str, dtype: torch.dtype, device: torch.device, spec: GridSpec,
                      candidates: tuple, batches: list[torch.Tensor], progress: bool = True,
-                     trust_remote_code: bool = False) -> list[GroupScores]:
-    """Every candidate's error on every group of the float model (``methods/auto.py``), block by block."""
+                     trust_remote_code: bool = False, fisher_pass: bool = False) -> list[GroupScores]:
+    """Every candidate's error on every group of the float model (``methods/auto.py``), block by block; with
+    ``fisher_pass``, first the loss gradients on every linear's outputs (:func:`output_fisher`)."""
     from .adapters import adapter_for
     from .pipeline import quantize_blocks
 
     model = load_model(model_name, dtype, trust_remote_code)
-    scorer = CandidateScorer(candidates)
+    adapter = adapter_for(model.config)
+    fisher = output_fisher(model, adapter, batches, device, progress) if fisher_pass else None
+    scorer = CandidateScorer(candidates, fisher)
     scorer.name = "auto scoring"  # the progress bar's label
-    quantize_blocks(model, adapter_for(model.config), scorer, spec, device, batches, progress=progress,
+    quantize_blocks(model, adapter, scorer, spec, device, batches, progress=progress,
                     cache=ActivationCache("device", device))
     return scorer.groups
+
+
+def output_fisher(model: torch.nn.Module, adapter: Any, batches: list[torch.Tensor], device: torch.device,
+                  progress: bool = True, windows_per_step: int = 2) -> dict[str, torch.Tensor]:
+    """The mean over calibration tokens of the squared gradient of the next-token loss (mean over tokens) on every
+    output of every block linear of the float model: ``{full name: [N]}`` (the ``fisher`` scoring, methods/auto.py).
+    ``windows_per_step`` windows per backward bound the memory (the logits of a step are windows x seqlen x vocab)."""
+    names = [f"{adapter.blocks}.{i}.{n}" for i in range(len(adapter.block_list(model)))
+             for n in adapter.linear_names()]
+    sums = {n: torch.zeros(model.get_submodule(n).out_features, dtype=torch.float64) for n in names}
+    tokens = 0
+
+    def keeper(name: str):
+        def on_grad(g: torch.Tensor) -> None:  # returns None: the gradient flows on unchanged
+            sums[name].add_(g.detach().double().pow(2).reshape(-1, g.shape[-1]).sum(0).cpu())
+
+        def on_output(module, args, out):
+            out.register_hook(on_grad)
+        return on_output
+
+    handles = [model.get_submodule(n).register_forward_hook(keeper(n)) for n in names]
+    model.to(device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    embed = model.get_input_embeddings().register_forward_hook(lambda m, a, out: out.requires_grad_(True))
+    steps = [w for b in batches for w in torch.split(b, windows_per_step)]
+    try:
+        for ids in tqdm(steps, desc="auto loss gradients", unit="step", disable=not progress):
+            ids = ids.to(device)
+            with torch.enable_grad():
+                loss = model(input_ids=ids, labels=ids).loss
+                loss.backward()
+            tokens += ids.numel()
+    finally:
+        for h in [*handles, embed]:
+            h.remove()
+        for p in trainable:
+            p.requires_grad_(True)
+        model.to("cpu")
+    # each step's loss is a mean over its tokens: scale its gradients back to per-token ones, then average
+    scale = (tokens / len(steps)) ** 2 / tokens
+    return {n: (s * scale).float() for n, s in sums.items()}
 
 
 def plan_from_scores(groups: list[GroupScores], candidates: tuple, avg_bits: float, scoring: str,

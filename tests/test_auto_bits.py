@@ -128,7 +128,7 @@ def tiny(tmp_path_factory):
     return root
 
 
-def _scores(tiny, candidates):
+def _scores(tiny, candidates, fisher_pass=False):
     from tritonq.engine.auto_plan import score_candidates
     from tritonq.engine.data import calibration_windows, load_corpus, tokenize
     from tritonq.engine.grid import GridSpec
@@ -137,17 +137,18 @@ def _scores(tiny, candidates):
     ids = tokenize(load_tokenizer(str(tiny / "float")), load_corpus(str(tiny / "calib.txt")).text)
     windows = calibration_windows(ids, 8, 128, int(torch.randint(0, 1000, (1,))), "calib")
     return score_candidates(str(tiny / "float"), torch.float32, torch.device("cpu"), GridSpec(group_size=G),
-                            candidates, list(torch.split(windows, 4)), progress=False)
+                            candidates, list(torch.split(windows, 4)), progress=False, fisher_pass=fisher_pass)
 
 
 def test_scores_are_positive_and_fall_with_bits(tiny):
-    groups = _scores(tiny, parse_candidates("gptq:2,gptq:3,gptq:4,rtn:2,rtn:4"))
+    groups = _scores(tiny, parse_candidates("gptq:2,gptq:3,gptq:4,rtn:2,rtn:4"), fisher_pass=True)
     assert len(groups) == 2 * 4  # two blocks of q/k/v, o, gate/up, down
     for g in groups:
-        e = g.errors
-        assert all(0 < v < float("inf") for v in e.values()) and 0 < g.energy < float("inf"), g.names
-        assert e["gptq:2"] > e["gptq:3"] > e["gptq:4"], g.names
-        assert e["rtn:2"] > e["rtn:4"], g.names
+        assert 0 < g.energy < float("inf"), g.names
+        for e in (g.errors, g.loss_errors):
+            assert all(0 < v < float("inf") for v in e.values()), g.names
+            assert e["gptq:2"] > e["gptq:3"] > e["gptq:4"], g.names
+            assert e["rtn:2"] > e["rtn:4"], g.names
 
 
 def _run(tiny, out, *extra):

@@ -12,7 +12,10 @@ linears' rows stacked): the summed squared error the candidate adds to the group
 the quantity GPTQ minimises (Frantar et al. 2023, eq. 1; HAWQ-V3 and AutoScheme score layers by such second-order
 errors). It writes the float weights back, so every block sees the float model's inputs: upstream quantization is
 ignored, as in a per-layer sensitivity scan. It also records ``tr(W H W^T)``, the group's output energy, for the
-relative scoring.
+relative scoring, and, given the loss's mean squared gradient ``f_n`` on every output ``n`` of every linear
+(``auto_plan.output_fisher``), the loss-weighted error ``sum_n f_n (dW H dW^T)_nn / 2``: the second-order change of the
+calibration loss under a diagonal Fisher of the outputs, with gradients and inputs taken as independent (the
+output-side weighting of HAWQ-V2 / OBQ-style sensitivity; a group's errors become commensurable across layers).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from .rtn import round_to_nearest
 if TYPE_CHECKING:
     from ..groups import Group
 
-SCORINGS = ("absolute", "relative")
+SCORINGS = ("absolute", "relative", "fisher")
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,8 @@ class AutoOptions:
     candidates: str = field(default=DEFAULT_CANDIDATES, metadata={
         "help": "METHOD:BITS schemes --method auto may give a group of linears, comma-separated (gptq, rtn)"})
     scoring: str = field(default="relative", metadata={
-        "help": "how --method auto compares groups: tr(dW H dW^T) absolute, or relative to tr(W H W^T)",
+        "help": "how --method auto compares groups: tr(dW H dW^T) absolute, relative to tr(W H W^T), or each output "
+                "row weighted by the loss's mean squared gradient on it (fisher)",
         "choices": SCORINGS, "const": "relative"})
     # the chosen allocation as a recipe dict (engine/auto_bits.py); filled by the scoring pass, not a flag
     plan: dict | None = field(default=None, metadata={"cli": False})
@@ -107,6 +111,7 @@ class GroupScores:
     block: int
     errors: dict[str, float]  # candidate label -> tr(dW H dW^T)
     energy: float  # tr(W H W^T)
+    loss_errors: dict[str, float] | None = None  # candidate label -> sum_n f_n (dW H dW^T)_nn / 2 (fisher)
 
 
 class CandidateScorer(Method):
@@ -115,9 +120,10 @@ class CandidateScorer(Method):
     name = "auto-score"
     summary = "the scoring pass of --method auto"
 
-    def __init__(self, candidates: tuple[Candidate, ...]) -> None:
+    def __init__(self, candidates: tuple[Candidate, ...], fisher: dict[str, torch.Tensor] | None = None) -> None:
         super().__init__()
         self.candidates = candidates
+        self.fisher = fisher  # full linear name -> mean squared loss gradient per output [N]
         self.groups: list[GroupScores] = []
 
     def observe(self, group: Group) -> HessianAccumulator:
@@ -132,34 +138,46 @@ class CandidateScorer(Method):
         weights = [lin.weight.data for lin in group.linears]
         w = torch.cat([x.float() for x in weights]).to(hessian.device)
         h64 = hessian.double()
-        errors = {}
+        errors, loss_errors = {}, {}
+        f = None if self.fisher is None else torch.cat([self.fisher[n] for n in group.full_names]).to(hessian.device)
         for cand in self.candidates:
             spec = dataclasses.replace(group.spec, bits=cand.bits)
             if cand.method == "gptq":
                 results = solve(weights, hessian, spec, group.full_names, GPTQOptions())
             else:
                 results = [round_to_nearest(x, spec, n) for x, n in zip(weights, group.full_names)]
-            errors[cand.label] = weighted_error(torch.cat([r.weight for r in results]) - w, h64)
+            delta = torch.cat([r.weight for r in results]) - w
+            errors[cand.label] = weighted_error(delta, h64)
+            if f is not None:
+                loss_errors[cand.label] = weighted_error(delta, h64, f.double()) / 2
         self.groups.append(GroupScores(list(group.full_names), [tuple(x.shape) for x in weights], group.index, errors,
-                                       weighted_error(w, h64)))
+                                       weighted_error(w, h64), loss_errors if f is not None else None))
         empty = torch.empty(0)
         return [LayerResult(x, empty, empty, empty) for x in weights]  # the float weights stay: float inputs next
 
 
-def weighted_error(delta: torch.Tensor, hessian: torch.Tensor) -> float:
-    """``tr(delta H delta^T)`` in float64 (``delta`` [R, K], ``H`` [K, K])."""
+def weighted_error(delta: torch.Tensor, hessian: torch.Tensor, rows: torch.Tensor | None = None) -> float:
+    """``tr(delta H delta^T)`` in float64 (``delta`` [R, K], ``H`` [K, K]); ``rows`` [R] weights each row's term."""
     d = delta.double()
-    return float(((d @ hessian) * d).sum())
+    per_row = ((d @ hessian) * d).sum(dim=1)
+    return float(per_row.sum() if rows is None else (per_row * rows).sum())
 
 
 def group_scores(groups: list[GroupScores], scoring: str) -> list[dict[str, float]]:
     """Each group's candidate scores under ``scoring``: the error itself, or relative to the output energy."""
     if scoring == "absolute":
         return [dict(g.errors) for g in groups]
+    if scoring == "fisher":
+        if any(g.loss_errors is None for g in groups):
+            raise TritonqError("the fisher scoring needs the loss gradients of the scoring pass (auto_plan.py)")
+        return [dict(g.loss_errors) for g in groups]
     return [{k: v / max(g.energy, 1e-30) for k, v in g.errors.items()} for g in groups]
 
 
 def describe_scores(groups: list[GroupScores]) -> dict[str, Any]:
     """The scores as ``quantization.json`` records them: per group (its first linear's name) errors and energy."""
-    return {g.names[0]: {"errors": {k: float(f"{v:.6g}") for k, v in g.errors.items()},
-                         "energy": float(f"{g.energy:.6g}")} for g in groups}
+    def short(values: dict[str, float]) -> dict[str, float]:
+        return {k: float(f"{v:.6g}") for k, v in values.items()}
+
+    return {g.names[0]: {"errors": short(g.errors), "energy": float(f"{g.energy:.6g}"),
+                         **({} if g.loss_errors is None else {"loss_errors": short(g.loss_errors)})} for g in groups}
