@@ -199,3 +199,28 @@ def test_bad_arguments_fail_in_one_line(tiny, tmp_path, capsys, extra, message):
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "bad").exists()
+
+
+def test_output_fisher_is_the_mean_squared_loss_gradient(tiny):
+    from transformers import AutoModelForCausalLM
+    from tritonq.engine.adapters import adapter_for
+    from tritonq.engine.auto_plan import output_fisher
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny / "float"), dtype=torch.float32).eval()
+    ids = torch.randint(0, 256, (2, 64))
+    got = output_fisher(model, adapter_for(model.config), [ids], torch.device("cpu"), progress=False)
+    assert len(got) == 2 * 7
+    name = "model.layers.1.self_attn.v_proj"
+    kept = []
+    handle = model.get_submodule(name).register_forward_hook(lambda m, a, out: kept.append(out))
+    model.get_input_embeddings().register_forward_hook(lambda m, a, out: out.requires_grad_(True))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with torch.enable_grad():
+        loss = model(input_ids=ids, labels=ids).loss
+        (grad,) = torch.autograd.grad(loss, kept[0])
+    handle.remove()
+    tokens = ids.numel()  # the mean loss's gradient times the token count is the per-token one; squared, averaged
+    expected = (grad * tokens).pow(2).reshape(-1, grad.shape[-1]).sum(0) / tokens
+    assert torch.allclose(got[name], expected, rtol=1e-4, atol=0), (got[name] - expected).abs().max()
+    assert bool((got[name] > 0).all())
