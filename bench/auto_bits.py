@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calib", default="pydoc")
     p.add_argument("--avg-bits", type=float, default=3.5)
     p.add_argument("--candidates", default="gptq:2,gptq:3,gptq:4")
-    p.add_argument("--runs", nargs="+", default=["absolute", "relative"],
+    p.add_argument("--runs", nargs="*", default=["absolute", "relative"],
                    help="allocations to run: SCORING or SCORING@CANDIDATES (a subset of --candidates)")
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..engine.data import calibration_windows, evaluation_windows, load_corpus, tokenize
     from ..engine.evaluation.perplexity import perplexity
     from ..engine.grid import GridSpec
+    from ..engine.methods.auto import GroupScores
     from ..engine.methods.registry import make_method
     from ..engine.model_io import load_model, load_tokenizer
     from ..engine.pipeline import quantize_blocks
@@ -87,9 +88,15 @@ def main(argv: list[str] | None = None) -> int:
         windows = calibration_windows(calib_ids, args.nsamples, args.seqlen, seed, args.calib)
         batches = list(torch.split(windows, 8))
         t0 = time.perf_counter()
-        groups = score_candidates(args.model, torch.float32, cpu, spec, candidates, batches, progress=False,
-                                  fisher_pass=any(r.startswith("fisher") for r in args.runs))
-        print(json.dumps({"seed": seed, "scoring_s": round(time.perf_counter() - t0, 1)}), file=sys.stderr, flush=True)
+        if args.runs:
+            groups = score_candidates(args.model, torch.float32, cpu, spec, candidates, batches, progress=False,
+                                      fisher_pass=any(r.startswith("fisher") for r in args.runs))
+            print(json.dumps({"seed": seed, "scoring_s": round(time.perf_counter() - t0, 1)}), file=sys.stderr,
+                  flush=True)
+        else:  # the heuristic alone needs only the groups' names and shapes
+            groups = [GroupScores(full := [f"{adapter.blocks}.{i}.{n}" for n in names],
+                                  [tuple(float_model.get_submodule(n).weight.shape) for n in full], i, {}, 0.0)
+                      for i in range(len(adapter.block_list(float_model))) for names in adapter.linear_groups]
         for item in args.runs:
             scoring, _, subset = item.partition("@")
             subset = subset or args.candidates

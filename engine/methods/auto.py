@@ -46,10 +46,11 @@ class AutoOptions:
         "help": "average bits per weight, scales and zeros included, that --method auto allocates (required)"})
     candidates: str = field(default=DEFAULT_CANDIDATES, metadata={
         "help": "METHOD:BITS schemes --method auto may give a group of linears, comma-separated (gptq, rtn)"})
-    scoring: str = field(default="relative", metadata={
+    # fisher: the best of the three on held-out pydoc at 3.5 bits (bench/RESULTS.md, issue 22 item 3)
+    scoring: str = field(default="fisher", metadata={
         "help": "how --method auto compares groups: tr(dW H dW^T) absolute, relative to tr(W H W^T), or each output "
                 "row weighted by the loss's mean squared gradient on it (fisher)",
-        "choices": SCORINGS, "const": "relative"})
+        "choices": SCORINGS, "const": "fisher"})
     # the chosen allocation as a recipe dict (engine/auto_bits.py); filled by the scoring pass, not a flag
     plan: dict | None = field(default=None, metadata={"cli": False})
 
