@@ -38,6 +38,8 @@ def plan_auto(opts: Any) -> Any:
     auto = method.options
     if auto.plan is not None:
         return opts
+    if not auto.avg_bits > 0:
+        raise TritonqError("--method auto needs a budget: add --avg-bits B (e.g. --avg-bits 3.5)")
     if current_collective().world > 1:
         raise TritonqError("--method auto runs in one process; drop --nproc / torchrun")
     candidates = parse_candidates(auto.candidates)

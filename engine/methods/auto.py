@@ -58,8 +58,6 @@ class AutoOptions:
         parse_candidates(self.candidates)  # an unknown candidate fails here, before anything loads
         if self.scoring not in SCORINGS:
             raise TritonqError(f"--scoring must be one of {', '.join(SCORINGS)}, got {self.scoring!r}")
-        if self.plan is None and not self.avg_bits > 0:
-            raise TritonqError("--method auto needs a budget: add --avg-bits B (e.g. --avg-bits 3.5)")
 
 
 class Auto(Method):
