@@ -20,7 +20,15 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import TritonqError
-from .auto_bits import GroupOption, allocate, allocation_recipe, check_budget, parse_candidates
+from .auto_bits import (
+    GroupOption,
+    allocate,
+    allocation_recipe,
+    check_budget,
+    exact_name,
+    parse_candidates,
+    scheme,
+)
 from .cache import ActivationCache
 from .data import calibration_windows, load_corpus, tokenize
 from .distributed import current_collective
@@ -48,12 +56,20 @@ def plan_auto(opts: Any) -> Any:
     tokenizer = load_tokenizer(opts.model, opts.trust_remote_code)
     spec = GridSpec(bits=max(c.bits for c in candidates), group_size=128 if opts.group_size is None else
                     opts.group_size, sym=opts.sym, mse=opts.mse)
-    for cand in candidates:  # every candidate's grid must fit the model and the output format, before scoring
-        run = preflight(method, opts.model, dataclasses.replace(spec, bits=cand.bits),
-                        default_group=opts.group_size is None, act_bits=opts.act_bits, act_scheme=opts.act_scheme,
-                        act_sym=opts.act_sym, out_format=opts.out_format, tokenizer=tokenizer, device=device,
-                        dtype=dtype, trust_remote_code=opts.trust_remote_code)
-    spec = dataclasses.replace(run.spec, bits=max(c.bits for c in candidates))  # group size resolved by preflight
+    def ask(method: Any, grid: GridSpec, default_group: bool) -> Any:
+        return preflight(method, opts.model, grid, default_group=default_group, act_bits=opts.act_bits,
+                         act_scheme=opts.act_scheme, act_sym=opts.act_sym, out_format=opts.out_format,
+                         tokenizer=tokenizer, device=device, dtype=dtype, trust_remote_code=opts.trust_remote_code)
+
+    run = ask(method, spec, opts.group_size is None)
+    spec = run.spec  # the group size resolved
+    # before scoring: the output format must hold a mix of every candidate (each group on one, round robin)
+    probe = {"default": scheme(candidates[0], spec.group_size, spec.sym), "rules": [
+        {"match": exact_name(f"{run.adapter.blocks}.{i}.{n}"),
+         **scheme(candidates[(i * len(run.adapter.linear_groups) + j) % len(candidates)], spec.group_size, spec.sym)}
+        for i in range(len(run.widths) // len(run.adapter.linear_names()))
+        for j, names in enumerate(run.adapter.linear_groups) for n in names]}
+    ask(make_method("auto", dataclasses.replace(auto, plan={"recipe": probe})), spec, False)
     check_budget(auto.avg_bits, candidates, spec.group_size, spec.sym, list(run.widths.values()))
 
     t0 = time.perf_counter()

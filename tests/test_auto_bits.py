@@ -190,6 +190,7 @@ def test_auto_run_keeps_the_budget_and_records_its_recipe(tiny, tmp_path):
     (("--avg-bits", "1.5"), "is below the cheapest candidate"),
     (("--avg-bits", "9"), "is above the richest candidate"),
     (("--avg-bits", "3.5", "--group-size", "48"), "group size 48 does not divide"),
+    (("--avg-bits", "3.5", "--format", "awq"), "the AWQ config holds one grid"),  # refused before scoring
 ])
 def test_bad_arguments_fail_in_one_line(tiny, tmp_path, capsys, extra, message):
     args = ["quantize", "--model", str(tiny / "float"), "--method", "auto", "--calib", str(tiny / "calib.txt"),
