@@ -225,3 +225,16 @@ def test_output_fisher_is_the_mean_squared_loss_gradient(tiny):
     expected = (grad * tokens).pow(2).reshape(-1, grad.shape[-1]).sum(0) / tokens
     assert torch.allclose(got[name], expected, rtol=1e-4, atol=0), (got[name] - expected).abs().max()
     assert bool((got[name] > 0).all())
+
+
+def test_cli_flags_reach_the_options_and_the_plan_is_no_flag():
+    from tritonq.cli import build_parser
+    from tritonq.commands import method_options_from_args
+    from tritonq.engine.methods.registry import make_method
+
+    args = build_parser().parse_args(["quantize", "--method", "auto", "--output", "/tmp/x", "--avg-bits", "3.25",
+                                      "--candidates", "rtn:4,gptq:3", "--scoring", "absolute"])
+    opts = make_method("auto", method_options_from_args(args)).options
+    assert (opts.avg_bits, opts.candidates, opts.scoring, opts.plan) == (3.25, "rtn:4,gptq:3", "absolute", None)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["quantize", "--method", "auto", "--output", "/tmp/x", "--plan", "{}"])
