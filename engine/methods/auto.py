@@ -14,8 +14,9 @@ errors). It writes the float weights back, so every block sees the float model's
 ignored, as in a per-layer sensitivity scan. It also records ``tr(W H W^T)``, the group's output energy, for the
 relative scoring, and, given the loss's mean squared gradient ``f_n`` on every output ``n`` of every linear
 (``auto_plan.output_fisher``), the loss-weighted error ``sum_n f_n (dW H dW^T)_nn / 2``: the second-order change of the
-calibration loss under a diagonal Fisher of the outputs, with gradients and inputs taken as independent (the
-output-side weighting of HAWQ-V2 / OBQ-style sensitivity; a group's errors become commensurable across layers).
+calibration loss under a diagonal Fisher of the outputs, with gradients and inputs taken as independent. BRECQ
+(Li et al. 2021, arXiv:2102.05426, §3.2) weights its output reconstruction by the same squared gradients; here they
+make the errors of different layers commensurable, which the plain output error is not (bench/RESULTS.md).
 """
 
 from __future__ import annotations
