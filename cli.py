@@ -103,7 +103,7 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     seen: set[str] = set()
     for cls in METHODS.values():
         for f in fields(cls.Options):
-            if f.name in seen:  # the same option in two methods: one flag, each method keeps its default
+            if f.name in seen or f.metadata.get("cli") is False:  # shared: one flag; cli False: set by the engine
                 continue
             seen.add(f.name)
             meta = dict(f.metadata)

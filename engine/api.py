@@ -103,6 +103,10 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
 
     get_format(opts.out_format)  # an unknown name fails here, listing the formats
     check_quantize_options(opts)  # counts, data files, the output directory, the model's files and context
+    if opts.method == "auto":  # score the candidates on calibration data and allocate bits first (issue 22)
+        from .auto_plan import plan_auto
+
+        opts = plan_auto(opts)
     group_size = 128 if opts.group_size is None else opts.group_size
     spec = GridSpec(bits=opts.bits, group_size=group_size, sym=opts.sym, mse=opts.mse)
     default_group = opts.group_size is None

@@ -85,7 +85,8 @@ def test_dynamic_act_order_to_gguf_fails_before_calibration(gguf_model, tmp_path
 
 def test_every_method_declares_its_act_order_groups():
     expected = {"gptq": "static", "awrq": "static", "awq+gptq": "static", "rtn": None, "awq": None, "dh-awq": None,
-                "smoothquant": None, "boa": "static", "aboa": "static", "autoround": None}  # the defaults (BoA's column act-order)
+                "smoothquant": None, "boa": "static", "aboa": "static", "autoround": None,
+                "auto": "static"}  # the defaults (BoA's column act-order; auto's GPTQ)
     assert {name: make_method(name).act_order_groups() for name in METHODS} == expected
     for name in ("gptq", "awrq", "awq+gptq"):
         for order in ("dynamic", "static", None):

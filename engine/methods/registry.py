@@ -11,6 +11,7 @@ from typing import Any
 
 from ...errors import TritonqError
 from .aboa import ABoA
+from .auto import Auto
 from .autoround import AutoRound
 from .awq import AWQ, AWQGPTQ
 from .awrq import AWRQ
@@ -22,7 +23,7 @@ from .rtn import RTN
 from .smoothquant import SmoothQuant
 
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (RTN, GPTQ, BoA, ABoA, AWQ, AWQGPTQ, DHAWQ, SmoothQuant,
-                                                                AWRQ, AutoRound)}
+                                                                AWRQ, AutoRound, Auto)}
 
 
 def register(cls: type[Method]) -> type[Method]:
