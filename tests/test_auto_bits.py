@@ -238,3 +238,19 @@ def test_cli_flags_reach_the_options_and_the_plan_is_no_flag():
     assert (opts.avg_bits, opts.candidates, opts.scoring, opts.plan) == (3.25, "rtn:4,gptq:3", "absolute", None)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["quantize", "--method", "auto", "--output", "/tmp/x", "--plan", "{}"])
+
+
+def test_auto_choice_replays_through_recipe(tmp_path):
+    """``--recipe OUT/quantization.json`` replays an auto run's choice: the same weights, byte for byte."""
+    import hashlib
+
+    from test_pipeline import make_family_model
+    from tritonq.engine.api import QuantizeOptions, quantize
+
+    model = make_family_model(tmp_path / "llama", "llama")
+    common = dict(model=str(model), group_size=32, nsamples=4, seqlen=64, device="cpu", progress=False)
+    quantize(QuantizeOptions(output=str(tmp_path / "auto"), method="auto", method_options={"avg_bits": 3.5}, **common))
+    quantize(QuantizeOptions(output=str(tmp_path / "replay"), recipe=str(tmp_path / "auto" / "quantization.json"),
+                             **common))
+    digest = [hashlib.sha256((tmp_path / d / "model.safetensors").read_bytes()).hexdigest() for d in ("auto", "replay")]
+    assert digest[0] == digest[1]
