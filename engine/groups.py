@@ -29,6 +29,11 @@ class Chunk:
     kwargs: dict
     reference: torch.Tensor | None = None
 
+    @property
+    def float_input(self) -> torch.Tensor:
+        """The float model's hidden states for these windows: ``reference``, or ``hidden`` where none is kept."""
+        return self.hidden if self.reference is None else self.reference
+
 
 class Group:
     """One linear group of one block as a method sees it: its modules, the grid, and the observation API.

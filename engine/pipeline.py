@@ -102,8 +102,7 @@ def quantize_block(
     float_path = None
     if method.float_targets and chunks:  # a later block-scope block fits the float path: carry it through this one
         t0 = time.perf_counter()
-        float_path = [cache.keep(run_block(block, (c.hidden if c.reference is None else c.reference).to(device),
-                                           c.kwargs)) for c in chunks]
+        float_path = [cache.keep(run_block(block, c.float_input.to(device), c.kwargs)) for c in chunks]
         report.seconds["forward"] += time.perf_counter() - t0
     for names in adapter.linear_groups:
         group_spec = group_grid(method, [f"{adapter.blocks}.{index}.{n}" for n in names], spec)
@@ -222,7 +221,7 @@ def quantize_whole_block(
     t0 = time.perf_counter()
     targets = []
     for c in chunks or []:  # the float block on the float path's inputs (float_targets) or on the quantized ones
-        source = c.reference if method.float_targets and c.reference is not None else c.hidden
+        source = c.float_input if method.float_targets else c.hidden
         targets.append(cache.keep(run_block(block, source.to(device), c.kwargs)))
         cache.page_out()
     report.seconds["forward"] += time.perf_counter() - t0
