@@ -1,5 +1,7 @@
 """``QuantLinear`` on PyTorch's CPU int4 op (``aten._weight_int4pack_mm_for_cpu``) against the reference.
 
+The op is asked for by name (``use_cpu_int4("aten")``); tritonq's own CPU op is tested in ``test_cpu_gemv.py``.
+
 Oracle: the dense dequantized weight ``s * (q - z)`` (the stored scales) in a float64 matmul. The op rounds
 x, s and ``zf = s * (8 - z)`` to bf16 (unit roundoff u = 2^-8) and its output to bf16, and accumulates in
 fp32, so per output element
@@ -70,7 +72,7 @@ def test_cpu_int4_matches_dense_reference(gs, sym, m, n, k, bias):
     packed = _packed(n, k, gs, sym=sym, bias=bias, seed=seed)
     ref_layer = QuantLinear(packed, torch.float32)
     layer = QuantLinear(packed, torch.float32)
-    assert layer.use_cpu_int4() and layer.uses_cpu_int4 and layer.qweight is None
+    assert layer.use_cpu_int4("aten") and layer.uses_cpu_int4 and layer.qweight is None
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed + 1))
     y = layer(x)
     assert y.dtype == torch.float32 and y.shape == (m, n)
@@ -91,7 +93,7 @@ def test_flipped_zero_sign_breaks_the_tolerance():
     packed = _packed(64, 256, 64, sym=False, seed=3)
     ref_layer = QuantLinear(packed, torch.float32)
     layer = QuantLinear(packed, torch.float32)
-    layer.use_cpu_int4()
+    layer.use_cpu_int4("aten")
     layer.scales_and_zeros[..., 1] *= -1
     x = torch.randn(4, 256, generator=torch.Generator().manual_seed(4))
     ref, tol = _oracle(ref_layer, x)
@@ -103,7 +105,7 @@ def test_static_act_order_runs_the_op_through_an_input_permutation(gs):
     packed = _packed(48, 256, gs, sym=False, act_order=True, bias=True, seed=gs)
     ref_layer = QuantLinear(packed, torch.float32)
     layer = QuantLinear(packed, torch.float32)
-    assert layer.use_cpu_int4() and layer.input_order is not None
+    assert layer.use_cpu_int4("aten") and layer.input_order is not None
     x = torch.randn(3, 2, 256, generator=torch.Generator().manual_seed(7))  # leading dims kept
     y = layer(x)
     assert y.shape == (3, 2, 48)
@@ -121,7 +123,7 @@ def test_per_channel_runs_on_repeated_sub_group_scales(k):
     assert cpu_int4_group(k, 32, k, None) == (256 if k == 512 else 32)
     ref_layer = QuantLinear(packed, torch.float32)
     layer = QuantLinear(packed, torch.float32)
-    assert layer.use_cpu_int4()
+    assert layer.use_cpu_int4("aten")
     x = torch.randn(2, k, generator=torch.Generator().manual_seed(1))
     ref, tol = _oracle(ref_layer, x)
     assert bool(((layer(x).double() - ref).abs() <= tol).all())
@@ -146,7 +148,7 @@ def test_layouts_the_op_refuses_keep_the_reference_path(n, k, gs, g_idx, reason)
     gi = _non_static_g_idx(k, gs, 5) if g_idx == "uneven" else None
     packed = _packed(n, k, gs, sym=False, bias=True, seed=n + k + gs, g_idx=gi)
     layer = QuantLinear(packed, torch.float32)
-    assert not layer.use_cpu_int4()
+    assert not layer.use_cpu_int4("aten")
     assert reason in layer.cpu_int4_refused and not layer.uses_cpu_int4 and layer.qweight is not None
     x = torch.randn(3, k, generator=torch.Generator().manual_seed(2))
     expected = dequant_matmul_ref(x, layer.qweight, layer.scales, layer.zeros, group_size=layer.group_size,
@@ -160,7 +162,7 @@ def test_layouts_the_op_refuses_keep_the_reference_path(n, k, gs, g_idx, reason)
 def test_input_dtype_is_kept(dtype):
     packed = _packed(32, 128, 32, sym=True, seed=11)
     layer = QuantLinear(packed, dtype)
-    layer.use_cpu_int4()
+    layer.use_cpu_int4("aten")
     x = torch.randn(2, 128, generator=torch.Generator().manual_seed(0)).to(dtype)
     y = layer(x)
     assert y.dtype == dtype
@@ -174,7 +176,7 @@ def test_activation_quantized_layer_runs_the_op_on_quantized_inputs():
     spec = ActSpec(8, "per-token", False)
     ref_layer = QuantLinear(packed, torch.float32)
     wrapped = ActQuantLinear(QuantLinear(packed, torch.float32), spec)
-    assert use_cpu_int4(wrapped) == {} and wrapped.linear.uses_cpu_int4
+    assert use_cpu_int4(wrapped, "aten") == {} and wrapped.linear.uses_cpu_int4
     x = torch.randn(4, 256, generator=torch.Generator().manual_seed(22))
     ref, tol = _oracle(ref_layer, fake_quantize_activation(x, spec))
     assert bool(((wrapped(x).double() - ref).abs() <= tol).all())
@@ -183,7 +185,7 @@ def test_activation_quantized_layer_runs_the_op_on_quantized_inputs():
 def test_use_cpu_int4_reports_refused_layers():
     model = torch.nn.Sequential(QuantLinear(_packed(64, 128, 32, sym=True), torch.float32),
                                 QuantLinear(_packed(40, 64, 32, sym=True), torch.float32))
-    refused = use_cpu_int4(model)
+    refused = use_cpu_int4(model, "aten")
     assert list(refused) == ["1"] and "out_features=40" in refused["1"]
     assert model[0].uses_cpu_int4 and not model[1].uses_cpu_int4
     assert "cpu_int4(group=32)" in repr(model[0])

@@ -2,7 +2,9 @@
 
 Forward calls :func:`tritonq.kernels.dequant_matmul.dequant_matmul` (Triton kernels on CUDA, the
 PyTorch reference elsewhere), or, once :meth:`QuantLinear.use_cpu_int4` has repacked the layer for the
-CPU, PyTorch's own int4 CPU kernel (``aten._weight_int4pack_mm_for_cpu``). The swap follows
+CPU, one of two CPU ops: tritonq's own (:mod:`tritonq.kernels.cpu_gemv`: int8 activations in blocks of 32
+against the 4-bit codes, llama.cpp's Q4_1 x Q8_1 arithmetic, batch-invariant; the default where it builds)
+or PyTorch's (``aten._weight_int4pack_mm_for_cpu``: bf16 activations and scales). The swap follows
 gpt-fast's ``replace_linear_*`` + ``*Linear`` pattern (``quantize.py``): the model skeleton is built with
 parameters on the meta device, quantized linears are replaced by ``QuantLinear`` holding the
 checkpoint's packed tensors, and only the non-quantized tensors are loaded, so float weights of
@@ -26,6 +28,9 @@ from ..formats.records import DenseLinear, PackedInt8Linear, PackedLinear
 CPU_INT4_GROUPS = (256, 128, 64, 32)
 #: ``_convert_weight_to_int4pack_for_cpu`` packs output rows in blocks of this many.
 CPU_INT4_N_MULTIPLE = 16
+#: The CPU ops :meth:`QuantLinear.use_cpu_int4` may choose: ``auto`` takes tritonq's where it builds and takes the
+#: layout, else PyTorch's.
+CPU_INT4_KERNELS = ("auto", "tritonq", "aten")
 #: The op's ``innerKTiles`` argument: a tiling hint of the CUDA layout that the CPU packing ignores; 2 is a
 #: value every K the group sizes allow accepts on CUDA too.
 _INNER_K_TILES = 2
@@ -80,6 +85,9 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", None if packed.bias is None else packed.bias.to(dtype))
         self.register_buffer("weight_int4pack", None)
         self.register_buffer("scales_and_zeros", None)
+        self.register_buffer("rows_weight", None)  # tritonq's CPU layout: uint8 codes, fp16 scale and min
+        self.register_buffer("rows_scale", None)
+        self.register_buffer("rows_min", None)
         self.register_buffer("input_order", None)  # int64 [K]: input features sorted by group (act-order)
         self.cpu_group_size: int | None = None
         #: Why the CPU int4 op cannot take this layer (None when it can); set by :meth:`use_cpu_int4`.
@@ -87,36 +95,85 @@ class QuantLinear(nn.Module):
 
     @property
     def uses_cpu_int4(self) -> bool:
-        return self.weight_int4pack is not None
+        return self.weight_int4pack is not None or self.rows_weight is not None
 
-    def use_cpu_int4(self) -> bool:
-        """Repack for ``aten._weight_int4pack_mm_for_cpu`` and drop the GPTQ tensors; False (layer unchanged,
-        reason in ``cpu_int4_refused``) when the op cannot take the layout.
+    @property
+    def cpu_kernel(self) -> str | None:
+        """The CPU op this layer runs on (``"tritonq"`` or ``"aten"``), None before :meth:`use_cpu_int4`."""
+        return "tritonq" if self.rows_weight is not None else "aten" if self.weight_int4pack is not None else None
+
+    def use_cpu_int4(self, kernel: str = "auto") -> bool:
+        """Repack for a CPU int4 op (``kernel``: one of :data:`CPU_INT4_KERNELS`) and drop the GPTQ tensors;
+        False (layer unchanged, reason in ``cpu_int4_refused``) when no allowed op can take the layout."""
+        if kernel not in CPU_INT4_KERNELS:
+            raise TritonqError(f"kernel must be one of {CPU_INT4_KERNELS}, got {kernel!r}")
+        if self.uses_cpu_int4:
+            return True
+        if self.qweight.device.type != "cpu":
+            self.cpu_int4_refused = f"the layer is on {self.qweight.device}, not the CPU"
+            return False
+        if kernel != "aten":
+            why = self._use_tritonq_op()
+            if why is None or kernel == "tritonq":
+                self.cpu_int4_refused = why
+                return why is None
+        return self._use_aten_op()
+
+    def _codes_in_group_order(self) -> Tensor:
+        """Codes [K, N] with the input features sorted by group (setting ``input_order`` for act-order)."""
+        from ...kernels.pack import unpack_int4
+
+        codes = unpack_int4(self.qweight)  # uint8 [K, N]
+        if self.g_idx is not None:
+            order = torch.sort(self.g_idx.long(), stable=True).indices
+            if not torch.equal(order, torch.arange(self.in_features)):  # a default g_idx needs no reordering
+                codes = codes[order]
+                self.input_order = order
+        return codes
+
+    def _drop_runtime_tensors(self) -> None:
+        self.qweight = self.scales = self.zeros = self.g_idx = None
+        self.cpu_int4_refused = None
+
+    def _use_tritonq_op(self) -> str | None:
+        """Repack for :func:`tritonq.kernels.cpu_gemv.int4_gemm` (``w = scale * q + min``, fp16 scale and
+        min per group); the reason when it cannot."""
+        from ...kernels import cpu_gemv
+
+        gs = self.in_features if self.group_size == -1 else self.group_size
+        why = cpu_gemv.supports(self.in_features, self.out_features, gs)
+        if why is None and self.g_idx is not None:
+            why = cpu_int4_group(self.in_features, self.out_features, self.group_size, self.g_idx)
+            why = why if isinstance(why, str) else None
+        if why is None and cpu_gemv.extension() is None:
+            why = f"tritonq's CPU kernels did not build ({cpu_gemv.unavailable_reason()})"
+        if why is not None:
+            return why
+        codes = self._codes_in_group_order()
+        scale = self.scales.float()
+        zero = self.zeros.float() if self.zeros is not None else torch.full_like(scale, 8.0)
+        self.rows_weight, self.rows_scale, self.rows_min = cpu_gemv.pack_int4_rows(
+            codes.t().contiguous(), scale, -scale * zero, gs)
+        self.cpu_group_size = gs
+        self._drop_runtime_tensors()
+        return None
+
+    def _use_aten_op(self) -> bool:
+        """Repack for ``aten._weight_int4pack_mm_for_cpu``; False (reason in ``cpu_int4_refused``) when the op
+        cannot take the layout.
 
         The op computes ``w = (q - 8) * s + zf`` per group with bf16 ``s`` and ``zf``; the GPTQ grid
         ``w = s * (q - z)`` is the same line with ``zf = s * (8 - z)`` (symmetric: z = 8, zf = 0). Both are
         rounded to bf16 from the stored scales, so the result is not bit-exact against fp16 scales
         (relative error up to 2^-9 on s and on zf).
         """
-        if self.uses_cpu_int4:
-            return True
-        if self.qweight.device.type != "cpu":
-            self.cpu_int4_refused = f"the layer is on {self.qweight.device}, not the CPU"
-            return False
         sub = cpu_int4_group(self.in_features, self.out_features, self.group_size, self.g_idx)
         if isinstance(sub, str):
             self.cpu_int4_refused = sub
             return False
-        from ...kernels.pack import unpack_int4
-
-        codes = unpack_int4(self.qweight)  # uint8 [K, N]
+        codes = self._codes_in_group_order()
         scale = self.scales.float()
         zero = self.zeros.float() if self.zeros is not None else torch.full_like(scale, 8.0)
-        if self.g_idx is not None:
-            order = torch.sort(self.g_idx.long(), stable=True).indices
-            if not torch.equal(order, torch.arange(self.in_features)):  # a default g_idx needs no reordering
-                codes = codes[order]
-                self.input_order = order
         rep = self.group_size // sub  # per channel: group_size == K
         if rep > 1:
             scale = scale.repeat_interleave(rep, dim=0)
@@ -125,8 +182,7 @@ class QuantLinear(nn.Module):
             codes.t().to(torch.int32).contiguous(), _INNER_K_TILES)
         self.scales_and_zeros = torch.stack([scale, scale * (8.0 - zero)], dim=-1).to(torch.bfloat16).contiguous()
         self.cpu_group_size = sub
-        self.qweight = self.scales = self.zeros = self.g_idx = None
-        self.cpu_int4_refused = None
+        self._drop_runtime_tensors()
         return True
 
     def forward(self, x: Tensor) -> Tensor:
@@ -147,6 +203,13 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if self.input_order is not None:
             x2 = x2.index_select(1, self.input_order)
+        if self.rows_weight is not None:
+            from ...kernels.cpu_gemv import int4_gemm
+
+            if self.rows_scale.dtype != torch.float16:  # a later model.to(dtype) converted the buffers
+                self.rows_scale, self.rows_min = self.rows_scale.half(), self.rows_min.half()
+            y = int4_gemm(x2, self.rows_weight, self.rows_scale, self.rows_min, self.cpu_group_size, self.bias)
+            return y.to(x.dtype).reshape(*lead, self.out_features)
         if self.scales_and_zeros.dtype != torch.bfloat16:  # a later model.to(dtype) converted the buffer
             self.scales_and_zeros = self.scales_and_zeros.to(torch.bfloat16)
         # the op's fast path takes bf16 activations and scales; its output is bf16, cast back to x's dtype
@@ -159,12 +222,19 @@ class QuantLinear(nn.Module):
 
     def dequantized_weight(self) -> Tensor:
         """Dense [N, K] weight in the layer's dtype (for float baselines and checks); in the CPU int4 layout,
-        exactly the weights the op uses (bf16 scale and zero, the arithmetic in fp32)."""
+        exactly the weights the op uses (fp16 scale and min for tritonq's op, bf16 scale and zero for aten's)."""
         if not self.uses_cpu_int4:
             from ...kernels.dequant_matmul import dequantize_int4
 
             w = dequantize_int4(self.qweight, self.scales, self.zeros, self.group_size, self.g_idx)
             return w.t().to(self.dtype).contiguous()
+        if self.rows_weight is not None:
+            from ...kernels.cpu_gemv import unpack_int4_rows
+
+            w = unpack_int4_rows(self.rows_weight, self.rows_scale.half(), self.rows_min.half(), self.cpu_group_size)
+            if self.input_order is not None:
+                w = torch.empty_like(w).index_copy_(1, self.input_order, w)
+            return w.to(self.dtype).contiguous()
         k, gs = self.in_features, self.cpu_group_size
         # the codes back from the op itself: identity input, unit scale, zero 8 -> (q - 8) * 1 + 8 = q (exact)
         unit = torch.ones_like(self.scales_and_zeros)
@@ -179,19 +249,19 @@ class QuantLinear(nn.Module):
         return w.t().to(self.dtype).contiguous()
 
     def extra_repr(self) -> str:
-        kernel = f", cpu_int4(group={self.cpu_group_size})" if self.uses_cpu_int4 else ""
+        kernel = f", cpu_int4(group={self.cpu_group_size}) on {self.cpu_kernel}" if self.uses_cpu_int4 else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bits=4, "
             f"group_size={self.group_size}, sym={self.sym}, act_order={self.act_order}{kernel}"
         )
 
 
-def use_cpu_int4(model: nn.Module) -> dict[str, str]:
-    """Repack every ``QuantLinear`` of a CPU model for PyTorch's int4 op; returns ``{name: reason}`` for the
-    layers the op cannot take (they keep the reference dequant-matmul)."""
+def use_cpu_int4(model: nn.Module, kernel: str = "auto") -> dict[str, str]:
+    """Repack every ``QuantLinear`` of a CPU model for a CPU int4 op (see :meth:`QuantLinear.use_cpu_int4`);
+    returns ``{name: reason}`` for the layers no allowed op can take (they keep the reference dequant-matmul)."""
     refused = {}
     for name, mod in model.named_modules():
-        if isinstance(mod, QuantLinear) and not mod.use_cpu_int4():
+        if isinstance(mod, QuantLinear) and not mod.use_cpu_int4(kernel):
             refused[name] = mod.cpu_int4_refused
     return refused
 

@@ -50,7 +50,8 @@ def load_packed_model(directory: str | os.PathLike, device: str = "auto", dtype:
     The skeleton is built with parameters on the meta device; quantized linears become
     ``QuantLinear`` with the packed tensors; only the remaining float tensors are loaded.
     Returns ``(model, tokenizer)`` on ``device`` in eval mode. On the CPU every ``QuantLinear`` the op
-    can take is repacked for PyTorch's int4 kernel (:func:`~tritonq.engine.runtime.qlinear.use_cpu_int4`); the
+    can take is repacked for a CPU int4 op (:func:`~tritonq.engine.runtime.qlinear.use_cpu_int4`: tritonq's own where
+    it builds, else PyTorch's); the
     others keep the reference dequant-matmul, with a warning naming them. ``cpu_int4=False`` keeps the
     reference everywhere: exact against the stored fp16 scales but slow (for checks of the formats).
     """

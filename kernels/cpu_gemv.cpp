@@ -1,0 +1,425 @@
+// CPU matmuls for decoding: packed int4 (group-wise scale and min) and int8 (per-channel) weights against
+// activations quantized to int8 in blocks of 32, on AVX512-VNNI where the compiler targets it, in portable C++
+// otherwise. The Python side (cpu_gemv.py) documents the layouts and holds the PyTorch reference.
+//
+// Why this shape: one decode step reads every weight once for a handful of rows, so the op is a GEMV whose
+// cost is the weight bytes. Sixteen output rows sit in one vector register (one int32 lane each); each lane's
+// four bytes are four consecutive inputs of that row, so `vpdpbusd` (u8 weight x s8 activation, 4 products
+// summed per lane) does 64 multiply-adds with no horizontal reduction. Scales apply once per 32-input block
+// (activations) and once per group (weights), and a group's min term is min * sum(x), so zero points cost
+// nothing per weight (llama.cpp's Q4_1 x Q8_1 dot product does the same algebra).
+//
+// Batch invariance: every output row is computed by the same sequence of operations whatever the number of
+// rows M in the call, so a request decoded inside a batch gets bit-identical logits to the same request alone.
+// The SIMD and the portable paths also agree bit for bit (integer sums are exact; each float step is one
+// rounding: a conversion, or a fused multiply-add).
+//
+// Threads: output row blocks are handed out in small chunks by a pool (below) that never waits for a thread
+// the OS has not scheduled, so a busy machine slows a call by at most the chunks in flight.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && !defined(TRITONQ_PORTABLE)
+#include <immintrin.h>
+#define TRITONQ_VNNI 1
+#else
+#define TRITONQ_VNNI 0
+#endif
+
+namespace {
+
+constexpr int64_t kRows = 16;     // output rows per block: one 512-bit register of int32 lanes
+constexpr int64_t kXBlock = 32;   // activations share one scale per 32 inputs
+constexpr int kMaxTile = 8;       // activation rows held in registers at once
+
+// Activations quantized per row and 32-input block: q = rint(x * 127 / amax), scale = amax / 127.
+struct QuantizedX {
+  at::Tensor q;       // int8 [M, K]
+  at::Tensor scale;   // float [M, K / 32]
+  at::Tensor isum;    // int32 [M, K / 32]: sum of q over the block
+  at::Tensor gsum;    // float [M, K / group]: sum over the group of scale * isum, in block order
+};
+
+QuantizedX quantize_x(const at::Tensor& x, int64_t group) {
+  const int64_t m_rows = x.size(0), k = x.size(1), nb = k / kXBlock, ng = k / group;
+  QuantizedX out{at::empty({m_rows, k}, at::kChar), at::empty({m_rows, nb}, at::kFloat),
+                 at::empty({m_rows, nb}, at::kInt), at::zeros({m_rows, ng}, at::kFloat)};
+  const float* xp = x.data_ptr<float>();
+  int8_t* qp = out.q.data_ptr<int8_t>();
+  float* sp = out.scale.data_ptr<float>();
+  int32_t* ip = out.isum.data_ptr<int32_t>();
+  float* gp = out.gsum.data_ptr<float>();
+  const int64_t per_group = group / kXBlock;
+  for (int64_t m = 0; m < m_rows; ++m) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* xb = xp + m * k + b * kXBlock;
+      float amax = 0.f;
+      for (int64_t i = 0; i < kXBlock; ++i) amax = std::max(amax, std::fabs(xb[i]));
+      const float inv = amax > 0.f ? 127.f / amax : 0.f;
+      int32_t total = 0;
+      for (int64_t i = 0; i < kXBlock; ++i) {
+        float r = std::nearbyint(xb[i] * inv);
+        r = std::min(127.f, std::max(-127.f, r));
+        qp[m * k + b * kXBlock + i] = static_cast<int8_t>(r);
+        total += static_cast<int32_t>(r);
+      }
+      const float s = amax / 127.f;
+      sp[m * nb + b] = s;
+      ip[m * nb + b] = total;
+      float& g = gp[m * ng + b / per_group];
+      g = std::fma(s, static_cast<float>(total), g);
+    }
+  }
+  return out;
+}
+
+// A thread pool that never waits for a thread that has not started. The caller posts a job (numbered chunks),
+// works on it itself, and returns once every chunk is done; helpers that wake late find no chunk left and go
+// back to sleep, with nobody waiting for them. An OpenMP fork-join region instead waits at its barrier for every
+// thread, so on a busy machine each call costs a scheduler time slice (measured: 8x slower decode with the
+// other core busy). Helpers spin briefly for the next job (decode calls come back to back), then block.
+class Pool {
+ public:
+  static Pool& get() {
+    static Pool* pool = new Pool();  // never destroyed: detached helpers may still sleep on it at exit
+    return *pool;
+  }
+
+  void run(int64_t count, int threads, const std::function<void(int64_t)>& fn) {
+    if (threads <= 1 || count <= 1) {
+      for (int64_t i = 0; i < count; ++i) fn(i);
+      return;
+    }
+    std::lock_guard<std::mutex> serial(run_mu_);  // one job at a time (several Python threads may call)
+    grow(threads - 1);
+    fn_.store(&fn, std::memory_order_relaxed);
+    count_.store(count, std::memory_order_relaxed);
+    done_.store(0, std::memory_order_relaxed);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      helpers_wanted_ = threads - 1;
+      state_.store(static_cast<uint64_t>(++gen_) << 32, std::memory_order_release);
+    }
+    cv_.notify_all();
+    work(gen_);
+    for (int spins = 0; done_.load(std::memory_order_acquire) < count; ++spins) {
+      if (spins < 4096) {
+        pause();
+      } else {
+        std::this_thread::yield();  // a helper was preempted inside a chunk: let it have this core
+      }
+    }
+  }
+
+ private:
+  static void pause() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+  }
+
+  void grow(int helpers) {
+    while (static_cast<int>(started_) < helpers) {
+      const int index = started_++;
+      std::thread([this, index] { loop(index); }).detach();
+    }
+  }
+
+  // Claims chunks of job `gen` until none is left or a newer job replaced it.
+  void work(uint32_t gen) {
+    for (;;) {
+      uint64_t s = state_.load(std::memory_order_acquire);
+      if ((s >> 32) != gen || static_cast<int64_t>(s & 0xffffffffu) >= count_.load(std::memory_order_relaxed)) return;
+      if (!state_.compare_exchange_weak(s, s + 1, std::memory_order_acq_rel)) continue;
+      (*fn_.load(std::memory_order_relaxed))(static_cast<int64_t>(s & 0xffffffffu));  // fn_ is stable until every claimed chunk is done
+      done_.fetch_add(1, std::memory_order_release);
+    }
+  }
+
+  void loop(int index) {
+    uint32_t seen = gen_seen_at_start();
+    for (;;) {
+      const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(50);
+      while (static_cast<uint32_t>(state_.load(std::memory_order_acquire) >> 32) == seen &&
+             std::chrono::steady_clock::now() < until)
+        pause();
+      if (static_cast<uint32_t>(state_.load(std::memory_order_acquire) >> 32) == seen) {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [&] { return static_cast<uint32_t>(state_.load() >> 32) != seen; });
+      }
+      seen = static_cast<uint32_t>(state_.load(std::memory_order_acquire) >> 32);
+      if (index < helpers_wanted_.load(std::memory_order_relaxed)) work(seen);
+    }
+  }
+
+  uint32_t gen_seen_at_start() { return static_cast<uint32_t>(state_.load(std::memory_order_acquire) >> 32); }
+
+  std::mutex run_mu_, mu_;
+  std::condition_variable cv_;
+  std::atomic<uint64_t> state_{0};  // job number << 32 | next unclaimed chunk
+  std::atomic<int64_t> done_{0};
+  std::atomic<int> helpers_wanted_{0};
+  std::atomic<int> started_{0};
+  uint32_t gen_ = 0;
+  std::atomic<int64_t> count_{0};
+  std::atomic<const std::function<void(int64_t)>*> fn_{nullptr};
+};
+
+// Runs work(begin, end) over [0, count) in chunks, on torch's number of threads.
+template <typename F>
+void parallel_dynamic(int64_t count, int64_t chunk, const F& work) {
+  const int64_t chunks = (count + chunk - 1) / chunk;
+  const std::function<void(int64_t)> one = [&](int64_t c) { work(c * chunk, std::min(count, (c + 1) * chunk)); };
+  Pool::get().run(chunks, static_cast<int>(std::min<int64_t>(at::get_num_threads(), chunks)), one);
+}
+
+struct Int4Args {
+  const uint8_t* w;      // [N/16, K/8, 64]
+  const at::Half* scale; // [N/16, G, 16]
+  const at::Half* minv;  // [N/16, G, 16]
+  const int8_t* xq;
+  const float* xs;
+  const float* gsum;
+  const float* bias;     // [N] or null
+  float* y;              // [M, N]
+  int64_t k, n, group;
+};
+
+#if TRITONQ_VNNI
+template <int MT>
+void int4_rows(const Int4Args& a, int64_t block, int64_t m0) {
+  const int64_t nb = a.k / kXBlock, ng = a.k / a.group, per_group = a.group / kXBlock;
+  const uint8_t* wp = a.w + block * (a.k / 8) * 64;
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  __m512 y[MT];
+  for (int m = 0; m < MT; ++m) y[m] = a.bias ? _mm512_loadu_ps(a.bias + block * kRows) : _mm512_setzero_ps();
+  for (int64_t g = 0; g < ng; ++g) {
+    __m512 fg[MT];
+    for (int m = 0; m < MT; ++m) fg[m] = _mm512_setzero_ps();
+    for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) {
+      __m512i acc[MT];
+      for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_si512();
+      for (int c = 0; c < 4; ++c, wp += 64) {
+        const __m512i v = _mm512_loadu_si512(wp);
+        const __m512i lo = _mm512_and_si512(v, low);
+        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+        const int64_t kk = b * kXBlock + c * 8;
+        for (int m = 0; m < MT; ++m) {
+          const int8_t* xr = a.xq + (m0 + m) * a.k + kk;
+          int32_t x0, x1;
+          std::memcpy(&x0, xr, 4);
+          std::memcpy(&x1, xr + 4, 4);
+          acc[m] = _mm512_dpbusd_epi32(acc[m], lo, _mm512_set1_epi32(x0));
+          acc[m] = _mm512_dpbusd_epi32(acc[m], hi, _mm512_set1_epi32(x1));
+        }
+      }
+      for (int m = 0; m < MT; ++m)
+        fg[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m]), _mm512_set1_ps(a.xs[(m0 + m) * nb + b]), fg[m]);
+    }
+    const int64_t at = (block * ng + g) * kRows;
+    const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.scale + at)));
+    const __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.minv + at)));
+    for (int m = 0; m < MT; ++m) {
+      y[m] = _mm512_fmadd_ps(fg[m], s, y[m]);
+      y[m] = _mm512_fmadd_ps(mn, _mm512_set1_ps(a.gsum[(m0 + m) * ng + g]), y[m]);
+    }
+  }
+  for (int m = 0; m < MT; ++m) _mm512_storeu_ps(a.y + (m0 + m) * a.n + block * kRows, y[m]);
+}
+#else
+template <int MT>
+void int4_rows(const Int4Args& a, int64_t block, int64_t m0) {
+  const int64_t nb = a.k / kXBlock, ng = a.k / a.group, per_group = a.group / kXBlock;
+  for (int m = 0; m < MT; ++m) {
+    const int8_t* xr = a.xq + (m0 + m) * a.k;
+    for (int64_t r = 0; r < kRows; ++r) {
+      const int64_t row = block * kRows + r;
+      const uint8_t* wp = a.w + block * (a.k / 8) * 64 + r * 4;
+      float y = a.bias ? a.bias[row] : 0.f;
+      for (int64_t g = 0; g < ng; ++g) {
+        float fg = 0.f;
+        for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) {
+          int32_t acc = 0;
+          for (int c = 0; c < 4; ++c, wp += 64) {
+            const int64_t kk = b * kXBlock + c * 8;
+            for (int j = 0; j < 4; ++j) acc += (wp[j] & 0x0F) * xr[kk + j] + (wp[j] >> 4) * xr[kk + 4 + j];
+          }
+          fg = std::fma(static_cast<float>(acc), a.xs[(m0 + m) * nb + b], fg);
+        }
+        const int64_t at = (block * ng + g) * kRows + r;
+        y = std::fma(fg, static_cast<float>(a.scale[at]), y);
+        y = std::fma(static_cast<float>(a.minv[at]), a.gsum[(m0 + m) * ng + g], y);
+      }
+      a.y[(m0 + m) * a.n + row] = y;
+    }
+  }
+}
+#endif
+
+template <typename Args, typename Rows>
+void tiles(const Args& a, int64_t block, int64_t m_rows, const Rows& rows) {
+  for (int64_t m0 = 0; m0 < m_rows; m0 += kMaxTile) rows(a, block, m0, std::min<int64_t>(kMaxTile, m_rows - m0));
+}
+
+void int4_dispatch(const Int4Args& a, int64_t block, int64_t m0, int64_t mt) {
+  switch (mt) {
+    case 1: return int4_rows<1>(a, block, m0);
+    case 2: return int4_rows<2>(a, block, m0);
+    case 3: return int4_rows<3>(a, block, m0);
+    case 4: return int4_rows<4>(a, block, m0);
+    case 5: return int4_rows<5>(a, block, m0);
+    case 6: return int4_rows<6>(a, block, m0);
+    case 7: return int4_rows<7>(a, block, m0);
+    default: return int4_rows<8>(a, block, m0);
+  }
+}
+
+struct Int8Args {
+  const uint8_t* w;      // [N/16, K/4, 64]: code + 128
+  const float* scale;    // [N]
+  const int8_t* xq;
+  const float* xs;
+  const int32_t* isum;
+  const float* bias;
+  float* y;
+  int64_t k, n;
+};
+
+#if TRITONQ_VNNI
+template <int MT>
+void int8_rows(const Int8Args& a, int64_t block, int64_t m0) {
+  const int64_t nb = a.k / kXBlock;
+  const uint8_t* wp = a.w + block * (a.k / 4) * 64;
+  __m512 fg[MT];
+  for (int m = 0; m < MT; ++m) fg[m] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m512i acc[MT];
+    for (int m = 0; m < MT; ++m) acc[m] = _mm512_set1_epi32(-128 * a.isum[(m0 + m) * nb + b]);
+    for (int c = 0; c < 8; ++c, wp += 64) {
+      const __m512i v = _mm512_loadu_si512(wp);
+      const int64_t kk = b * kXBlock + c * 4;
+      for (int m = 0; m < MT; ++m) {
+        int32_t x0;
+        std::memcpy(&x0, a.xq + (m0 + m) * a.k + kk, 4);
+        acc[m] = _mm512_dpbusd_epi32(acc[m], v, _mm512_set1_epi32(x0));
+      }
+    }
+    for (int m = 0; m < MT; ++m)
+      fg[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m]), _mm512_set1_ps(a.xs[(m0 + m) * nb + b]), fg[m]);
+  }
+  const __m512 s = _mm512_loadu_ps(a.scale + block * kRows);
+  for (int m = 0; m < MT; ++m) {
+    const __m512 bias = a.bias ? _mm512_loadu_ps(a.bias + block * kRows) : _mm512_setzero_ps();
+    _mm512_storeu_ps(a.y + (m0 + m) * a.n + block * kRows, _mm512_fmadd_ps(fg[m], s, bias));
+  }
+}
+#else
+template <int MT>
+void int8_rows(const Int8Args& a, int64_t block, int64_t m0) {
+  const int64_t nb = a.k / kXBlock;
+  for (int m = 0; m < MT; ++m) {
+    const int8_t* xr = a.xq + (m0 + m) * a.k;
+    for (int64_t r = 0; r < kRows; ++r) {
+      const int64_t row = block * kRows + r;
+      const uint8_t* wp = a.w + block * (a.k / 4) * 64 + r * 4;
+      float fg = 0.f;
+      for (int64_t b = 0; b < nb; ++b) {
+        int32_t acc = -128 * a.isum[(m0 + m) * nb + b];
+        for (int c = 0; c < 8; ++c, wp += 64)
+          for (int j = 0; j < 4; ++j) acc += wp[j] * xr[b * kXBlock + c * 4 + j];
+        fg = std::fma(static_cast<float>(acc), a.xs[(m0 + m) * nb + b], fg);
+      }
+      a.y[(m0 + m) * a.n + row] = std::fma(fg, a.scale[row], a.bias ? a.bias[row] : 0.f);
+    }
+  }
+}
+#endif
+
+void int8_dispatch(const Int8Args& a, int64_t block, int64_t m0, int64_t mt) {
+  switch (mt) {
+    case 1: return int8_rows<1>(a, block, m0);
+    case 2: return int8_rows<2>(a, block, m0);
+    case 3: return int8_rows<3>(a, block, m0);
+    case 4: return int8_rows<4>(a, block, m0);
+    case 5: return int8_rows<5>(a, block, m0);
+    case 6: return int8_rows<6>(a, block, m0);
+    case 7: return int8_rows<7>(a, block, m0);
+    default: return int8_rows<8>(a, block, m0);
+  }
+}
+
+// Row blocks per work item: small enough to balance two threads on a 256-row projection, large enough that
+// the atomic counter is touched rarely.
+int64_t chunk_for(int64_t blocks) { return std::max<int64_t>(1, std::min<int64_t>(4, blocks / 16)); }
+
+void check_x(const at::Tensor& x, int64_t k) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == k, "x must be [M, ", k, "], got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(),
+              "x must be a contiguous float32 CPU tensor");
+}
+
+at::Tensor int4_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, const at::Tensor& minv,
+                     int64_t group, const c10::optional<at::Tensor>& bias) {
+  const int64_t blocks = w.size(0), n = blocks * kRows, k = w.size(1) * 8;
+  check_x(x, k);
+  TORCH_CHECK(w.dim() == 3 && w.size(2) == 64 && w.scalar_type() == at::kByte && w.is_contiguous(), "bad packed w");
+  TORCH_CHECK(group % kXBlock == 0 && k % group == 0, "group must be a multiple of 32 dividing K");
+  TORCH_CHECK(scale.scalar_type() == at::kHalf && minv.scalar_type() == at::kHalf && scale.is_contiguous() &&
+                  minv.is_contiguous() && scale.numel() == n * (k / group) && minv.numel() == scale.numel(),
+              "scale/min must be contiguous fp16 [N/16, K/group, 16]");
+  const auto q = quantize_x(x, group);
+  at::Tensor y = at::empty({x.size(0), n}, at::kFloat);
+  const Int4Args a{w.data_ptr<uint8_t>(), scale.data_ptr<at::Half>(), minv.data_ptr<at::Half>(),
+                   q.q.data_ptr<int8_t>(), q.scale.data_ptr<float>(), q.gsum.data_ptr<float>(),
+                   bias && bias->defined() ? bias->contiguous().data_ptr<float>() : nullptr, y.data_ptr<float>(),
+                   k, n, group};
+  const int64_t m_rows = x.size(0);
+  parallel_dynamic(blocks, chunk_for(blocks), [&](int64_t begin, int64_t end) {
+    for (int64_t block = begin; block < end; ++block) tiles(a, block, m_rows, int4_dispatch);
+  });
+  return y;
+}
+
+at::Tensor int8_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
+                     const c10::optional<at::Tensor>& bias) {
+  const int64_t blocks = w.size(0), n = blocks * kRows, k = w.size(1) * 4;
+  check_x(x, k);
+  TORCH_CHECK(w.dim() == 3 && w.size(2) == 64 && w.scalar_type() == at::kByte && w.is_contiguous(), "bad packed w");
+  TORCH_CHECK(k % kXBlock == 0, "K must be a multiple of 32");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.numel() == n && scale.is_contiguous(),
+              "scale must be contiguous float32 [N]");
+  const auto q = quantize_x(x, k);
+  at::Tensor y = at::empty({x.size(0), n}, at::kFloat);
+  const Int8Args a{w.data_ptr<uint8_t>(), scale.data_ptr<float>(), q.q.data_ptr<int8_t>(),
+                   q.scale.data_ptr<float>(), q.isum.data_ptr<int32_t>(),
+                   bias && bias->defined() ? bias->contiguous().data_ptr<float>() : nullptr, y.data_ptr<float>(),
+                   k, n};
+  const int64_t m_rows = x.size(0);
+  parallel_dynamic(blocks, chunk_for(blocks), [&](int64_t begin, int64_t end) {
+    for (int64_t block = begin; block < end; ++block) tiles(a, block, m_rows, int8_dispatch);
+  });
+  return y;
+}
+
+bool uses_vnni() { return TRITONQ_VNNI; }
+
+}  // namespace
+
+TORCH_LIBRARY(TRITONQ_OPS_NAMESPACE, m) {
+  m.def("int4_gemm(Tensor x, Tensor w, Tensor scale, Tensor minv, int group, Tensor? bias) -> Tensor", int4_gemm);
+  m.def("int8_gemm(Tensor x, Tensor w, Tensor scale, Tensor? bias) -> Tensor", int8_gemm);
+  m.def("simd() -> bool", uses_vnni);
+}
