@@ -34,6 +34,7 @@ setup(
     python_requires=">=3.10",
     packages=["tritonq", *(f"tritonq.{p}" for p in SUBPACKAGES)],
     package_dir={"tritonq": ".", **{f"tritonq.{p}": p.replace(".", "/") for p in SUBPACKAGES}},
+    package_data={"tritonq.kernels": ["cpu_gemv.cpp"]},  # compiled on first use on the user's machine
     cmdclass={"build_py": BuildPy},
     install_requires=[
         "torch>=2.4,<3",
@@ -44,6 +45,7 @@ setup(
         "tqdm>=4.60",
         "numpy>=1.24",
         "compressed-tensors>=0.18",  # writes and reads the compressed-tensors format (engine/formats.py)
+        "ninja>=1.11",  # torch.utils.cpp_extension builds the CPU decode op (kernels/cpu_gemv.cpp) with it
     ],
     extras_require={
         "test": ["pytest>=7", "ruff>=0.5", "httpx>=0.27", "fastapi>=0.110", "uvicorn>=0.29"],

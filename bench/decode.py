@@ -83,6 +83,7 @@ def memory_bandwidth(mib: int = 512, repeats: int = 7) -> dict:
 def weight_bytes(model) -> dict[str, int]:
     """Bytes of the model's tensors (each storage once), of its quantized linears' tensors (``QuantLinear``
     buffers, or the float weights of the same linears), and those read per decoded token."""
+    import torch
     import torch.nn as nn
 
     from ..engine.runtime.qlinear import QuantLinear
@@ -101,7 +102,8 @@ def weight_bytes(model) -> dict[str, int]:
             linears += mod.weight.numel() * mod.weight.element_size()
     embed = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
-    tied = head is not None and head.weight.data_ptr() == embed.data_ptr()
+    head_weight = getattr(head, "weight", None)  # the CPU fp16 head holds its weight as a buffer of its own
+    tied = isinstance(head_weight, torch.Tensor) and head_weight.data_ptr() == embed.data_ptr()
     per_token = total - (0 if tied else embed.numel() * embed.element_size())
     return {"total": total, "quantized_linears": linears, "read_per_token": per_token}
 
@@ -192,6 +194,7 @@ def _build(source: dict, side: str, device: str, dtype: str):
 
     import torch
 
+    from ..engine.runtime.cpu_head import use_cpu_head
     from ..engine.runtime.qlinear import use_cpu_int4
     from ..engine.runtime.serve import dequantized_copy, load_packed_model, prompt_ids, resolve_device_dtype
 
@@ -201,6 +204,7 @@ def _build(source: dict, side: str, device: str, dtype: str):
         model = random_llama(config, side, dt, source.get("seed", 0)).to(dev)
         if side == "packed" and dev.type == "cpu":
             use_cpu_int4(model)
+            use_cpu_head(model)
         gen = torch.Generator().manual_seed(source.get("seed", 0))
         ids = torch.randint(0, config.vocab_size, (source["prompt_tokens"],), generator=gen).tolist()
         return model, ids

@@ -1,6 +1,6 @@
 // CPU matmuls for decoding: packed int4 (group-wise scale and min) and int8 (per-channel) weights against
 // activations quantized to int8 in blocks of 32, on AVX512-VNNI where the compiler targets it, in portable C++
-// otherwise. The Python side (cpu_gemv.py) documents the layouts and holds the PyTorch reference.
+// otherwise; and fp16 weights against float32 activations (a float lm_head at half the bytes). The Python side (cpu_gemv.py) documents the layouts and holds the PyTorch reference.
 //
 // Why this shape: one decode step reads every weight once for a handful of rows, so the op is a GEMV whose
 // cost is the weight bytes. Sixteen output rows sit in one vector register (one int32 lane each); each lane's
@@ -361,6 +361,65 @@ void int8_dispatch(const Int8Args& a, int64_t block, int64_t m0, int64_t mt) {
   }
 }
 
+struct F16Args {
+  const at::Half* w;  // [N/16, K, 16]
+  const float* x;     // [M, K]
+  const float* bias;
+  float* y;
+  int64_t k, n;
+};
+
+// Four accumulators per row (inputs k mod 4) hide the FMA latency; they are summed in a fixed order.
+#if TRITONQ_VNNI
+template <int MT>
+void f16_rows(const F16Args& a, int64_t block, int64_t m0) {
+  const at::Half* wp = a.w + block * a.k * kRows;
+  __m512 acc[MT][4];
+  for (int m = 0; m < MT; ++m)
+    for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_setzero_ps();
+  for (int64_t kk = 0; kk < a.k; kk += 4) {
+    for (int j = 0; j < 4; ++j) {
+      const __m512 w = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + (kk + j) * kRows)));
+      for (int m = 0; m < MT; ++m) acc[m][j] = _mm512_fmadd_ps(_mm512_set1_ps(a.x[(m0 + m) * a.k + kk + j]), w, acc[m][j]);
+    }
+  }
+  for (int m = 0; m < MT; ++m) {
+    __m512 y = _mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]), _mm512_add_ps(acc[m][2], acc[m][3]));
+    if (a.bias) y = _mm512_add_ps(y, _mm512_loadu_ps(a.bias + block * kRows));
+    _mm512_storeu_ps(a.y + (m0 + m) * a.n + block * kRows, y);
+  }
+}
+#else
+template <int MT>
+void f16_rows(const F16Args& a, int64_t block, int64_t m0) {
+  const at::Half* wp = a.w + block * a.k * kRows;
+  for (int m = 0; m < MT; ++m) {
+    const float* xr = a.x + (m0 + m) * a.k;
+    for (int64_t r = 0; r < kRows; ++r) {
+      float acc[4] = {0.f, 0.f, 0.f, 0.f};
+      for (int64_t kk = 0; kk < a.k; kk += 4)
+        for (int j = 0; j < 4; ++j) acc[j] = std::fma(xr[kk + j], static_cast<float>(wp[(kk + j) * kRows + r]), acc[j]);
+      float y = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+      if (a.bias) y += a.bias[block * kRows + r];
+      a.y[(m0 + m) * a.n + block * kRows + r] = y;
+    }
+  }
+}
+#endif
+
+void f16_dispatch(const F16Args& a, int64_t block, int64_t m0, int64_t mt) {
+  switch (mt) {
+    case 1: return f16_rows<1>(a, block, m0);
+    case 2: return f16_rows<2>(a, block, m0);
+    case 3: return f16_rows<3>(a, block, m0);
+    case 4: return f16_rows<4>(a, block, m0);
+    case 5: return f16_rows<5>(a, block, m0);
+    case 6: return f16_rows<6>(a, block, m0);
+    case 7: return f16_rows<7>(a, block, m0);
+    default: return f16_rows<8>(a, block, m0);
+  }
+}
+
 // Row blocks per work item: small enough to balance two threads on a 256-row projection, large enough that
 // the atomic counter is touched rarely.
 int64_t chunk_for(int64_t blocks) { return std::max<int64_t>(1, std::min<int64_t>(4, blocks / 16)); }
@@ -414,6 +473,22 @@ at::Tensor int8_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   return y;
 }
 
+at::Tensor f16_gemm(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+  const int64_t blocks = w.size(0), n = blocks * kRows, k = w.size(1);
+  check_x(x, k);
+  TORCH_CHECK(w.dim() == 3 && w.size(2) == kRows && w.scalar_type() == at::kHalf && w.is_contiguous(),
+              "w must be contiguous fp16 [N/16, K, 16]");
+  TORCH_CHECK(k % 4 == 0, "K must be a multiple of 4");
+  at::Tensor y = at::empty({x.size(0), n}, at::kFloat);
+  const F16Args a{w.data_ptr<at::Half>(), x.data_ptr<float>(),
+                  bias && bias->defined() ? bias->contiguous().data_ptr<float>() : nullptr, y.data_ptr<float>(), k, n};
+  const int64_t m_rows = x.size(0);
+  parallel_dynamic(blocks, chunk_for(blocks), [&](int64_t begin, int64_t end) {
+    for (int64_t block = begin; block < end; ++block) tiles(a, block, m_rows, f16_dispatch);
+  });
+  return y;
+}
+
 bool uses_vnni() { return TRITONQ_VNNI; }
 
 }  // namespace
@@ -421,5 +496,6 @@ bool uses_vnni() { return TRITONQ_VNNI; }
 TORCH_LIBRARY(TRITONQ_OPS_NAMESPACE, m) {
   m.def("int4_gemm(Tensor x, Tensor w, Tensor scale, Tensor minv, int group, Tensor? bias) -> Tensor", int4_gemm);
   m.def("int8_gemm(Tensor x, Tensor w, Tensor scale, Tensor? bias) -> Tensor", int8_gemm);
+  m.def("f16_gemm(Tensor x, Tensor w, Tensor? bias) -> Tensor", f16_gemm);
   m.def("simd() -> bool", uses_vnni);
 }

@@ -21,6 +21,9 @@ one 32-bit lane per row, four consecutive inputs per lane.
   and ``8c + 4 + j`` (high nibble) of row ``r``; ``scale`` and ``min`` fp16 ``[N/16, G, 16]``.
 * int8: ``w`` uint8 ``[N/16, K/4, 64]``: byte ``4r + j`` of chunk ``c`` holds ``code + 128`` of input
   ``4c + j`` of row ``r``; ``scale`` float32 ``[N]``.
+* fp16 (a float head at half the bytes, float32 activations and sums; :func:`f16_gemm`): ``w`` fp16
+  ``[N/16, K, 16]``, input-major within a block of rows. Each row keeps four float32 partial sums (inputs
+  ``k mod 4``), added as ``(s0 + s1) + (s2 + s3)``: :func:`f16_gemm_ref` does the same, so it is exact.
 
 Every output row goes through the same operations whatever the number of rows in the call (batch
 invariance: a request decoded in a batch gets the logits it gets alone). Row blocks are handed to threads
@@ -129,6 +132,29 @@ def pack_int8_rows(codes: Tensor) -> Tensor:
     return _codes_by_row(shifted, 4).reshape(n // ROWS, k // 4, 64).contiguous()
 
 
+def pack_f16_rows(weight: Tensor) -> Tensor:
+    """A float weight [N, K] -> the fp16 layout ``[N/16, K, 16]``."""
+    n, k = weight.shape
+    if n % ROWS or k % 4:
+        raise TritonqError(f"the CPU fp16 op needs out_features % {ROWS} == 0 and in_features % 4 == 0, got {n} x {k}")
+    return weight.to(torch.float16).reshape(n // ROWS, ROWS, k).transpose(1, 2).contiguous()
+
+
+def f16_gemm_ref(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
+    """The fp16 op's exact float32 arithmetic in PyTorch: four fused partial sums per row, added pairwise."""
+    blocks, k, _ = w.shape
+    weight = w.transpose(1, 2).reshape(blocks * ROWS, k).double()
+    xd = x.reshape(-1, k).float().double()
+    partial = []
+    for j in range(4):  # float32 fma chains: each step rounds once, as the op's fused multiply-add does
+        acc = torch.zeros(xd.shape[0], weight.shape[0], dtype=torch.float32)
+        for kk in range(j, k, 4):
+            acc = (acc.double() + xd[:, kk:kk + 1] * weight[:, kk]).float()
+        partial.append(acc)
+    y = (partial[0] + partial[1]) + (partial[2] + partial[3])
+    return y if bias is None else y + bias.float()
+
+
 def quantize_x_ref(x: Tensor) -> Tensor:
     """The activations the op multiplies: per row and block of 32, ``rint(x * 127 / amax)`` times
     ``amax / 127`` (float32 arithmetic as the op does it), returned dequantized in float64."""
@@ -187,6 +213,13 @@ def int4_gemm(x: Tensor, w: Tensor, scale: Tensor, minv: Tensor, group_size: int
     k = w.shape[1] * 8
     y = _ops(portable).int4_gemm(_rows(x, k), w, scale, minv, group_size,
                                  None if bias is None else bias.float().contiguous())
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def f16_gemm(x: Tensor, w: Tensor, bias: Tensor | None = None, portable: bool = False) -> Tensor:
+    """``x @ W^T + bias`` for the fp16 layout; x [..., K] any float dtype, result float32 [..., N]."""
+    k = w.shape[1]
+    y = _ops(portable).f16_gemm(_rows(x, k), w, None if bias is None else bias.float().contiguous())
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 

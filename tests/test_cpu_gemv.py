@@ -178,3 +178,54 @@ def test_layouts_no_op_takes_keep_the_reference_path():
     assert model[0].cpu_kernel == "tritonq" and model[1].cpu_kernel is None and model[1].qweight is not None
     with pytest.raises(TritonqError, match="kernel must be one of"):
         model[1].use_cpu_int4("fast")
+
+
+@pytest.mark.parametrize(("n", "k", "m"), [(16, 4, 1), (48, 96, 3), (64, 200, 9)])
+def test_f16_matches_its_arithmetic_and_float64(n, k, m):
+    """The fp16 head op against the same float32 arithmetic emulated in PyTorch (fp16 weights, four fused
+    partial sums per row: one rounding per step) within two float32 roundings of each partial sum, and against
+    float64 within K roundings."""
+    gen = torch.Generator().manual_seed(n + k + m)
+    weight = torch.randn(n, k, generator=gen)
+    x = torch.randn(m, k, generator=gen)
+    b = torch.randn(n, generator=gen)
+    w = cpu_gemv.pack_f16_rows(weight)
+    y = cpu_gemv.f16_gemm(x, w, b)
+    w16 = weight.half().double()
+    mag = x.double().abs() @ w16.abs().t()
+    emulated = cpu_gemv.f16_gemm_ref(x, w, b)
+    assert bool(((y.double() - emulated.double()).abs() <= 8 * EPS * (mag + b.double().abs())).all())
+    exact = x.double() @ w16.t() + b.double()
+    assert bool(((y.double() - exact).abs() <= (k + 4) * EPS * (mag + b.double().abs())).all())
+    assert not torch.allclose(y.double(), x.double() @ weight.double().t() * 1.001 + b.double(), rtol=1e-6)
+    alone = torch.cat([cpu_gemv.f16_gemm(x[i:i + 1], w, b) for i in range(m)])
+    assert torch.equal(y, alone)
+    portable = cpu_gemv.extension(portable=True)
+    if portable is not None:
+        assert torch.equal(y, cpu_gemv.f16_gemm(x, w, b, portable=True))
+
+
+def test_use_cpu_head_puts_a_tied_head_on_the_fp16_op():
+    """A tied Llama head becomes an ``F16Linear`` (the embeddings keep their float table); the logits move by
+    the fp16 rounding of the head only; a head the op cannot take is left alone with the reason."""
+    from helpers import tiny_config
+    from transformers import AutoModelForCausalLM
+    from tritonq.engine.runtime.cpu_head import F16Linear, use_cpu_head
+
+    torch.manual_seed(0)
+    config = tiny_config(vocab_size=272, tie_word_embeddings=True)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(0, config.vocab_size, (2, 7))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits.double()
+        table = model.get_input_embeddings().weight.detach().clone()
+        assert use_cpu_head(model) is None
+        got = model(input_ids=ids).logits.double()
+    head = model.get_output_embeddings()
+    assert isinstance(head, F16Linear) and torch.equal(model.get_input_embeddings().weight, table)
+    assert torch.equal(head.dequantized_weight(), table.half().float())
+    err = (got - want).abs().max() / want.abs().max()
+    assert 0 < float(err) < 2.0**-9
+    odd = torch.nn.Module()
+    odd.get_output_embeddings = lambda: torch.nn.Linear(8, 20)
+    assert "not a multiple" in use_cpu_head(odd)

@@ -49,17 +49,19 @@ def load_packed_model(directory: str | os.PathLike, device: str = "auto", dtype:
 
     The skeleton is built with parameters on the meta device; quantized linears become
     ``QuantLinear`` with the packed tensors; only the remaining float tensors are loaded.
-    Returns ``(model, tokenizer)`` on ``device`` in eval mode. On the CPU every ``QuantLinear`` the op
-    can take is repacked for a CPU int4 op (:func:`~tritonq.engine.runtime.qlinear.use_cpu_int4`: tritonq's own where
-    it builds, else PyTorch's); the
-    others keep the reference dequant-matmul, with a warning naming them. ``cpu_int4=False`` keeps the
-    reference everywhere: exact against the stored fp16 scales but slow (for checks of the formats).
+    Returns ``(model, tokenizer)`` on ``device`` in eval mode. On the CPU every ``QuantLinear`` that a CPU
+    int4 op can take is repacked for it (:func:`~tritonq.engine.runtime.qlinear.use_cpu_int4`: tritonq's own
+    where it builds, else PyTorch's); the others keep the reference dequant-matmul, with a warning naming them.
+    A float output head goes onto the fp16 CPU op (:func:`~tritonq.engine.runtime.cpu_head.use_cpu_head`).
+    ``cpu_int4=False`` keeps the reference everywhere: exact against the stored fp16 scales but slow (for
+    checks of the formats).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     from ..activations import apply_activation_quant, saved_act_spec
     from ..formats.registry import float_tensors
     from ..formats.runtime import load_packed_layers
+    from .cpu_head import use_cpu_head
     from .qlinear import parameters_on_meta, swap_linears, use_cpu_int4
 
     path = Path(directory)
@@ -96,7 +98,8 @@ def load_packed_model(directory: str | os.PathLike, device: str = "auto", dtype:
         if refused:
             name, why = next(iter(refused.items()))
             warn(f"{len(refused)} packed linears run the slow reference dequant-matmul on the CPU because "
-                 f"PyTorch's int4 op cannot take their layout (e.g. {name}: {why})")
+                 f"no CPU int4 op can take their layout (e.g. {name}: {why})")
+        use_cpu_head(model)  # a float head at half the bytes; a head the op cannot take stays as it is
     if (path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
