@@ -86,6 +86,7 @@ def weight_bytes(model) -> dict[str, int]:
     import torch
     import torch.nn as nn
 
+    from ..engine.runtime.fused import SharedGemm
     from ..engine.runtime.qlinear import QuantLinear
 
     seen: set[int] = set()
@@ -96,7 +97,7 @@ def weight_bytes(model) -> dict[str, int]:
             total += t.numel() * t.element_size()
     linears = 0
     for name, mod in model.named_modules():
-        if isinstance(mod, QuantLinear):
+        if isinstance(mod, (QuantLinear, SharedGemm)):
             linears += sum(b.numel() * b.element_size() for b in mod.buffers() if b is not mod.bias)
         elif isinstance(mod, nn.Linear) and ".layers." in f".{name}":
             linears += mod.weight.numel() * mod.weight.element_size()
@@ -195,6 +196,7 @@ def _build(source: dict, side: str, device: str, dtype: str):
     import torch
 
     from ..engine.runtime.cpu_head import use_cpu_head
+    from ..engine.runtime.fused import fuse_input_sharing_linears
     from ..engine.runtime.qlinear import use_cpu_int4
     from ..engine.runtime.serve import dequantized_copy, load_packed_model, prompt_ids, resolve_device_dtype
 
@@ -204,6 +206,7 @@ def _build(source: dict, side: str, device: str, dtype: str):
         model = random_llama(config, side, dt, source.get("seed", 0)).to(dev)
         if side == "packed" and dev.type == "cpu":
             use_cpu_int4(model)
+            fuse_input_sharing_linears(model)
             use_cpu_head(model)
         gen = torch.Generator().manual_seed(source.get("seed", 0))
         ids = torch.randint(0, config.vocab_size, (source["prompt_tokens"],), generator=gen).tolist()

@@ -18,11 +18,12 @@ Without a GPU the kernels run in the Triton interpreter on tiny shapes to show t
 and the results are right; those timings are interpreter wall times, not speed measurements, and the
 report says so.
 
-``--cpu-int4`` times what a packed model runs on the CPU instead: ``QuantLinear`` repacked for PyTorch's
-``aten._weight_int4pack_mm_for_cpu`` (bf16 activations, scales and zeros) against a float32 ``nn.Linear``
-of the same dequantized weights, on the first three Llama shapes at small M (decode). Warm weights (a CPU
-last-level cache is far smaller than any of these matrices, so the weights stream from memory anyway);
-each side is called until 0.2 s have passed, and the median over ``--runs`` such timings is reported with
+``--cpu-int4`` times what a packed model runs on the CPU instead: ``QuantLinear`` repacked for each CPU
+int4 op (tritonq's ``kernels/cpu_gemv``, int8 activations; PyTorch's ``aten._weight_int4pack_mm_for_cpu``,
+bf16 activations, scales and zeros) against a float32 ``nn.Linear`` of the same dequantized weights, on the
+first three Llama shapes at small M (decode). Warm weights: on a CPU whose last-level cache holds the matrix
+(this workplace's reports 480 MiB) that times cache bandwidth, not memory; ``bench decode`` streams a whole
+model. Each side is called until 0.2 s have passed, and the median over ``--runs`` such timings is reported with
 its min and max.
 """
 
@@ -212,21 +213,24 @@ def _spread_text(row: dict, side: str) -> str:
 
 def cpu_int4_bench(as_json: bool, shapes=CPU_INT4_SHAPES_KN, ms=CPU_INT4_MS, runs: int = 5,
                    budget_s: float = 0.2) -> int:
-    """The CPU int4 op (through ``QuantLinear``) against float32 ``nn.Linear``; see the module docstring.
+    """Both CPU int4 ops (through ``QuantLinear``: tritonq's ``kernels/cpu_gemv`` and PyTorch's
+    ``aten._weight_int4pack_mm_for_cpu``) against float32 ``nn.Linear``, side by side; see the module docstring.
 
-    Each case also checks the numerics: the op's output against the float64 product with the layer's own
-    dequantized weights, relative to the output's scale (bf16 activations and bf16 scales: a few 2^-8)."""
+    Each case also checks the numerics: each op's output against the float64 product with the layer's own
+    dequantized weights, relative to the output's scale (int8 or bf16 activations: a few 2^-8)."""
     from ..engine.formats.records import PackedLinear
     from ..engine.runtime.qlinear import QuantLinear
     from ..kernels.pack import pack_int4
 
     threads = torch.get_num_threads()
-    note = (f"CPU, {threads} threads: QuantLinear on aten._weight_int4pack_mm_for_cpu (g{CPU_INT4_GROUP} asym, "
-            "bf16 activations) against float32 nn.Linear, warm weights; median [min, max] of "
-            f"{runs} timings of >= {budget_s} s each")
+    ops = ("tritonq", "aten")
+    note = (f"CPU, {threads} threads: QuantLinear on tritonq's op (int8 activations) and on "
+            f"aten._weight_int4pack_mm_for_cpu (bf16 activations), g{CPU_INT4_GROUP} asym, against float32 "
+            f"nn.Linear, warm weights (in cache); median [min, max] of {runs} timings of >= {budget_s} s each")
     if not as_json:
         print(note)
-        print(f"{'K':>6} {'N':>6} {'M':>3} {'int4 us':>22} {'fp32 us':>22} {'speedup':>8} {'rel err':>8}")
+        print(f"{'K':>6} {'N':>6} {'M':>3} {'tritonq us':>22} {'aten us':>22} {'fp32 us':>22} {'vs fp32':>8} "
+              f"{'vs aten':>8} {'rel err':>8}")
     rows, ok = [], True
     with torch.inference_mode():
         for K, N in shapes:
@@ -234,29 +238,31 @@ def cpu_int4_bench(as_json: bool, shapes=CPU_INT4_SHAPES_KN, ms=CPU_INT4_MS, run
             codes = torch.randint(0, 16, (K, N), generator=g, dtype=torch.int32)
             scales = (torch.rand(K // CPU_INT4_GROUP, N, generator=g) * 0.01 + 0.001).half()
             zeros = torch.randint(0, 16, (K // CPU_INT4_GROUP, N), generator=g).half()
-            layer = QuantLinear(PackedLinear(pack_int4(codes), scales, zeros, None, CPU_INT4_GROUP, K, N))
+            packed = PackedLinear(pack_int4(codes), scales, zeros, None, CPU_INT4_GROUP, K, N)
             del codes
-            if not layer.use_cpu_int4():
-                raise RuntimeError(f"the CPU int4 op refused {K}x{N}: {layer.cpu_int4_refused}")
+            layers = {op: QuantLinear(packed) for op in ops}
+            for op, layer in layers.items():
+                if not layer.use_cpu_int4(op):
+                    raise RuntimeError(f"the CPU int4 op {op} refused {K}x{N}: {layer.cpu_int4_refused}")
             dense = torch.nn.Linear(K, N, bias=False)
-            dense.weight.copy_(layer.dequantized_weight().float())
+            dense.weight.copy_(layers["aten"].dequantized_weight().float())
             for M in ms:
                 x = torch.randn(M, K, generator=g)
-                y = layer(x).double()
                 ref = x.double() @ dense.weight.double().t()
-                rel = ((y - ref).abs().max() / ref.abs().max()).item()
+                rel = max(((layers[op](x).double() - ref).abs().max() / ref.abs().max()).item() for op in ops)
                 good = rel <= 2.0**-6
                 ok &= good
-                t_int4 = [_seconds_per_call(layer, x, budget_s) for _ in range(runs)]
+                times = {op: [_seconds_per_call(layers[op], x, budget_s) for _ in range(runs)] for op in ops}
                 t_fp32 = [_seconds_per_call(dense, x, budget_s) for _ in range(runs)]
-                row = {"K": K, "N": N, "M": M, "threads": threads, **_spread_us("int4", t_int4),
-                       **_spread_us("fp32", t_fp32), "rel_err": rel, "ok": good}
+                row = {"K": K, "N": N, "M": M, "threads": threads, **_spread_us("int4", times["tritonq"]),
+                       **_spread_us("aten", times["aten"]), **_spread_us("fp32", t_fp32), "rel_err": rel, "ok": good}
                 row["speedup"] = row["fp32_us"] / row["int4_us"]
+                row["speedup_vs_aten"] = row["aten_us"] / row["int4_us"]
                 rows.append(row)
                 if not as_json:
-                    a, b = _spread_text(row, "int4"), _spread_text(row, "fp32")
-                    print(f"{K:>6} {N:>6} {M:>3} {a:>22} {b:>22} {row['speedup']:>7.2f}x {rel:>8.1e}"
-                          f"{'' if good else '  MISMATCH'}")
+                    a, b, c = (_spread_text(row, side) for side in ("int4", "aten", "fp32"))
+                    print(f"{K:>6} {N:>6} {M:>3} {a:>22} {b:>22} {c:>22} {row['speedup']:>7.2f}x "
+                          f"{row['speedup_vs_aten']:>7.2f}x {rel:>8.1e}{'' if good else '  MISMATCH'}")
     if as_json:
         print(json.dumps({"mode": "cpu-int4", "speed_measured": True, "note": note, "rows": rows,
                           "all_match": ok}, indent=1))

@@ -229,3 +229,33 @@ def test_use_cpu_head_puts_a_tied_head_on_the_fp16_op():
     odd = torch.nn.Module()
     odd.get_output_embeddings = lambda: torch.nn.Linear(8, 20)
     assert "not a multiple" in use_cpu_head(odd)
+
+
+def test_fused_q_k_v_and_gate_up_give_bit_identical_logits(tmp_path):
+    """A packed model with q/k/v and gate/up fused into one op call each computes exactly what it computes
+    unfused (the op's rows are independent), in a batch and step by step with a KV cache."""
+    from transformers import DynamicCache
+    from tritonq.engine.formats.registry import save_packed
+    from tritonq.engine.runtime.cpu_head import use_cpu_head
+    from tritonq.engine.runtime.fused import FusedMember
+    from tritonq.engine.runtime.serve import load_packed_model
+
+    from .helpers import make_fake_dir
+
+    fake = make_fake_dir(tmp_path / "fake", group_size=32, sym=False)
+    packed = save_packed(fake, tmp_path / "ct", "compressed-tensors")
+    model, _ = load_packed_model(packed, "cpu", "float32")  # fused on load
+    unfused, _ = load_packed_model(packed, "cpu", "float32", cpu_int4=False)
+    assert use_cpu_int4(unfused) == {} and "not a multiple" in use_cpu_head(unfused)  # vocabulary 259: float
+    attn = model.model.layers[0].self_attn
+    assert all(isinstance(getattr(attn, n), FusedMember) for n in ("q_proj", "k_proj", "v_proj"))
+    assert isinstance(model.model.layers[0].mlp.up_proj, FusedMember)
+    assert isinstance(unfused.model.layers[0].self_attn.q_proj, QuantLinear)
+    ids = torch.tensor([[256, 72, 101, 108, 108, 111, 32, 119], [256, 87, 111, 114, 108, 100, 33, 10]])
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, unfused(input_ids=ids).logits)
+        caches = [DynamicCache(config=m.config) for m in (model, unfused)]
+        for step in range(ids.shape[1]):
+            a, b = (m(input_ids=ids[:, step:step + 1], past_key_values=c, use_cache=True).logits
+                    for m, c in zip((model, unfused), caches))
+            assert torch.equal(a, b)

@@ -4,7 +4,8 @@ On a CPU the output head of a small or medium model is a large share of the byte
 float32 2048 x 32000 head is 250 MiB, a third of TinyLlama's per-token traffic at 4 bits), and llama.cpp
 keeps it in F16. :func:`use_cpu_head` replaces the head with :class:`F16Linear`, which runs
 :func:`tritonq.kernels.cpu_gemv.f16_gemm`: the weights rounded once to fp16 (relative error at most 2^-11),
-the products and sums in float32, every row computed the same way whatever the batch. A head the op cannot
+the products and sums in float32, every row computed the same way whatever the batch (of up to
+:data:`PREFILL_ROWS` rows: a prompt's rows run as one BLAS GEMM on the same fp16 values). A head the op cannot
 take (rows not a multiple of 16, values beyond fp16's range, a non-``nn.Linear`` head, the op not built)
 stays as it is, and the reason is returned.
 """
@@ -16,6 +17,9 @@ import torch.nn as nn
 from torch import Tensor
 
 from ...kernels import cpu_gemv
+
+#: Above this many rows (tokens) per call the head runs as a BLAS GEMM on its fp16 values instead of the op.
+PREFILL_ROWS = 16
 
 
 class F16Linear(nn.Module):
@@ -30,6 +34,10 @@ class F16Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.weight_rows.dtype != torch.float16:  # a later model.to(dtype) converted the buffer
             self.weight_rows = self.weight_rows.half()
+        if x.numel() // self.in_features > PREFILL_ROWS:
+            # a prompt or an evaluation window: compute-bound, where the BLAS GEMM on the same fp16 values is
+            # ~2.4x faster than the GEMV-shaped op (measured at M = 512); decode steps stay on the op
+            return nn.functional.linear(x.float(), self.dequantized_weight(), self.bias).to(x.dtype)
         return cpu_gemv.f16_gemm(x, self.weight_rows, self.bias).to(x.dtype)
 
     def dequantized_weight(self) -> Tensor:

@@ -52,7 +52,8 @@ def load_packed_model(directory: str | os.PathLike, device: str = "auto", dtype:
     Returns ``(model, tokenizer)`` on ``device`` in eval mode. On the CPU every ``QuantLinear`` that a CPU
     int4 op can take is repacked for it (:func:`~tritonq.engine.runtime.qlinear.use_cpu_int4`: tritonq's own
     where it builds, else PyTorch's); the others keep the reference dequant-matmul, with a warning naming them.
-    A float output head goes onto the fp16 CPU op (:func:`~tritonq.engine.runtime.cpu_head.use_cpu_head`).
+    Input-sharing linears are fused (:func:`~tritonq.engine.runtime.fused.fuse_input_sharing_linears`), and a
+    float output head goes onto the fp16 CPU op (:func:`~tritonq.engine.runtime.cpu_head.use_cpu_head`).
     ``cpu_int4=False`` keeps the reference everywhere: exact against the stored fp16 scales but slow (for
     checks of the formats).
     """
@@ -62,6 +63,7 @@ def load_packed_model(directory: str | os.PathLike, device: str = "auto", dtype:
     from ..formats.registry import float_tensors
     from ..formats.runtime import load_packed_layers
     from .cpu_head import use_cpu_head
+    from .fused import fuse_input_sharing_linears
     from .qlinear import parameters_on_meta, swap_linears, use_cpu_int4
 
     path = Path(directory)
@@ -99,6 +101,7 @@ def load_packed_model(directory: str | os.PathLike, device: str = "auto", dtype:
             name, why = next(iter(refused.items()))
             warn(f"{len(refused)} packed linears run the slow reference dequant-matmul on the CPU because "
                  f"no CPU int4 op can take their layout (e.g. {name}: {why})")
+        fuse_input_sharing_linears(model)  # q/k/v and gate/up: one call each, bit-identical
         use_cpu_head(model)  # a float head at half the bytes; a head the op cannot take stays as it is
     if (path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(path)
