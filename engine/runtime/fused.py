@@ -35,20 +35,21 @@ class SharedGemm(nn.Module):
         biases = [m.bias if m.bias is not None else torch.zeros(m.out_features) for m in members]
         has_bias = any(m.bias is not None for m in members)
         self.register_buffer("bias", torch.cat([b.float() for b in biases]) if has_bias else None)
-        self._input: Tensor | None = None
-        self._output: Tensor | None = None
-        self._unread = 0
+        # [input, output, members yet to read it]: one list mutated in place, because nn.Module.__setattr__
+        # costs microseconds per assignment, and this runs several times per layer and token
+        self._last: list = [None, None, 0]
 
     def output(self, x: Tensor) -> Tensor:
-        if self._input is not x or self._unread == 0:
+        last = self._last
+        if last[0] is not x or last[2] == 0:
             if self.rows_scale.dtype != torch.float16:  # a later model.to(dtype) converted the buffers
                 self.rows_scale, self.rows_min = self.rows_scale.half(), self.rows_min.half()
             y = cpu_gemv.int4_gemm(x, self.rows_weight, self.rows_scale, self.rows_min, self.group_size, self.bias)
-            self._input, self._output, self._unread = x, y.to(x.dtype), self.members
-        out = self._output
-        self._unread -= 1
-        if self._unread == 0:
-            self._input = self._output = None  # every member has its slice: hold nothing between steps
+            last[:] = [x, y.to(x.dtype), self.members]
+        out = last[1]
+        last[2] -= 1
+        if last[2] == 0:
+            last[0] = last[1] = None  # every member has its slice: hold nothing between steps
         return out
 
 
