@@ -368,3 +368,22 @@ def test_a_closed_engine_answers_503(tiny):
     r = TestClient(app).post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
     assert r.status_code == 503 and "shutting down" in r.json()["error"]["message"]
     assert r.json()["error"]["type"] == "server_error" and int(r.headers["retry-after"]) >= 1
+
+
+def test_an_engine_whose_loop_fails_fails_its_requests_and_refuses_with_503s_reason(tiny, slow, monkeypatch):
+    model, tok = tiny
+    engine = BatchEngine(model, tok, max_batch=2)
+    try:
+        running = Client(engine, _prompt(70, 4), 60)
+        _until(lambda: len(running.job.state.tokens) >= 2, "the request never started")
+
+        def bug() -> None:
+            raise AssertionError("a bug in the loop")
+
+        monkeypatch.setattr(engine, "_drop_cancelled", bug)
+        running.wait()
+        assert isinstance(running.failure, AssertionError)
+        with pytest.raises(EngineUnavailable, match="engine failed .*a bug in the loop"):
+            Client(engine, _prompt(71, 4), 4)
+    finally:
+        engine.close()

@@ -25,6 +25,7 @@ its own ``DynamicCache``: the same scheduling, without the shared pass.
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ from .serve import Completion, TextDeltas, _next_token, decode_one_token, prefil
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+_log = logging.getLogger("tritonq.server")
 Event = str | BaseException | None  # a text piece, the failure that ended the request, or None: finished
 
 
@@ -177,11 +179,12 @@ class BatchEngine:
                 if self._active:
                     self._step()
         except BaseException as exc:  # a bug in the loop itself: fail everyone, refuse from now on
+            _log.exception("the batch engine failed")
             with self._cond:
                 self._failure = f"{type(exc).__name__}: {exc}".splitlines()[0]
             for request in self._drain():
                 self._fail(request, exc)
-            raise
+            return
         for request in self._drain():
             self._finish(request, "cancelled")
 
@@ -238,7 +241,14 @@ class BatchEngine:
             self._accept(request, row)
 
     def _accept(self, request: Generation, logits: torch.Tensor) -> None:
-        """Sample ``request``'s next token from ``logits`` and hand out its text; finish it if that ends it."""
+        """Sample ``request``'s next token from ``logits`` and hand out its text; finish it if that ends it.
+        A failure here (sampling, detokenizing) fails this request only."""
+        try:
+            self._take(request, logits)
+        except Exception as exc:
+            self._fail(request, exc)
+
+    def _take(self, request: Generation, logits: torch.Tensor) -> None:
         s = request.sampling
         token = _next_token(logits, s.temperature, s.top_p, request.generator)
         request.produced += 1
