@@ -173,6 +173,7 @@ class BatchEngine:
                         break
                     joining = [self._waiting.popleft()
                                for _ in range(min(len(self._waiting), self.max_batch - len(self._active)))]
+                    self._active.extend(joining)  # they hold their slots from now: submit counts them
                 for request in joining:
                     self._join(request)
                 self._drop_cancelled()
@@ -196,7 +197,8 @@ class BatchEngine:
         return left
 
     def _join(self, request: Generation) -> None:
-        """Prefill ``request`` alone and take its first token; it joins the batch unless that ended it."""
+        """Prefill ``request`` (in the batch already) alone and take its first token; it stays unless that ended
+        it."""
         if request.cancelled.is_set():
             self._finish(request, "cancelled")
             return
@@ -216,8 +218,6 @@ class BatchEngine:
         except Exception as exc:
             self._fail(request, exc)
             return
-        with self._cond:
-            self._active.append(request)
         self._accept(request, logits)
 
     def _drop_cancelled(self) -> None:
