@@ -421,3 +421,16 @@ def test_an_engine_whose_loop_fails_fails_its_requests_and_refuses_with_503s_rea
             Client(engine, _prompt(71, 4), 4)
     finally:
         engine.close()
+
+
+def test_a_chunk_after_cached_tokens_is_masked_causally(tiny):
+    """Several queries after a non-empty row cache (not what the engine sends, but the attention must not
+    assume an empty cache): the logits equal the model's own forward on the whole sequence."""
+    model, _ = tiny
+    ids = _prompt(80, 9)
+    cache = RequestCache()
+    with torch.inference_mode():
+        reference = model(input_ids=torch.tensor([ids])).logits[0, -1]
+        ragged_forward(model, [ids[:5]], [cache])
+        got = ragged_forward(model, [ids[5:]], [cache])[0]
+    torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-5)

@@ -95,9 +95,10 @@ def ragged_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor |
                      attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, None]:
     """Attention for :class:`RaggedCache` passes: SDPA per row on that row's own keys; any other call is plain SDPA.
 
-    Each row's queries are the last ``q_len`` positions of its keys (a prefill from an empty cache, or one
-    decoded token), so SDPA's ``is_causal`` (or no mask for one query) is the causal mask; a sliding window
-    (Mistral, Qwen2) keeps the last ``window`` keys of a decoded token and masks a longer prefill.
+    Each row's queries are the last ``q_len`` positions of its keys. For a prefill from an empty cache SDPA's
+    ``is_causal`` is the causal mask and one decoded token needs none; a sliding window (Mistral, Qwen2) keeps
+    the last ``window`` keys of a decoded token, and several queries after cached keys or past a window get an
+    explicit mask.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -106,12 +107,12 @@ def ragged_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor |
     window = kwargs.pop("sliding_window", None)
     q_len, out = query.shape[2], []
     for i, (k, v) in enumerate(zip(key, value, strict=True)):
-        mask = None
-        if window is not None and k.shape[2] > window:
-            if q_len == 1:
+        mask, k_len = None, k.shape[2]
+        if q_len == 1:
+            if window is not None and k_len > window:
                 k, v = k[:, :, -window:], v[:, :, -window:]
-            else:
-                mask = _window_mask(q_len, k.shape[2], window, query.device)
+        elif k_len != q_len or (window is not None and k_len > window):  # SDPA's is_causal aligns top-left
+            mask = _window_mask(q_len, k_len, window or k_len, query.device)
         out.append(sdpa_attention_forward(module, query[i:i + 1], k, v, mask, **kwargs)[0])
     return torch.cat(out), None
 
