@@ -4,12 +4,13 @@ Starts the server in a subprocess on a free loopback port, then
 1. sends each of ``--concurrent`` distinct greedy chat requests alone, one after another (time and reply);
 2. sends the same requests all at once: the wall time from the first send to the last reply, against the
    median alone time (issue 23's target is <= 2x), and how many replies equal their alone reply;
+   steps 1 and 2 repeat ``--rounds`` times, so that a load that drifts hits both sides;
 3. sends ``--flood`` requests at once and counts the status codes (200 and 429 only, no failures).
 
 Usage::
 
     python -m tritonq.bench.serve_load /tmp/batch/rtn4-ct [--concurrent 8] [--max-tokens 64] [--flood 64]
-        [--max-batch 8] [--max-queue 32] [--json]
+        [--max-batch 8] [--max-queue 32] [--rounds 3] [--json]
     python -m tritonq.bench.serve_load /tmp/batch/rtn4-ct --token-identity   # tokens alone vs batched, in-process
 
 Only the standard library on the client side (urllib and threads), so it runs wherever the server does.
@@ -94,11 +95,7 @@ def run(args: argparse.Namespace) -> dict:
         proc = _start(args.model, port, args.max_batch, args.max_queue, log)
         try:
             _post(url, _chat("Hi", 4))  # warm-up: first-call costs stay out of the timings
-            alone = [_post(url, body) for body in bodies]
-            t0 = time.perf_counter()
-            with ThreadPoolExecutor(len(bodies)) as pool:
-                together = list(pool.map(lambda body: _post(url, body), bodies))
-            wall = time.perf_counter() - t0
+            rounds = [_round(url, bodies) for _ in range(args.rounds)]
             t0 = time.perf_counter()
             with ThreadPoolExecutor(args.flood) as pool:
                 flood = list(pool.map(lambda i: _post(url, bodies[i % len(bodies)]), range(args.flood)))
@@ -106,24 +103,39 @@ def run(args: argparse.Namespace) -> dict:
         finally:
             proc.terminate()
             proc.wait(timeout=60)
-    for status, data, _ in (*alone, *together):
-        if status != 200:
-            raise SystemExit(f"a request failed with {status}: {data}")
-    texts = [[d["choices"][0]["message"]["content"] for _, d, _ in side] for side in (alone, together)]
-    alone_s = [s for _, _, s in alone]
     codes: dict[str, int] = {}
     for status, _, _ in flood:
         codes[str(status)] = codes.get(str(status), 0) + 1
     return {
         "model": args.model, "concurrent": args.concurrent, "max_tokens": args.max_tokens,
-        "max_batch": args.max_batch, "max_queue": args.max_queue,
-        "completion_tokens": [d["usage"]["completion_tokens"] for _, d, _ in together],
-        "alone_s": alone_s, "alone_median_s": statistics.median(alone_s), "together_wall_s": wall,
-        "ratio": wall / statistics.median(alone_s), "sequential_sum_s": sum(alone_s),
+        "max_batch": args.max_batch, "max_queue": args.max_queue, "rounds": rounds,
+        "ratio_median": statistics.median(r["ratio"] for r in rounds),
+        "flood": args.flood, "flood_status_counts": codes, "flood_wall_s": flood_wall,
+    }
+
+
+def _round(url: str, bodies: list[dict]) -> dict:
+    """Each request alone, one after another, then all at once. The ratio divides the wall time of all at
+    once by the median alone time of the replies that ran to ``max_tokens`` (an early end-of-sequence would
+    flatter it)."""
+    alone = [_post(url, body) for body in bodies]
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        together = list(pool.map(lambda body: _post(url, body), bodies))
+    wall = time.perf_counter() - t0
+    for status, data, _ in (*alone, *together):
+        if status != 200:
+            raise SystemExit(f"a request failed with {status}: {data}")
+    texts = [[d["choices"][0]["message"]["content"] for _, d, _ in side] for side in (alone, together)]
+    tokens = [d["usage"]["completion_tokens"] for _, d, _ in alone]
+    full = [s for (_, _, s), n in zip(alone, tokens, strict=True) if n == bodies[0]["max_tokens"]]
+    one = statistics.median(full or [s for _, _, s in alone])
+    return {
+        "completion_tokens": tokens, "alone_s": [s for _, _, s in alone], "one_alone_s": one,
+        "sequential_sum_s": sum(s for _, _, s in alone), "together_wall_s": wall, "ratio": wall / one,
         "identical_replies": sum(a == b for a, b in zip(*texts, strict=True)),
         "common_prefix_chars": [_common_prefix(a, b) for a, b in zip(*texts, strict=True)],
         "reply_chars": [len(a) for a in texts[0]],
-        "flood": args.flood, "flood_status_counts": codes, "flood_wall_s": flood_wall,
     }
 
 
@@ -179,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrent", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--flood", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=3, help="alone-then-together rounds (the load drifts between them)")
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--max-queue", type=int, default=32)
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
@@ -192,12 +205,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"{args.concurrent} concurrent chat requests, max_tokens {args.max_tokens}, "
-          f"completion tokens {result['completion_tokens']}")
-    print(f"alone: median {result['alone_median_s']:.2f} s (sum {result['sequential_sum_s']:.2f} s); "
-          f"together: {result['together_wall_s']:.2f} s = {result['ratio']:.2f}x one alone")
-    print(f"replies identical to alone: {result['identical_replies']} of {args.concurrent} "
-          f"(common prefix chars {result['common_prefix_chars']} of {result['reply_chars']})")
+    print(f"{args.concurrent} concurrent chat requests, max_tokens {args.max_tokens}")
+    for i, r in enumerate(result["rounds"]):
+        print(f"round {i}: one alone {r['one_alone_s']:.2f} s (all alone {r['sequential_sum_s']:.2f} s); together "
+              f"{r['together_wall_s']:.2f} s = {r['ratio']:.2f}x; replies identical to alone "
+              f"{r['identical_replies']} of {args.concurrent}; completion tokens {r['completion_tokens']}")
+    print(f"median ratio {result['ratio_median']:.2f}x")
     print(f"{args.flood} at once: status counts {result['flood_status_counts']} in {result['flood_wall_s']:.2f} s")
     return 0
 
