@@ -39,7 +39,7 @@ from .ragged import RequestCache, ragged_forward, ragged_forward_works
 from .serve import Completion, TextDeltas, _next_token, decode_one_token, prefill, stop_token_ids
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
+    from transformers import Cache, PreTrainedTokenizerBase
 
 _log = logging.getLogger("tritonq.server")
 Event = str | BaseException | None  # a text piece, the failure that ended the request, or None: finished
@@ -86,7 +86,7 @@ class Generation:
     cancelled: threading.Event = field(default_factory=threading.Event)
     produced: int = 0  # tokens sampled, a stop token included
     last: int = -1  # the token to feed at the next step
-    cache: object = None  # RequestCache (batched) or DynamicCache (one row at a time)
+    cache: RequestCache | Cache | None = None  # RequestCache (batched) or a DynamicCache (one row at a time)
     deltas: TextDeltas | None = None
     generator: torch.Generator | None = None
     done: bool = False
