@@ -166,7 +166,7 @@ def test_concurrent_requests(server):
         comp = pool.submit(client.post, f"{server}/v1/completions", json={"prompt": "abc", "max_tokens": 4})
         assert comp.result().status_code == 200
     assert all(r.status_code == 200 for r in chat)
-    assert len({r.json()["choices"][0]["message"]["content"] for r in chat}) == 1  # serialized, deterministic
+    assert len({r.json()["choices"][0]["message"]["content"] for r in chat}) == 1  # greedy: one reply, batched or not
 
 
 def test_generate_command_prints_greedy_continuation(dirs, capsys):
