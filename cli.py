@@ -249,6 +249,10 @@ def _add_serve(sub) -> None:
     p.add_argument("model", help="packed checkpoint directory (or a float model, for comparison)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="requests decoded together in one forward pass per step (continuous batching; default 8)")
+    p.add_argument("--max-queue", type=int, default=32,
+                   help="requests that may wait for a batch slot; more get HTTP 429 with Retry-After (default 32)")
     _add_model_args(p)
     p.set_defaults(handler=_run_serve)
 

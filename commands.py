@@ -396,7 +396,8 @@ def generate(args) -> int:
 
 
 def serve(args) -> int:
-    """``tritonq serve DIR [--host 127.0.0.1] [--port 8000]``: the OpenAI-compatible server until interrupted."""
+    """``tritonq serve DIR [--host 127.0.0.1] [--port 8000] [--max-batch 8] [--max-queue 32]``: the
+    OpenAI-compatible server, batching concurrent requests, until interrupted."""
     import sys
     from pathlib import Path
 
@@ -409,14 +410,18 @@ def serve(args) -> int:
     except ImportError:
         raise TritonqError("tritonq serve needs FastAPI and uvicorn: pip install 'tritonq[serve]'") from None
     from .engine.preflight import check_model_files
+    from .engine.runtime.batching import check_bounds
     from .engine.runtime.serve import load_generation_model
 
+    check_bounds(args.max_batch, args.max_queue)
     check_model_files(args.model)
     model, tokenizer = load_generation_model(args.model, args.device, args.dtype)
     model_id = Path(args.model).resolve().name
-    app = create_app(model, tokenizer, model_id)
-    print(f"serving {model_id} on http://{args.host}:{args.port}/v1 ({model.device}, {model.dtype})",
-          file=sys.stderr, flush=True)
+    app = create_app(model, tokenizer, model_id, args.max_batch, args.max_queue)
+    engine = app.state.engine
+    mode = f"batches of up to {engine.max_batch}" if engine.batched else "one row at a time per step"
+    print(f"serving {model_id} on http://{args.host}:{args.port}/v1 ({model.device}, {model.dtype}; {mode}, "
+          f"queue {engine.max_queue})", file=sys.stderr, flush=True)
     # a stream in flight must not hold SIGTERM for its whole length: uvicorn cancels it after 5 s
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
     return 0

@@ -50,15 +50,16 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def serving(directory: Path) -> Iterator[str]:
-    """``tritonq serve directory`` in a subprocess on a free loopback port; yields its base URL.
+def serving(directory: Path, *flags: str) -> Iterator[str]:
+    """``tritonq serve directory [flags]`` in a subprocess on a free loopback port; yields its base URL.
 
     Stopped with SIGTERM at the end, and killed if it has not exited 30 s later (a server that hangs on an
     open request must not hang the tests too)."""
     port = _free_port()
     log = tempfile.TemporaryFile()  # a file, not a pipe: a chatty server never blocks on a full pipe
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tritonq.cli", "serve", str(directory), "--port", str(port), "--device", "cpu"],
+        [sys.executable, "-m", "tritonq.cli", "serve", str(directory), "--port", str(port), "--device", "cpu",
+         *flags],
         stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ),
     )
     url = f"http://127.0.0.1:{port}"
@@ -165,7 +166,7 @@ def test_concurrent_requests(server):
         comp = pool.submit(client.post, f"{server}/v1/completions", json={"prompt": "abc", "max_tokens": 4})
         assert comp.result().status_code == 200
     assert all(r.status_code == 200 for r in chat)
-    assert len({r.json()["choices"][0]["message"]["content"] for r in chat}) == 1  # serialized, deterministic
+    assert len({r.json()["choices"][0]["message"]["content"] for r in chat}) == 1  # greedy: one reply, batched or not
 
 
 def test_generate_command_prints_greedy_continuation(dirs, capsys):

@@ -1,22 +1,27 @@
 """An OpenAI-compatible HTTP API over one packed model loaded by :mod:`tritonq.engine.runtime.serve`.
 
 Endpoints: ``/v1/models``, ``/v1/completions`` and ``/v1/chat/completions``, with server-sent-event
-streaming as in https://platform.openai.com/docs/api-reference/chat/streaming, on FastAPI. One lock
-serialises generation on the single model. This module imports FastAPI, so only the server imports it
+streaming as in https://platform.openai.com/docs/api-reference/chat/streaming, on FastAPI. Concurrent
+requests are decoded together, one forward pass per step, by a
+:class:`~tritonq.engine.runtime.batching.BatchEngine` (continuous batching: a request joins after its
+prefill and leaves when it ends). This module imports FastAPI, so only the server imports it
 (``pip install 'tritonq[serve]'``).
 
 Default length. A request without ``max_tokens`` (or with ``null``) gets at most
 ``DEFAULT_MAX_TOKENS``: 16 new tokens on ``/v1/completions``, OpenAI's documented default for that
 endpoint, and 256 on ``/v1/chat/completions``, where OpenAI and vLLM let a reply run to the end of the
-context. On one model behind one lock that was minutes of work nobody asked for (issue 20: the next
+context. On one model serving one request at a time that was minutes of work nobody asked for (issue 20: the next
 2-token request waited 288 s); 256 tokens hold a usual chat answer, and a client that wants more says so,
 up to the context.
 
-Abandoned work. Each request generates on a worker thread that asks a cancel flag before every token
-(``cancelled`` in :func:`~tritonq.engine.runtime.serve.generate_tokens`). The flag is raised when the
-client goes: a non-streaming request watches the ASGI receive channel for ``http.disconnect``; a stream
-raises it whenever its response ends (done, client gone, failed). The lock thus passes to the next
-request within a token, and a request whose client left while it queued never starts.
+Abandoned work. A request whose client goes is cancelled in the engine: a non-streaming request watches
+the ASGI receive channel for ``http.disconnect``; a stream cancels whenever its response ends (done, client
+gone, failed). A cancelled request leaves the batch before the next step (the others go on untouched), and
+one cancelled while it queued never starts.
+
+Load. At most ``max_batch`` requests decode at once and ``max_queue`` more wait; past that a request gets a
+429 with ``Retry-After`` at once, and while the server shuts down (or if its engine thread died) a 503, so
+a client is never left hanging on an overloaded server.
 
 Errors. Every error has the OpenAI shape ``{"error": {"message", "type", "param", "code"}}``, FastAPI's
 own 404/405/422 and unexpected failures included: ``invalid_request_error`` with a 4xx where the request
@@ -31,21 +36,22 @@ request models with ``validation_error`` are the part to move out if it grows.)
 # No ``from __future__ import annotations``: FastAPI reads the request models of the handlers
 # from their real (not stringified) annotations.
 
+import asyncio
 import contextlib
 import json
 import logging
 import math
-import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Literal
 
 import anyio
 import torch.nn as nn
-from anyio import from_thread, to_thread
+from anyio import to_thread
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -54,7 +60,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from ...errors import TritonqError
-from .serve import Completion, prompt_ids, stream_text
+from .batching import BatchEngine, EngineUnavailable, Generation, QueueFull, Sampling
+from .serve import Completion, prompt_ids
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -97,9 +104,11 @@ _FIELDS = frozenset().union(*(m.model_fields for m in (CompletionRequest, ChatRe
 class ApiError(Exception):
     """A refused request: the HTTP status and the OpenAI error fields."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -159,7 +168,7 @@ def _usage(state: Completion) -> dict:
 
 
 def _error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
-    kind = "invalid_request_error" if status < 500 else "server_error"
+    kind = "server_error" if status >= 500 else "rate_limit_error" if status == 429 else "invalid_request_error"
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
@@ -221,82 +230,91 @@ def validation_error(errors: list[dict], doc: object) -> tuple[str, str | None]:
 
 
 # ---------------------------------------------------------------------------------------------------
-# generation on a worker thread, cancelled when its client goes
+# generation in the batch engine, cancelled when its client goes
+
+RETRY_AFTER_S = 1  # a full queue drains by a request every few tokens; a second is a fair first retry
 
 
-async def _generate(lock: threading.Lock, run: Callable[[Callable[[], bool]], Iterator[str]],
-                    cancel: threading.Event, on_delta: Callable[[str], object] | None = None) -> None:
-    """Drive ``run(cancel.is_set)`` on a worker thread that holds ``lock``; each delta goes to ``on_delta``
-    on the event loop. A request cancelled while it waits for the lock never takes it."""
+def _submit(engine: BatchEngine, ids: list[int], max_new: int, req: "_Common") -> tuple[Generation, AsyncIterator]:
+    """Queue a generation; its events arrive on the returned receiver, in this event loop. Refusals become
+    429 (queue full) or 503 (shutting down, engine failed) before any header is sent."""
+    loop = asyncio.get_running_loop()
+    send, receive = anyio.create_memory_object_stream[object](math.inf)
 
-    def work() -> None:
-        while not lock.acquire(timeout=0.05):
-            if cancel.is_set():
-                return
-        try:
-            for delta in run(cancel.is_set):
-                if on_delta is not None:
-                    from_thread.run_sync(on_delta, delta)
-        finally:
-            lock.release()
+    def deliver(event: object) -> None:  # on the event loop
+        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+            send.send_nowait(event)
+            if event is None or isinstance(event, BaseException):
+                send.close()
 
-    await to_thread.run_sync(work)
+    stop = [req.stop] if isinstance(req.stop, str) else req.stop
+    try:
+        job = engine.submit(ids, max_new, Sampling(req.temperature, req.top_p, req.seed), stop,
+                            emit=lambda event: loop.call_soon_threadsafe(deliver, event))
+    except QueueFull as exc:
+        raise ApiError(429, str(exc), code="rate_limit_exceeded", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+    except EngineUnavailable as exc:
+        raise ApiError(503, str(exc), code="service_unavailable",
+                       headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+    return job, receive
 
 
-async def _cancel_on_disconnect(request: Request, cancel: threading.Event) -> None:
-    """Raise ``cancel`` once the client closes the connection (the body is read: only the disconnect is left)."""
+async def _cancel_on_disconnect(request: Request, cancel: Callable[[], None]) -> None:
+    """Call ``cancel`` once the client closes the connection (the body is read: only the disconnect is left)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
-    cancel.set()
+    cancel()
 
 
-async def _run_whole(request: Request, lock: threading.Lock,
-                     run: Callable[[Callable[[], bool]], Iterator[str]]) -> None:
-    """A non-streaming generation, stopped within a token if the client disconnects."""
-    cancel = threading.Event()
+async def _run_whole(request: Request, engine: BatchEngine, job: Generation, receive: AsyncIterator) -> None:
+    """Wait for a non-streaming generation; cancel it if the client disconnects. A failure is raised."""
     failure: BaseException | None = None
     async with anyio.create_task_group() as tg:
-        tg.start_soon(_cancel_on_disconnect, request, cancel)
-        try:
-            await _generate(lock, run, cancel)
-        except Exception as exc:  # re-raised below, outside the task group, for the exception handlers
-            failure = exc
-        finally:
-            cancel.set()
-            tg.cancel_scope.cancel()
+        tg.start_soon(_cancel_on_disconnect, request, partial(engine.cancel, job))
+        async with receive:
+            async for event in receive:
+                if isinstance(event, BaseException):
+                    failure = event
+        tg.cancel_scope.cancel()
     if failure is not None:
         raise failure
 
 
 class EventStream(StreamingResponse):
-    """Server-sent events from a generation that runs while the response streams. However the response
-    ends (done, client gone, failed), the generation is cancelled and waited for, so the lock is free."""
+    """Server-sent events of a generation in the engine; however the response ends (done, client gone,
+    failed), the generation is cancelled, so its batch row is free for the next step."""
 
-    def __init__(self, events: AsyncIterator[str], produce: Callable[[], Awaitable[None]],
-                 cancel: threading.Event) -> None:
+    def __init__(self, events: AsyncIterator[str], cancel: Callable[[], None]) -> None:
         super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        self._produce, self._cancel = produce, cancel
+        self._cancel = cancel
 
     async def __call__(self, scope, receive, send) -> None:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._produce)
-            try:
-                await super().__call__(scope, receive, send)
-            except (ClientDisconnect, OSError):  # the client went while we wrote (ASGI spec 2.4 servers)
-                pass
-            finally:
-                self._cancel.set()
+        try:
+            await super().__call__(scope, receive, send)
+        except (ClientDisconnect, OSError):  # the client went while we wrote (ASGI spec 2.4 servers)
+            pass
+        finally:
+            self._cancel()
 
 
 def _sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-def create_app(model: nn.Module, tokenizer: "PreTrainedTokenizerBase", model_id: str) -> FastAPI:
-    """The FastAPI application serving one model; generation runs one request at a time under a lock."""
-    lock = threading.Lock()
+def create_app(model: nn.Module, tokenizer: "PreTrainedTokenizerBase", model_id: str, max_batch: int = 8,
+               max_queue: int = 32) -> FastAPI:
+    """The FastAPI application serving one model: up to ``max_batch`` requests decode together, up to
+    ``max_queue`` more wait (see :class:`~tritonq.engine.runtime.batching.BatchEngine`)."""
+    engine = BatchEngine(model, tokenizer, max_batch, max_queue)
     context = int(getattr(model.config, "max_position_embeddings", 0) or 0)
-    app = FastAPI(title="tritonq", description=f"OpenAI-compatible server for {model_id}")
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        await to_thread.run_sync(engine.close)  # later requests get 503; active ones end as cancelled
+
+    app = FastAPI(title="tritonq", description=f"OpenAI-compatible server for {model_id}", lifespan=lifespan)
+    app.state.engine = engine
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -320,7 +338,7 @@ def create_app(model: nn.Module, tokenizer: "PreTrainedTokenizerBase", model_id:
 
     @app.exception_handler(ApiError)
     async def _api(request: Request, exc: ApiError) -> JSONResponse:
-        return _error(exc.status, exc.message, exc.param, exc.code)
+        return _error(exc.status, exc.message, exc.param, exc.code, exc.headers)
 
     @app.exception_handler(TritonqError)
     async def _tritonq(request: Request, exc: TritonqError) -> JSONResponse:
@@ -358,49 +376,32 @@ def create_app(model: nn.Module, tokenizer: "PreTrainedTokenizerBase", model_id:
 
     async def reply(shape: ResponseShape, req: _Common, ids: list[int], max_new: int, request: Request):
         """One response of ``shape``: a JSON body, or the same content as a stream of SSE chunks."""
-        state = Completion()
         head = {"id": f"{shape.id_prefix}-{uuid.uuid4().hex}", "object": shape.object, "created": int(time.time()),
                 "model": model_id}
-        stop = [req.stop] if isinstance(req.stop, str) else req.stop
-
-        def run(cancelled: Callable[[], bool]) -> Iterator[str]:
-            return stream_text(model, tokenizer, ids, max_new, temperature=req.temperature, top_p=req.top_p,
-                               seed=req.seed, stop=stop, state=state, cancelled=cancelled)
-
+        job, receive = _submit(engine, ids, max_new, req)
+        state: Completion = job.state
         if not req.stream:
-            await _run_whole(request, lock, run)
+            await _run_whole(request, engine, job, receive)
             return {**head, "choices": [_choice(shape.whole(state.text), state.finish_reason)], "usage": _usage(state)}
         head["object"] = shape.chunk_object
-        cancel = threading.Event()
-        send, receive = anyio.create_memory_object_stream[str | Exception](math.inf)
-
-        async def produce() -> None:
-            try:
-                await _generate(lock, run, cancel, send.send_nowait)
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                pass  # the reader is gone
-            except Exception as exc:
-                _log.exception("generation failed in a stream")
-                with contextlib.suppress(anyio.BrokenResourceError):
-                    send.send_nowait(exc)
-            finally:
-                send.close()
 
         async def events() -> AsyncIterator[str]:
             if shape.opening is not None:
                 yield _sse({**head, "choices": [_choice(shape.opening(), None)]})
             async with receive:
                 async for item in receive:
-                    if isinstance(item, Exception):
+                    if isinstance(item, BaseException):
+                        _log.error("generation failed in a stream: %s: %s", type(item).__name__, item)
                         message = f"generation failed: {type(item).__name__}: {item}".splitlines()[0]
                         yield _sse(_error_body(500, message))
                         yield _sse("[DONE]")
                         return
-                    yield _sse({**head, "choices": [_choice(shape.piece(item), None)]})
+                    if item is not None:
+                        yield _sse({**head, "choices": [_choice(shape.piece(item), None)]})
             yield _sse({**head, "choices": [_choice(shape.closing(), state.finish_reason)], "usage": _usage(state)})
             yield _sse("[DONE]")
 
-        return EventStream(events(), produce, cancel)
+        return EventStream(events(), partial(engine.cancel, job))
 
     @app.get("/v1/models")
     def list_models() -> dict:

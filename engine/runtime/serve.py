@@ -273,6 +273,49 @@ class Completion:
     finish_reason: str | None = None
 
 
+class TextDeltas:
+    """The text of a growing token list, handed out in safe pieces: what :func:`stream_text` and the batched
+    server (:mod:`~tritonq.engine.runtime.batching`) both stream.
+
+    A piece never ends inside a UTF-8 sequence, and the last ``len(s) - 1`` characters (for the longest stop
+    string ``s``) are held back until they can no longer begin a stop string. Tokens, text and (on a stop
+    string) ``finish_reason`` go to ``state``.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: list[str] | None, state: Completion) -> None:
+        self.tokenizer, self.state = tokenizer, state
+        self.stop = [s for s in (stop or []) if s]
+        self.hold = max((len(s) - 1 for s in self.stop), default=0)
+        self.sent = 0  # characters handed out so far
+        self.stopped = False  # a stop string ended the text
+
+    def add(self, token: int) -> str:
+        """Append ``token``; the text that became safe to send (often empty)."""
+        state = self.state
+        state.tokens.append(token)
+        text = self.tokenizer.decode(state.tokens, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""  # an incomplete UTF-8 sequence: wait for the next token
+        hit = min((p for p in (text.find(s) for s in self.stop) if p >= 0), default=-1)
+        if hit >= 0:
+            state.text = text[:hit]
+            state.finish_reason = "stop"
+            self.stopped = True
+            return text[self.sent:hit] if hit > self.sent else ""
+        safe = max(self.sent, len(text) - self.hold)
+        state.text = text
+        piece = text[self.sent:safe]
+        self.sent = max(self.sent, safe)
+        return piece
+
+    def flush(self) -> str:
+        """At the end of a generation not ended by a stop string: the rest of the text."""
+        self.state.text = self.tokenizer.decode(self.state.tokens, skip_special_tokens=True)
+        piece = self.state.text[self.sent:]
+        self.sent = len(self.state.text)
+        return piece
+
+
 def stream_text(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -286,16 +329,15 @@ def stream_text(
     state: Completion | None = None,
     cancelled: Callable[[], bool] | None = None,
 ) -> Iterator[str]:
-    """Yield text deltas; holds back partial UTF-8 and anything that could begin a stop string.
+    """Yield text deltas (:class:`TextDeltas`): no partial UTF-8, nothing that could begin a stop string.
 
     ``cancelled`` is checked once per token (see :func:`generate_tokens`); a cancelled generation ends with
     ``finish_reason`` ``"cancelled"`` and the text made so far.
     """
     state = state if state is not None else Completion()
     state.prompt_tokens = len(ids)
-    stop = [s for s in (stop or []) if s]
+    deltas = TextDeltas(tokenizer, stop, state)
     stop_ids = stop_token_ids(model, tokenizer)
-    sent = 0
     state.finish_reason = "length"
     for tok in generate_tokens(
         model, ids, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop_ids=stop_ids,
@@ -304,29 +346,17 @@ def stream_text(
         if tok in stop_ids:
             state.finish_reason = "stop"
             break
-        state.tokens.append(tok)
-        text = tokenizer.decode(state.tokens, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            continue  # an incomplete UTF-8 sequence: wait for the next token
-        hit = min((p for p in (text.find(s) for s in stop) if p >= 0), default=-1)
-        if hit >= 0:
-            state.text = text[:hit]
-            state.finish_reason = "stop"
-            if hit > sent:
-                yield text[sent:hit]
+        piece = deltas.add(tok)
+        if piece:
+            yield piece
+        if deltas.stopped:
             return
-        hold = max((len(s) - 1 for s in stop), default=0)
-        safe = max(sent, len(text) - hold)
-        state.text = text
-        if safe > sent:
-            yield text[sent:safe]
-            sent = safe
     if state.finish_reason == "length" and len(state.tokens) < max_new_tokens and cancelled is not None \
             and cancelled():
         state.finish_reason = "cancelled"
-    state.text = tokenizer.decode(state.tokens, skip_special_tokens=True)
-    if len(state.text) > sent:
-        yield state.text[sent:]
+    piece = deltas.flush()
+    if piece:
+        yield piece
 
 
 def has_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:
