@@ -219,11 +219,60 @@ def _load_failed(what: str, name: str, exc: BaseException) -> TritonqError:
 
 def _from_pretrained(what: str, auto_class: Any, name: str, trust_remote_code: bool) -> Any:
     source = resolve_model(name)
+    cached = _gguf_cache(source, what)
+    if cached is not None and (cached / _CACHE_DONE).is_file():
+        loaded = auto_class.from_pretrained(cached)
+        loaded.name_or_path = source.src  # where it came from, as when parsed from the GGUF file
+        return loaded
     try:
         with quiet_hub():
-            return auto_class.from_pretrained(source.src, trust_remote_code=trust_remote_code, **source.kwargs)
+            loaded = auto_class.from_pretrained(source.src, trust_remote_code=trust_remote_code, **source.kwargs)
     except Exception as exc:  # noqa: BLE001 - report one clear line
         raise _load_failed(what, name, exc) from None
+    if cached is not None:
+        _save_cache(loaded, cached)
+    return loaded
+
+
+_CACHE_DONE = "complete"
+
+
+def _gguf_cache(source: ModelSource, what: str) -> Path | None:
+    """Where the config or tokenizer parsed from a GGUF file is kept (None for other sources).
+
+    transformers parses every metadata field of the file, the 49k-token vocabulary included, for the config
+    as well as for the tokenizer: about 7 s each on a 2-core machine, at every run. The parsed objects are
+    saved once as ordinary ``config.json`` / tokenizer files, keyed by the file's size and modification time;
+    ``TRITONQ_CACHE`` (default ``$XDG_CACHE_HOME/tritonq``, i.e. ``~/.cache/tritonq``) moves the cache."""
+    gguf_file = source.kwargs.get("gguf_file")
+    if not gguf_file:
+        return None
+    try:
+        stat = (Path(source.src) / gguf_file).stat()
+    except OSError:
+        return None
+    root = os.environ.get("TRITONQ_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "tritonq")
+    return Path(root) / "gguf" / f"{Path(gguf_file).stem}-{stat.st_size}-{stat.st_mtime_ns}" / what
+
+
+def _save_cache(loaded: Any, cached: Path) -> None:
+    """Save ``loaded`` under ``cached`` atomically (a finished directory renamed into place); a cache that cannot
+    be written (read-only home, a full disk) is skipped: it only saves time."""
+    import shutil
+    import tempfile
+
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{cached.name}-", dir=cached.parent))
+        loaded.save_pretrained(work)
+        (work / _CACHE_DONE).write_text("")
+        try:
+            os.replace(work, cached)
+        except OSError:  # another process finished first (the target exists and is not empty)
+            shutil.rmtree(work, ignore_errors=True)
+    except Exception:  # noqa: BLE001 - the cache is an optimisation
+        return
 
 
 #: The files one of which a tokenizer needs (fast JSON, sentencepiece, BPE / WordPiece vocabularies, tiktoken).
