@@ -178,12 +178,21 @@ class Pool {
   std::atomic<const std::function<void(int64_t)>*> fn_{nullptr};
 };
 
-// Runs work(begin, end) over [0, count) in chunks, on torch's number of threads.
+// The pool's thread count: 0 follows torch's (at::get_num_threads()).
+std::atomic<int64_t> pool_threads{0};
+
+int64_t set_threads(int64_t threads) {
+  TORCH_CHECK(threads >= 0, "threads must be >= 0 (0: torch's thread count)");
+  return pool_threads.exchange(threads);
+}
+
+// Runs work(begin, end) over [0, count) in chunks, on the pool's number of threads.
 template <typename F>
 void parallel_dynamic(int64_t count, int64_t chunk, const F& work) {
   const int64_t chunks = (count + chunk - 1) / chunk;
   const std::function<void(int64_t)> one = [&](int64_t c) { work(c * chunk, std::min(count, (c + 1) * chunk)); };
-  Pool::get().run(chunks, static_cast<int>(std::min<int64_t>(at::get_num_threads(), chunks)), one);
+  const int64_t wanted = pool_threads.load() > 0 ? pool_threads.load() : at::get_num_threads();
+  Pool::get().run(chunks, static_cast<int>(std::min<int64_t>(wanted, chunks)), one);
 }
 
 struct Int4Args {
@@ -497,4 +506,5 @@ TORCH_LIBRARY(TRITONQ_OPS_NAMESPACE, m) {
   m.def("int8_gemm(Tensor x, Tensor w, Tensor scale, Tensor? bias) -> Tensor", int8_gemm);
   m.def("f16_gemm(Tensor x, Tensor w, Tensor? bias) -> Tensor", f16_gemm);
   m.def("simd() -> bool", uses_vnni);
+  m.def("set_threads(int threads) -> int", set_threads);
 }

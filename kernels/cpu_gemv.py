@@ -193,6 +193,13 @@ def int8_gemm_ref(x: Tensor, w: Tensor, scale: Tensor, bias: Tensor | None = Non
     return y if bias is None else y + bias.double()
 
 
+def set_threads(threads: int) -> int:
+    """Threads of the ops' pool (0: follow ``torch.get_num_threads()``, the default); returns the previous
+    setting. Decoding can keep torch's own ops on one thread (their OpenMP regions wait for every thread,
+    which stalls on a busy machine) while the matmuls, which dominate, use more."""
+    return int(_ops(False).set_threads(threads))
+
+
 def _ops(portable: bool) -> object:
     ops = extension(portable)
     if ops is None:

@@ -259,3 +259,27 @@ def test_fused_q_k_v_and_gate_up_give_bit_identical_logits(tmp_path):
             a, b = (m(input_ids=ids[:, step:step + 1], past_key_values=c, use_cache=True).logits
                     for m, c in zip((model, unfused), caches))
             assert torch.equal(a, b)
+
+
+def test_decode_threads_split_torch_and_the_pool_and_restore_both():
+    """While decoding, torch runs on one thread and the pool on torch's count; both come back afterwards, and
+    the pool's thread count never changes a result."""
+    from tritonq.engine.runtime.serve import decode_threads
+
+    codes, scale, minv = _int4(512, 256, 64, 21)
+    w, s, mn = cpu_gemv.pack_int4_rows(codes, scale, minv, 64)
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(22))
+    before = torch.get_num_threads()
+    model = torch.nn.Linear(2, 2)
+    model.device = torch.device("cpu")
+    try:
+        torch.set_num_threads(2)
+        want = cpu_gemv.int4_gemm(x, w, s, mn, 64)
+        with decode_threads(model):
+            assert torch.get_num_threads() == 1
+            assert cpu_gemv.set_threads(2) == 2  # the pool was set to torch's count
+            got = cpu_gemv.int4_gemm(x, w, s, mn, 64)
+        assert torch.get_num_threads() == 2 and cpu_gemv.set_threads(0) == 0
+        assert torch.equal(got, want)
+    finally:
+        torch.set_num_threads(before)

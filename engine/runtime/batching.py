@@ -36,7 +36,7 @@ import torch.nn as nn
 
 from ...errors import TritonqError, warn
 from .ragged import RequestCache, ragged_forward, ragged_forward_works
-from .serve import Completion, TextDeltas, _next_token, decode_one_token, prefill, stop_token_ids
+from .serve import Completion, TextDeltas, _next_token, decode_one_token, decode_threads, prefill, stop_token_ids
 
 if TYPE_CHECKING:
     from transformers import Cache, PreTrainedTokenizerBase
@@ -164,6 +164,10 @@ class BatchEngine:
     # -- the engine thread -------------------------------------------------------------------------
 
     def _run(self) -> None:
+        with decode_threads(self.model):
+            self._loop()
+
+    def _loop(self) -> None:
         try:
             while True:
                 with self._cond:

@@ -9,6 +9,7 @@ the OpenAI-compatible server is :mod:`tritonq.engine.runtime.openai_server`, the
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
@@ -222,6 +223,30 @@ def decode_one_token(model: nn.Module, token: int, cache: Cache) -> torch.Tensor
     return model(input_ids=x, use_cache=True, **{_cache_argument(type(model)): cache}).logits[0, -1]
 
 
+@contextlib.contextmanager
+def decode_threads(model: nn.Module) -> Iterator[None]:
+    """While decoding on the CPU: torch's own ops on one thread, tritonq's matmul pool on torch's thread count.
+
+    The matmuls are most of a decode step and their pool never waits for an unscheduled thread; torch's other
+    ops (attention, norms) are small at one token and their OpenMP regions wait at a barrier for every
+    thread. On a machine whose other core was busy, 2 threads everywhere decoded a 22-layer 2048/5632 Llama
+    at 3.0 tokens/s, this split at 6.3-7.0, 1 thread everywhere at 6.0-6.6 (bench/RESULTS.md).
+    """
+    from ...kernels import cpu_gemv
+
+    threads = torch.get_num_threads()
+    if model.device.type != "cpu" or threads <= 1 or cpu_gemv.extension() is None:
+        yield
+        return
+    previous = cpu_gemv.set_threads(threads)
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        cpu_gemv.set_threads(previous)
+
+
 @torch.inference_mode()
 def generate_tokens(
     model: nn.Module,
@@ -248,15 +273,16 @@ def generate_tokens(
         return
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     cache = DynamicCache(config=model.config)
-    logits = prefill(model, ids, cache)
-    for i in range(max_new_tokens):
-        tok = _next_token(logits, temperature, top_p, generator)
-        yield tok
-        if tok in stop_ids or i == max_new_tokens - 1:
-            return
-        if cancelled is not None and cancelled():
-            return
-        logits = decode_one_token(model, tok, cache)
+    with decode_threads(model):
+        logits = prefill(model, ids, cache)
+        for i in range(max_new_tokens):
+            tok = _next_token(logits, temperature, top_p, generator)
+            yield tok
+            if tok in stop_ids or i == max_new_tokens - 1:
+                return
+            if cancelled is not None and cancelled():
+                return
+            logits = decode_one_token(model, tok, cache)
 
 
 @dataclass
