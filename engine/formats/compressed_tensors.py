@@ -63,6 +63,7 @@ class CompressedTensorsFormat(PackedFormat):
     """
 
     name = "compressed-tensors"
+    head_block = -1  # --quantize-head: lm_head and embedding as two more config groups, scales per channel
     tensor_names = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx", "weight")
 
     def check_grid(self, spec: GridSpec) -> None:

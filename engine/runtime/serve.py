@@ -51,15 +51,16 @@ def load_packed_model(directory: str | os.PathLike, device: str = "auto", dtype:
     ``QuantLinear`` with the packed tensors; only the remaining float tensors are loaded.
     Returns ``(model, tokenizer)`` on ``device`` in eval mode. On the CPU every ``QuantLinear`` the op
     can take is repacked for PyTorch's int4 kernel (:func:`~tritonq.engine.runtime.qlinear.use_cpu_int4`); the
-    others keep the reference dequant-matmul, with a warning naming them. ``cpu_int4=False`` keeps the
-    reference everywhere: exact against the stored fp16 scales but slow (for checks of the formats).
+    others keep the reference dequant-matmul, with a warning naming them; an int8 lm_head (``--quantize-head``)
+    runs PyTorch's int8 CPU op, and an int8 embedding table becomes an ``Int8Embedding``. ``cpu_int4=False``
+    keeps the references everywhere: exact against the stored fp16 scales but slow (for checks of the formats).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     from ..activations import apply_activation_quant, saved_act_spec
     from ..formats.registry import float_tensors
     from ..formats.runtime import load_packed_layers
-    from .qlinear import parameters_on_meta, swap_linears, use_cpu_int4
+    from .qlinear import Int8Embedding, Int8Linear, parameters_on_meta, swap_embeddings, swap_linears, use_cpu_int4
 
     path = Path(directory)
     if not path.is_dir():
@@ -73,7 +74,8 @@ def load_packed_model(directory: str | os.PathLike, device: str = "auto", dtype:
         del config.quantization_config  # we load the packed layers ourselves
     with parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dt)
-    swap_linears(model, layers, dt)
+    tables = swap_embeddings(model, layers, dt)  # --quantize-head: an int8 embedding table
+    swap_linears(model, {n: q for n, q in layers.items() if n not in tables}, dt)
     state = {k: t.to(dt) if t.is_floating_point() else t for k, t in float_tensors(path, set(layers))}
     model.load_state_dict(state, strict=False, assign=True)
     if getattr(config, "tie_word_embeddings", False) or getattr(
@@ -88,8 +90,13 @@ def load_packed_model(directory: str | os.PathLike, device: str = "auto", dtype:
         )
     act = saved_act_spec(path)
     if act is not None:  # a W8A8 / W4A8 checkpoint runs on quantized inputs, as it was calibrated
-        apply_activation_quant(model, act, sorted(layers))
+        apply_activation_quant(model, act, sorted(set(layers) - tables))
     model.to(dev).eval()
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if isinstance(head, Int8Linear) and isinstance(embedding, Int8Embedding):
+        embedding.share_table(head)  # an int8 head of a tied model: one table in memory
+    if dev.type == "cpu" and cpu_int4 and isinstance(head, Int8Linear):
+        head.use_cpu_bf16()  # the int8 CPU op, the same bf16 contract as the int4 one below
     if dev.type == "cpu" and cpu_int4:
         refused = use_cpu_int4(model)
         if refused:
