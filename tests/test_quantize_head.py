@@ -102,7 +102,8 @@ def test_int8_rows_round_within_half_a_step():
 
 @pytest.mark.parametrize("head", ["int8", "int4"])
 def test_compressed_tensors_round_trip(source, tmp_path, head):
-    out = _quantize(source, tmp_path / "ct", "compressed-tensors", head)
+    with pytest.warns(UserWarning, match="only tritonq loads this checkpoint"):
+        out = _quantize(source, tmp_path / "ct", "compressed-tensors", head)
     config = json.loads((out / "config.json").read_text())
     assert config["tie_word_embeddings"] is False
     qcfg = config["quantization_config"]
@@ -112,7 +113,7 @@ def test_compressed_tensors_round_trip(source, tmp_path, head):
     assert targets["lm_head"]["strategy"] == ("channel" if head == "int8" else "group")
     assert "lm_head" not in qcfg["ignore"]
     record = json.loads((out / "quantization.json").read_text())[RECORD_KEY]
-    assert record["mode"] == head and record["rounding"] == "rtn"
+    assert record["mode"] == head and record["rounding"] == "rtn" and "transformers" in record["loaders"]
     assert record["tables"]["lm_head"]["bits"] == (8 if head == "int8" else 4)
     assert record["tied_in_source"] == bool(json.loads((source / "config.json").read_text())["tie_word_embeddings"])
 
@@ -187,8 +188,7 @@ def test_gguf_types_and_blocks(tmp_path, head, tied):
         got = torch.from_numpy(np.asarray(gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)).copy())
         want = tables[name]
         if t.tensor_type == q.Q8_0:  # the per-row int8 table exactly (d = the row's scale, repeated per block)
-            assert torch.equal(got.reshape(want.shape), want.to(torch.float16).float()) or \
-                torch.allclose(got.reshape(want.shape), want, rtol=1e-3, atol=0)
+            assert torch.equal(got.reshape(want.shape), want)
         else:  # Q4_1 stores m = -s z in fp16
             torch.testing.assert_close(got.reshape(want.shape), want, rtol=0, atol=float(want.abs().max()) * 2e-3)
     record = json.loads((out / "quantization.json").read_text())[RECORD_KEY]

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from torch import Tensor
 
-from ...errors import TritonqError
+from ...errors import TritonqError, warn
 from ..grid import GridSpec, codes_of, default_g_idx, fit_groups
 from .base import OutputFormat
 from .checkpoint import Checkpoint
@@ -96,7 +96,8 @@ class HeadCheckpoint(Checkpoint):
     ``embedding`` / ``lm_head``: the model's module names (the adapter's residual stream); ``block``: the format's
     :attr:`OutputFormat.head_block`. The records are rounded on first use and kept (GGUF asks twice)."""
 
-    def __init__(self, inner: Checkpoint, mode: str, embedding: str, lm_head: str, block: int) -> None:
+    def __init__(self, inner: Checkpoint, mode: str, embedding: str, lm_head: str, block: int,
+                 note: str | None = None) -> None:
         self.inner = inner
         self.label = inner.label
         self.embedding, self.lm_head, self.block = embedding, lm_head, block
@@ -118,6 +119,8 @@ class HeadCheckpoint(Checkpoint):
                   "tables": {n: {"bits": s.bits, "group_size": s.group_size, "sym": s.sym}
                              for n, s in self._specs.items()},
                   "note": "lm_head and embedding written as separate tables (tie_word_embeddings false)"}
+        if note:
+            record["loaders"] = note
         self.meta = {**inner.meta, RECORD_KEY: record}
 
     def config_text(self) -> str:
@@ -158,4 +161,6 @@ def with_quantized_head(ckpt: Checkpoint, mode: str, adapter, fmt: OutputFormat)
     if adapter.stream is None:
         raise TritonqError(f"--quantize-head is not supported for {adapter.family} models of this kind "
                            "(no declared embedding and lm_head); use --quantize-head none")
-    return HeadCheckpoint(ckpt, mode, adapter.stream.embedding, adapter.stream.lm_head, fmt.head_block)
+    if fmt.head_note:
+        warn(f"--quantize-head with --format {fmt.name}: {fmt.head_note}")
+    return HeadCheckpoint(ckpt, mode, adapter.stream.embedding, adapter.stream.lm_head, fmt.head_block, fmt.head_note)
