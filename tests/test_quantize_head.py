@@ -270,3 +270,16 @@ def test_int8_embedding_dequantizes_the_gathered_rows():
     emb = Int8Embedding(PackedInt8Linear(wq, scale, 16, 50), torch.float32)
     ids = torch.tensor([[3, 49, 0], [3, 7, 7]])
     torch.testing.assert_close(emb(ids), (wq.float() * scale[:, None])[ids])
+
+
+def test_dequantized_copy_is_float_with_the_same_logits(tmp_path):
+    """``bench decode``'s float baseline of a quantized-head checkpoint: plain float modules, the same model."""
+    from tritonq.engine.runtime.serve import dequantized_copy
+
+    src = _save_model(tmp_path / "src", tied=False, seed=13)
+    out = _quantize(src, tmp_path / "ct", "compressed-tensors", "int8")
+    packed, _ = load_packed_model(out, device="cpu", dtype="float32", cpu_int4=False)
+    dense = dequantized_copy(packed)
+    assert type(dense.lm_head) is torch.nn.Linear and type(dense.model.embed_tokens) is torch.nn.Embedding
+    ids = torch.randint(0, VOCAB, (1, 7))
+    torch.testing.assert_close(dense(ids).logits, packed(ids).logits, rtol=1e-4, atol=1e-4)

@@ -133,15 +133,28 @@ def load_generation_model(name: str, device: str = "auto",
 
 
 def dequantized_copy(model: nn.Module) -> nn.Module:
-    """The float model behind a packed one: every QuantLinear replaced by a dense ``nn.Linear``.
+    """The float model behind a packed one: every QuantLinear (and a quantized head's ``Int8Linear`` and
+    ``Int8Embedding``) replaced by a dense ``nn.Linear`` (``nn.Embedding``).
 
     Used as the float baseline of ``tritonq bench decode`` (same shapes, same device and dtype).
     """
     import copy
 
-    from .qlinear import QuantLinear
+    from .qlinear import Int8Embedding, Int8Linear, QuantLinear
 
     dense = copy.deepcopy(model)
+    dtype = next(dense.parameters()).dtype  # the norms' (the model's) dtype
+    head, embedding = dense.get_output_embeddings(), dense.get_input_embeddings()
+    if isinstance(embedding, Int8Embedding):
+        table = (embedding.qweight.float() * embedding.weight_scale[:, None]).to(dtype)
+        dense.set_input_embeddings(nn.Embedding.from_pretrained(table, freeze=True, padding_idx=embedding.padding_idx))
+    if isinstance(head, Int8Linear):  # W8A8 layers elsewhere stay: their wrappers run them on quantized inputs
+        lin = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None, dtype=dtype,
+                        device=head.qweight.device)
+        lin.weight.data = head.dequantized_weight().to(dtype)
+        if head.bias is not None:
+            lin.bias.data = head.bias.to(dtype)
+        dense.set_output_embeddings(lin)
     for name, mod in list(dense.named_modules()):
         if isinstance(mod, QuantLinear):
             weight = mod.dequantized_weight()
