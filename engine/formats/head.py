@@ -31,7 +31,7 @@ from ...errors import TritonqError, warn
 from ..grid import GridSpec, codes_of, default_g_idx, fit_groups
 from .base import OutputFormat
 from .checkpoint import Checkpoint
-from .records import QuantizedWeight
+from .records import QuantizedWeight, layout_key
 
 HEAD_MODES = ("none", "int8", "int4")
 INT8_ROWS = GridSpec(bits=8, group_size=-1, sym=True)  # int8 per output channel (lm_head) or per row (embedding)
@@ -112,7 +112,7 @@ class HeadCheckpoint(Checkpoint):
                                    "quantized, use --quantize-head none")
         tied = self._source[lm_head] != f"{lm_head}.weight"
         self._specs = {lm_head: head_spec, embedding: embed_spec}
-        self._records: dict[str, QuantizedWeight] = {}
+        self._records: dict[tuple, QuantizedWeight] = {}
         self.grids = {**inner.grids, **{n: in_blocks_spec(s, block) for n, s in self._specs.items()}}
         self.config = {**inner.config, "tie_word_embeddings": False}
         record = {"mode": mode, "rounding": "rtn", "tied_in_source": tied,
@@ -141,10 +141,11 @@ class HeadCheckpoint(Checkpoint):
     def record(self, name: str) -> QuantizedWeight:
         if name not in self._specs:
             return self.inner.record(name)
-        if name not in self._records:
+        key = (self._source[name], layout_key(self._specs[name]))  # an int8 head of a tied model: rounded once
+        if key not in self._records:
             q = round_table(name, self.inner.tensor(self._source[name]), self._specs[name])
-            self._records[name] = in_blocks(q, self._specs[name], self.block)
-        return self._records[name]
+            self._records[key] = in_blocks(q, self._specs[name], self.block)
+        return self._records[key]
 
     def write_side_files(self, out: Path) -> None:
         self.inner.write_side_files(out)
