@@ -99,11 +99,18 @@ def weight_bytes(model) -> dict[str, int]:
             linears += sum(b.numel() * b.element_size() for b in mod.buffers() if b is not mod.bias)
         elif isinstance(mod, nn.Linear) and ".layers." in f".{name}":
             linears += mod.weight.numel() * mod.weight.element_size()
-    embed = model.get_input_embeddings().weight
-    head = model.get_output_embeddings()
-    tied = head is not None and head.weight.data_ptr() == embed.data_ptr()
-    per_token = total - (0 if tied else embed.numel() * embed.element_size())
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    table = _table_of(embed)  # an Int8Embedding / Int8Linear (--quantize-head) holds int8 codes, no .weight
+    tied = head is not None and _table_of(head).data_ptr() == table.data_ptr()
+    embed_bytes = sum(t.numel() * t.element_size() for t in [*embed.parameters(), *embed.buffers()])
+    per_token = total - (0 if tied else embed_bytes)
     return {"total": total, "quantized_linears": linears, "read_per_token": per_token}
+
+
+def _table_of(module):
+    """The weight table of an embedding or output layer: ``weight``, or the int8 codes of a quantized one."""
+    weight = getattr(module, "weight", None)
+    return module.qweight if weight is None else weight
 
 
 def _timed_runs(model, ids: list[int], new_tokens: int, runs: int) -> dict:

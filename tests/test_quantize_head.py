@@ -283,3 +283,16 @@ def test_dequantized_copy_is_float_with_the_same_logits(tmp_path):
     assert type(dense.lm_head) is torch.nn.Linear and type(dense.model.embed_tokens) is torch.nn.Embedding
     ids = torch.randint(0, VOCAB, (1, 7))
     torch.testing.assert_close(dense(ids).logits, packed(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_bench_weight_bytes_counts_the_int8_tables(tmp_path):
+    """``bench decode``'s byte count: a shared int8 table is read whole by the head, a separate one is not read."""
+    from tritonq.bench.decode import weight_bytes
+
+    src = _save_model(tmp_path / "src", tied=True, seed=14)
+    for head, shared in (("int8", True), ("int4", False)):
+        model, _ = load_packed_model(_quantize(src, tmp_path / head, "compressed-tensors", head), device="cpu",
+                                     dtype="float32")
+        sizes = weight_bytes(model)
+        table = VOCAB * 64 + VOCAB * 4  # int8 codes + fp32 scales
+        assert sizes["read_per_token"] == sizes["total"] - (0 if shared else table), head
