@@ -108,9 +108,10 @@ def weight_bytes(model) -> dict[str, int]:
 
 
 def _table_of(module):
-    """The weight table of an embedding or output layer: ``weight``, or the int8 codes of a quantized one."""
-    weight = getattr(module, "weight", None)
-    return module.qweight if weight is None else weight
+    """The weight table of an embedding or output layer: ``weight``, or the codes of a quantized one (int8
+    ``qweight``; an int4 head's ``qweight``, or its ``weight_int4pack`` once repacked for the CPU)."""
+    return next(t for t in (getattr(module, n, None) for n in ("weight", "qweight", "weight_int4pack"))
+                if t is not None)
 
 
 def _timed_runs(model, ids: list[int], new_tokens: int, runs: int) -> dict:
