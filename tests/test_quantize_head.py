@@ -297,3 +297,15 @@ def test_bench_weight_bytes_counts_the_int8_tables(tmp_path):
         sizes = weight_bytes(model)
         table = 272 * 64 + 272 * 4  # int8 codes + fp32 scales
         assert sizes["read_per_token"] == sizes["total"] - (0 if shared else table), head
+
+
+def test_an_embedding_stored_on_another_grid_is_refused():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from tritonq.engine.formats.records import DenseLinear
+    from tritonq.engine.runtime.qlinear import swap_embeddings
+
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, vocab_size=40))
+    layers = {"model.embed_tokens": DenseLinear(torch.randn(40, 32), 32, 40)}
+    with pytest.raises(TritonqError, match="tritonq loads it only as int8 symmetric per row"):
+        swap_embeddings(model, layers, torch.float32)
