@@ -76,6 +76,10 @@ def _add_quantize(sub) -> None:
                    help="fake (float weights on the grid), compressed-tensors, gptq, gptq_v2, awq, or gguf "
                         "(llama.cpp / ollama: model.gguf; group size 32: 4-bit as Q4_1, or Q4_0 when symmetric, "
                         "symmetric 8-bit as Q8_0)")
+    p.add_argument("--quantize-head", default="none", choices=("none", "int8", "int4"),
+                   help="also quantize the lm_head (int8 per channel, or int4 groups of 32 asymmetric) and the "
+                        "embedding table (int8 per row), round to nearest; tied embeddings are untied "
+                        "(compressed-tensors or gguf only; default none)")
     p.add_argument("--eval-data", default=None, help="evaluate perplexity after quantizing (file or name)")
     p.add_argument("--eval-windows", type=int, default=None, help="evaluate only the first K windows")
     p.add_argument("--no-progress", action="store_true")

@@ -83,7 +83,6 @@ def memory_bandwidth(mib: int = 512, repeats: int = 7) -> dict:
 def weight_bytes(model) -> dict[str, int]:
     """Bytes of the model's tensors (each storage once), of its quantized linears' tensors (``QuantLinear``
     buffers, or the float weights of the same linears), and those read per decoded token."""
-    import torch
     import torch.nn as nn
 
     from ..engine.runtime.fused import SharedGemm
@@ -101,12 +100,19 @@ def weight_bytes(model) -> dict[str, int]:
             linears += sum(b.numel() * b.element_size() for b in mod.buffers() if b is not mod.bias)
         elif isinstance(mod, nn.Linear) and ".layers." in f".{name}":
             linears += mod.weight.numel() * mod.weight.element_size()
-    embed = model.get_input_embeddings().weight
-    head = model.get_output_embeddings()
-    head_weight = getattr(head, "weight", None)  # the CPU fp16 head holds its weight as a buffer of its own
-    tied = isinstance(head_weight, torch.Tensor) and head_weight.data_ptr() == embed.data_ptr()
-    per_token = total - (0 if tied else embed.numel() * embed.element_size())
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    table = _table_of(embed)  # an Int8Embedding / Int8Linear (--quantize-head) holds int8 codes, no .weight
+    tied = head is not None and _table_of(head).data_ptr() == table.data_ptr()
+    embed_bytes = sum(t.numel() * t.element_size() for t in [*embed.parameters(), *embed.buffers()])
+    per_token = total - (0 if tied else embed_bytes)
     return {"total": total, "quantized_linears": linears, "read_per_token": per_token}
+
+
+def _table_of(module):
+    """The weight table of an embedding or output layer: ``weight``, or the codes of a quantized one (int8
+    ``qweight``; an int4 head's ``qweight``, or its CPU repacking; the fp16 head's ``weight_rows``)."""
+    names = ("rows_weight", "weight_rows", "weight", "qweight", "weight_int4pack")  # the first two: tritonq's CPU ops
+    return next(t for t in (getattr(module, n, None) for n in names) if t is not None)
 
 
 def _timed_runs(model, ids: list[int], new_tokens: int, runs: int) -> dict:

@@ -80,6 +80,7 @@ class QuantizeOptions:
     eval_seqlen: int = 2048
     progress: bool = True
     workers: int = 1  # model-free RTN: layers rounded ahead in a thread pool while the writer writes
+    quantize_head: str = "none"  # none, int8 or int4: the lm_head and embedding table as integers (formats/head.py)
 
 
 @dataclass
@@ -128,7 +129,8 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
     # the method, the output format and the kernels, asked once from the config: fail before loading anything big
     run = preflight(method, opts.model, spec, default_group=default_group, act_bits=opts.act_bits,
                     act_scheme=opts.act_scheme, act_sym=opts.act_sym, out_format=opts.out_format, tokenizer=tokenizer,
-                    device=device, dtype=dtype, trust_remote_code=opts.trust_remote_code)
+                    device=device, dtype=dtype, trust_remote_code=opts.trust_remote_code,
+                    quantize_head=opts.quantize_head)
     method, spec, act, adapter = run.method, run.spec, run.act, run.adapter
     seconds["preflight"] = time.perf_counter() - t0
     collective = current_collective()  # [distributed] world 1 unless run under torchrun / --nproc
@@ -209,13 +211,15 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
     if resumed_from:
         meta["resumed_from_block"] = resumed_from
     from .formats.checkpoint import RunCheckpoint
+    from .formats.head import with_quantized_head
     from .formats.registry import get_format
 
     # written from the work directory and the model's weights, one tensor at a time: nothing holds the whole model
     if collective.is_writer:  # [distributed] rank 0 writes; the other ranks hold the same results
         checkpoint = RunCheckpoint(weights, work, adapter.blocks, tokenizer, report.layers, meta, spec)
+        fmt = get_format(opts.out_format)
         with atomic_output_dir(opts.output, opts.overwrite) as tmp:
-            get_format(opts.out_format).write(checkpoint, tmp)
+            fmt.write(with_quantized_head(checkpoint, opts.quantize_head, adapter, fmt), tmp)
     seconds["save"] = time.perf_counter() - t0
 
     summary = QuantizeSummary(str(Path(opts.output).resolve()), seconds, layers=len(report.layers),

@@ -252,6 +252,7 @@ def quantize_model_free(opts: Any, run: Preflight, source: Path, tokenizer: Any,
     the written output on ``eval_windows``. ``opts``: :class:`tritonq.engine.api.QuantizeOptions`; returns the
     fields of the run's ``QuantizeSummary``."""
     from .data import check_positive
+    from .formats.head import with_quantized_head
     from .formats.registry import get_format
     from .memory_peak import host_peak_bytes
     from .model_io import load_config, resolve_dtype
@@ -277,7 +278,8 @@ def quantize_model_free(opts: Any, run: Preflight, source: Path, tokenizer: Any,
     try:
         with atomic_output_dir(opts.output, opts.overwrite) as tmp:
             t0 = time.perf_counter()
-            get_format(opts.out_format).write(ckpt, tmp)
+            fmt = get_format(opts.out_format)
+            fmt.write(with_quantized_head(ckpt, opts.quantize_head, run.adapter, fmt), tmp)
             # rounding (summed over the workers) overlaps the writing: "save" is the wall time of both
             seconds["quantize_total"] = ckpt.rounding_seconds
             seconds["save"] = time.perf_counter() - t0

@@ -33,6 +33,7 @@ from .activations import ActSpec, resolve_act_spec
 from .adapters import Adapter, adapter_for
 from .data import check_context, check_data, check_positive
 from .distributed import current_collective
+from .formats.head import HEAD_MODES, check_head_format, check_head_model
 from .formats.request import FormatRequest, check_request
 from .grid import GridSpec
 from .methods.act_quant import WithActivationQuant
@@ -103,6 +104,12 @@ def check_quantize_options(opts: Any) -> None:
     check_positive(opts.seqlen, "--seqlen", 512)
     check_positive(opts.calib_batch, "--calib-batch", 8)
     check_positive(opts.eval_windows, "--eval-windows", 8)
+    head = getattr(opts, "quantize_head", "none")
+    if head not in HEAD_MODES:
+        raise TritonqError(f"unknown --quantize-head {head!r}; choose one of {', '.join(HEAD_MODES)}")
+    if head != "none" and opts.eval_data is not None:
+        raise TritonqError("--eval-data scores the model in memory, whose lm_head is float; with --quantize-head "
+                           "drop --eval-data and run 'tritonq eval OUTPUT --data FILE' on the written output")
     if opts.eval_windows is not None and opts.eval_data is None:
         raise TritonqError("--eval-windows applies to the evaluation after quantizing; add --eval-data FILE "
                            "or drop --eval-windows")
@@ -123,11 +130,13 @@ def check_quantize_options(opts: Any) -> None:
 
 def preflight(method: Method, model_name: str, spec: GridSpec, *, default_group: bool, act_bits: int | None,
               act_scheme: str | None, act_sym: bool | None, out_format: str, tokenizer: Any,
-              device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False) -> Preflight:
+              device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False,
+              quantize_head: str = "none") -> Preflight:
     """Ask the method, the output format and the kernels once; raise :class:`TritonqError` on the first refusal.
 
     ``spec`` is the run's grid (``default_group``: its group size is to be chosen from the model's widths);
-    ``act_*`` are the run's activation flags over the method's ``default_act``; ``tokenizer`` the loaded one.
+    ``act_*`` are the run's activation flags over the method's ``default_act``; ``tokenizer`` the loaded one;
+    ``quantize_head`` the ``--quantize-head`` mode (the format must hold it, the run must be weight-only).
     """
     act = resolve_act_spec(method.default_act, act_bits, act_scheme, act_sym)
     if act is not None:
@@ -147,7 +156,25 @@ def preflight(method: Method, model_name: str, spec: GridSpec, *, default_group:
     check_request(out_format, FormatRequest(layer_grids=grids, config=record, tokenizer_json=vocabulary,
                                             act_order_groups=method.act_order_groups(), activations=act))
     check_kernel_limits(method, out_format, grids, widths, device, dtype)
+    check_quantize_head(quantize_head, out_format, record, act, adapter)
     return Preflight(method, spec, grids, act, adapter, widths, record)
+
+
+def check_quantize_head(mode: str, out_format: str, config: dict, act: ActSpec | None, adapter: Adapter) -> None:
+    """``--quantize-head``: a format that holds the tables, a weight-only run, a hidden size the groups divide."""
+    if mode == "none":
+        return
+    from .formats.registry import get_format
+
+    fmt = get_format(out_format)
+    check_head_format(fmt, mode)
+    if act is not None:
+        raise TritonqError(f"--quantize-head {mode} is for weight-only runs; this run quantizes activations "
+                           f"({act.bits}-bit {act.scheme}); drop --act-bits or use --quantize-head none")
+    if adapter.stream is None:
+        raise TritonqError(f"--quantize-head is not supported for {adapter.family} models of this kind "
+                           "(no declared embedding and lm_head); use --quantize-head none")
+    check_head_model(mode, config, fmt.head_block)
 
 
 DATA_PARALLEL_MODES = ("solve", "replicated", "refused")

@@ -283,3 +283,22 @@ def test_decode_threads_split_torch_and_the_pool_and_restore_both():
         assert torch.equal(got, want)
     finally:
         torch.set_num_threads(before)
+
+
+def test_int8_linear_runs_the_int8_op_where_the_shape_fits():
+    """An int8 head (``--quantize-head int8``) on the CPU op: its own codes and scales, int8 activations; a
+    shape the op cannot take falls back to PyTorch's int8 op."""
+    from tritonq.engine.formats.records import PackedInt8Linear
+    from tritonq.engine.runtime.qlinear import Int8Linear
+
+    gen = torch.Generator().manual_seed(31)
+    codes = torch.randint(-127, 128, (48, 64), generator=gen, dtype=torch.int8)
+    scale = torch.rand(48, generator=gen) * 0.01
+    layer = Int8Linear(PackedInt8Linear(codes, scale, 64, 48), torch.float32)
+    assert layer.use_cpu_op() and layer.kernel == "cpu_gemv"
+    x = torch.randn(3, 64, generator=gen)
+    ref = cpu_gemv.int8_gemm_ref(x, layer.rows_weight, scale)
+    mag = cpu_gemv.quantize_x_ref(x).abs() @ (codes.double().abs() * scale.double()[:, None]).t()
+    assert bool(((layer(x).double() - ref).abs() <= 6 * EPS * mag).all())
+    odd = Int8Linear(PackedInt8Linear(codes[:40], scale[:40], 64, 40), torch.float32)
+    assert odd.use_cpu_op() and odd.kernel == "cpu_bf16"

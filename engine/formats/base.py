@@ -48,6 +48,11 @@ class OutputFormat:
     """One ``--format``. Subclasses set ``name`` and implement ``check`` and ``write``."""
 
     name: ClassVar[str]
+    #: how the layout holds ``--quantize-head`` tables (``formats/head.py``): None refuses them, -1 keeps the
+    #: per-channel int8 scales as they are, a block size repeats them per block of that many weights
+    head_block: ClassVar[int | None] = None
+    #: what other loaders make of those tables, when it needs saying (warned and kept in quantization.json)
+    head_note: ClassVar[str | None] = None
 
     def check(self, request: FormatRequest) -> None:
         """Refuse a request this layout cannot hold, before any work; the message names the fix."""

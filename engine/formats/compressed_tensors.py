@@ -63,6 +63,11 @@ class CompressedTensorsFormat(PackedFormat):
     """
 
     name = "compressed-tensors"
+    head_block = -1  # --quantize-head: lm_head and embedding as two more config groups, scales per channel
+    head_note = ("the int8 embedding table is a config group targeting the Embedding module, which compressed-tensors "
+                 "expresses but transformers 5.x cannot load (AttributeError: 'Embedding' object has no attribute "
+                 "'weight'; vLLM quantizes linear layers only); only tritonq loads this checkpoint. A quantized "
+                 "lm_head alone loads in transformers, but tritonq writes the two together")
     tensor_names = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx", "weight")
 
     def check_grid(self, spec: GridSpec) -> None:

@@ -274,6 +274,7 @@ class GgufFormat(OutputFormat):
     """``--format gguf``: one ``model.gguf`` of ggml blocks, a tensor type per layer grid (Q4_0, Q4_1, Q8_0)."""
 
     name = "gguf"
+    head_block = BLOCK  # --quantize-head: output.weight / token_embd.weight as Q8_0 (or Q4_1) blocks
 
     def check(self, request: FormatRequest) -> None:
         gguf_lib()

@@ -281,13 +281,48 @@ class Int8Linear(nn.Module):
         self.register_buffer("qweight", packed.weight.to(torch.int8).contiguous())
         self.register_buffer("weight_scale", packed.scale.float().contiguous())
         self.register_buffer("bias", None if packed.bias is None else packed.bias.to(dtype))
+        #: the weight-only kernel of ``forward``: None the fp32 reference (``kernels/int8_weight.py``), "cpu_bf16"
+        #: PyTorch's int8 CPU op (:meth:`use_cpu_bf16`), "cpu_gemv" tritonq's (:meth:`use_cpu_op`)
+        self.kernel: str | None = None
+        self.register_buffer("scale_bf16", None)
+        self.register_buffer("rows_weight", None)  # tritonq's CPU int8 layout (:meth:`use_cpu_op`)
+
+    def use_cpu_op(self) -> bool:
+        """Run ``forward`` on tritonq's CPU int8 op (``kernels/cpu_gemv``: int8 activations per block of 32,
+        batch-invariant), falling back to PyTorch's (:meth:`use_cpu_bf16`) where it cannot take the shape or did
+        not build. The int8 codes stay (a tied embedding table may share them)."""
+        from ...kernels import cpu_gemv
+
+        if (self.qweight.device.type == "cpu" and self.out_features % cpu_gemv.ROWS == 0
+                and self.in_features % cpu_gemv.X_BLOCK == 0 and cpu_gemv.extension() is not None):
+            self.rows_weight = cpu_gemv.pack_int8_rows(self.qweight)
+            self.kernel = "cpu_gemv"
+            return True
+        return self.use_cpu_bf16()
+
+    def use_cpu_bf16(self) -> bool:
+        """Run ``forward`` on PyTorch's int8 CPU op (bf16 activations and scales, as the int4 CPU op); False
+        (layer unchanged) where the op cannot take the width."""
+        from ...kernels.int8_weight import cpu_bf16_takes
+
+        if self.qweight.device.type != "cpu" or not cpu_bf16_takes(self.in_features):
+            return False
+        self.kernel = "cpu_bf16"
+        self.scale_bf16 = self.weight_scale.to(torch.bfloat16)
+        return True
 
     def dequantized_weight(self) -> Tensor:
         return self.qweight.float() * self.weight_scale[:, None]
 
     def forward(self, x: Tensor) -> Tensor:
-        w = self.dequantized_weight().to(x.dtype)
-        return nn.functional.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        """Weight-only: the int8 codes times the input, scaled per output row; no dequantized weight per call."""
+        if self.rows_weight is not None:
+            from ...kernels.cpu_gemv import int8_gemm
+
+            return int8_gemm(x, self.rows_weight, self.weight_scale, self.bias).to(x.dtype)
+        from ...kernels.int8_weight import int8_weight_linear
+
+        return int8_weight_linear(x, self.qweight, self.weight_scale, self.bias, self.kernel, self.scale_bf16)
 
     def forward_act(self, x: Tensor, spec) -> Tensor:
         """The layer on inputs quantized as ``spec`` says; the int8 path when it is per-token sym 8-bit."""
@@ -301,6 +336,59 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits=8, per-channel, sym"
+
+
+class Int8Embedding(nn.Module):
+    """An embedding table stored as int8 codes with one scale per row (``--quantize-head``): a lookup dequantizes
+    only the gathered rows, ``scale[id] * codes[id]``, in the model's dtype."""
+
+    def __init__(self, packed: PackedInt8Linear, dtype: torch.dtype = torch.float16,
+                 padding_idx: int | None = None) -> None:
+        super().__init__()
+        self.num_embeddings = packed.out_features
+        self.embedding_dim = packed.in_features
+        self.padding_idx = padding_idx
+        self.dtype = dtype
+        self.register_buffer("qweight", packed.weight.to(torch.int8).contiguous())
+        self.register_buffer("weight_scale", packed.scale.float().contiguous())
+
+    def forward(self, ids: Tensor) -> Tensor:
+        rows = self.qweight[ids].float() * self.weight_scale[ids].unsqueeze(-1)
+        return rows.to(self.dtype)
+
+    def share_table(self, head: Int8Linear) -> bool:
+        """Use ``head``'s int8 table when it holds the same codes and scales (an int8 head of a tied model);
+        the two tables then take the memory of one. Returns whether they were shared."""
+        if head.qweight.shape != self.qweight.shape or not torch.equal(head.qweight, self.qweight) \
+                or not torch.equal(head.weight_scale, self.weight_scale):
+            return False
+        self.qweight, self.weight_scale = head.qweight, head.weight_scale
+        return True
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, bits=8, per-row, sym"
+
+
+def swap_embeddings(model: nn.Module, layers: dict[str, PackedInt8Linear | PackedLinear | DenseLinear],
+                    dtype: torch.dtype) -> set[str]:
+    """Replace each ``nn.Embedding`` named in ``layers`` by an :class:`Int8Embedding`; returns the names taken
+    (the rest are linears for :func:`swap_linears`). Only an int8 per-row table is accepted."""
+    taken = set()
+    for name, packed in layers.items():
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        old = getattr(parent, leaf, None)
+        if not isinstance(old, nn.Embedding):
+            continue
+        if not isinstance(packed, PackedInt8Linear):
+            raise TritonqError(f"{name} is an embedding table; tritonq loads it only as int8 symmetric per row "
+                               "(--quantize-head), and the checkpoint stores another grid")
+        if (old.num_embeddings, old.embedding_dim) != (packed.out_features, packed.in_features):
+            raise TritonqError(f"{name}: the checkpoint's table is [{packed.out_features}, {packed.in_features}], "
+                               f"the model's [{old.num_embeddings}, {old.embedding_dim}]")
+        setattr(parent, leaf, Int8Embedding(packed, dtype, old.padding_idx))
+        taken.add(name)
+    return taken
 
 
 @contextlib.contextmanager

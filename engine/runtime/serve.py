@@ -54,8 +54,9 @@ def load_packed_model(directory: str | os.PathLike, device: str = "auto", dtype:
     int4 op can take is repacked for it (:func:`~tritonq.engine.runtime.qlinear.use_cpu_int4`: tritonq's own
     where it builds, else PyTorch's); the others keep the reference dequant-matmul, with a warning naming them.
     Input-sharing linears are fused (:func:`~tritonq.engine.runtime.fused.fuse_input_sharing_linears`), and a
-    float output head goes onto the fp16 CPU op (:func:`~tritonq.engine.runtime.cpu_head.use_cpu_head`).
-    ``cpu_int4=False`` keeps the reference everywhere: exact against the stored fp16 scales but slow (for
+    float output head goes onto the fp16 CPU op (:func:`~tritonq.engine.runtime.cpu_head.use_cpu_head`); an int8
+    lm_head (``--quantize-head``) runs a CPU int8 op, and an int8 embedding table becomes an ``Int8Embedding``.
+    ``cpu_int4=False`` keeps the references everywhere: exact against the stored fp16 scales but slow (for
     checks of the formats).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -65,7 +66,7 @@ def load_packed_model(directory: str | os.PathLike, device: str = "auto", dtype:
     from ..formats.runtime import load_packed_layers
     from .cpu_head import use_cpu_head
     from .fused import fuse_input_sharing_linears
-    from .qlinear import parameters_on_meta, swap_linears, use_cpu_int4
+    from .qlinear import Int8Embedding, Int8Linear, parameters_on_meta, swap_embeddings, swap_linears, use_cpu_int4
 
     path = Path(directory)
     if not path.is_dir():
@@ -79,7 +80,8 @@ def load_packed_model(directory: str | os.PathLike, device: str = "auto", dtype:
         del config.quantization_config  # we load the packed layers ourselves
     with parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dt)
-    swap_linears(model, layers, dt)
+    tables = swap_embeddings(model, layers, dt)  # --quantize-head: an int8 embedding table
+    swap_linears(model, {n: q for n, q in layers.items() if n not in tables}, dt)
     state = {k: t.to(dt) if t.is_floating_point() else t for k, t in float_tensors(path, set(layers))}
     model.load_state_dict(state, strict=False, assign=True)
     if getattr(config, "tie_word_embeddings", False) or getattr(
@@ -94,8 +96,13 @@ def load_packed_model(directory: str | os.PathLike, device: str = "auto", dtype:
         )
     act = saved_act_spec(path)
     if act is not None:  # a W8A8 / W4A8 checkpoint runs on quantized inputs, as it was calibrated
-        apply_activation_quant(model, act, sorted(layers))
+        apply_activation_quant(model, act, sorted(set(layers) - tables))
     model.to(dev).eval()
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if isinstance(head, Int8Linear) and isinstance(embedding, Int8Embedding):
+        embedding.share_table(head)  # an int8 head of a tied model: one table in memory
+    if dev.type == "cpu" and cpu_int4 and isinstance(head, Int8Linear):
+        head.use_cpu_op()  # tritonq's int8 CPU op (int8 activations, as the int4 one below), else PyTorch's
     if dev.type == "cpu" and cpu_int4:
         refused = use_cpu_int4(model)
         if refused:
@@ -134,15 +141,28 @@ def load_generation_model(name: str, device: str = "auto",
 
 
 def dequantized_copy(model: nn.Module) -> nn.Module:
-    """The float model behind a packed one: every QuantLinear replaced by a dense ``nn.Linear``.
+    """The float model behind a packed one: every QuantLinear (and a quantized head's ``Int8Linear`` and
+    ``Int8Embedding``) replaced by a dense ``nn.Linear`` (``nn.Embedding``).
 
     Used as the float baseline of ``tritonq bench decode`` (same shapes, same device and dtype).
     """
     import copy
 
-    from .qlinear import QuantLinear
+    from .qlinear import Int8Embedding, Int8Linear, QuantLinear
 
     dense = copy.deepcopy(model)
+    dtype = next(dense.parameters()).dtype  # the norms' (the model's) dtype
+    head, embedding = dense.get_output_embeddings(), dense.get_input_embeddings()
+    if isinstance(embedding, Int8Embedding):
+        table = (embedding.qweight.float() * embedding.weight_scale[:, None]).to(dtype)
+        dense.set_input_embeddings(nn.Embedding.from_pretrained(table, freeze=True, padding_idx=embedding.padding_idx))
+    if isinstance(head, Int8Linear):  # W8A8 layers elsewhere stay: their wrappers run them on quantized inputs
+        lin = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None, dtype=dtype,
+                        device=head.qweight.device)
+        lin.weight.data = head.dequantized_weight().to(dtype)
+        if head.bias is not None:
+            lin.bias.data = head.bias.to(dtype)
+        dense.set_output_embeddings(lin)
     for name, mod in list(dense.named_modules()):
         if isinstance(mod, QuantLinear):
             weight = mod.dequantized_weight()
