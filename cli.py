@@ -291,6 +291,11 @@ def _add_bench(sub) -> None:
                    help="bench a random-weight Llama (hidden 2048, intermediate 5632), RTN 4-bit g64; no download")
     d.add_argument("--layers", type=int, default=4, help="layers of the random Llama")
     d.add_argument("--config", default=None, help="a config.json for the random-weight model instead")
+    d.add_argument("--group-size", type=int, default=None,
+                   help="RTN group size of the random Llama (default 64; 32 with a llama.cpp side)")
+    d.add_argument("--sides", default="packed,float",
+                   help="comma list of packed, float, llama.cpp (llama.cpp: the same RTN 4-bit g32 weights as a "
+                        "Q4_1 GGUF in llama-cpp-python; random Llama only)")
     d.add_argument("--runs", type=int, default=5, help="timed runs per model (median, min, max)")
     d.add_argument("--prompt-tokens", type=int, default=32)
     d.add_argument("--max-new-tokens", type=int, default=64)

@@ -5,8 +5,12 @@ with every ``QuantLinear`` replaced by a dense ``nn.Linear`` holding the dequant
 fake-quantized model: same architecture, device and dtype), as marlin's ``bench.py`` compares with a
 dense baseline. ``tritonq bench decode --random-llama [--layers N | --config config.json]`` builds a
 random-weight Llama from a config (hidden 2048, intermediate 5632 by default: shapes where decode is
-bandwidth-bound), nothing downloaded; its packed model is RTN 4-bit group 64 (asymmetric) of those
-weights and its float model the RTN fake-quantized weights, so both compute the same function.
+bandwidth-bound), nothing downloaded; its packed model is RTN 4-bit group 64 (``--group-size``; asymmetric)
+of those weights and its float model the RTN fake-quantized weights, so both compute the same function.
+
+``--sides`` picks the sides (packed, float, llama.cpp; packed always). The llama.cpp side
+(:mod:`tritonq.bench.decode_llama_cpp`, random Llama only, group 32) runs the packed side's very RTN weights
+as tritonq's Q4_1 GGUF in llama-cpp-python, with the same prompt ids, new tokens and threads (issue 23, item 1).
 
 Each side runs in a fresh Python process, so that its resident memory (RSS) is its own. There, one
 untimed warm-up precedes ``--runs`` timed runs; a run prefills ``--prompt-tokens`` tokens and then
@@ -32,6 +36,7 @@ from pathlib import Path
 
 from ..engine.outputs import QUANT_JSON, read_json_object, read_quantization_json
 from ..errors import TritonqError
+from .decode_measure import rate_summary, rss_bytes
 
 PROMPT = "The history of quantization in signal processing"
 
@@ -41,24 +46,12 @@ RANDOM_LLAMA = dict(hidden_size=2048, intermediate_size=5632, num_attention_head
                     vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False,
                     bos_token_id=1, eos_token_id=2)
 RANDOM_GROUP_SIZE = 64
-SIDES = ("packed", "float")
+SIDES = ("packed", "float")  # the default --sides
+ALL_SIDES = ("packed", "float", "llama.cpp")
 
 
 # ---------------------------------------------------------------------------------------------------
 # measurements
-
-
-def rss_bytes() -> dict[str, int]:
-    """Resident set size now and at its peak (``VmRSS``, ``VmHWM`` of /proc/self/status); zeros elsewhere."""
-    out = {"rss": 0, "peak_rss": 0}
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                out["rss" if key == "VmRSS" else "peak_rss"] = int(value.split()[0]) * 1024
-    except OSError:
-        pass
-    return out
 
 
 def memory_bandwidth(mib: int = 512, repeats: int = 7) -> dict:
@@ -135,11 +128,8 @@ def _timed_runs(model, ids: list[int], new_tokens: int, runs: int) -> dict:
         p, d, tokens = once(new_tokens)
         prefill.append(len(ids) / p)
         decode.append((len(tokens) - 1) / d if d > 0 else float("inf"))
-
-    def summary(rates: list[float]) -> dict:
-        return {"median": statistics.median(rates), "min": min(rates), "max": max(rates)}
-
-    return {"prefill_tokens_per_s": summary(prefill), "decode_tokens_per_s": summary(decode), "tokens": tokens}
+    return {"prefill_tokens_per_s": rate_summary(prefill), "decode_tokens_per_s": rate_summary(decode),
+            "tokens": tokens}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -162,11 +152,10 @@ def random_llama_config(layers: int = 4, config_path: str | None = None, **overr
     return config
 
 
-def random_llama(config, side: str, dtype, seed: int = 0):
-    """A random-weight causal LM from ``config``: RTN 4-bit g64 of its block linears, packed in
-    ``QuantLinear`` (``side="packed"``) or fake-quantized in float (``side="float"``)."""
+def random_llama(config, side: str, dtype, seed: int = 0, group_size: int = RANDOM_GROUP_SIZE):
+    """A random-weight causal LM from ``config``: RTN 4-bit (group ``group_size``, asymmetric) of its block
+    linears, packed in ``QuantLinear`` (``side="packed"``) or fake-quantized in float (``side="float"``)."""
     import torch
-    import torch.nn as nn
     from transformers import AutoModelForCausalLM
 
     from ..engine.formats.records import QuantizedWeight
@@ -174,11 +163,12 @@ def random_llama(config, side: str, dtype, seed: int = 0):
     from ..engine.grid import GridSpec, codes_of
     from ..engine.methods.rtn import round_to_nearest
     from ..engine.runtime.qlinear import swap_linears
+    from .decode_llama_cpp import block_linear_names
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    spec = GridSpec(bits=4, group_size=RANDOM_GROUP_SIZE, sym=False)
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in f".{n}"]
+    spec = GridSpec(bits=4, group_size=group_size, sym=False)
+    names = block_linear_names(model)
     packed = {}
     for name in names:
         lin = model.get_submodule(name)
@@ -196,10 +186,8 @@ def random_llama(config, side: str, dtype, seed: int = 0):
 
 
 def _build(source: dict, side: str, device: str, dtype: str):
-    """(model, prompt ids) of one side; the packed model on the CPU runs PyTorch's int4 op."""
+    """(model, prompt ids) of one side; the packed model on the CPU runs as ``load_packed_model`` sets it up."""
     import gc
-
-    import torch
 
     from ..engine.runtime.cpu_head import use_cpu_head
     from ..engine.runtime.fused import fuse_input_sharing_linears
@@ -209,14 +197,13 @@ def _build(source: dict, side: str, device: str, dtype: str):
     dev, dt = resolve_device_dtype(device, dtype)
     if source["kind"] == "random":
         config = random_llama_config(source["layers"], source.get("config"))
-        model = random_llama(config, side, dt, source.get("seed", 0)).to(dev)
+        group_size = source.get("group_size", RANDOM_GROUP_SIZE)
+        model = random_llama(config, side, dt, source.get("seed", 0), group_size).to(dev)
         if side == "packed" and dev.type == "cpu":
             use_cpu_int4(model)
             fuse_input_sharing_linears(model)
             use_cpu_head(model)
-        gen = torch.Generator().manual_seed(source.get("seed", 0))
-        ids = torch.randint(0, config.vocab_size, (source["prompt_tokens"],), generator=gen).tolist()
-        return model, ids
+        return model, random_prompt_ids(source, config.vocab_size)
     if side == "packed":
         model, tokenizer = load_packed_model(source["path"], device, dtype)
     else:  # the fake-quantized model, from the exact (fp16-scale) reference weights
@@ -227,6 +214,14 @@ def _build(source: dict, side: str, device: str, dtype: str):
     ids = prompt_ids(tokenizer, PROMPT)
     ids = (ids * (source["prompt_tokens"] // max(len(ids), 1) + 1))[: source["prompt_tokens"]]
     return model, ids
+
+
+def random_prompt_ids(source: dict, vocab_size: int) -> list[int]:
+    """The random model's prompt: ``prompt_tokens`` ids drawn from the source's seed (every side feeds these)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(source.get("seed", 0))
+    return torch.randint(0, vocab_size, (source["prompt_tokens"],), generator=gen).tolist()
 
 
 def _release_freed_memory() -> None:
@@ -260,24 +255,55 @@ def run_side(source: dict, side: str, device: str, dtype: str, runs: int, new_to
     }
 
 
-def _side_in_subprocess(source: dict, side: str, args) -> dict:
+def _in_subprocess(job: dict, what: str) -> dict:
+    """Run ``job`` through :func:`_child` in a fresh Python process; its JSON result."""
     with tempfile.TemporaryDirectory(prefix="tritonq-bench-") as tmp:
         out = Path(tmp) / "side.json"
-        job = {"source": source, "side": side, "device": args.device, "dtype": args.dtype,
-               "runs": args.runs, "new_tokens": args.max_new_tokens, "out": str(out)}
         code = "import sys; from tritonq.bench.decode import _child; _child(sys.argv[1])"
         # -P and cwd=tmp: a checkout's own kernels/ folder must not shadow the Hugging Face ``kernels`` package
-        proc = subprocess.run([sys.executable, "-P", "-c", code, json.dumps(job)], cwd=tmp,
+        proc = subprocess.run([sys.executable, "-P", "-c", code, json.dumps({**job, "out": str(out)})], cwd=tmp,
                               capture_output=True, text=True)
         if proc.returncode != 0 or not out.is_file():
-            raise TritonqError(f"the {side} side of the benchmark failed:\n{proc.stderr[-3000:]}")
+            raise TritonqError(f"the {what} of the benchmark failed:\n{proc.stderr[-3000:]}")
         return json.loads(out.read_text())
+
+
+def _side_in_subprocess(source: dict, side: str, args) -> dict:
+    job = {"task": "side", "source": source, "side": side, "device": args.device, "dtype": args.dtype,
+           "runs": args.runs, "new_tokens": args.max_new_tokens}
+    return _in_subprocess(job, f"{side} side")
+
+
+def _llama_cpp_in_subprocess(source: dict, args, threads: int) -> dict:
+    """The GGUF written (and checked) in one fresh process, then decoded by llama.cpp in another."""
+    with tempfile.TemporaryDirectory(prefix="tritonq-bench-gguf-") as gguf_dir:
+        written = _in_subprocess({"task": "gguf", "source": source, "dtype": args.dtype, "dir": gguf_dir},
+                                 "GGUF writer")
+        job = {"task": "llama.cpp", "source": source, "gguf": written["path"], "runs": args.runs,
+               "new_tokens": args.max_new_tokens, "threads": threads}
+        side = _in_subprocess(job, "llama.cpp side")
+    return {**side, "weight_bytes": written["weight_bytes"],
+            "gguf": {k: v for k, v in written.items() if k not in ("path", "weight_bytes")}}
 
 
 def _child(job_json: str) -> None:
     job = json.loads(job_json)
     try:
-        result = run_side(job["source"], job["side"], job["device"], job["dtype"], job["runs"], job["new_tokens"])
+        if job["task"] == "gguf":
+            from .decode_llama_cpp import write_random_gguf
+
+            source = job["source"]
+            result = write_random_gguf(random_llama_config(source["layers"], source.get("config")), source,
+                                       job["dtype"], job["dir"])
+        elif job["task"] == "llama.cpp":
+            from .decode_llama_cpp import run_llama_cpp_side
+
+            source = job["source"]
+            ids = random_prompt_ids(source, random_llama_config(source["layers"], source.get("config")).vocab_size)
+            result = run_llama_cpp_side(job["gguf"], ids, job["new_tokens"], job["runs"], job["threads"])
+        else:
+            result = run_side(job["source"], job["side"], job["device"], job["dtype"], job["runs"],
+                              job["new_tokens"])
     except TritonqError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -286,6 +312,17 @@ def _child(job_json: str) -> None:
 
 # ---------------------------------------------------------------------------------------------------
 # the command
+
+
+def _sides(args) -> tuple[str, ...]:
+    """``--sides``: a comma list of :data:`ALL_SIDES` that includes packed (every comparison is against it)."""
+    raw = getattr(args, "sides", None) or ",".join(SIDES)
+    sides = tuple(s.strip() for s in (raw.split(",") if isinstance(raw, str) else raw) if s.strip())
+    unknown = [s for s in sides if s not in ALL_SIDES]
+    if unknown or len(set(sides)) != len(sides) or "packed" not in sides:
+        raise TritonqError(f"--sides {raw!r}: give distinct sides among {', '.join(ALL_SIDES)}, packed included "
+                           "(e.g. --sides packed,llama.cpp)")
+    return tuple(s for s in ALL_SIDES if s in sides)
 
 
 def _source(args) -> dict:
@@ -323,30 +360,46 @@ def _source(args) -> dict:
 
 
 def main(args) -> int:
+    from .decode_llama_cpp import check_llama_cpp_side, compare_with_packed, group_size_for
+
     args.runs = int(getattr(args, "runs", 5))
     args.prompt_tokens = int(getattr(args, "prompt_tokens", 32))
+    side_names = _sides(args)
     source = _source(args)
+    if source["kind"] == "random":
+        source["group_size"] = group_size_for(args, side_names, RANDOM_GROUP_SIZE)
+        if source["group_size"] < 1:
+            raise TritonqError("--group-size must be at least 1")
+    if "llama.cpp" in side_names:
+        check_llama_cpp_side(source, args)
     bandwidth = memory_bandwidth()
-    sides = {side: _side_in_subprocess(source, side, args) for side in SIDES}
-    packed, float_ = sides["packed"], sides["float"]
-    same = sum(a == b for a, b in zip(packed.pop("tokens"), float_.pop("tokens"), strict=True))
+    sides: dict[str, dict] = {}
+    for name in side_names:  # packed first: llama.cpp takes its thread count
+        sides[name] = (_llama_cpp_in_subprocess(source, args, sides["packed"]["threads"]) if name == "llama.cpp"
+                       else _side_in_subprocess(source, name, args))
+    packed = sides["packed"]
+    tokens = {name: side.pop("tokens") for name, side in sides.items()}
     bw = bandwidth["copy_gb_per_s"] * 1e9
     for side in sides.values():
         side["decode_bound_tokens_per_s"] = bw / side["weight_bytes"]["read_per_token"]
     label = (f"random Llama {source['layers']}L" if source["kind"] == "random" and not source.get("config")
              else Path(source.get("config") or source.get("path")).name)
-    result = {
-        "model": label, "source": source, "device": packed["device"], "dtype": packed["dtype"],
-        "threads": packed["threads"],
-        "runs": args.runs, "bandwidth": bandwidth, "packed": packed, "float": float_,
-        "decode_speedup": packed["decode_tokens_per_s"]["median"] / float_["decode_tokens_per_s"]["median"],
-        "prefill_speedup": packed["prefill_tokens_per_s"]["median"] / float_["prefill_tokens_per_s"]["median"],
-        "quantized_linear_memory_ratio": float_["weight_bytes"]["quantized_linears"]
-        / max(packed["weight_bytes"]["quantized_linears"], 1),
-        "weight_memory_ratio": float_["weight_bytes"]["total"] / packed["weight_bytes"]["total"],
-        "rss_ratio": float_["rss_bytes"] / max(packed["rss_bytes"], 1),
-        "matching_greedy_tokens": same,
-    }
+    result = {"model": label, "source": source, "device": packed["device"], "dtype": packed["dtype"],
+              "threads": packed["threads"], "runs": args.runs, "bandwidth": bandwidth, "sides": list(side_names),
+              **sides}
+    if "float" in sides:
+        float_ = sides["float"]
+        result.update({
+            "decode_speedup": packed["decode_tokens_per_s"]["median"] / float_["decode_tokens_per_s"]["median"],
+            "prefill_speedup": packed["prefill_tokens_per_s"]["median"] / float_["prefill_tokens_per_s"]["median"],
+            "quantized_linear_memory_ratio": float_["weight_bytes"]["quantized_linears"]
+            / max(packed["weight_bytes"]["quantized_linears"], 1),
+            "weight_memory_ratio": float_["weight_bytes"]["total"] / packed["weight_bytes"]["total"],
+            "rss_ratio": float_["rss_bytes"] / max(packed["rss_bytes"], 1),
+            "matching_greedy_tokens": sum(a == b for a, b in zip(tokens["packed"], tokens["float"], strict=True)),
+        })
+    if "llama.cpp" in sides:
+        result["vs_llama_cpp"] = compare_with_packed(packed, sides["llama.cpp"], tokens["packed"], tokens["llama.cpp"])
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -358,23 +411,33 @@ def _print(r: dict) -> None:
     mib = 2**20
     what = r["source"].get("path") or r["model"]
     p = r["packed"]
-    print(f"decode bench: {what} on {r['device']} ({r['dtype']}, {r['threads']} threads); prompt "
+    grid = f", RTN 4-bit g{r['source']['group_size']} asym" if "group_size" in r["source"] else ""
+    print(f"decode bench: {what}{grid} on {r['device']} ({r['dtype']}, {r['threads']} threads); prompt "
           f"{p['prompt_tokens']} tokens, {p['new_tokens']} new tokens, median of {r['runs']} runs [min, max]")
     print(f"  copy bandwidth {r['bandwidth']['copy_gb_per_s']:.1f} GB/s ({r['bandwidth']['copy_mib']} MiB copy)")
-    print(f"  {'':7s} {'prefill tok/s':>24s} {'decode tok/s':>24s} {'bound tok/s':>11s} {'weights MiB':>11s} "
+    names = r.get("sides", SIDES)
+    width = max(len(name) for name in names)
+    print(f"  {'':{width}s} {'prefill tok/s':>24s} {'decode tok/s':>24s} {'bound tok/s':>11s} {'weights MiB':>11s} "
           f"{'linears MiB':>11s} {'RSS MiB':>8s}")
-    for name in SIDES:
+    for name in names:
         s = r[name]
         pre, dec = s["prefill_tokens_per_s"], s["decode_tokens_per_s"]
-        print(f"  {name:7s} {pre['median']:8.1f} [{pre['min']:6.1f}, {pre['max']:6.1f}] "
+        print(f"  {name:{width}s} {pre['median']:8.1f} [{pre['min']:6.1f}, {pre['max']:6.1f}] "
               f"{dec['median']:8.2f} [{dec['min']:6.2f}, {dec['max']:6.2f}] {s['decode_bound_tokens_per_s']:11.1f} "
               f"{s['weight_bytes']['total'] / mib:11.1f} {s['weight_bytes']['quantized_linears'] / mib:11.1f} "
               f"{s['rss_bytes'] / mib:8.1f}")
-    print(f"  packed/float: decode {r['decode_speedup']:.2f}x, prefill {r['prefill_speedup']:.2f}x; float/packed "
-          f"memory: quantized linears {r['quantized_linear_memory_ratio']:.2f}x, all weights "
-          f"{r['weight_memory_ratio']:.2f}x, RSS {r['rss_ratio']:.2f}x; greedy tokens identical "
-          f"{r['matching_greedy_tokens']}/{p['new_tokens']}")
+    shares = [f"{name} {r[name]['decode_tokens_per_s']['median'] / r[name]['decode_bound_tokens_per_s']:.0%}"
+              for name in names]
+    print(f"  decode median as a share of its bandwidth bound: {', '.join(shares)}")
+    if "decode_speedup" in r:
+        print(f"  packed/float: decode {r['decode_speedup']:.2f}x, prefill {r['prefill_speedup']:.2f}x; float/packed "
+              f"memory: quantized linears {r['quantized_linear_memory_ratio']:.2f}x, all weights "
+              f"{r['weight_memory_ratio']:.2f}x, RSS {r['rss_ratio']:.2f}x; greedy tokens identical "
+              f"{r['matching_greedy_tokens']}/{p['new_tokens']}")
+    if "vs_llama_cpp" in r:
+        from .decode_llama_cpp import print_llama_cpp_comparison
 
+        print_llama_cpp_comparison(r)
 
 if __name__ == "__main__":
     raise SystemExit("run it as: tritonq bench decode")

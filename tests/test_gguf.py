@@ -17,6 +17,7 @@ import pytest
 import torch
 from helpers import CHAT_TEMPLATE, _bytes_to_unicode, make_fake_dir
 from tritonq.cli import main
+from tritonq.engine.formats import gguf as gguf_writer
 from tritonq.engine.formats import gguf_vocab as gguf_export
 from tritonq.engine.formats.checkpoint import read_source, source_layers
 from tritonq.engine.formats.gguf import GGUF_FILE, save_float_gguf
@@ -371,7 +372,7 @@ def test_llama_cpp_logits_match_the_fake_quantized_model(tmp_path, sym, monkeypa
     spread = ref.std()
     rms = np.sqrt(((got - ref) ** 2).mean()) / spread
     assert rms < 0.05 and np.abs(got - ref).max() / spread < 0.25, rms
-    monkeypatch.setattr(gguf_export, "_row_order", lambda key, config: None)
+    monkeypatch.setattr(gguf_writer, "_row_order", lambda key, config: None)  # the writer's, not gguf_vocab's
     wrong = save_packed(src, tmp_path / "wrong", "gguf")
     rms_wrong = np.sqrt(((_llama_cpp_logits(llama_cpp, wrong / GGUF_FILE, ids) - ref) ** 2).mean()) / spread
     assert rms_wrong > 10 * rms, (rms, rms_wrong)

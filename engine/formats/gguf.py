@@ -292,8 +292,11 @@ class GgufFormat(OutputFormat):
                                "none. Convert the fake-quantized output with llama.cpp's convert_hf_to_gguf.py")
         pre_tokenizer_name(request.tokenizer_json)
 
-    def write(self, ckpt: Checkpoint, out: Path, shard_bytes: int | None = None) -> None:
-        """All checks run before the file is started; a quantized layer's record is rebuilt when its turn comes."""
+    def write(self, ckpt: Checkpoint, out: Path, shard_bytes: int | None = None, float_type: str | None = None) -> None:
+        """All checks run before the file is started; a quantized layer's record is rebuilt when its turn comes.
+
+        ``float_type`` (f32, f16, bf16): the type of the float matrices (embeddings, lm_head) instead of the
+        converter's ``--outtype auto``; ``bench decode`` writes them in the dtype its packed side runs."""
         from ... import __version__
 
         if shard_bytes is not None:
@@ -319,7 +322,7 @@ class GgufFormat(OutputFormat):
                                  _row_order(f"{name}.weight", config))
                      for name, spec in ckpt.grids.items()]
             skip = {f"{n}.weight" for n in ckpt.grids}
-            plans += list(_float_plans(keys, ckpt.tensor, config, skip, model_dtype(config), gguf, None))
+            plans += list(_float_plans(keys, ckpt.tensor, config, skip, model_dtype(config), gguf, float_type))
             plans.sort(key=lambda p: _block_sort_key(p.name))
             bits, group_size, sym = int(meta["bits"]), int(meta["group_size"]), bool(meta["sym"])
             file_type = gguf.LlamaFileType.MOSTLY_Q4_0 if sym else gguf.LlamaFileType.MOSTLY_Q4_1
