@@ -257,3 +257,22 @@ def test_bad_sides_are_clear_errors(kw, message):
 
     with pytest.raises(TritonqError, match=message):
         main(_args(random_llama=True, **kw))
+
+
+def test_llama_cpp_side_needs_the_random_llama(tmp_path):
+    """A packed checkpoint has no GGUF of its own here: refused before any side is built."""
+    from tritonq.bench.decode import main
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": {}}))
+    with pytest.raises(TritonqError, match="--random-llama or --config"):
+        main(_args(model=str(tmp_path), sides="packed,llama.cpp"))
+
+
+def test_cli_passes_sides_and_group_size():
+    from tritonq.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "decode", "--random-llama", "--sides", "packed,llama.cpp",
+                                      "--group-size", "32"])
+    assert (args.sides, args.group_size) == ("packed,llama.cpp", 32)
+    default = build_parser().parse_args(["bench", "decode", "--random-llama"])
+    assert (default.sides, default.group_size) == ("packed,float", None)
