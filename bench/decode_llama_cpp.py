@@ -166,6 +166,8 @@ def check_gguf_weights(path: str | Path, ckpt: Checkpoint) -> dict:
         module = key.removesuffix(".weight")
         if module not in ckpt.grids:
             want = ckpt.tensor(key)
+            if t.tensor_type == gguf.GGMLQuantizationType.F16:  # the head and embeddings, as the packed side's head
+                want = want.half().to(want.dtype)
             if not torch.equal(data.to(want.dtype).reshape(want.shape), want):
                 raise TritonqError(f"{key}: the GGUF tensor is not the checkpoint's float tensor")
             out["float_exact"] += 1
@@ -194,7 +196,9 @@ def write_random_gguf(config, source: dict, dtype: str, out_dir: str, check: boo
     spec = GridSpec(bits=4, group_size=source["group_size"], sym=False)
     ckpt = RandomLlamaCheckpoint(config, spec, dt, source.get("seed", 0))
     t0 = time.perf_counter()
-    GgufFormat().write(ckpt, Path(out_dir), float_type=FLOAT_TYPES[dt])
+    # float matrices (embeddings, lm_head) in F16: the packed side holds its head in fp16 on the CPU
+    # (engine/runtime/cpu_head.py), so both sides read the same head bytes; llama.cpp's converter writes F16 too
+    GgufFormat().write(ckpt, Path(out_dir), float_type="f16" if dt == torch.float32 else FLOAT_TYPES[dt])
     path = Path(out_dir) / GGUF_FILE
     result = {"path": str(path), "write_s": time.perf_counter() - t0, "weight_bytes": gguf_weight_bytes(path)}
     if check:

@@ -225,7 +225,7 @@ def test_bench_decode_llama_cpp_side(tmp_path, capsys, monkeypatch):
     n_weights = 128 * (2 * q_rows + 2 * kv_rows) + 3 * 128 * 384  # q, o; k, v; gate, up, down
     assert wb["quantized_linears"] == n_weights // 32 * 20  # Q4_1: 20 bytes per 32 weights
     assert ours["weight_bytes"]["quantized_linears"] == wb["quantized_linears"]  # codes + bf16 s, zf: as many
-    assert wb["total"] - wb["read_per_token"] == 300 * 128 * 4  # the F32 input embedding table
+    assert wb["total"] - wb["read_per_token"] == 300 * 128 * 2  # the F16 input embedding table
     assert theirs["decode_bound_tokens_per_s"] == pytest.approx(
         result["bandwidth"]["copy_gb_per_s"] * 1e9 / wb["read_per_token"])
     assert ours["weight_bytes"]["read_per_token"] > 0 and theirs["rss_bytes"] > 0
