@@ -272,3 +272,20 @@ def test_gptq_w4a8_rotated_packs_and_loads(tmp_path, calib_file):
     assert a.abs().max() > 0.1
     assert float((a - b).pow(2).mean() / a.pow(2).mean()) < 1e-4
     assert json.loads((tmp_path / "ct" / "quantization.json").read_text())["rotate"] == "random"
+
+
+def test_cli_flags(tmp_path, capsys):
+    from tritonq.cli import main
+
+    src = make_family_model(tmp_path / "src", "mistral")
+    out = tmp_path / "out"
+    assert main(["quantize", "--model", str(src), "--method", "rtn", "--bits", "4", "--group-size", "32", "--rotate",
+                 "random", "--rotate-seed", "2", "--output", str(out), "--device", "cpu", "--no-progress"]) == 0
+    meta = json.loads((out / "quantization.json").read_text())
+    assert (meta["rotate"], meta["rotation"]["seed"], meta["rotation"]["residual"]["kind"]) == ("random", 2, "random")
+    opt = make_family_model(tmp_path / "opt", "opt")
+    assert main(["quantize", "--model", str(opt), "--method", "rtn", "--rotate", "hadamard", "--output",
+                 str(tmp_path / "opt-out"), "--device", "cpu", "--no-progress"]) == 2
+    assert "--rotate needs RMSNorm models" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["quantize", "--rotate", "hadamrd", "--output", str(tmp_path / "x")])
