@@ -128,6 +128,10 @@ def check_rotation_options(opts: Any) -> None:
     rewritten in memory before calibration, so it is neither streamed from disk nor planned by ``--method auto``
     (which scores its candidates on the unrotated model)."""
     rotation = RotationSpec(getattr(opts, "rotate", "none"), getattr(opts, "rotate_seed", 0))
+    recorded = _replayed_rotation(opts.recipe)
+    if recorded is not None and recorded != (rotation.kind, rotation.seed if rotation.active else 0):
+        raise TritonqError(f"--recipe {opts.recipe} replays a run made with --rotate {recorded[0]} --rotate-seed "
+                           f"{recorded[1]}; pass the same --rotate and --rotate-seed to replay it")
     if not rotation.active:
         return
     if opts.stream:
@@ -136,6 +140,24 @@ def check_rotation_options(opts: Any) -> None:
     if opts.method == "auto":
         raise TritonqError("--method auto scores its candidates on the unrotated model; pick a method with --rotate, "
                            "or drop --rotate")
+
+
+def _replayed_rotation(recipe: Any) -> tuple[str, int] | None:
+    """``(rotate, seed)`` of the run a ``--recipe`` ``quantization.json`` (or output directory) replays; None for
+    any other recipe (a recipe file holds no rotation)."""
+    if not isinstance(recipe, str | Path):
+        return None
+    path = Path(recipe).expanduser()
+    path = path / QUANT_JSON if path.is_dir() else path
+    if path.suffix.lower() != ".json" or not path.is_file():
+        return None  # load_recipe reports a missing file
+    try:
+        meta = read_quantization_json(path)
+    except TritonqError:
+        return None  # a recipe .json, or one load_recipe reports
+    if "method" not in meta or "layers" not in meta:
+        return None
+    return str(meta.get("rotate", "none")), int((meta.get("rotation") or {}).get("seed", 0))
 
 
 def preflight(method: Method, model_name: str, spec: GridSpec, *, default_group: bool, act_bits: int | None,

@@ -289,3 +289,22 @@ def test_cli_flags(tmp_path, capsys):
     assert "--rotate needs RMSNorm models" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["quantize", "--rotate", "hadamrd", "--output", str(tmp_path / "x")])
+
+
+def test_recipe_replay_needs_the_same_rotation(tmp_path):
+    """``--recipe OUT/quantization.json`` replays a run's methods and grids; a rotated run only with its rotation."""
+    src = make_family_model(tmp_path / "src", "llama")
+    base = dict(model=str(src), bits=4, group_size=32, device="cpu", progress=False)
+    recipe = {"default": {"method": "rtn"}, "rules": [{"match": "mlp", "bits": 8}]}
+    quantize(QuantizeOptions(output=str(tmp_path / "first"), recipe=recipe, rotate="hadamard", rotate_seed=1, **base))
+    with pytest.raises(TritonqError, match="replays a run made with --rotate hadamard --rotate-seed 1"):
+        quantize(QuantizeOptions(output=str(tmp_path / "bare"), recipe=str(tmp_path / "first"), **base))
+    with pytest.raises(TritonqError, match="--rotate-seed 1"):
+        quantize(QuantizeOptions(output=str(tmp_path / "seed"), recipe=str(tmp_path / "first"), rotate="hadamard",
+                                 **base))
+    quantize(QuantizeOptions(output=str(tmp_path / "again"), recipe=str(tmp_path / "first" / "quantization.json"),
+                             rotate="hadamard", rotate_seed=1, **base))
+    from safetensors.torch import load_file
+
+    first, again = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("first", "again"))
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
