@@ -65,6 +65,16 @@ def _set(param: torch.Tensor, value: torch.Tensor) -> None:
     param.data.copy_(value.to(param.dtype))
 
 
+ROWS_PER_STEP = 8192  # rows multiplied at a time: the float64 copies of a large vocabulary stay small
+
+
+def _times_q(param: torch.Tensor, q: torch.Tensor) -> None:
+    """``param <- param Q`` in float64, a slice of rows at a time (embeddings and ``lm_head`` are the big ones)."""
+    for start in range(0, param.shape[0], ROWS_PER_STEP):
+        rows = param.data[start:start + ROWS_PER_STEP]
+        rows.copy_((rows.double() @ q).to(param.dtype))
+
+
 def fold_norm(norm: nn.Module, linears: list[nn.Linear]) -> None:
     """RMSNorm then linear: ``W (x / rms(x) * g) == (W diag(g)) (x / rms(x))``; the norm keeps weight 1."""
     g = norm.weight.data.double()
@@ -95,15 +105,15 @@ def rotate_residual(model: nn.Module, adapter: Adapter, q: torch.Tensor) -> None
                 readers = [block.get_submodule(n) for n in pair.balance]
                 fold_norm(block.get_submodule(pair.smooth), readers)
                 for lin in readers:  # y = W x with x -> Q^T x
-                    _set(lin.weight, lin.weight.data.double() @ q)
+                    _times_q(lin.weight, q)
             for name in stream.writers:  # the output joins the stream: out -> Q^T out
                 lin = block.get_submodule(name)
                 _set(lin.weight, q.T @ lin.weight.data.double())
                 if lin.bias is not None:
                     _set(lin.bias, q.T @ lin.bias.data.double())
         fold_norm(model.get_submodule(stream.final_norm), [head])
-        _set(head.weight, head.weight.data.double() @ q)
-        _set(embed.weight, embed.weight.data.double() @ q)
+        _times_q(head.weight, q)
+        _times_q(embed.weight, q)
 
 
 def rotate_heads(model: nn.Module, adapter: Adapter, h: torch.Tensor) -> None:
