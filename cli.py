@@ -45,6 +45,11 @@ def _add_quantize(sub) -> None:
     p.set_defaults(sym=False)
     p.add_argument("--mse", action="store_true", help="search clipped ranges (shrink grid) per group")
     _add_act_args(p, "during propagation and in the saved model; default: none, or the method's")
+    p.add_argument("--rotate", choices=["none", "hadamard", "random"], default="none",
+                   help="rotate the float model's residual stream and value heads by an orthogonal matrix before "
+                        "calibration, with any method (QuaRot-style; RMSNorm models): hadamard (sign-randomised, a "
+                        "random orthogonal matrix where no Hadamard of the width is known) or random (default none)")
+    p.add_argument("--rotate-seed", type=int, default=0, help="seed of the rotation's signs or random matrices")
     _add_method_args(p)
     p.add_argument("--recipe", default=None, metavar="FILE",
                    help="per-layer methods and grids: a .yaml/.json recipe (regex rules, first match wins; "

@@ -117,7 +117,8 @@ def _quantize_here(args, run_quantize, QuantizeOptions, writer: bool) -> int:  #
         resume=args.resume, work_dir=args.work_dir, out_format=args.out_format,
         overwrite=args.overwrite, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
         eval_data=args.eval_data, eval_windows=args.eval_windows, progress=not args.no_progress,
-        workers=args.workers, quantize_head=args.quantize_head,
+        workers=args.workers, quantize_head=args.quantize_head, rotate=args.rotate,
+        rotate_seed=args.rotate_seed,
     )
     s = run_quantize(opts)
     if not writer:  # [distributed] rank 0 prints the summary of what it wrote

@@ -37,6 +37,7 @@ from .methods.registry import make_method
 from .model_io import load_model, load_tokenizer, resolve_device, resolve_dtype
 from .outputs import QUANT_JSON, atomic_output_dir, read_quantization_json
 from .preflight import check_model_files, check_quantize_options, check_seqlen_fits, preflight
+from .rotation import RotationSpec, rotate_model
 from .streaming import model_files_fingerprint, open_weights
 from .workdir import WorkDir, default_work_dir
 
@@ -81,6 +82,8 @@ class QuantizeOptions:
     progress: bool = True
     workers: int = 1  # model-free RTN: layers rounded ahead in a thread pool while the writer writes
     quantize_head: str = "none"  # none, int8 or int4: the lm_head and embedding table as integers (formats/head.py)
+    rotate: str = "none"  # an orthogonal rotation of the float model before calibration (engine/rotation.py)
+    rotate_seed: int = 0  # the seed of the rotation's random signs or matrices
 
 
 @dataclass
@@ -123,6 +126,7 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
         method = make_method(opts.method, opts.method_options)
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device)
+    rotation = RotationSpec(opts.rotate, opts.rotate_seed)
 
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(opts.model, opts.trust_remote_code)
@@ -130,7 +134,7 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
     run = preflight(method, opts.model, spec, default_group=default_group, act_bits=opts.act_bits,
                     act_scheme=opts.act_scheme, act_sym=opts.act_sym, out_format=opts.out_format, tokenizer=tokenizer,
                     device=device, dtype=dtype, trust_remote_code=opts.trust_remote_code,
-                    quantize_head=opts.quantize_head)
+                    quantize_head=opts.quantize_head, rotation=rotation)
     method, spec, act, adapter = run.method, run.spec, run.act, run.adapter
     seconds["preflight"] = time.perf_counter() - t0
     collective = current_collective()  # [distributed] world 1 unless run under torchrun / --nproc
@@ -148,7 +152,9 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
 
     # one process only (ranks go through the pipeline, where RTN's solves are shared out), and not when the caller
     # asked for the model in memory (stream=False)
-    source = model_free.applies(method, run, opts.model) if collective.world == 1 and opts.stream is not False else None
+    # (a rotation rewrites the whole float model first: never model-free)
+    model_free_ok = collective.world == 1 and opts.stream is not False and not rotation.active
+    source = model_free.applies(method, run, opts.model) if model_free_ok else None
     if source is not None:
         return QuantizeSummary(**model_free.quantize_model_free(opts, run, source, tokenizer, seconds, started,
                                                                 eval_windows))
@@ -165,7 +171,8 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
         seconds["calibration_data"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    weights = open_weights(opts.model, dtype, opts.trust_remote_code, opts.stream, whole_model=_prepares(method))
+    weights = open_weights(opts.model, dtype, opts.trust_remote_code, opts.stream,
+                           whole_model=rotation.active or _prepares(method))
     seconds["load"] = time.perf_counter() - t0
     from .memory import estimate_for_options
 
@@ -173,11 +180,19 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
     estimate = estimate_for_options(opts, run.config, device, streamed=weights.streamed)  # config.json: its dtype
     if opts.progress and collective.is_writer:
         print(estimate.describe())
+    rotated = None
+    if rotation.active:  # the float model is rotated before any method's prepare and before calibration
+        t0 = time.perf_counter()
+        rotated = rotate_model(weights.model, adapter, rotation)
+        seconds["rotate"] = time.perf_counter() - t0
+        if opts.progress and collective.is_writer:
+            print(rotated.log_line())
     if not weights.streamed:
         method.prepare(weights.model, adapter)  # the model-level step, before the block inputs are captured
     # [distributed] rank 0 writes the blocks and the commit mark; every rank keeps its own share of the inputs
     work = WorkDir(Path(opts.work_dir).expanduser() if opts.work_dir else default_work_dir(opts.output),
-                   {**run_fingerprint(opts, method, spec, act, dtype, device, calib_meta), "ranks": collective.world},
+                   {**run_fingerprint(opts, method, spec, act, dtype, device, calib_meta), "ranks": collective.world,
+                    **({"rotation": {"rotate": rotation.kind, "seed": rotation.seed}} if rotation.active else {})},
                    opts.resume, opts.overwrite, rank=collective.rank, writer=collective.is_writer,
                    barrier=collective.barrier)
     resumed_from = work.done
@@ -208,6 +223,8 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
         "memory": {**memory_record(report, weights.streamed, cache), "estimate": estimate.to_json()},
     }
+    if rotated is not None:  # recorded only where the run rotates: unrotated records stay as they were
+        meta["rotate"], meta["rotation"] = rotation.kind, rotated.describe()
     if resumed_from:
         meta["resumed_from_block"] = resumed_from
     from .formats.checkpoint import RunCheckpoint

@@ -43,6 +43,7 @@ from .methods.registry import method_class
 from .model_io import load_config, model_context, resolve_model, tokenizer_json
 from .outputs import QUANT_JSON, check_output_dir, read_quantization_json
 from .pipeline import group_grid
+from .rotation import RotationSpec, check_rotatable
 
 _TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
@@ -118,6 +119,7 @@ def check_quantize_options(opts: Any) -> None:
         from .recipe import load_recipe
 
         calibrated = any(method_class(m).calibrated for m in load_recipe(opts.recipe).method_names(opts.method))
+    check_rotation_options(opts)
     check_output_dir(opts.output, opts.overwrite)  # cheap: before the model's config is read
     if calibrated:
         check_data(opts.calib, opts.text_column)
@@ -128,15 +130,53 @@ def check_quantize_options(opts: Any) -> None:
         check_seqlen_fits(opts.model, opts.seqlen, opts.trust_remote_code)
 
 
+def check_rotation_options(opts: Any) -> None:
+    """``--rotate`` and ``--rotate-seed`` parse, and the run can hold a rotated model: the whole float model is
+    rewritten in memory before calibration, so it is neither streamed from disk nor planned by ``--method auto``
+    (which scores its candidates on the unrotated model)."""
+    rotation = RotationSpec(getattr(opts, "rotate", "none"), getattr(opts, "rotate_seed", 0))
+    recorded = _replayed_rotation(opts.recipe)
+    if recorded is not None and recorded != (rotation.kind, rotation.seed if rotation.active else 0):
+        raise TritonqError(f"--recipe {opts.recipe} replays a run made with --rotate {recorded[0]} --rotate-seed "
+                           f"{recorded[1]}; pass the same --rotate and --rotate-seed to replay it")
+    if not rotation.active:
+        return
+    if opts.stream:
+        raise TritonqError("--rotate rewrites the whole float model in memory before calibration, so it cannot be "
+                           "streamed from disk; drop stream=True (or --rotate none)")
+    if opts.method == "auto":
+        raise TritonqError("--method auto scores its candidates on the unrotated model; pick a method with --rotate, "
+                           "or drop --rotate")
+
+
+def _replayed_rotation(recipe: Any) -> tuple[str, int] | None:
+    """``(rotate, seed)`` of the run a ``--recipe`` ``quantization.json`` (or output directory) replays; None for
+    any other recipe (a recipe file holds no rotation)."""
+    if not isinstance(recipe, str | Path):
+        return None
+    path = Path(recipe).expanduser()
+    path = path / QUANT_JSON if path.is_dir() else path
+    if path.suffix.lower() != ".json" or not path.is_file():
+        return None  # load_recipe reports a missing file
+    try:
+        meta = read_quantization_json(path)
+    except TritonqError:
+        return None  # a recipe .json, or one load_recipe reports
+    if "method" not in meta or "layers" not in meta:
+        return None
+    return str(meta.get("rotate", "none")), int((meta.get("rotation") or {}).get("seed", 0))
+
+
 def preflight(method: Method, model_name: str, spec: GridSpec, *, default_group: bool, act_bits: int | None,
               act_scheme: str | None, act_sym: bool | None, out_format: str, tokenizer: Any,
               device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False,
-              quantize_head: str = "none") -> Preflight:
+              quantize_head: str = "none", rotation: RotationSpec | None = None) -> Preflight:
     """Ask the method, the output format and the kernels once; raise :class:`TritonqError` on the first refusal.
 
     ``spec`` is the run's grid (``default_group``: its group size is to be chosen from the model's widths);
     ``act_*`` are the run's activation flags over the method's ``default_act``; ``tokenizer`` the loaded one;
     ``quantize_head`` the ``--quantize-head`` mode (the format must hold it, the run must be weight-only).
+    ``rotation`` the run's ``--rotate`` (the model must have a residual stream a rotation keeps exact).
     """
     act = resolve_act_spec(method.default_act, act_bits, act_scheme, act_sym)
     if act is not None:
@@ -144,6 +184,8 @@ def preflight(method: Method, model_name: str, spec: GridSpec, *, default_group:
     check_data_parallel(method, current_collective().world)
     config = load_config(model_name, trust_remote_code)
     adapter = adapter_for(config)
+    if rotation is not None and rotation.active:
+        check_rotatable(adapter)
     widths = block_widths(config, adapter, trust_remote_code)
     if default_group:
         spec = replace(spec, group_size=default_group_size(widths))

@@ -167,3 +167,13 @@ def signround_qdq(w: torch.Tensor, offsets: torch.Tensor, min_factor: torch.Tens
     # the reference views its inputs as [N, G, group]: contiguous copies of strided ones (the kernel's launcher too)
     return signround.signround_qdq_ref(w.detach().contiguous(), offsets.contiguous(), min_factor, max_factor, group,
                                        maxq, sym)
+
+
+def hadamard_transform(x: torch.Tensor, base: torch.Tensor | None = None, force: str | None = None) -> torch.Tensor:
+    """``x H^T / sqrt(n)`` along the last dimension (width ``n = m 2^k``), ``H = base (x) Sylvester(2^k)`` with an
+    optional +-1 ``base`` [m, m] (``engine/orthogonal.py`` builds them): the online Hadamard of QuaRot. Triton: the
+    fast Walsh-Hadamard butterflies of ``hadamard.fwht_kernel``; the reference runs the same ones in PyTorch."""
+    from . import hadamard
+
+    fn = hadamard.hadamard_transform_triton if use_triton(x, force) else hadamard.hadamard_transform_ref
+    return fn(x, base)

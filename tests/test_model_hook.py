@@ -2,10 +2,12 @@
 
 A toy method, living only in this file, rotates the residual stream as QuaRot does (Ashkboos et al., "QuaRot:
 Outlier-Free 4-Bit Inference in Rotated LLMs", arXiv:2404.00456; the invariance is SliceGPT's, Ashkboos et
-al. 2024, arXiv:2401.15024): it folds every RMSNorm weight into the linears the norm feeds (the final norm
-into ``lm_head``, untying the embeddings first where they are tied), then multiplies the stream by a random
-orthogonal ``Q``: embedding rows ``E Q``, reading linears ``W Q``, writing linears ``Q^T W`` (and biases). It
-names modules only through the adapter's ``ResidualStream``, then quantizes round-to-nearest.
+al. 2024, arXiv:2401.15024), through the package's ``engine/rotation.py`` (what ``--rotate`` runs before any
+method; ``tests/test_rotation.py`` tests it in full, value heads included): it folds every RMSNorm weight into
+the linears the norm feeds (the final norm into ``lm_head``, untying the embeddings first where they are tied),
+then multiplies the stream by a random orthogonal ``Q``: embedding rows ``E Q``, reading linears ``W Q``, writing
+linears ``Q^T W`` (and biases). It names modules only through the adapter's ``ResidualStream``, then quantizes
+round-to-nearest.
 
 * in float64 the rotated model's logits equal the original's to 1e-5 (every Llama-like family, tied too);
 * OPT's LayerNorm subtracts the mean, which a rotation does not commute with: refused, the model untouched;
@@ -21,7 +23,7 @@ import torch
 import torch.nn as nn
 from helpers import tiny_config, tiny_tokenizer
 from test_pipeline import FAMILIES, make_family_model
-from tritonq.engine import pipeline
+from tritonq.engine import pipeline, rotation
 from tritonq.engine.adapters import adapter_for
 from tritonq.engine.api import QuantizeOptions, quantize
 from tritonq.engine.data import pydoc_corpus
@@ -29,54 +31,17 @@ from tritonq.engine.grid import GridSpec
 from tritonq.engine.methods import registry
 from tritonq.engine.methods.base import LayerResult, Method
 from tritonq.engine.methods.rtn import round_to_nearest
+from tritonq.engine.orthogonal import random_orthogonal
+from tritonq.engine.rotation import check_rotatable, rotate_residual
 from tritonq.errors import TritonqError
 
 LLAMA_LIKE = [f for f in FAMILIES if f != "opt"]
 
 
-def random_orthogonal(n: int, seed: int) -> torch.Tensor:
-    """A Haar-random orthogonal [n, n] in float64: QR of a seeded Gaussian, signs fixed by diag(R) (Mezzadri
-    2007, "How to generate random matrices from the classical compact groups")."""
-    gen = torch.Generator().manual_seed(seed)
-    q, r = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
-    return q * torch.sign(torch.diagonal(r))[None, :]
-
-
-def _set(param: torch.Tensor, value: torch.Tensor) -> None:
-    param.data.copy_(value.to(param.dtype))
-
-
-def _fold_norm(norm: nn.Module, linears: list[nn.Linear]) -> None:
-    """RMSNorm then linear: ``W (x / rms(x) * g) == (W diag(g)) (x / rms(x))``; the norm keeps weight 1."""
-    g = norm.weight.data.double()
-    for lin in linears:
-        _set(lin.weight, lin.weight.data.double() * g[None, :])
-    norm.weight.data.fill_(1.0)
-
-
-def rotate_residual(model: nn.Module, adapter, seed: int) -> None:
-    """Fold the norms, then rotate the residual stream by ``Q`` (every product in float64)."""
-    stream = adapter.residual_stream()
-    embed, head = model.get_submodule(stream.embedding), model.get_submodule(stream.lm_head)
-    if head.weight is embed.weight:  # tied: lm_head gets the final norm folded in, the embedding does not
-        head.weight = nn.Parameter(embed.weight.detach().clone())
-        model.config.tie_word_embeddings = False
-    q = random_orthogonal(embed.weight.shape[1], seed)
-    with torch.no_grad():
-        for block in adapter.block_list(model):
-            for pair in stream.readers:
-                readers = [block.get_submodule(n) for n in pair.balance]
-                _fold_norm(block.get_submodule(pair.smooth), readers)
-                for lin in readers:  # y = W x, x -> Q^T x
-                    _set(lin.weight, lin.weight.data.double() @ q)
-            for name in stream.writers:  # the output joins the stream: out -> Q^T out
-                lin = block.get_submodule(name)
-                _set(lin.weight, q.T @ lin.weight.data.double())
-                if lin.bias is not None:
-                    _set(lin.bias, q.T @ lin.bias.data.double())
-        _fold_norm(model.get_submodule(stream.final_norm), [head])
-        _set(head.weight, head.weight.data.double() @ q)
-        _set(embed.weight, embed.weight.data.double() @ q)
+def toy_rotate(model: nn.Module, adapter, seed: int) -> None:
+    """The package's fold and residual rotation (``engine/rotation.py``) by a seeded Haar-random orthogonal ``Q``."""
+    n = model.get_submodule(adapter.residual_stream().embedding).weight.shape[1]
+    rotate_residual(model, adapter, random_orthogonal(n, torch.Generator().manual_seed(seed)))
 
 
 @dataclass(frozen=True)
@@ -93,13 +58,9 @@ class RotateRTN(Method):
     events: list[str] = []  # what happened, in order (the end-to-end test reads it)
 
     def prepare(self, model: nn.Module, adapter) -> None:
-        stream = adapter.residual_stream()
-        if stream.norm != "rms":
-            raise TritonqError(f"a rotation of the residual stream needs RMSNorm; {adapter.family}'s LayerNorm "
-                               "subtracts the mean, which does not commute with a rotation (fold the mean out "
-                               "first, as SliceGPT does, or pick a Llama-like model)")
+        check_rotatable(adapter)
         RotateRTN.events.append("prepare")
-        rotate_residual(model, adapter, self.options.seed)
+        toy_rotate(model, adapter, self.options.seed)
 
     def quantize(self, group, state) -> list[LayerResult]:
         return [round_to_nearest(lin.weight.data, group.spec, name)
@@ -181,8 +142,8 @@ def test_rotation_without_fold_breaks_invariance(tmp_path, monkeypatch):
     ids = _ids()
     with torch.no_grad():
         before = model(input_ids=ids).logits
-    monkeypatch.setitem(globals(), "_fold_norm", lambda norm, linears: None)
-    rotate_residual(model, adapter, seed=5)
+    monkeypatch.setattr(rotation, "fold_norm", lambda norm, linears: None)
+    toy_rotate(model, adapter, seed=5)
     with torch.no_grad():
         assert (model(input_ids=ids).logits - before).abs().max() > 1e-2
 
@@ -283,7 +244,7 @@ def test_quantize_with_the_toy_prepares_before_capture(tmp_path, calib_file, mon
     reference = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     original = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     adapter = adapter_for(reference.config)
-    rotate_residual(reference, adapter, seed=7)
+    toy_rotate(reference, adapter, seed=7)
     for i, block in enumerate(adapter.block_list(reference)):  # the rotated model, rounded to nearest
         for name in adapter.linear_names():
             lin = block.get_submodule(name)

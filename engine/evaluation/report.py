@@ -56,6 +56,7 @@ class OutputSummary:
     seconds: dict[str, float] = field(default_factory=dict)
     weight_bytes: int = 0
     bits_per_weight: float | None = None  # average over the blocks' linear weights, scales and zeros counted (bits.py)
+    rotate: str = ""  # "" (not rotated) or the --rotate kind with its seed, e.g. "hadamard seed 0"
 
 
 def record_evaluation(directory: str | os.PathLike, kind: str, label: str, record: dict,
@@ -151,6 +152,8 @@ def read_output(directory: str | os.PathLike) -> OutputSummary:
         for metric, value in _dict(_dict(rec).get("metrics")).items():
             if isinstance(value, int | float):
                 summary.task_scores[f"{label} {metric}"] = float(value)
+    if meta.get("rotate"):
+        summary.rotate = f"{meta['rotate']} seed {_dict(meta.get('rotation')).get('seed', '?')}"
     summary.seconds = {k: float(v) for k, v in _dict(meta.get("seconds")).items() if isinstance(v, int | float)}
     summary.weight_bytes = weight_bytes(path)
     summary.bits_per_weight = output_bits_per_weight(path, meta)
@@ -248,17 +251,20 @@ def markdown_table(summaries: list[OutputSummary]) -> str:
     """One row per output: grid, average bits per weight (scales and zeros counted), scores (perplexity, lm-eval
     metrics), stage seconds, weight size in MiB.
 
-    Columns are the union over all outputs, in order of first appearance; a missing value is ``-``."""
+    Columns are the union over all outputs, in order of first appearance; a missing value is ``-``. A ``rotate``
+    column (``--rotate``) appears where any output is rotated."""
     ppl_keys = _union(s.perplexities for s in summaries)
     task_keys = _union(s.task_scores for s in summaries)
     time_keys = _union(s.seconds for s in summaries)
+    rotated = any(s.rotate for s in summaries)
     header = (["output", "method", "format", "bits", "group", "grid", "bits/weight", "activations"]
-              + [f"ppl {k}" for k in ppl_keys] + task_keys + [f"{k} s" for k in time_keys] + ["weights MiB"])
+              + ["rotate"] * rotated + [f"ppl {k}" for k in ppl_keys] + task_keys + [f"{k} s" for k in time_keys]
+              + ["weights MiB"])
     rows = []
     for s in summaries:
         rows.append([s.path.name or str(s.path), s.method, s.out_format, _cell(s.bits), _cell(s.group_size),
                      _cell(s.sym), "-" if s.bits_per_weight is None else f"{s.bits_per_weight:.3f}",
-                     s.activations or "-"]
+                     s.activations or "-"] + [s.rotate or "none"] * rotated
                     + [f"{s.perplexities[k]:.2f}" if k in s.perplexities else "-" for k in ppl_keys]
                     + [f"{s.task_scores[k]:.4f}" if k in s.task_scores else "-" for k in task_keys]
                     + [f"{s.seconds[k]:.1f}" if k in s.seconds else "-" for k in time_keys]

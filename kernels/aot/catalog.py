@@ -214,6 +214,12 @@ def _picks_signround(mod: Any, target: Target, dtype: str) -> list[Pick]:
     return picks + [Pick(mod.pick_config(128), "group=128 sym", (("SYM", True),), dtype)]
 
 
+def _picks_hadamard(mod: Any, target: Target, dtype: str) -> list[Pick]:
+    """The power-of-two parts of the widths the online Hadamard sees: 64 (SmolLM2's head dim), 128 (its 1536 = 12 x 128;
+    Llama's head dim), 512 and 4096 (Llama-style hidden widths)."""
+    return [Pick(mod.pick_config(p), f"P={p}", (("P", p),), dtype) for p in (64, 128, 512, 4096)]
+
+
 _DEQUANT_ASSUME = {"M": "16", "N": "16", "K": "16", "group_size": "16", "tiles_per_split": "16",
                    "stride_xm": "16", "stride_om": "16"}
 
@@ -258,6 +264,9 @@ ENTRIES: tuple[KernelEntry, ...] = (
                 assume={"N": "16", "group": "16", "stride": "16"}),
     KernelEntry("signround_bwd", "signround", "signround_bwd_kernel", "CONFIGS", "aot_signature_bwd",
                 _picks_signround, assume={"N": "16", "group": "16", "stride": "16"}),
+    # the online Hadamard (QuaRot): contiguous rows of P values in, fp32 rows out
+    KernelEntry("hadamard", "hadamard", "fwht_kernel", "CONFIGS", "aot_signature", _picks_hadamard,
+                assume={"stride_x": "16", "stride_y": "16"}),
     # dequant_matmul routes around sm_75 in pick_config itself (no tensor-core dot): no exclusion hook
     KernelEntry("dequant_gemv", "dequant_matmul", "dequant_gemv_kernel", "GEMV_CONFIGS", "aot_signature_gemv",
                 _picks_dequant("gemv"), assume=_DEQUANT_ASSUME),
