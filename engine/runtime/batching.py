@@ -269,15 +269,21 @@ class BatchEngine:
         else:
             request.last = token
 
-    def _finish(self, request: Generation, reason: str) -> None:
+    def _retire(self, request: Generation) -> bool:
+        """Take ``request`` out of the batch and drop its cache; False when it had ended already."""
         if request.done:
-            return
+            return False
         request.done = True
         with self._cond:
             if request in self._active:
                 self._active.remove(request)
-        request.state.finish_reason = reason
         request.cache = None
+        return True
+
+    def _finish(self, request: Generation, reason: str) -> None:
+        if not self._retire(request):
+            return
+        request.state.finish_reason = reason
         if request.deltas is not None and not request.deltas.stopped:
             piece = request.deltas.flush()
             if piece:
@@ -285,14 +291,8 @@ class BatchEngine:
         self._send(request, None)
 
     def _fail(self, request: Generation, exc: BaseException) -> None:
-        if request.done:
-            return
-        request.done = True
-        with self._cond:
-            if request in self._active:
-                self._active.remove(request)
-        request.cache = None
-        self._send(request, exc)
+        if self._retire(request):
+            self._send(request, exc)
 
     def _send(self, request: Generation, event: Event) -> None:
         try:
