@@ -214,6 +214,34 @@ def _rows(x: Tensor, k: int) -> Tensor:
     return x.reshape(-1, k).float().contiguous()
 
 
+#: Above this many rows per call, :func:`int4_linear` multiplies float32 weights dequantized for the call (a BLAS
+#: GEMM) instead of running the op on int8 activations: a prompt or an evaluation window is compute-bound, and
+#: its result is then the stored grid's to float32 rounding (what ``tritonq eval`` should score).
+PREFILL_ROWS = 16
+
+
+def dequantize_int4_rows(w: Tensor, scale: Tensor, minv: Tensor, group_size: int) -> Tensor:
+    """The float32 [N, K] weight of the int4 layout (``scale * q + min``, the fp16 values the op reads)."""
+    blocks, chunks, _ = w.shape
+    lanes = w.reshape(blocks, chunks, ROWS, 4)
+    codes = torch.cat([lanes & 0x0F, lanes >> 4], dim=-1).permute(0, 2, 1, 3).reshape(blocks * ROWS, chunks * 8)
+    g = scale.shape[1]
+    per_group = codes.reshape(blocks * ROWS, g, group_size).float()
+    s = scale.permute(0, 2, 1).reshape(blocks * ROWS, g, 1).float()
+    m = minv.permute(0, 2, 1).reshape(blocks * ROWS, g, 1).float()
+    return torch.addcmul(m, per_group, s).reshape(blocks * ROWS, chunks * 8)
+
+
+def int4_linear(x: Tensor, w: Tensor, scale: Tensor, minv: Tensor, group_size: int,
+                bias: Tensor | None = None) -> Tensor:
+    """``x @ W^T + bias`` for the int4 layout, float32 [..., N]: the op (:func:`int4_gemm`) for up to
+    :data:`PREFILL_ROWS` rows (decode steps, batch-invariant), a float32 GEMM on the dequantized weight above."""
+    if x.numel() // max(1, x.shape[-1]) <= PREFILL_ROWS:
+        return int4_gemm(x, w, scale, minv, group_size, bias)
+    dense = dequantize_int4_rows(w, scale, minv, group_size)
+    return torch.nn.functional.linear(x.float(), dense, None if bias is None else bias.float())
+
+
 def int4_gemm(x: Tensor, w: Tensor, scale: Tensor, minv: Tensor, group_size: int, bias: Tensor | None = None,
               portable: bool = False) -> Tensor:
     """``x @ W^T + bias`` for the int4 layout; x [..., K] in any float dtype, result float32 [..., N]."""

@@ -155,10 +155,9 @@ def test_packed_outputs_keep_method_times_and_score(tmp_path, capsys):
     s, f, r = read_output(packed), read_output(fake), read_output(repacked)
     assert (s.method, s.out_format, s.bits, s.group_size) == ("rtn", "compressed-tensors", 4, 32)
     assert {"load", "quantize_total", "save", "eval"} <= set(s.seconds)
-    # the same grid; model-free RTN scores what it wrote: the packed model runs its int4 layers on the CPU op,
-    # which quantizes activations to int8 per 32 inputs (+0.3% on SmolLM2), so the scores agree closely only
-    assert s.perplexities == pytest.approx(f.perplexities, rel=2e-3)
-    assert s.perplexities != f.perplexities  # the packed model was scored, not the fake one
+    # the same grid; model-free RTN scores what it wrote: the packed model runs its int4 layers (another
+    # summation order than the fake float model), so the scores agree closely but not to the last bits
+    assert s.perplexities == pytest.approx(f.perplexities, rel=1e-4)
     assert (r.method, r.out_format, r.perplexities) == ("rtn", "gptq", {})  # the fake model's scores stay behind
     # bits per weight by hand: 4 + 16/32 (fp16 scale) + 4/32 (packed zero) = 4.625; GPTQ adds a 32-bit g_idx per
     # input column: 7 linears, 6 with K = 64 and down_proj with K = 96, over 30720 weights: +15360/30720 = 0.5

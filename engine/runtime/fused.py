@@ -44,7 +44,7 @@ class SharedGemm(nn.Module):
         if last[0] is not x or last[2] == 0:
             if self.rows_scale.dtype != torch.float16:  # a later model.to(dtype) converted the buffers
                 self.rows_scale, self.rows_min = self.rows_scale.half(), self.rows_min.half()
-            y = cpu_gemv.int4_gemm(x, self.rows_weight, self.rows_scale, self.rows_min, self.group_size, self.bias)
+            y = cpu_gemv.int4_linear(x, self.rows_weight, self.rows_scale, self.rows_min, self.group_size, self.bias)
             last[:] = [x, y.to(x.dtype), self.members]
         out = last[1]
         last[2] -= 1

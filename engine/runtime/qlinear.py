@@ -204,11 +204,11 @@ class QuantLinear(nn.Module):
         if self.input_order is not None:
             x2 = x2.index_select(1, self.input_order)
         if self.rows_weight is not None:
-            from ...kernels.cpu_gemv import int4_gemm
+            from ...kernels.cpu_gemv import int4_linear
 
             if self.rows_scale.dtype != torch.float16:  # a later model.to(dtype) converted the buffers
                 self.rows_scale, self.rows_min = self.rows_scale.half(), self.rows_min.half()
-            y = int4_gemm(x2, self.rows_weight, self.rows_scale, self.rows_min, self.cpu_group_size, self.bias)
+            y = int4_linear(x2, self.rows_weight, self.rows_scale, self.rows_min, self.cpu_group_size, self.bias)
             return y.to(x.dtype).reshape(*lead, self.out_features)
         if self.scales_and_zeros.dtype != torch.bfloat16:  # a later model.to(dtype) converted the buffer
             self.scales_and_zeros = self.scales_and_zeros.to(torch.bfloat16)
@@ -316,12 +316,15 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Weight-only: the int8 codes times the input, scaled per output row; no dequantized weight per call."""
-        if self.rows_weight is not None:
-            from ...kernels.cpu_gemv import int8_gemm
-
-            return int8_gemm(x, self.rows_weight, self.weight_scale, self.bias).to(x.dtype)
         from ...kernels.int8_weight import int8_weight_linear
 
+        if self.rows_weight is not None:
+            from ...kernels.cpu_gemv import PREFILL_ROWS, int8_gemm
+
+            if x.numel() // self.in_features <= PREFILL_ROWS:
+                return int8_gemm(x, self.rows_weight, self.weight_scale, self.bias).to(x.dtype)
+            # a prompt or an evaluation window: float32 activations on the codes (the reference), as int4_linear
+            return int8_weight_linear(x, self.qweight, self.weight_scale, self.bias)
         return int8_weight_linear(x, self.qweight, self.weight_scale, self.bias, self.kernel, self.scale_bf16)
 
     def forward_act(self, x: Tensor, spec) -> Tensor:
