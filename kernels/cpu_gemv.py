@@ -215,9 +215,11 @@ def _rows(x: Tensor, k: int) -> Tensor:
 
 
 #: Above this many rows per call, :func:`int4_linear` multiplies float32 weights dequantized for the call (a BLAS
-#: GEMM) instead of running the op on int8 activations: a prompt or an evaluation window is compute-bound, and
-#: its result is then the stored grid's to float32 rounding (what ``tritonq eval`` should score).
-PREFILL_ROWS = 16
+#: GEMM) instead of running the op on int8 activations: an evaluation window or a long prompt is compute-bound
+#: (the dequantization is paid once for many rows), and its result is then the stored grid's to float32
+#: rounding (what ``tritonq eval`` should score). Decode batches (up to this many requests) and short prompts
+#: stay on the op, so batched decoding stays batch-invariant.
+GEMM_ROWS = 64
 
 
 def dequantize_int4_rows(w: Tensor, scale: Tensor, minv: Tensor, group_size: int) -> Tensor:
@@ -235,8 +237,8 @@ def dequantize_int4_rows(w: Tensor, scale: Tensor, minv: Tensor, group_size: int
 def int4_linear(x: Tensor, w: Tensor, scale: Tensor, minv: Tensor, group_size: int,
                 bias: Tensor | None = None) -> Tensor:
     """``x @ W^T + bias`` for the int4 layout, float32 [..., N]: the op (:func:`int4_gemm`) for up to
-    :data:`PREFILL_ROWS` rows (decode steps, batch-invariant), a float32 GEMM on the dequantized weight above."""
-    if x.numel() // max(1, x.shape[-1]) <= PREFILL_ROWS:
+    :data:`GEMM_ROWS` rows (decode steps, batch-invariant), a float32 GEMM on the dequantized weight above."""
+    if x.numel() // max(1, x.shape[-1]) <= GEMM_ROWS:
         return int4_gemm(x, w, scale, minv, group_size, bias)
     dense = dequantize_int4_rows(w, scale, minv, group_size)
     return torch.nn.functional.linear(x.float(), dense, None if bias is None else bias.float())

@@ -305,13 +305,13 @@ def test_int8_linear_runs_the_int8_op_where_the_shape_fits():
 
 
 def test_prompts_run_a_float32_gemm_on_the_stored_grid():
-    """Above ``PREFILL_ROWS`` rows the int4 linear multiplies the dequantized float32 weight (no int8 activations):
+    """Above ``GEMM_ROWS`` rows the int4 linear multiplies the dequantized float32 weight (no int8 activations):
     a prompt or an evaluation window scores the stored grid; up to it, the op runs."""
     codes, scale, minv = _int4(64, 256, 64, 41)
     w, s, mn = cpu_gemv.pack_int4_rows(codes, scale, minv, 64)
     dense = cpu_gemv.dequantize_int4_rows(w, s, mn, 64)
     assert torch.equal(dense.double(), cpu_gemv.unpack_int4_rows(w, s, mn, 64))
-    x = torch.randn(cpu_gemv.PREFILL_ROWS + 5, 256, generator=torch.Generator().manual_seed(42))
+    x = torch.randn(cpu_gemv.GEMM_ROWS + 5, 256, generator=torch.Generator().manual_seed(42))
     b = torch.randn(64)
     exact = x.double() @ dense.double().t() + b.double()
     long = cpu_gemv.int4_linear(x, w, s, mn, 64, b)

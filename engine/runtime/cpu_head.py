@@ -5,9 +5,9 @@ float32 2048 x 32000 head is 250 MiB, a third of TinyLlama's per-token traffic a
 keeps it in F16. :func:`use_cpu_head` replaces the head with :class:`F16Linear`, which runs
 :func:`tritonq.kernels.cpu_gemv.f16_gemm`: the weights rounded once to fp16 (relative error at most 2^-11),
 the products and sums in float32, every row computed the same way whatever the batch (of up to
-:data:`PREFILL_ROWS` rows: a prompt's rows run as one BLAS GEMM on the same fp16 values). A head the op cannot
-take (rows not a multiple of 16, values beyond fp16's range, a non-``nn.Linear`` head, the op not built)
-stays as it is, and the reason is returned.
+:data:`~tritonq.kernels.cpu_gemv.GEMM_ROWS` rows: longer prompts run as one BLAS GEMM on the same fp16
+values). A head the op cannot take (rows not a multiple of 16, values beyond fp16's range, a
+non-``nn.Linear`` head, the op not built) stays as it is, and the reason is returned.
 """
 
 from __future__ import annotations
@@ -17,9 +17,6 @@ import torch.nn as nn
 from torch import Tensor
 
 from ...kernels import cpu_gemv
-
-#: Above this many rows (tokens) per call the head runs as a BLAS GEMM on its fp16 values instead of the op.
-PREFILL_ROWS = 16
 
 
 class F16Linear(nn.Module):
@@ -34,7 +31,7 @@ class F16Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.weight_rows.dtype != torch.float16:  # a later model.to(dtype) converted the buffer
             self.weight_rows = self.weight_rows.half()
-        if x.numel() // self.in_features > PREFILL_ROWS:
+        if x.numel() // self.in_features > cpu_gemv.GEMM_ROWS:
             # a prompt or an evaluation window: compute-bound, where the BLAS GEMM on the same fp16 values is
             # ~2.4x faster than the GEMV-shaped op (measured at M = 512); decode steps stay on the op
             return nn.functional.linear(x.float(), self.dequantized_weight(), self.bias).to(x.dtype)

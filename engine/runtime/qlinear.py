@@ -319,11 +319,11 @@ class Int8Linear(nn.Module):
         from ...kernels.int8_weight import int8_weight_linear
 
         if self.rows_weight is not None:
-            from ...kernels.cpu_gemv import PREFILL_ROWS, int8_gemm
+            from ...kernels.cpu_gemv import GEMM_ROWS, int8_gemm
 
-            if x.numel() // self.in_features <= PREFILL_ROWS:
+            if x.numel() // self.in_features <= GEMM_ROWS:
                 return int8_gemm(x, self.rows_weight, self.weight_scale, self.bias).to(x.dtype)
-            # a prompt or an evaluation window: float32 activations on the codes (the reference), as int4_linear
+            # an evaluation window or a long prompt: float32 activations on the codes (the reference), as int4_linear
             return int8_weight_linear(x, self.qweight, self.weight_scale, self.bias)
         return int8_weight_linear(x, self.qweight, self.weight_scale, self.bias, self.kernel, self.scale_bf16)
 
