@@ -34,10 +34,7 @@ def build(config_name: str, layers: int, group_size: int):
     from .decode import random_llama, random_llama_config
 
     config = random_llama_config(layers)
-    try:
-        model = random_llama(config, "packed", torch.float32, group_size=group_size)
-    except TypeError:  # a random_llama without the group-size argument: its default group
-        model = random_llama(config, "packed", torch.float32)
+    model = random_llama(config, "packed", torch.float32, group_size=group_size)
     if config_name == "aten":
         use_cpu_int4(model, "aten")
     else:

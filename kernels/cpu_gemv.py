@@ -166,16 +166,21 @@ def quantize_x_ref(x: Tensor) -> Tensor:
     return (q.double() * (amax / 127.0).double()).reshape(m, k)
 
 
-def unpack_int4_rows(w: Tensor, scale: Tensor, minv: Tensor, group_size: int) -> Tensor:
-    """The dense float64 [N, K] weight of the int4 layout (fp16 scale and min, as the op reads them)."""
+def _dequantized_rows(w: Tensor, scale: Tensor, minv: Tensor, group_size: int, dtype: torch.dtype) -> Tensor:
+    """``scale * q + min`` of the int4 layout as a dense [N, K] tensor of ``dtype``."""
     blocks, chunks, _ = w.shape
     lanes = w.reshape(blocks, chunks, ROWS, 4)
-    codes = torch.cat([lanes & 0x0F, lanes >> 4], dim=-1)  # [N/16, K/8, 16, 8]
-    codes = codes.permute(0, 2, 1, 3).reshape(blocks * ROWS, chunks * 8).double()
+    codes = torch.cat([lanes & 0x0F, lanes >> 4], dim=-1).permute(0, 2, 1, 3)  # [N/16, 16, K/8, 8]
     g = scale.shape[1]
-    per_row = lambda t: t.permute(0, 2, 1).reshape(blocks * ROWS, g).double()  # noqa: E731
-    expand = lambda t: per_row(t).repeat_interleave(group_size, dim=1)  # noqa: E731
-    return codes * expand(scale) + expand(minv)
+    per_group = codes.reshape(blocks * ROWS, g, group_size).to(dtype)
+    s = scale.permute(0, 2, 1).reshape(blocks * ROWS, g, 1).to(dtype)
+    m = minv.permute(0, 2, 1).reshape(blocks * ROWS, g, 1).to(dtype)
+    return torch.addcmul(m, per_group, s).reshape(blocks * ROWS, chunks * 8)
+
+
+def unpack_int4_rows(w: Tensor, scale: Tensor, minv: Tensor, group_size: int) -> Tensor:
+    """The dense float64 [N, K] weight of the int4 layout (fp16 scale and min, as the op reads them; exact)."""
+    return _dequantized_rows(w, scale, minv, group_size, torch.float64)
 
 
 def int4_gemm_ref(x: Tensor, w: Tensor, scale: Tensor, minv: Tensor, group_size: int,
@@ -224,14 +229,7 @@ GEMM_ROWS = 64
 
 def dequantize_int4_rows(w: Tensor, scale: Tensor, minv: Tensor, group_size: int) -> Tensor:
     """The float32 [N, K] weight of the int4 layout (``scale * q + min``, the fp16 values the op reads)."""
-    blocks, chunks, _ = w.shape
-    lanes = w.reshape(blocks, chunks, ROWS, 4)
-    codes = torch.cat([lanes & 0x0F, lanes >> 4], dim=-1).permute(0, 2, 1, 3).reshape(blocks * ROWS, chunks * 8)
-    g = scale.shape[1]
-    per_group = codes.reshape(blocks * ROWS, g, group_size).float()
-    s = scale.permute(0, 2, 1).reshape(blocks * ROWS, g, 1).float()
-    m = minv.permute(0, 2, 1).reshape(blocks * ROWS, g, 1).float()
-    return torch.addcmul(m, per_group, s).reshape(blocks * ROWS, chunks * 8)
+    return _dequantized_rows(w, scale, minv, group_size, torch.float32)
 
 
 def int4_linear(x: Tensor, w: Tensor, scale: Tensor, minv: Tensor, group_size: int,
