@@ -34,7 +34,8 @@ setup(
     python_requires=">=3.10",
     packages=["tritonq", *(f"tritonq.{p}" for p in SUBPACKAGES)],
     package_dir={"tritonq": ".", **{f"tritonq.{p}": p.replace(".", "/") for p in SUBPACKAGES}},
-    package_data={"tritonq.kernels": ["cpu_gemv.cpp"]},  # compiled on first use on the user's machine
+    # the CPU decode ops, compiled on first use on the user's machine
+    package_data={"tritonq.kernels": ["cpu_gemv.cpp", "cpu_attention.cpp", "cpu_pool.h"]},
     cmdclass={"build_py": BuildPy},
     install_requires=[
         "torch>=2.4,<3",

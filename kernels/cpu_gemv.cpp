@@ -21,13 +21,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "cpu_pool.h"
+
 #include <algorithm>
-#include <atomic>
-#include <chrono>
-#include <condition_variable>
-#include <functional>
-#include <mutex>
-#include <thread>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -41,12 +37,12 @@
 
 namespace {
 
+using TRITONQ_OPS_NAMESPACE::parallel_dynamic;
+using TRITONQ_OPS_NAMESPACE::set_threads;
+
 constexpr int64_t kRows = 16;     // output rows per block: one 512-bit register of int32 lanes
 constexpr int64_t kXBlock = 32;   // activations share one scale per 32 inputs
 constexpr int kMaxTile = 8;       // activation rows held in registers at once
-// How long a pool helper spins for the next job before it blocks: longer than the gap between two matmuls of
-// a decode step (attention, norms: under 0.3 ms per layer measured), so helpers are awake when a call starts.
-constexpr int64_t kSpinMicroseconds = 500;
 
 // Activations quantized per row and 32-input block: q = rint(x * 127 / amax), scale = amax / 127.
 struct QuantizedX {
@@ -55,6 +51,41 @@ struct QuantizedX {
   at::Tensor isum;    // int32 [M, K / 32]: sum of q over the block
   at::Tensor gsum;    // float [M, K / group]: sum over the group of scale * isum, in block order
 };
+
+// One block of 32 activations to int8 codes; returns the scale amax / 127 and stores the sum of the codes. Both
+// paths round x * (127 / amax) to nearest-even and clamp to [-127, 127], so their codes agree bit for bit.
+#if TRITONQ_VNNI
+float quantize_block(const float* xb, int8_t* q, int32_t* total) {
+  const __m512 x0 = _mm512_loadu_ps(xb), x1 = _mm512_loadu_ps(xb + 16);
+  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
+  const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+  const __m512 hi = _mm512_set1_ps(127.f), lo = _mm512_set1_ps(-127.f);
+  const auto codes = [&](__m512 v) {
+    const __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(v, inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return _mm512_cvtps_epi32(_mm512_min_ps(hi, _mm512_max_ps(lo, r)));
+  };
+  const __m512i c0 = codes(x0), c1 = codes(x1);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtepi32_epi8(c0));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16), _mm512_cvtepi32_epi8(c1));
+  *total = _mm512_reduce_add_epi32(_mm512_add_epi32(c0, c1));
+  return amax / 127.f;
+}
+#else
+float quantize_block(const float* xb, int8_t* q, int32_t* total) {
+  float amax = 0.f;
+  for (int64_t i = 0; i < kXBlock; ++i) amax = std::max(amax, std::fabs(xb[i]));
+  const float inv = amax > 0.f ? 127.f / amax : 0.f;
+  int32_t sum = 0;
+  for (int64_t i = 0; i < kXBlock; ++i) {
+    float r = std::nearbyint(xb[i] * inv);
+    r = std::min(127.f, std::max(-127.f, r));
+    q[i] = static_cast<int8_t>(r);
+    sum += static_cast<int32_t>(r);
+  }
+  *total = sum;
+  return amax / 127.f;
+}
+#endif
 
 QuantizedX quantize_x(const at::Tensor& x, int64_t group) {
   const int64_t m_rows = x.size(0), k = x.size(1), nb = k / kXBlock, ng = k / group;
@@ -68,134 +99,14 @@ QuantizedX quantize_x(const at::Tensor& x, int64_t group) {
   const int64_t per_group = group / kXBlock;
   for (int64_t m = 0; m < m_rows; ++m) {
     for (int64_t b = 0; b < nb; ++b) {
-      const float* xb = xp + m * k + b * kXBlock;
-      float amax = 0.f;
-      for (int64_t i = 0; i < kXBlock; ++i) amax = std::max(amax, std::fabs(xb[i]));
-      const float inv = amax > 0.f ? 127.f / amax : 0.f;
-      int32_t total = 0;
-      for (int64_t i = 0; i < kXBlock; ++i) {
-        float r = std::nearbyint(xb[i] * inv);
-        r = std::min(127.f, std::max(-127.f, r));
-        qp[m * k + b * kXBlock + i] = static_cast<int8_t>(r);
-        total += static_cast<int32_t>(r);
-      }
-      const float s = amax / 127.f;
+      const float s = quantize_block(xp + m * k + b * kXBlock, qp + m * k + b * kXBlock, ip + m * nb + b);
       sp[m * nb + b] = s;
-      ip[m * nb + b] = total;
+      const int32_t total = ip[m * nb + b];
       float& g = gp[m * ng + b / per_group];
       g = std::fma(s, static_cast<float>(total), g);
     }
   }
   return out;
-}
-
-// A thread pool that never waits for a thread that has not started. The caller posts a job (numbered chunks),
-// works on it itself, and returns once every chunk is done; helpers that wake late find no chunk left and go
-// back to sleep, with nobody waiting for them. An OpenMP fork-join region instead waits at its barrier for every
-// thread, so on a busy machine each call costs a scheduler time slice (measured: 8x slower decode with the
-// other core busy). Helpers spin briefly for the next job (decode calls come back to back), then block.
-class Pool {
- public:
-  static Pool& get() {
-    static Pool* pool = new Pool();  // never destroyed: detached helpers may still sleep on it at exit
-    return *pool;
-  }
-
-  void run(int64_t count, int threads, const std::function<void(int64_t)>& fn) {
-    if (threads <= 1 || count <= 1) {
-      for (int64_t i = 0; i < count; ++i) fn(i);
-      return;
-    }
-    std::lock_guard<std::mutex> serial(run_mu_);  // one job at a time (several Python threads may call)
-    grow(threads - 1);
-    fn_.store(&fn, std::memory_order_relaxed);
-    count_.store(count, std::memory_order_relaxed);
-    done_.store(0, std::memory_order_relaxed);
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      helpers_wanted_ = threads - 1;
-      state_.store(static_cast<uint64_t>(++gen_) << 32, std::memory_order_release);
-    }
-    cv_.notify_all();
-    work(gen_);
-    for (int spins = 0; done_.load(std::memory_order_acquire) < count; ++spins) {
-      if (spins < 4096) {
-        pause();
-      } else {
-        std::this_thread::yield();  // a helper was preempted inside a chunk: let it have this core
-      }
-    }
-  }
-
- private:
-  static void pause() {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#endif
-  }
-
-  void grow(int helpers) {
-    while (static_cast<int>(started_) < helpers) {
-      const int index = started_++;
-      std::thread([this, index] { loop(index); }).detach();
-    }
-  }
-
-  // Claims chunks of job `gen` until none is left or a newer job replaced it.
-  void work(uint32_t gen) {
-    for (;;) {
-      uint64_t s = state_.load(std::memory_order_acquire);
-      if ((s >> 32) != gen || static_cast<int64_t>(s & 0xffffffffu) >= count_.load(std::memory_order_relaxed)) return;
-      if (!state_.compare_exchange_weak(s, s + 1, std::memory_order_acq_rel)) continue;
-      (*fn_.load(std::memory_order_relaxed))(static_cast<int64_t>(s & 0xffffffffu));  // fn_ is stable until every claimed chunk is done
-      done_.fetch_add(1, std::memory_order_release);
-    }
-  }
-
-  void loop(int index) {
-    uint32_t seen = gen_seen_at_start();
-    for (;;) {
-      const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(kSpinMicroseconds);
-      while (static_cast<uint32_t>(state_.load(std::memory_order_acquire) >> 32) == seen &&
-             std::chrono::steady_clock::now() < until)
-        pause();
-      if (static_cast<uint32_t>(state_.load(std::memory_order_acquire) >> 32) == seen) {
-        std::unique_lock<std::mutex> lock(mu_);
-        cv_.wait(lock, [&] { return static_cast<uint32_t>(state_.load() >> 32) != seen; });
-      }
-      seen = static_cast<uint32_t>(state_.load(std::memory_order_acquire) >> 32);
-      if (index < helpers_wanted_.load(std::memory_order_relaxed)) work(seen);
-    }
-  }
-
-  uint32_t gen_seen_at_start() { return static_cast<uint32_t>(state_.load(std::memory_order_acquire) >> 32); }
-
-  std::mutex run_mu_, mu_;
-  std::condition_variable cv_;
-  std::atomic<uint64_t> state_{0};  // job number << 32 | next unclaimed chunk
-  std::atomic<int64_t> done_{0};
-  std::atomic<int> helpers_wanted_{0};
-  std::atomic<int> started_{0};
-  uint32_t gen_ = 0;
-  std::atomic<int64_t> count_{0};
-  std::atomic<const std::function<void(int64_t)>*> fn_{nullptr};
-};
-
-// The pool's thread count: 0 follows torch's (at::get_num_threads()).
-std::atomic<int64_t> pool_threads{0};
-
-int64_t set_threads(int64_t threads) {
-  TORCH_CHECK(threads >= 0, "threads must be >= 0 (0: torch's thread count)");
-  return pool_threads.exchange(threads);
-}
-
-// Runs work(begin, end) over [0, count) in chunks, on the pool's number of threads.
-template <typename F>
-void parallel_dynamic(int64_t count, int64_t chunk, const F& work) {
-  const int64_t chunks = (count + chunk - 1) / chunk;
-  const std::function<void(int64_t)> one = [&](int64_t c) { work(c * chunk, std::min(count, (c + 1) * chunk)); };
-  const int64_t wanted = pool_threads.load() > 0 ? pool_threads.load() : at::get_num_threads();
-  Pool::get().run(chunks, static_cast<int>(std::min<int64_t>(wanted, chunks)), one);
 }
 
 struct Int4Args {

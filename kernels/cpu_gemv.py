@@ -36,9 +36,11 @@ reason in :func:`unavailable_reason`, and callers keep their other path.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -48,7 +50,10 @@ from ..errors import TritonqError
 ROWS = 16  # output rows per block (one 512-bit register of int32 lanes)
 X_BLOCK = 32  # activations share one int8 scale per this many inputs
 
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_gemv.cpp")
+_HERE = os.path.dirname(os.path.abspath(__file__))
+#: One extension, two files: the matmuls here, the rest of a decode step in ``cpu_attention.cpp``
+#: (:mod:`tritonq.kernels.cpu_attention`); both include ``cpu_pool.h``, so they share one thread pool.
+_SOURCES = [os.path.join(_HERE, "cpu_gemv.cpp"), os.path.join(_HERE, "cpu_attention.cpp")]
 _failure: dict[bool, str] = {}
 
 
@@ -72,13 +77,14 @@ def extension(portable: bool = False) -> object | None:
     from torch.utils import cpp_extension
 
     namespace = "tritonq_cpu_portable" if portable else "tritonq_cpu"
-    flags = ["-O3", "-fopenmp", f"-DTRITONQ_OPS_NAMESPACE={namespace}"]
+    # no implicit fused multiply-adds: the portable and the native builds must round every float step alike
+    flags = ["-O3", "-fopenmp", "-ffp-contract=off", f"-DTRITONQ_OPS_NAMESPACE={namespace}"]
     flags += ["-DTRITONQ_PORTABLE"] if portable else ["-march=native"]
     if not _built_before(namespace):
         print(f"tritonq: building the CPU decode kernels ({namespace}; once per machine, about a minute)...",
               file=sys.stderr, flush=True)
     try:
-        cpp_extension.load(name=namespace, sources=[_SOURCE], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+        cpp_extension.load(name=namespace, sources=_SOURCES, extra_cflags=flags, extra_ldflags=["-fopenmp"],
                            is_python_module=False, verbose=False)
     except Exception as exc:  # no compiler, no headers, a sandbox: the callers keep their other path
         _failure[portable] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
@@ -202,10 +208,12 @@ def set_threads(threads: int) -> int:
     """Threads of the ops' pool (0: follow ``torch.get_num_threads()``, the default); returns the previous
     setting. Decoding can keep torch's own ops on one thread (their OpenMP regions wait for every thread,
     which stalls on a busy machine) while the matmuls, which dominate, use more."""
-    return int(_ops(False).set_threads(threads))
+    return int(compiled_ops(False).set_threads(threads))
 
 
-def _ops(portable: bool) -> object:
+def compiled_ops(portable: bool = False) -> object:
+    """The built ops' namespace (``torch.ops.tritonq_cpu``, or the portable build's); a clear error when the
+    build failed."""
     ops = extension(portable)
     if ops is None:
         raise TritonqError(f"tritonq's CPU kernels did not build ({unavailable_reason(portable)}); "
@@ -225,6 +233,27 @@ def _rows(x: Tensor, k: int) -> Tensor:
 #: rounding (what ``tritonq eval`` should score). Decode batches (up to this many requests) and short prompts
 #: stay on the op, so batched decoding stays batch-invariant.
 GEMM_ROWS = 64
+_generating = [0]  # depth of open generating() blocks
+
+
+@contextlib.contextmanager
+def generating() -> Iterator[None]:
+    """Inside it, int4 and int8 layouts run every call on the ops, prompts of any length included.
+
+    Generation prefers speed: on int8 activations the op does 64 multiply-adds per instruction, so an 80-token
+    prompt of SmolLM2 took 489 ms through dequantized float32 GEMMs and runs many times faster on the op (and
+    a prompt then sees the same arithmetic as its decoded tokens). Evaluation, outside it, keeps
+    :data:`GEMM_ROWS`' rule and scores the stored grid."""
+    _generating[0] += 1
+    try:
+        yield
+    finally:
+        _generating[0] -= 1
+
+
+def runs_on_op(rows: int) -> bool:
+    """Whether a call of ``rows`` rows on the int4 or int8 layout runs on the op (see :func:`generating`)."""
+    return rows <= GEMM_ROWS or _generating[0] > 0
 
 
 def dequantize_int4_rows(w: Tensor, scale: Tensor, minv: Tensor, group_size: int) -> Tensor:
@@ -235,8 +264,9 @@ def dequantize_int4_rows(w: Tensor, scale: Tensor, minv: Tensor, group_size: int
 def int4_linear(x: Tensor, w: Tensor, scale: Tensor, minv: Tensor, group_size: int,
                 bias: Tensor | None = None) -> Tensor:
     """``x @ W^T + bias`` for the int4 layout, float32 [..., N]: the op (:func:`int4_gemm`) for up to
-    :data:`GEMM_ROWS` rows (decode steps, batch-invariant), a float32 GEMM on the dequantized weight above."""
-    if x.numel() // max(1, x.shape[-1]) <= GEMM_ROWS:
+    :data:`GEMM_ROWS` rows (decode steps, batch-invariant) or any number while :func:`generating`, a float32 GEMM
+    on the dequantized weight otherwise."""
+    if runs_on_op(x.numel() // max(1, x.shape[-1])):
         return int4_gemm(x, w, scale, minv, group_size, bias)
     dense = dequantize_int4_rows(w, scale, minv, group_size)
     return torch.nn.functional.linear(x.float(), dense, None if bias is None else bias.float())
@@ -246,7 +276,7 @@ def int4_gemm(x: Tensor, w: Tensor, scale: Tensor, minv: Tensor, group_size: int
               portable: bool = False) -> Tensor:
     """``x @ W^T + bias`` for the int4 layout; x [..., K] in any float dtype, result float32 [..., N]."""
     k = w.shape[1] * 8
-    y = _ops(portable).int4_gemm(_rows(x, k), w, scale, minv, group_size,
+    y = compiled_ops(portable).int4_gemm(_rows(x, k), w, scale, minv, group_size,
                                  None if bias is None else bias.float().contiguous())
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
@@ -254,13 +284,13 @@ def int4_gemm(x: Tensor, w: Tensor, scale: Tensor, minv: Tensor, group_size: int
 def f16_gemm(x: Tensor, w: Tensor, bias: Tensor | None = None, portable: bool = False) -> Tensor:
     """``x @ W^T + bias`` for the fp16 layout; x [..., K] any float dtype, result float32 [..., N]."""
     k = w.shape[1]
-    y = _ops(portable).f16_gemm(_rows(x, k), w, None if bias is None else bias.float().contiguous())
+    y = compiled_ops(portable).f16_gemm(_rows(x, k), w, None if bias is None else bias.float().contiguous())
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def int8_gemm(x: Tensor, w: Tensor, scale: Tensor, bias: Tensor | None = None, portable: bool = False) -> Tensor:
     """``x @ (code * scale)^T + bias`` for the int8 layout; x [..., K] any float dtype, result float32 [..., N]."""
     k = w.shape[1] * 4
-    y = _ops(portable).int8_gemm(_rows(x, k), w, scale.float().contiguous(),
+    y = compiled_ops(portable).int8_gemm(_rows(x, k), w, scale.float().contiguous(),
                                  None if bias is None else bias.float().contiguous())
     return y.reshape(*x.shape[:-1], y.shape[-1])

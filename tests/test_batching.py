@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tritonq.engine.runtime import batching
 from tritonq.engine.runtime.batching import BatchEngine, EngineUnavailable, QueueFull, Sampling
+from tritonq.engine.runtime.lean_decode import LeanDecoder
 from tritonq.engine.runtime.ragged import RequestCache, ragged_forward, ragged_forward_works
 from tritonq.engine.runtime.serve import Completion, generate_tokens, stream_text
 
@@ -53,8 +54,9 @@ def tiny():
 
 
 @pytest.fixture
-def slow(tiny):
-    """Each forward pass of the tiny model sleeps 5 ms: decodes last long enough for others to join."""
+def slow(tiny, monkeypatch):
+    """Each forward pass of the tiny model sleeps 5 ms: decodes last long enough for others to join. Records
+    the rows of every pass: the base model's (prefills, alone or together) and the lean decode step's."""
     model = tiny[0]
     passes: list[int] = []
 
@@ -62,7 +64,15 @@ def slow(tiny):
         passes.append(kwargs["input_ids"].shape[0])
         time.sleep(0.005)
 
-    handle = model.register_forward_hook(hook, with_kwargs=True)
+    step = LeanDecoder.step
+
+    def slow_step(self, tokens, rows):
+        passes.append(len(rows))
+        time.sleep(0.005)
+        return step(self, tokens, rows)
+
+    monkeypatch.setattr(LeanDecoder, "step", slow_step)
+    handle = model.model.register_forward_hook(hook, with_kwargs=True)
     yield passes
     handle.remove()
 
@@ -246,7 +256,7 @@ def test_a_failed_pass_fails_its_requests_and_the_engine_serves_on(tiny):
         if fail["n"] == fail["at"]:
             raise RuntimeError("injected fault")
 
-    handle = model.register_forward_hook(fault)
+    handle = model.get_input_embeddings().register_forward_hook(fault)  # every pass embeds once, lean steps too
     try:
         ids = _prompt(50, 6)
         want = _alone(engine, ids, 8).job.state.tokens

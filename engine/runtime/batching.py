@@ -35,13 +35,19 @@ import torch
 import torch.nn as nn
 
 from ...errors import TritonqError, warn
-from .ragged import RequestCache, ragged_forward, ragged_forward_works
+from ...kernels import cpu_gemv
+from .lean_decode import lean_decoder
+from .ragged import RequestCache, prefill_together_works, ragged_forward, ragged_forward_works, ragged_prefill
 from .serve import Completion, TextDeltas, _next_token, decode_one_token, decode_threads, prefill, stop_token_ids
 
 if TYPE_CHECKING:
     from transformers import Cache, PreTrainedTokenizerBase
 
 _log = logging.getLogger("tritonq.server")
+
+#: Padded prompt tokens (rows x the longest) prefilled in one pass when requests join together: bounds the pass's
+#: activations while sharing its Python and operator overhead among the requests.
+PREFILL_TOKENS = 4096
 Event = str | BaseException | None  # a text piece, the failure that ended the request, or None: finished
 
 
@@ -103,6 +109,8 @@ class BatchEngine:
         self.stop_ids = frozenset(stop_token_ids(model, tokenizer))
         why = ragged_forward_works(model)
         self.batched = why is None
+        self.lean = lean_decoder(model) if self.batched else None  # tritonq's decode step where it runs the model
+        self.prefill_together = self.batched and prefill_together_works(model)
         if why is not None:
             warn(f"{type(model).__name__} cannot decode requests in one pass ({why}); "
                  "requests are decoded one row at a time per step")
@@ -164,7 +172,7 @@ class BatchEngine:
     # -- the engine thread -------------------------------------------------------------------------
 
     def _run(self) -> None:
-        with decode_threads(self.model):
+        with decode_threads(self.model), cpu_gemv.generating():
             self._loop()
 
     def _loop(self) -> None:
@@ -178,8 +186,8 @@ class BatchEngine:
                     joining = [self._waiting.popleft()
                                for _ in range(min(len(self._waiting), self.max_batch - len(self._active)))]
                     self._active.extend(joining)  # they hold their slots from now: submit counts them
-                for request in joining:
-                    self._join(request)
+                if joining:
+                    self._join_all(joining)
                 self._drop_cancelled()
                 if self._active:
                     self._step()
@@ -200,15 +208,52 @@ class BatchEngine:
             self._waiting.clear()
         return left
 
-    def _join(self, request: Generation) -> None:
-        """Prefill ``request`` (in the batch already) alone and take its first token; it stays unless that ended
-        it."""
+    def _join_all(self, joining: list[Generation]) -> None:
+        """Prefill the joining requests (in the batch already) and take their first tokens: together in one pass
+        where the model allows it (:func:`~tritonq.engine.runtime.ragged.ragged_prefill`, bit-identical to
+        alone, in groups of at most :data:`PREFILL_TOKENS` padded tokens), else one by one."""
+        ready = [r for r in joining if self._prepare(r)]
+        if not self.prefill_together:
+            for request in ready:
+                self._prefill_alone(request)
+            return
+        group: list[Generation] = []
+        for request in ready:
+            longest = max([len(request.ids), *(len(r.ids) for r in group)])
+            if group and longest * (len(group) + 1) > PREFILL_TOKENS:
+                self._prefill_group(group)
+                group = []
+            group.append(request)
+        if group:
+            self._prefill_group(group)
+
+    def _prepare(self, request: Generation) -> bool:
+        """Set up a joining request's text and sampling state; False (finished) if it was cancelled."""
         if request.cancelled.is_set():
             self._finish(request, "cancelled")
-            return
+            return False
         request.deltas = TextDeltas(self.tokenizer, request.stop, request.state)
         if request.sampling.seed is not None:
             request.generator = torch.Generator().manual_seed(request.sampling.seed)
+        return True
+
+    def _prefill_group(self, group: list[Generation]) -> None:
+        if len(group) == 1:
+            self._prefill_alone(group[0])
+            return
+        for request in group:
+            request.cache = RequestCache()
+        try:
+            with torch.inference_mode():
+                logits = ragged_prefill(self.model, [r.ids for r in group], [r.cache for r in group])
+        except Exception as exc:  # the pass failed: so did every request in it
+            for request in group:
+                self._fail(request, exc)
+            return
+        for request, row in zip(group, logits, strict=True):
+            self._accept(request, row)
+
+    def _prefill_alone(self, request: Generation) -> None:
         try:
             with torch.inference_mode():
                 if self.batched:
@@ -233,7 +278,9 @@ class BatchEngine:
         rows = list(self._active)
         try:
             with torch.inference_mode():
-                if self.batched:
+                if self.lean is not None:
+                    logits = self.lean.step([r.last for r in rows], [r.cache for r in rows])
+                elif self.batched:
                     logits = ragged_forward(self.model, [[r.last] for r in rows], [r.cache for r in rows])
                 else:
                     logits = torch.stack([decode_one_token(self.model, r.last, r.cache) for r in rows])

@@ -39,13 +39,16 @@ class SharedGemm(nn.Module):
         # costs microseconds per assignment, and this runs several times per layer and token
         self._last: list = [None, None, 0]
 
+    def compute(self, x: Tensor) -> Tensor:
+        """Every member's output for ``x``, concatenated (float32), without keeping it."""
+        if self.rows_scale.dtype != torch.float16:  # a later model.to(dtype) converted the buffers
+            self.rows_scale, self.rows_min = self.rows_scale.half(), self.rows_min.half()
+        return cpu_gemv.int4_linear(x, self.rows_weight, self.rows_scale, self.rows_min, self.group_size, self.bias)
+
     def output(self, x: Tensor) -> Tensor:
         last = self._last
         if last[0] is not x or last[2] == 0:
-            if self.rows_scale.dtype != torch.float16:  # a later model.to(dtype) converted the buffers
-                self.rows_scale, self.rows_min = self.rows_scale.half(), self.rows_min.half()
-            y = cpu_gemv.int4_linear(x, self.rows_weight, self.rows_scale, self.rows_min, self.group_size, self.bias)
-            last[:] = [x, y.to(x.dtype), self.members]
+            last[:] = [x, self.compute(x).to(x.dtype), self.members]
         out = last[1]
         last[2] -= 1
         if last[2] == 0:

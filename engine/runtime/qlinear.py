@@ -319,9 +319,9 @@ class Int8Linear(nn.Module):
         from ...kernels.int8_weight import int8_weight_linear
 
         if self.rows_weight is not None:
-            from ...kernels.cpu_gemv import GEMM_ROWS, int8_gemm
+            from ...kernels.cpu_gemv import int8_gemm, runs_on_op
 
-            if x.numel() // self.in_features <= GEMM_ROWS:
+            if runs_on_op(x.numel() // self.in_features):
                 return int8_gemm(x, self.rows_weight, self.weight_scale, self.bias).to(x.dtype)
             # an evaluation window or a long prompt: float32 activations on the codes (the reference), as int4_linear
             return int8_weight_linear(x, self.qweight, self.weight_scale, self.bias)

@@ -29,7 +29,10 @@ RAGGED = "tritonq_ragged"
 
 
 class Ragged(list):
-    """Per-row tensors ``[1, heads, length_i, head_dim]`` of one layer: what the attention gets as keys/values."""
+    """Per-row tensors ``[1, heads, length_i, head_dim]`` of one layer: what the attention gets as keys/values.
+    ``fed[i]``: how many of the pass's positions row ``i`` really feeds (the rest pads a shorter prompt)."""
+
+    fed: list[int] | None = None
 
 
 class RequestCache:
@@ -45,11 +48,16 @@ class RequestCache:
         """Tokens held (all layers hold the same number between passes)."""
         return self.lengths.get(0, 0)
 
-    def append(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Add ``key``/``value`` ``[1, heads, n, head_dim]`` to ``layer``; the layer's whole K/V as views."""
-        used, new = self.lengths.get(layer, 0), key.shape[2]
+    def reserve(self, layer: int, new: int, key: torch.Tensor | None = None,
+                value: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's key and value buffers ``[1, heads, room, head_dim]`` with room for ``new`` more tokens,
+        grown by doubling; a layer's first buffers take heads, size and dtype from ``key``/``value``."""
+        used = self.lengths.get(layer, 0)
         buf_k, buf_v = self.keys.get(layer), self.values.get(layer)
         if buf_k is None or used + new > buf_k.shape[2]:
+            key, value = (key, value) if buf_k is None else (buf_k, buf_v)
+            if key is None or value is None:
+                raise ValueError(f"layer {layer} has no cache yet: prefill the request first")
             room = max(2 * (buf_k.shape[2] if buf_k is not None else 0), used + new, 16)
             grown_k = key.new_empty(*key.shape[:2], room, key.shape[3])
             grown_v = value.new_empty(*value.shape[:2], room, value.shape[3])
@@ -57,6 +65,25 @@ class RequestCache:
                 grown_k[:, :, :used] = buf_k[:, :, :used]
                 grown_v[:, :, :used] = buf_v[:, :, :used]
             buf_k, buf_v = self.keys[layer], self.values[layer] = grown_k, grown_v
+        return buf_k, buf_v
+
+    def make_room(self, layers: int, new: int = 1) -> None:
+        """Room for ``new`` more tokens in every one of ``layers`` (each prefilled). Layers are appended in
+        lockstep, so their buffers grow together: checking layer 0 is enough until it is full."""
+        if self.lengths[0] + new > self.keys[0].shape[2]:
+            for layer in range(layers):
+                self.reserve(layer, new)
+
+    def advance(self, layers: int, new: int = 1) -> None:
+        """Count ``new`` tokens written into every layer's buffers in place (the lean decode step's attention
+        op writes them)."""
+        for layer in range(layers):
+            self.lengths[layer] += new
+
+    def append(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add ``key``/``value`` ``[1, heads, n, head_dim]`` to ``layer``; the layer's whole K/V as views."""
+        used, new = self.lengths.get(layer, 0), key.shape[2]
+        buf_k, buf_v = self.reserve(layer, new, key, value)
         buf_k[:, :, used:used + new] = key
         buf_v[:, :, used:used + new] = value
         self.lengths[layer] = used + new
@@ -66,17 +93,19 @@ class RequestCache:
 class RaggedCache(Cache):
     """The cache of one forward pass over ``rows`` (row ``i`` of the batch is ``rows[i]``)."""
 
-    def __init__(self, rows: list[RequestCache]) -> None:
+    def __init__(self, rows: list[RequestCache], fed: list[int] | None = None) -> None:
         super().__init__(layers=[])
-        self.rows = rows
+        self.rows, self.fed = rows, fed
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args,
                **kwargs) -> tuple[Ragged, Ragged]:
         keys, values = Ragged(), Ragged()
         for i, row in enumerate(self.rows):
-            k, v = row.append(layer_idx, key_states[i:i + 1], value_states[i:i + 1])
+            n = key_states.shape[2] if self.fed is None else self.fed[i]  # a padded prompt keeps its own tokens
+            k, v = row.append(layer_idx, key_states[i:i + 1, :, :n], value_states[i:i + 1, :, :n])
             keys.append(k)
             values.append(v)
+        keys.fed = values.fed = self.fed
         return keys, values
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -105,15 +134,19 @@ def ragged_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor |
     if not isinstance(key, Ragged):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     window = kwargs.pop("sliding_window", None)
-    q_len, out = query.shape[2], []
+    out = []
     for i, (k, v) in enumerate(zip(key, value, strict=True)):
+        q_len = query.shape[2] if key.fed is None else key.fed[i]
         mask, k_len = None, k.shape[2]
         if q_len == 1:
             if window is not None and k_len > window:
                 k, v = k[:, :, -window:], v[:, :, -window:]
         elif k_len != q_len or (window is not None and k_len > window):  # SDPA's is_causal aligns top-left
             mask = _window_mask(q_len, k_len, window or k_len, query.device)
-        out.append(sdpa_attention_forward(module, query[i:i + 1], k, v, mask, **kwargs)[0])
+        row = sdpa_attention_forward(module, query[i:i + 1, :, :q_len], k, v, mask, **kwargs)[0]
+        if q_len < query.shape[2]:  # a padded prompt: its pad positions get zeros (their outputs are not used)
+            row = torch.nn.functional.pad(row, (0, 0, 0, 0, 0, query.shape[2] - q_len))
+        out.append(row)
     return torch.cat(out), None
 
 
@@ -159,6 +192,49 @@ def ragged_forward(model: nn.Module, tokens: list[list[int]], rows: list[Request
     with _ragged_implementation(model):
         logits = model(input_ids=ids, position_ids=positions, use_cache=True, **kw).logits
     return logits[:, -1]
+
+
+def ragged_prefill(model: nn.Module, prompts: list[list[int]], rows: list[RequestCache]) -> torch.Tensor:
+    """Prefill several empty requests in one forward pass; the logits after each prompt, ``[rows, vocab]``.
+
+    Prompts of different lengths are padded on the right to the longest. Each row's cache keeps only its own
+    tokens, its attention runs on its own queries only (exactly the call it gets alone), and its logits are taken
+    at its last token; the pads come after the prompt, so no real position reads them. With batch-invariant
+    linears a request's logits are then those it gets prefilled alone, for the cost of one pass's Python and
+    operator overhead instead of one per request."""
+    if any(row.length for row in rows):
+        raise ValueError("ragged_prefill takes empty request caches")
+    longest = max(len(p) for p in prompts)
+    ids = torch.tensor([p + [p[-1]] * (longest - len(p)) for p in prompts], device=model.device)
+    positions = torch.arange(longest, device=model.device).expand(len(prompts), longest)
+    fed = [len(p) for p in prompts]
+    inner = getattr(model, model.base_model_prefix)
+    args = _forward_arguments(type(inner))
+    kw = {"cache" if "cache" in args else "past_key_values": RaggedCache(rows, fed)}
+    with _ragged_implementation(model):
+        hidden = inner(input_ids=ids, position_ids=positions, use_cache=True, **kw).last_hidden_state
+    last = hidden[torch.arange(len(prompts)), torch.tensor(fed) - 1]
+    return model.get_output_embeddings()(last[:, None])[:, -1]
+
+
+def prefill_together_works(model: nn.Module) -> bool:
+    """Whether :func:`ragged_prefill` gives two prompts of different lengths bit for bit the logits and caches
+    of each prefilled alone (batch-invariant linears and a plain output head); checked once per server."""
+    prompts = [[1, 2, 3, 4, 5], [6, 7, 8]]
+    try:
+        with torch.inference_mode():
+            together = [RequestCache(), RequestCache()]
+            logits = ragged_prefill(model, prompts, together)
+            for i, prompt in enumerate(prompts):
+                alone = RequestCache()
+                if not torch.equal(ragged_forward(model, [prompt], [alone])[0], logits[i]):
+                    return False
+                if any(not torch.equal(alone.keys[layer][:, :, :len(prompt)],
+                                       together[i].keys[layer][:, :, :len(prompt)]) for layer in alone.keys):
+                    return False
+    except Exception:  # a model whose base model or head does not fit: prefill one request at a time
+        return False
+    return True
 
 
 def ragged_forward_works(model: nn.Module) -> str | None:

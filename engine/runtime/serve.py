@@ -287,14 +287,29 @@ def generate_tokens(
     """
     from transformers import DynamicCache
 
+    from ...kernels import cpu_gemv
+    from .lean_decode import lean_decoder
+    from .ragged import RequestCache, ragged_forward
+
     if not ids:
         raise TritonqError("the prompt is empty; give at least one token")
     if cancelled is not None and cancelled():
         return
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    cache = DynamicCache(config=model.config)
-    with decode_threads(model):
-        logits = prefill(model, ids, cache)
+    lean = lean_decoder(model)
+    with decode_threads(model), cpu_gemv.generating():
+        if lean is not None:  # Llama-family on the CPU: tritonq's own decode step (lean_decode.py)
+            cache = RequestCache()
+            logits = ragged_forward(model, [ids], [cache])[0]
+
+            def step(token: int) -> torch.Tensor:
+                return lean.step([token], [cache])[0]
+        else:
+            cache = DynamicCache(config=model.config)
+            logits = prefill(model, ids, cache)
+
+            def step(token: int) -> torch.Tensor:
+                return decode_one_token(model, token, cache)
         for i in range(max_new_tokens):
             tok = _next_token(logits, temperature, top_p, generator)
             yield tok
@@ -302,7 +317,7 @@ def generate_tokens(
                 return
             if cancelled is not None and cancelled():
                 return
-            logits = decode_one_token(model, tok, cache)
+            logits = step(tok)
 
 
 @dataclass
