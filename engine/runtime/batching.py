@@ -1,8 +1,10 @@
 """Continuous batching: every active request advances by one token per forward pass of the model.
 
 One engine thread owns the model. Between steps it drops the requests that finished or were cancelled
-and admits waiting ones (up to ``max_batch``), each prefilled alone (M = its prompt length) into its own
-KV cache; then one pass decodes a token for every active request together (Orca, Yu et al. OSDI 2022,
+and admits waiting ones (up to ``max_batch``), prefilled into their own KV caches together in one pass
+(:func:`~tritonq.engine.runtime.ragged.ragged_prefill`, where the model gives each prompt its alone logits) or
+one by one; then one pass decodes a token for every active request together (on the lean step,
+:mod:`~tritonq.engine.runtime.lean_decode`, where it runs the model) (Orca, Yu et al. OSDI 2022,
 iteration-level scheduling; vLLM's scheduler). Caches are ragged (:mod:`~tritonq.engine.runtime.ragged`):
 no padding, no re-prefill when the batch changes, and a row's attention is computed as in a batch of one,
 so under greedy decoding a request's tokens in a batch equal its tokens alone wherever the linears are
