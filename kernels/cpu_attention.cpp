@@ -180,67 +180,81 @@ void rotate(const float* x, const float* cos, const float* sin, int64_t d, float
   for (int64_t i = half; i < d; ++i) out[i] = x[i] * cos[i] + x[i - half] * sin[i];
 }
 
-// Row b's new token: qkv [B, (Hq + 2 Hkv) * D] (q heads, then k, then v) before the rotary embedding; cos/sin
-// [B, D]; k_cache[b], v_cache[b] [1, Hkv, capacity, D] with lengths[b] tokens held. Writes the rotated key and the
-// value at position lengths[b], then attends over the last `window` keys (all when window <= 0). Returns
-// [B, Hq * D].
+// Rows of new tokens: row b feeds counts[b] tokens (one each when counts is empty), at positions lengths[b],
+// lengths[b] + 1, ...; qkv [N, (Hq + 2 Hkv) * D] holds every row's tokens in row order, before the rotary
+// embedding (q heads, then k, then v), and cos/sin [N, D] their embeddings. k_cache[b], v_cache[b]
+// [1, Hkv, capacity, D] hold lengths[b] tokens. The op writes the new rotated keys and the values at their
+// positions, then each new token attends causally over the last `window` keys up to itself (all when window <= 0).
+// Returns [N, Hq * D].
 at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
-                            at::TensorList k_cache, at::TensorList v_cache, at::IntArrayRef lengths, int64_t heads,
-                            int64_t kv_heads, int64_t window, double scale) {
+                            at::TensorList k_cache, at::TensorList v_cache, at::IntArrayRef lengths,
+                            at::IntArrayRef counts, int64_t heads, int64_t kv_heads, int64_t window, double scale) {
   check_float(qkv, "qkv", 2);
   check_float(cos, "cos", 2);
   check_float(sin, "sin", 2);
-  const int64_t rows = qkv.size(0), d = cos.size(1);
+  const int64_t tokens = qkv.size(0), d = cos.size(1), rows = static_cast<int64_t>(lengths.size());
   TORCH_CHECK(heads > 0 && kv_heads > 0 && heads % kv_heads == 0, "heads must be a multiple of kv_heads");
-  TORCH_CHECK(d % 2 == 0 && qkv.size(1) == (heads + 2 * kv_heads) * d, "qkv must be [B, (heads + 2 kv_heads) * ",
+  TORCH_CHECK(d % 2 == 0 && qkv.size(1) == (heads + 2 * kv_heads) * d, "qkv must be [N, (heads + 2 kv_heads) * ",
               d, "], got ", qkv.sizes());
-  TORCH_CHECK(cos.size(0) == rows && sin.sizes() == cos.sizes(), "cos and sin must be [B, head_dim]");
+  TORCH_CHECK(cos.size(0) == tokens && sin.sizes() == cos.sizes(), "cos and sin must be [N, head_dim]");
   TORCH_CHECK(static_cast<int64_t>(k_cache.size()) == rows && static_cast<int64_t>(v_cache.size()) == rows &&
-                  static_cast<int64_t>(lengths.size()) == rows, "one cache and one length per row");
+                  (counts.empty() || static_cast<int64_t>(counts.size()) == rows),
+              "one cache, one length and one count per row");
+  std::vector<int64_t> first(rows + 1, 0);  // row b's tokens are qkv rows [first[b], first[b + 1])
   for (int64_t b = 0; b < rows; ++b) {
+    const int64_t fed = counts.empty() ? 1 : counts[b];
+    TORCH_CHECK(fed >= 1, "every row feeds at least one token");
+    first[b + 1] = first[b] + fed;
     for (const auto* cache : {&k_cache[b], &v_cache[b]}) {
       check_float(*cache, "a cache", 4);
       TORCH_CHECK(cache->size(0) == 1 && cache->size(1) == kv_heads && cache->size(3) == d && lengths[b] >= 0 &&
-                      lengths[b] < cache->size(2), "a cache must be [1, kv_heads, capacity > length, head_dim]");
+                      lengths[b] + fed <= cache->size(2),
+                  "a cache must be [1, kv_heads, capacity >= length + new tokens, head_dim]");
     }
   }
-  at::Tensor out = at::empty({rows, heads * d}, qkv.options());
-  const int64_t group = heads / kv_heads;
+  TORCH_CHECK(first[rows] == tokens, "qkv has ", tokens, " rows but the rows feed ", first[rows], " tokens");
+  at::Tensor out = at::empty({tokens, heads * d}, qkv.options());
+  const int64_t group = heads / kv_heads, width = (heads + 2 * kv_heads) * d;
   const float* base = qkv.data_ptr<float>();
+  const float* cos_p = cos.data_ptr<float>();
+  const float* sin_p = sin.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  // one task per (row, kv head): it appends that head's key and value, then serves its group of query heads
+  // one task per (row, kv head): it appends that head's keys and values, then serves its group of query heads
   parallel_dynamic(rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> q(d), scores, acc(d);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / kv_heads, hk = task % kv_heads, len = lengths[b];
       const int64_t capacity = k_cache[b].size(2);
-      const float* row = base + b * (heads + 2 * kv_heads) * d;
-      const float* cs = cos.data_ptr<float>() + b * d;
-      const float* sn = sin.data_ptr<float>() + b * d;
       float* keys = k_cache[b].data_ptr<float>() + hk * capacity * d;
       float* values = v_cache[b].data_ptr<float>() + hk * capacity * d;
-      rotate(row + (heads + hk) * d, cs, sn, d, keys + len * d);
-      std::copy(row + (heads + kv_heads + hk) * d, row + (heads + kv_heads + hk + 1) * d, values + len * d);
-      const int64_t total = len + 1, start = window > 0 ? std::max<int64_t>(0, total - window) : 0;
-      scores.resize(total - start);
-      for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-        rotate(row + h * d, cs, sn, d, q.data());
-        float top = -INFINITY;
-        for (int64_t j = start; j < total; ++j) {
-          scores[j - start] = dot(q.data(), keys + j * d, d) * static_cast<float>(scale);
-          top = std::max(top, scores[j - start]);
-        }
+      for (int64_t t = first[b]; t < first[b + 1]; ++t) {
+        const float* row = base + t * width;
+        const int64_t at = len + t - first[b];
+        rotate(row + (heads + hk) * d, cos_p + t * d, sin_p + t * d, d, keys + at * d);
+        std::copy(row + (heads + kv_heads + hk) * d, row + (heads + kv_heads + hk + 1) * d, values + at * d);
+      }
+      for (int64_t t = first[b]; t < first[b + 1]; ++t) {
+        const float* row = base + t * width;
+        const int64_t total = len + t - first[b] + 1, start = window > 0 ? std::max<int64_t>(0, total - window) : 0;
         const int64_t count = total - start;
-        exp_shifted(scores.data(), count, top);
-        float sum = 0.f;
-        std::fill(acc.begin(), acc.end(), 0.f);
-        for (int64_t j = 0; j < count; ++j) {
-          const float p = scores[j];
-          sum += p;
-          add_scaled(acc.data(), values + (start + j) * d, p, d);
+        scores.resize(count);
+        for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+          rotate(row + h * d, cos_p + t * d, sin_p + t * d, d, q.data());
+          float top = -INFINITY;
+          for (int64_t j = 0; j < count; ++j) {
+            scores[j] = dot(q.data(), keys + (start + j) * d, d) * static_cast<float>(scale);
+            top = std::max(top, scores[j]);
+          }
+          exp_shifted(scores.data(), count, top);
+          float sum = 0.f;
+          std::fill(acc.begin(), acc.end(), 0.f);
+          for (int64_t j = 0; j < count; ++j) {
+            sum += scores[j];
+            add_scaled(acc.data(), values + (start + j) * d, scores[j], d);
+          }
+          float* o = op + t * heads * d + h * d;
+          for (int64_t i = 0; i < d; ++i) o[i] = acc[i] / sum;
         }
-        float* o = op + b * heads * d + h * d;
-        for (int64_t i = 0; i < d; ++i) o[i] = acc[i] / sum;
       }
     }
   });
@@ -253,5 +267,5 @@ TORCH_LIBRARY_FRAGMENT(TRITONQ_OPS_NAMESPACE, m) {
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor", rms_norm);
   m.def("silu_mul(Tensor gate_up) -> Tensor", silu_mul);
   m.def("decode_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!)[] k_cache, Tensor(b!)[] v_cache, int[] lengths, "
-        "int heads, int kv_heads, int window, float scale) -> Tensor", decode_attention);
+        "int[] counts, int heads, int kv_heads, int window, float scale) -> Tensor", decode_attention);
 }

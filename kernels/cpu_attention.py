@@ -43,11 +43,12 @@ def silu_mul(gate_up: Tensor, portable: bool = False) -> Tensor:
 
 def decode_attention(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: list[Tensor], v_cache: list[Tensor],
                      lengths: list[int], heads: int, kv_heads: int, window: int, scale: float,
-                     portable: bool = False) -> Tensor:
-    """Append each row's rotated key and its value to its cache, then attend; ``[B, heads * D]`` (see the module
-    docstring for the layouts). ``window`` <= 0: every cached key."""
-    return compiled_ops(portable).decode_attention(qkv, cos, sin, k_cache, v_cache, lengths, heads, kv_heads, window,
-                                           float(scale))
+                     counts: list[int] | None = None, portable: bool = False) -> Tensor:
+    """Append each row's rotated keys and its values to its cache, then attend causally; ``[N, heads * D]`` for
+    the ``N`` tokens fed (see the module docstring for the layouts). Row ``b`` feeds ``counts[b]`` tokens (one
+    each when None: a decode step; a prompt otherwise). ``window`` <= 0: every cached key."""
+    return compiled_ops(portable).decode_attention(qkv, cos, sin, k_cache, v_cache, lengths, counts or [], heads,
+                                                   kv_heads, window, float(scale))
 
 
 def rms_norm_ref(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -67,25 +68,30 @@ def rotate_ref(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def decode_attention_ref(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: list[Tensor], v_cache: list[Tensor],
-                         lengths: list[int], heads: int, kv_heads: int, window: int, scale: float
-                         ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-    """Float64 :func:`decode_attention`: (output, the new keys, the new values), the caches left untouched."""
+                         lengths: list[int], heads: int, kv_heads: int, window: int, scale: float,
+                         counts: list[int] | None = None) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """Float64 :func:`decode_attention`: (output, each row's new keys ``[Hkv, n, D]``, new values), the caches
+    left untouched."""
     d = cos.shape[-1]
-    out, new_keys, new_values = [], [], []
-    for b in range(qkv.shape[0]):
-        row = qkv[b].double().view(heads + 2 * kv_heads, d)
-        q = rotate_ref(row[:heads], cos[b].double(), sin[b].double())
-        k_new = rotate_ref(row[heads:heads + kv_heads], cos[b].double(), sin[b].double())
-        v_new = row[heads + kv_heads:]
+    counts = counts or [1] * len(lengths)
+    out, new_keys, new_values, first = [], [], [], 0
+    for b, fed in enumerate(counts):
+        tokens = qkv[first:first + fed].double().view(fed, heads + 2 * kv_heads, d).transpose(0, 1)
+        c, s = cos[first:first + fed].double(), sin[first:first + fed].double()
+        q = rotate_ref(tokens[:heads], c, s)  # [H, fed, D]
+        k_new = rotate_ref(tokens[heads:heads + kv_heads], c, s)
+        v_new = tokens[heads + kv_heads:]
         n = lengths[b]
-        keys = torch.cat([k_cache[b][0, :, :n].double(), k_new[:, None]], dim=1)
-        values = torch.cat([v_cache[b][0, :, :n].double(), v_new[:, None]], dim=1)
-        if window > 0:
-            keys, values = keys[:, -window:], values[:, -window:]
+        keys = torch.cat([k_cache[b][0, :, :n].double(), k_new], dim=1)
+        values = torch.cat([v_cache[b][0, :, :n].double(), v_new], dim=1)
         group = heads // kv_heads
         keys, values = keys.repeat_interleave(group, 0), values.repeat_interleave(group, 0)
-        probs = torch.softmax(torch.einsum("hd,hjd->hj", q, keys) * scale, dim=-1)
-        out.append(torch.einsum("hj,hjd->hd", probs, values).reshape(-1))
+        for t in range(fed):
+            total = n + t + 1
+            lo = max(0, total - window) if window > 0 else 0
+            probs = torch.softmax(torch.einsum("hd,hjd->hj", q[:, t], keys[:, lo:total]) * scale, dim=-1)
+            out.append(torch.einsum("hj,hjd->hd", probs, values[:, lo:total]).reshape(-1))
         new_keys.append(k_new)
         new_values.append(v_new)
+        first += fed
     return torch.stack(out), new_keys, new_values

@@ -343,8 +343,10 @@ void f16_dispatch(const F16Args& a, int64_t block, int64_t m0, int64_t mt) {
 }
 
 // Row blocks per work item: small enough to balance two threads on a 256-row projection, large enough that
-// the atomic counter is touched rarely.
-int64_t chunk_for(int64_t blocks) { return std::max<int64_t>(1, std::min<int64_t>(4, blocks / 16)); }
+// the atomic counter is touched rarely; one block when several rows make each block compute-bound.
+int64_t chunk_for(int64_t blocks, int64_t m_rows) {
+  return m_rows >= 4 ? 1 : std::max<int64_t>(1, std::min<int64_t>(4, blocks / 16));
+}
 
 void check_x(const at::Tensor& x, int64_t k) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == k, "x must be [M, ", k, "], got ", x.sizes());
@@ -368,7 +370,7 @@ at::Tensor int4_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
                    bias && bias->defined() ? bias->contiguous().data_ptr<float>() : nullptr, y.data_ptr<float>(),
                    k, n, group};
   const int64_t m_rows = x.size(0);
-  parallel_dynamic(blocks, chunk_for(blocks), [&](int64_t begin, int64_t end) {
+  parallel_dynamic(blocks, chunk_for(blocks, x.size(0)), [&](int64_t begin, int64_t end) {
     for (int64_t block = begin; block < end; ++block) tiles(a, block, m_rows, int4_dispatch);
   });
   return y;
@@ -389,7 +391,7 @@ at::Tensor int8_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
                    bias && bias->defined() ? bias->contiguous().data_ptr<float>() : nullptr, y.data_ptr<float>(),
                    k, n};
   const int64_t m_rows = x.size(0);
-  parallel_dynamic(blocks, chunk_for(blocks), [&](int64_t begin, int64_t end) {
+  parallel_dynamic(blocks, chunk_for(blocks, x.size(0)), [&](int64_t begin, int64_t end) {
     for (int64_t block = begin; block < end; ++block) tiles(a, block, m_rows, int8_dispatch);
   });
   return y;
@@ -405,7 +407,7 @@ at::Tensor f16_gemm(const at::Tensor& x, const at::Tensor& w, const c10::optiona
   const F16Args a{w.data_ptr<at::Half>(), x.data_ptr<float>(),
                   bias && bias->defined() ? bias->contiguous().data_ptr<float>() : nullptr, y.data_ptr<float>(), k, n};
   const int64_t m_rows = x.size(0);
-  parallel_dynamic(blocks, chunk_for(blocks), [&](int64_t begin, int64_t end) {
+  parallel_dynamic(blocks, chunk_for(blocks, x.size(0)), [&](int64_t begin, int64_t end) {
     for (int64_t block = begin; block < end; ++block) tiles(a, block, m_rows, f16_dispatch);
   });
   return y;

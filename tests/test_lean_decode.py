@@ -38,15 +38,16 @@ def test_rms_norm_and_silu_mul_match_float64():
     assert float((got - swapped).abs().max()) > 1e-2  # negative control: the halves' order matters
 
 
-def _attention_case(heads: int, kv_heads: int, d: int, lengths: list[int], seed: int):
-    rows = len(lengths)
-    qkv = torch.randn(rows, (heads + 2 * kv_heads) * d, generator=_gen(seed))
-    angles = torch.rand(rows, d // 2, generator=_gen(seed + 1)) * 6
+def _attention_case(heads: int, kv_heads: int, d: int, lengths: list[int], seed: int, counts=None):
+    counts = counts or [1] * len(lengths)
+    tokens = sum(counts)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * d, generator=_gen(seed))
+    angles = torch.rand(tokens, d // 2, generator=_gen(seed + 1)) * 6
     cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
     k_cache, v_cache = [], []
-    for i, n in enumerate(lengths):
-        k = torch.full((1, kv_heads, n + 3, d), float("nan"))
-        v = torch.full((1, kv_heads, n + 3, d), float("nan"))
+    for i, (n, fed) in enumerate(zip(lengths, counts)):
+        k = torch.full((1, kv_heads, n + fed + 2, d), float("nan"))
+        v = torch.full((1, kv_heads, n + fed + 2, d), float("nan"))
         k[:, :, :n] = torch.randn(1, kv_heads, n, d, generator=_gen(seed + 10 + i))
         v[:, :, :n] = torch.randn(1, kv_heads, n, d, generator=_gen(seed + 20 + i))
         k_cache.append(k)
@@ -56,25 +57,32 @@ def _attention_case(heads: int, kv_heads: int, d: int, lengths: list[int], seed:
 
 @pytest.mark.parametrize(("heads", "kv_heads", "d"), [(4, 4, 16), (8, 2, 32), (6, 3, 64), (2, 1, 40)])
 @pytest.mark.parametrize("window", [0, 4])
-def test_decode_attention_matches_float64_and_appends(heads, kv_heads, d, window):
+@pytest.mark.parametrize("counts", [None, [3, 1, 6]])
+def test_decode_attention_matches_float64_and_appends(heads, kv_heads, d, window, counts):
+    """One token per row (decode) or several (prompts, causal among themselves), after ragged cached lengths."""
     lengths = [0, 5, 33]
-    qkv, cos, sin, k_cache, v_cache = _attention_case(heads, kv_heads, d, lengths, heads * d + window)
+    qkv, cos, sin, k_cache, v_cache = _attention_case(heads, kv_heads, d, lengths, heads * d + window, counts)
     before = [k.clone() for k in k_cache]
     ref, new_k, new_v = cpu_attention.decode_attention_ref(qkv, cos, sin, k_cache, v_cache, lengths, heads,
-                                                           kv_heads, window, d ** -0.5)
+                                                           kv_heads, window, d ** -0.5, counts)
     out = cpu_attention.decode_attention(qkv, cos, sin, k_cache, v_cache, lengths, heads, kv_heads, window,
-                                         d ** -0.5)
-    assert out.shape == (3, heads * d) and torch.isfinite(out).all()  # nothing past a row's length was read
-    scale = float(torch.stack([v[0, :, :n + 1].abs().max() for v, n in zip(v_cache, lengths)]).max())
+                                         d ** -0.5, counts)
+    assert out.shape == (qkv.shape[0], heads * d) and torch.isfinite(out).all()  # nothing past a length was read
+    scale = float(torch.stack([v[0, :, :n].abs().max() if n else v.new_ones(()) for v, n in zip(new_v, [
+        c.shape[1] for c in new_v])]).max()) + float(max(v[0, :, :n].abs().max() if n else 0 for v, n in zip(
+            v_cache, lengths)))
     assert float((out.double() - ref).abs().max()) <= 1e-5 * scale
     for i, n in enumerate(lengths):
-        assert float((k_cache[i][0, :, n].double() - new_k[i]).abs().max()) <= 1e-6 * float(new_k[i].abs().max())
-        assert torch.equal(v_cache[i][0, :, n], new_v[i].float())
+        fed = new_k[i].shape[1]
+        assert float((k_cache[i][0, :, n:n + fed].double() - new_k[i]).abs().max()) <= 1e-6 * float(
+            new_k[i].abs().max())
+        assert torch.equal(v_cache[i][0, :, n:n + fed], new_v[i].float())
         assert torch.equal(k_cache[i][:, :, :n], before[i][:, :, :n])  # older keys untouched
+        assert torch.isnan(k_cache[i][:, :, n + fed:]).all()  # and nothing written past the new ones
     if window:  # negative control: attending to every key is not the windowed result on the long row
         full, _, _ = cpu_attention.decode_attention_ref(qkv, cos, sin, before, v_cache, lengths, heads, kv_heads,
-                                                        0, d ** -0.5)
-        assert float((out[2].double() - full[2]).abs().max()) > 1e-3
+                                                        0, d ** -0.5, counts)
+        assert float((out[-1].double() - full[-1]).abs().max()) > 1e-3
 
 
 def test_decode_attention_rows_are_batch_invariant_and_builds_agree():
@@ -87,6 +95,12 @@ def test_decode_attention_rows_are_batch_invariant_and_builds_agree():
                                                sin[i:i + 1].contiguous(), k_cache[i:i + 1], v_cache[i:i + 1],
                                                lengths[i:i + 1], 8, 2, 0, 0.2)
         assert torch.equal(alone[0], together[i])
+    prompt = _attention_case(8, 2, 32, [4, 0], 6, [5, 7])  # prompts fed together: each as alone
+    both = cpu_attention.decode_attention(*prompt, [4, 0], 8, 2, 0, 0.2, [5, 7])
+    qkv, cos, sin, k_cache, v_cache = _attention_case(8, 2, 32, [4, 0], 6, [5, 7])
+    second = cpu_attention.decode_attention(qkv[5:].contiguous(), cos[5:].contiguous(), sin[5:].contiguous(),
+                                            k_cache[1:], v_cache[1:], [0], 8, 2, 0, 0.2, [7])
+    assert torch.equal(second, both[5:]) and torch.equal(k_cache[1][:, :, :7], prompt[3][1][:, :, :7])
     if cpu_gemv.extension(portable=True) is None:
         pytest.skip(f"the portable build failed: {cpu_gemv.unavailable_reason(True)}")
     qkv, cos, sin, k_cache, v_cache = _attention_case(8, 2, 32, lengths, 5)
@@ -99,7 +113,7 @@ def test_decode_attention_rows_are_batch_invariant_and_builds_agree():
 
 def test_decode_attention_refuses_a_full_cache():
     qkv, cos, sin, k_cache, v_cache = _attention_case(4, 2, 16, [2], 9)
-    with pytest.raises(RuntimeError, match="capacity > length"):
+    with pytest.raises(RuntimeError, match="capacity >= length"):
         cpu_attention.decode_attention(qkv, cos, sin, k_cache, v_cache, [5], 4, 2, 0, 0.25)
 
 
@@ -128,8 +142,9 @@ def test_lean_steps_reproduce_the_model_s_forward(family, extra):
     with torch.inference_mode():
         reference = model(input_ids=torch.tensor([ids])).logits[0].double()
         long, short = RequestCache(), RequestCache()
-        ragged_forward(model, [ids[:5]], [long])
-        ragged_forward(model, [ids[:2]], [short])
+        prompts = decoder.forward([ids[:5], ids[:2]], [long, short]).double()  # prompts together, unpadded
+        scale = float(reference.abs().max())
+        assert float((prompts - reference[[4, 1]]).abs().max()) <= 1e-5 * scale
         for i, tok in enumerate(ids[5:11]):  # the short row rides along, three positions behind
             step = decoder.step([tok, ids[2 + i]], [long, short]).double()
             scale = float(reference.abs().max())
@@ -157,7 +172,7 @@ def test_generate_decodes_on_the_lean_step_and_rebuilds_after_a_swap(monkeypatch
     monkeypatch.setattr(LeanDecoder, "step", lambda self, t, r: steps.append(len(r)) or real(self, t, r))
     ids = [5, 9, 2, 7]
     tokens = list(generate_tokens(model, ids, 6))
-    assert steps == [1] * 5  # the prompt's forward gives the first token, the lean step the other five
+    assert steps == [1] * 5  # the prompt's pass gives the first token, lean steps the other five
     with torch.inference_mode():
         x = torch.tensor([ids + tokens[:-1]])
         assert model(input_ids=x).logits[0, len(ids) - 1:].argmax(-1).tolist() == tokens

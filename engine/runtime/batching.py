@@ -47,8 +47,8 @@ if TYPE_CHECKING:
 
 _log = logging.getLogger("tritonq.server")
 
-#: Padded prompt tokens (rows x the longest) prefilled in one pass when requests join together: bounds the pass's
-#: activations while sharing its Python and operator overhead among the requests.
+#: Prompt tokens prefilled in one pass when requests join together (padded ones too, rows x the longest, on
+#: transformers' forward): bounds the pass's activations while sharing its Python and operator overhead.
 PREFILL_TOKENS = 4096
 Event = str | BaseException | None  # a text piece, the failure that ended the request, or None: finished
 
@@ -112,7 +112,9 @@ class BatchEngine:
         why = ragged_forward_works(model)
         self.batched = why is None
         self.lean = lean_decoder(model) if self.batched else None  # tritonq's decode step where it runs the model
-        self.prefill_together = self.batched and prefill_together_works(model)
+        # the lean forward feeds prompts of any lengths together by construction; transformers' forward, padded,
+        # only where a check shows each prompt gets its alone logits
+        self.prefill_together = self.lean is not None or (self.batched and prefill_together_works(model))
         if why is not None:
             warn(f"{type(model).__name__} cannot decode requests in one pass ({why}); "
                  "requests are decoded one row at a time per step")
@@ -222,7 +224,8 @@ class BatchEngine:
         group: list[Generation] = []
         for request in ready:
             longest = max([len(request.ids), *(len(r.ids) for r in group)])
-            if group and longest * (len(group) + 1) > PREFILL_TOKENS:
+            fed = sum(len(r.ids) for r in group) + len(request.ids) if self.lean else longest * (len(group) + 1)
+            if group and fed > PREFILL_TOKENS:
                 self._prefill_group(group)
                 group = []
             group.append(request)
@@ -247,7 +250,10 @@ class BatchEngine:
             request.cache = RequestCache()
         try:
             with torch.inference_mode():
-                logits = ragged_prefill(self.model, [r.ids for r in group], [r.cache for r in group])
+                if self.lean is not None:
+                    logits = self.lean.forward([r.ids for r in group], [r.cache for r in group])
+                else:
+                    logits = ragged_prefill(self.model, [r.ids for r in group], [r.cache for r in group])
         except Exception as exc:  # the pass failed: so did every request in it
             for request in group:
                 self._fail(request, exc)
@@ -258,7 +264,10 @@ class BatchEngine:
     def _prefill_alone(self, request: Generation) -> None:
         try:
             with torch.inference_mode():
-                if self.batched:
+                if self.lean is not None:
+                    request.cache = RequestCache()
+                    logits = self.lean.forward([request.ids], [request.cache])[0]
+                elif self.batched:
                     request.cache = RequestCache()
                     logits = ragged_forward(self.model, [request.ids], [request.cache])[0]
                 else:

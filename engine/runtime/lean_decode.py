@@ -10,10 +10,9 @@ attention for every row and head), the output projection and residual, RMSNorm, 
 SiLU-gated product, the down projection and residual (the step's structure is llama.cpp's graph, the code ours).
 
 Rows are requests: each brings its own :class:`~tritonq.engine.runtime.ragged.RequestCache` and position, so
-the same step decodes one request (``tritonq generate``, ``bench decode``) or a continuous batch (``tritonq
-serve``). Every op computes a row the same way whatever the number of rows, so a request's logits in a batch are
-bit-identical to its logits alone. Prompts are still prefilled by the model's own forward
-(:func:`~tritonq.engine.runtime.ragged.ragged_forward`), which fills the same caches.
+the same forward prefills and decodes one request (``tritonq generate``, ``bench decode``) or a continuous batch
+(``tritonq serve``), prompts of different lengths together without padding. Every op computes a token's row
+the same way whatever else is fed, so a request's logits in a batch are bit-identical to its logits alone.
 
 What it takes: ``model_type`` llama, mistral or qwen2 (SmolLM2 and TinyLlama are llama) with SiLU MLPs, RMSNorm,
 a full-width rotary embedding, float32 on the CPU, and tritonq's CPU ops built. :func:`lean_decoder` checks one
@@ -33,21 +32,26 @@ from torch import Tensor
 from ...kernels import cpu_attention, cpu_gemv
 from .fused import FusedMember
 from .qlinear import QuantLinear
-from .ragged import RequestCache, ragged_forward
+from .ragged import RequestCache
 
 FAMILIES = ("llama", "mistral", "qwen2")
 _CACHED = "_tritonq_lean_decoder"
 
 
+def _op(w: Tensor, scale: Tensor, minv: Tensor, group: int, bias: Tensor | None) -> Callable[[Tensor], Tensor]:
+    """tritonq's int4 op on these packed rows, for any number of rows (so a row's result never depends on how
+    many rows share the call: prompts and decode steps alike)."""
+    bias = None if bias is None else bias.float().contiguous()
+    ops = cpu_gemv.compiled_ops()
+    return lambda x: ops.int4_gemm(x, w, scale, minv, group, bias)
+
+
 def _linear(module: nn.Module) -> Callable[[Tensor], Tensor]:
     """``module`` as a function of a float32 ``[M, K]`` input: tritonq's int4 op directly where the module is a
-    plain :class:`QuantLinear` on it (its forward's shape checks and dtype casts cost more than the op at one
-    row), else the module itself."""
-    if isinstance(module, QuantLinear) and module.cpu_kernel == "tritonq" and module.input_order is None:
-        def run(x: Tensor) -> Tensor:
-            return cpu_gemv.int4_linear(x, module.rows_weight, module.rows_scale, module.rows_min,
-                                        module.cpu_group_size, module.bias)
-        return run
+    plain :class:`QuantLinear` on it, else the module itself."""
+    if isinstance(module, QuantLinear) and module.cpu_kernel == "tritonq" and module.input_order is None \
+            and module.rows_scale.dtype == torch.float16:
+        return _op(module.rows_weight, module.rows_scale, module.rows_min, module.cpu_group_size, module.bias)
     return module
 
 
@@ -57,8 +61,8 @@ def _concatenated(modules: list[nn.Module]) -> Callable[[Tensor], Tensor]:
     shared = getattr(modules[0], "shared", None)
     if all(isinstance(m, FusedMember) and m.shared is shared for m in modules) and modules[0].start == 0 and all(
         a.stop == b.start for a, b in zip(modules, modules[1:])
-    ) and modules[-1].stop == sum(m.out_features for m in modules):
-        return shared.compute
+    ) and modules[-1].stop == sum(m.out_features for m in modules) and shared.rows_scale.dtype == torch.float16:
+        return _op(shared.rows_weight, shared.rows_scale, shared.rows_min, shared.group_size, shared.bias)
     functions = [_linear(m) for m in modules]
     return lambda x: torch.cat([f(x) for f in functions], dim=-1)
 
@@ -111,27 +115,36 @@ class LeanDecoder:
         self.head_dim = int(inner.layers[0].self_attn.head_dim)
 
     def step(self, tokens: list[int], rows: list[RequestCache]) -> Tensor:
-        """Feed ``tokens[i]`` after what ``rows[i]`` holds (each row prefilled); the next-token logits
-        ``[rows, vocab]``."""
-        b = len(rows)
-        h = self.embed(torch.tensor(tokens)).float()
-        positions = torch.tensor([[row.length] for row in rows])
-        cos, sin = self.rotary(h[:, None], positions)
-        cos, sin = cos.reshape(b, -1).float().contiguous(), sin.reshape(b, -1).float().contiguous()
+        """Feed ``tokens[i]`` after what ``rows[i]`` holds; the next-token logits ``[rows, vocab]``."""
+        return self.forward([[t] for t in tokens], rows)
+
+    def forward(self, tokens: list[list[int]], rows: list[RequestCache]) -> Tensor:
+        """Feed ``tokens[i]`` (a prompt, or one decoded token) after what ``rows[i]`` holds; the logits after each
+        row's last token, ``[rows, vocab]``. Every op computes a token's row the same way whatever else is fed,
+        so prompts prefilled together get the logits and caches they get alone."""
+        counts = [len(t) for t in tokens]
+        h = self.embed(torch.tensor([t for row in tokens for t in row])).float()
         lengths = [row.length for row in rows]
-        for row in rows:
-            row.make_room(len(self.layers))
+        positions = torch.tensor([n + j for n, c in zip(lengths, counts) for j in range(c)])
+        cos, sin = self.rotary(h[None], positions[None])
+        cos, sin = cos[0].float().contiguous(), sin[0].float().contiguous()
+        like = h.new_empty(1, self.kv_heads, 0, self.head_dim)
+        for row, count in zip(rows, counts):
+            row.make_room(len(self.layers), count, like)
+        fed = None if all(c == 1 for c in counts) else counts
         for i, layer in enumerate(self.layers):
             x = cpu_attention.rms_norm(h, layer.norm_in, layer.eps_in)
             a = cpu_attention.decode_attention(layer.qkv(x), cos, sin, [row.keys[i] for row in rows],
                                                [row.values[i] for row in rows], lengths, self.heads,
-                                               self.kv_heads, layer.window, self.scale)
+                                               self.kv_heads, layer.window, self.scale, fed)
             h = h + layer.out(a)
             x = cpu_attention.rms_norm(h, layer.norm_mlp, layer.eps_mlp)
             h = h + layer.down(cpu_attention.silu_mul(layer.gate_up(x)))
-        for row in rows:
-            row.advance(len(self.layers))
-        return self.head(cpu_attention.rms_norm(h, self.final_norm, self.final_eps)).float()
+        for row, count in zip(rows, counts):
+            row.advance(len(self.layers), count)
+        if fed is not None:  # the head reads each row's last token only
+            h = h[torch.tensor(counts).cumsum(0) - 1]
+        return self.head(cpu_attention.rms_norm(h.contiguous(), self.final_norm, self.final_eps)).float()
 
 
 def lean_refusal(model: nn.Module) -> str | None:
@@ -165,11 +178,12 @@ def _matches_model(model: nn.Module, decoder: LeanDecoder) -> str | None:
     with torch.inference_mode():
         reference = model(input_ids=torch.tensor([ids])).logits[0].float()
         first, second = RequestCache(), RequestCache()
-        ragged_forward(model, [ids[:3]], [first])
-        ragged_forward(model, [ids[:2]], [second])
+        prompts = decoder.forward([ids[:3], ids[:2]], [first, second])
         step = decoder.step([ids[3], ids[2]], [first, second])
         again = decoder.step([ids[4]], [first])
-    for got, want in ((step[0], reference[3]), (step[1], reference[2]), (again[0], reference[4])):
+    checks = ((prompts[0], reference[2]), (prompts[1], reference[1]), (step[0], reference[3]), (step[1], reference[2]),
+              (again[0], reference[4]))
+    for got, want in checks:
         error = float((got - want).norm() / want.norm().clamp_min(1e-12))
         if not torch.isfinite(got).all() or error > CHECK_TOLERANCE:
             return f"its logits differ from the model's own forward (relative error {error:.3g})"

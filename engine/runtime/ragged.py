@@ -67,12 +67,14 @@ class RequestCache:
             buf_k, buf_v = self.keys[layer], self.values[layer] = grown_k, grown_v
         return buf_k, buf_v
 
-    def make_room(self, layers: int, new: int = 1) -> None:
-        """Room for ``new`` more tokens in every one of ``layers`` (each prefilled). Layers are appended in
-        lockstep, so their buffers grow together: checking layer 0 is enough until it is full."""
-        if self.lengths[0] + new > self.keys[0].shape[2]:
+    def make_room(self, layers: int, new: int = 1, like: torch.Tensor | None = None) -> None:
+        """Room for ``new`` more tokens in every one of ``layers``; an empty cache creates its buffers from
+        ``like`` ``[1, heads, 0, head_dim]``. Layers are appended in lockstep, so their buffers grow together:
+        checking layer 0 is enough until it is full."""
+        if 0 not in self.keys or self.lengths[0] + new > self.keys[0].shape[2]:
             for layer in range(layers):
-                self.reserve(layer, new)
+                self.reserve(layer, new, like, like)
+                self.lengths.setdefault(layer, 0)
 
     def advance(self, layers: int, new: int = 1) -> None:
         """Count ``new`` tokens written into every layer's buffers in place (the lean decode step's attention
