@@ -5,9 +5,11 @@ Llama of ``bench decode`` (TinyLlama's 2048/5632 shapes, RTN 4-bit) once per con
 seed, then times greedy KV-cached decoding of each in turn, ``--rounds`` times, while ``--busy`` processes
 spin on the CPU (a server shares its machine). Configurations:
 
-* ``tritonq``: what ``generate`` and ``serve`` run: tritonq's int4 op, q/k/v and gate/up fused, the fp16 head,
-  and :func:`~tritonq.engine.runtime.serve.decode_threads` (torch's ops on one thread, the op's pool on all);
-* ``tritonq-omp``: the same model with torch's ops on every thread too (no ``decode_threads``);
+* ``tritonq``: what ``generate`` and ``serve`` run (``generate_tokens``): tritonq's int4 op, q/k/v and gate/up
+  fused, the fp16 head, the lean decode step and :func:`~tritonq.engine.runtime.serve.decode_threads` (torch's
+  ops on one thread, the op's pool on all);
+* ``tritonq-omp``: the same model through transformers' forward with torch's ops on every thread too (no
+  ``decode_threads``);
 * ``aten``: the path before (``aten._weight_int4pack_mm_for_cpu``, a float32 head, torch's threads).
 
 Reported: decode tokens/s, median [min, max] over the rounds. Interleaving the configurations inside each
@@ -49,8 +51,14 @@ def decode_rate(model, ids: list[int], tokens: int, policy: bool) -> float:
 
     from transformers import DynamicCache
 
-    from ..engine.runtime.serve import decode_one_token, decode_threads, prefill
+    from ..engine.runtime.serve import decode_one_token, decode_threads, generate_tokens, prefill
 
+    if policy:  # exactly what generate and serve run (the lean step where it applies, under decode_threads)
+        stream = generate_tokens(model, ids, tokens + 1)
+        next(stream)  # the prompt's token
+        start = time.perf_counter()
+        produced = sum(1 for _ in stream)
+        return produced / (time.perf_counter() - start)
     with torch.inference_mode(), (decode_threads(model) if policy else contextlib.nullcontext()):
         cache = DynamicCache(config=model.config)
         logits = prefill(model, ids, cache)
