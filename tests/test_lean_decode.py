@@ -219,3 +219,24 @@ def test_generating_runs_every_int4_row_on_the_op():
     with cpu_gemv.generating():
         assert torch.equal(cpu_gemv.int4_linear(x, w, s, mn, 32), op)  # generation: int8 activations, fast
     assert not torch.equal(op, dense)
+
+
+def test_a_hooked_linear_is_called_as_a_module(monkeypatch):
+    """A pre-hook on a packed linear (an online rotation of its input) must run in the lean step too."""
+    from tritonq.bench.decode import random_llama, random_llama_config
+    from tritonq.engine.runtime.fused import fuse_input_sharing_linears
+    from tritonq.engine.runtime.qlinear import use_cpu_int4
+
+    config = random_llama_config(2, hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=320)
+    model = random_llama(config, "packed", torch.float32, seed=2, group_size=32)
+    use_cpu_int4(model)
+    fuse_input_sharing_linears(model)
+    calls = []
+    model.model.layers[1].mlp.down_proj.register_forward_pre_hook(lambda m, args: calls.append(1))
+    decoder = lean_decoder(model)
+    assert decoder is not None
+    calls.clear()
+    with torch.inference_mode():
+        decoder.forward([[3, 4, 5]], [RequestCache()])
+    assert calls == [1]

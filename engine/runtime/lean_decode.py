@@ -46,11 +46,16 @@ def _op(w: Tensor, scale: Tensor, minv: Tensor, group: int, bias: Tensor | None)
     return lambda x: ops.int4_gemm(x, w, scale, minv, group, bias)
 
 
+def _hooked(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs hooks (an online input rotation, say) that a direct op call would skip."""
+    return bool(module._forward_pre_hooks or module._forward_hooks)
+
+
 def _linear(module: nn.Module) -> Callable[[Tensor], Tensor]:
     """``module`` as a function of a float32 ``[M, K]`` input: tritonq's int4 op directly where the module is a
     plain :class:`QuantLinear` on it, else the module itself."""
     if isinstance(module, QuantLinear) and module.cpu_kernel == "tritonq" and module.input_order is None \
-            and module.rows_scale.dtype == torch.float16:
+            and module.rows_scale.dtype == torch.float16 and not _hooked(module):
         return _op(module.rows_weight, module.rows_scale, module.rows_min, module.cpu_group_size, module.bias)
     return module
 
@@ -61,7 +66,8 @@ def _concatenated(modules: list[nn.Module]) -> Callable[[Tensor], Tensor]:
     shared = getattr(modules[0], "shared", None)
     if all(isinstance(m, FusedMember) and m.shared is shared for m in modules) and modules[0].start == 0 and all(
         a.stop == b.start for a, b in zip(modules, modules[1:])
-    ) and modules[-1].stop == sum(m.out_features for m in modules) and shared.rows_scale.dtype == torch.float16:
+    ) and modules[-1].stop == sum(m.out_features for m in modules) and shared.rows_scale.dtype == torch.float16 \
+            and not any(_hooked(m) for m in modules):
         return _op(shared.rows_weight, shared.rows_scale, shared.rows_min, shared.group_size, shared.bias)
     functions = [_linear(m) for m in modules]
     return lambda x: torch.cat([f(x) for f in functions], dim=-1)
