@@ -240,3 +240,18 @@ def test_a_hooked_linear_is_called_as_a_module(monkeypatch):
     with torch.inference_mode():
         decoder.forward([[3, 4, 5]], [RequestCache()])
     assert calls == [1]
+
+
+def test_the_structural_check_refuses_a_model_that_ignores_its_cache():
+    """Negative control of ``ragged_forward_works``' tolerance: attention that drops the cache is far off."""
+    from tritonq.engine.runtime.ragged import STRUCTURAL_TOLERANCE, ragged_forward_works, relative_error
+
+    model = _family_model("llama", seed=4)
+    assert ragged_forward_works(model) is None
+    for layer in model.model.layers:
+        forward = layer.self_attn.forward
+        layer.self_attn.forward = lambda *a, _f=forward, **k: _f(*a, **{**k, "cache": None})
+    why = ragged_forward_works(model)
+    assert why is not None and "relative error" in why
+    assert relative_error(torch.tensor([1.0, float("nan")]), torch.ones(2)) == float("inf")
+    assert 0 < STRUCTURAL_TOLERANCE < 1

@@ -32,7 +32,7 @@ from torch import Tensor
 from ...kernels import cpu_attention, cpu_gemv
 from .fused import FusedMember
 from .qlinear import QuantLinear
-from .ragged import RequestCache
+from .ragged import STRUCTURAL_TOLERANCE, RequestCache, relative_error
 
 FAMILIES = ("llama", "mistral", "qwen2")
 _CACHED = "_tritonq_lean_decoder"
@@ -171,15 +171,10 @@ def lean_refusal(model: nn.Module) -> str | None:
     return None
 
 
-#: Relative L2 error of :func:`_matches_model`'s logits. It is structural: a float model's lean step is within
-#: 1e-5 of its own forward, while on int8-activation ops a rounding flip moved a random 22-layer Llama's logits by
-#: about 2%; a wrong rotary embedding or a missing bias is off by order one.
-CHECK_TOLERANCE = 0.1
-
-
 def _matches_model(model: nn.Module, decoder: LeanDecoder) -> str | None:
     """None if lean steps reproduce the model's own forward on a short prompt (two rows of different lengths),
-    else why not (:data:`CHECK_TOLERANCE`; the ops' precision is tested against float64 references)."""
+    else why not (:data:`~tritonq.engine.runtime.ragged.STRUCTURAL_TOLERANCE`; the ops' precision is tested
+    against float64 references)."""
     ids = [1, 2, 3, 4, 5]
     with torch.inference_mode():
         reference = model(input_ids=torch.tensor([ids])).logits[0].float()
@@ -190,8 +185,8 @@ def _matches_model(model: nn.Module, decoder: LeanDecoder) -> str | None:
     checks = ((prompts[0], reference[2]), (prompts[1], reference[1]), (step[0], reference[3]), (step[1], reference[2]),
               (again[0], reference[4]))
     for got, want in checks:
-        error = float((got - want).norm() / want.norm().clamp_min(1e-12))
-        if not torch.isfinite(got).all() or error > CHECK_TOLERANCE:
+        error = relative_error(got, want)
+        if error > STRUCTURAL_TOLERANCE:
             return f"its logits differ from the model's own forward (relative error {error:.3g})"
     return None
 
