@@ -100,6 +100,12 @@ class Generation:
     done: bool = False
 
 
+def _dynamic_cache(model: nn.Module) -> Cache:
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
 class BatchEngine:
     """Serves ``model`` to concurrent requests, decoding up to ``max_batch`` of them in each forward pass."""
 
@@ -214,12 +220,13 @@ class BatchEngine:
 
     def _join_all(self, joining: list[Generation]) -> None:
         """Prefill the joining requests (in the batch already) and take their first tokens: together in one pass
-        where the model allows it (:func:`~tritonq.engine.runtime.ragged.ragged_prefill`, bit-identical to
-        alone, in groups of at most :data:`PREFILL_TOKENS` padded tokens), else one by one."""
+        where each prompt then gets its alone logits (the lean forward; else transformers' forward padded,
+        :func:`~tritonq.engine.runtime.ragged.ragged_prefill`, where a check shows it), in groups of at most
+        :data:`PREFILL_TOKENS` tokens; else one by one."""
         ready = [r for r in joining if self._prepare(r)]
         if not self.prefill_together:
             for request in ready:
-                self._prefill_alone(request)
+                self._prefill_group([request])
             return
         group: list[Generation] = []
         for request in ready:
@@ -243,42 +250,33 @@ class BatchEngine:
         return True
 
     def _prefill_group(self, group: list[Generation]) -> None:
-        if len(group) == 1:
-            self._prefill_alone(group[0])
-            return
         for request in group:
-            request.cache = RequestCache()
+            request.cache = RequestCache() if self.batched else _dynamic_cache(self.model)
+        self._run_pass(group, lambda: self._prompt_logits(group))
+
+    def _prompt_logits(self, group: list[Generation]) -> torch.Tensor:
+        """The logits after each prompt of ``group`` (empty caches), ``[len(group), vocab]``."""
+        ids, caches = [r.ids for r in group], [r.cache for r in group]
+        if self.lean is not None:
+            return self.lean.forward(ids, caches)
+        if len(group) > 1:
+            return ragged_prefill(self.model, ids, caches)
+        if self.batched:
+            return ragged_forward(self.model, ids, caches)
+        return prefill(self.model, ids[0], caches[0])[None]
+
+    def _run_pass(self, rows: list[Generation], logits_of: Callable[[], torch.Tensor]) -> None:
+        """One forward pass for ``rows``, then one token each; a pass that raises fails every request in it
+        (not the engine)."""
         try:
             with torch.inference_mode():
-                if self.lean is not None:
-                    logits = self.lean.forward([r.ids for r in group], [r.cache for r in group])
-                else:
-                    logits = ragged_prefill(self.model, [r.ids for r in group], [r.cache for r in group])
-        except Exception as exc:  # the pass failed: so did every request in it
-            for request in group:
+                logits = logits_of()
+        except Exception as exc:
+            for request in rows:
                 self._fail(request, exc)
             return
-        for request, row in zip(group, logits, strict=True):
+        for request, row in zip(rows, logits, strict=True):
             self._accept(request, row)
-
-    def _prefill_alone(self, request: Generation) -> None:
-        try:
-            with torch.inference_mode():
-                if self.lean is not None:
-                    request.cache = RequestCache()
-                    logits = self.lean.forward([request.ids], [request.cache])[0]
-                elif self.batched:
-                    request.cache = RequestCache()
-                    logits = ragged_forward(self.model, [request.ids], [request.cache])[0]
-                else:
-                    from transformers import DynamicCache
-
-                    request.cache = DynamicCache(config=self.model.config)
-                    logits = prefill(self.model, request.ids, request.cache)
-        except Exception as exc:
-            self._fail(request, exc)
-            return
-        self._accept(request, logits)
 
     def _drop_cancelled(self) -> None:
         for request in [r for r in self._active if r.cancelled.is_set()]:
@@ -287,20 +285,12 @@ class BatchEngine:
     def _step(self) -> None:
         """One forward pass for every active request, then one token each."""
         rows = list(self._active)
-        try:
-            with torch.inference_mode():
-                if self.lean is not None:
-                    logits = self.lean.step([r.last for r in rows], [r.cache for r in rows])
-                elif self.batched:
-                    logits = ragged_forward(self.model, [[r.last] for r in rows], [r.cache for r in rows])
-                else:
-                    logits = torch.stack([decode_one_token(self.model, r.last, r.cache) for r in rows])
-        except Exception as exc:  # the pass failed: so did every request in it
-            for request in rows:
-                self._fail(request, exc)
-            return
-        for request, row in zip(rows, logits, strict=True):
-            self._accept(request, row)
+        if self.lean is not None:
+            self._run_pass(rows, lambda: self.lean.step([r.last for r in rows], [r.cache for r in rows]))
+        elif self.batched:
+            self._run_pass(rows, lambda: ragged_forward(self.model, [[r.last] for r in rows], [r.cache for r in rows]))
+        else:
+            self._run_pass(rows, lambda: torch.stack([decode_one_token(self.model, r.last, r.cache) for r in rows]))
 
     def _accept(self, request: Generation, logits: torch.Tensor) -> None:
         """Sample ``request``'s next token from ``logits`` and hand out its text; finish it if that ends it.
