@@ -63,6 +63,7 @@ class CompressedTensorsFormat(PackedFormat):
     """
 
     name = "compressed-tensors"
+    holds_online_transform = True  # its record, in quantization.json and config.json
     head_block = -1  # --quantize-head: lm_head and embedding as two more config groups, scales per channel
     head_note = ("the int8 embedding table is a config group targeting the Embedding module, which compressed-tensors "
                  "expresses but transformers 5.x cannot load (AttributeError: 'Embedding' object has no attribute "
