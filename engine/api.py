@@ -220,6 +220,10 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
     t0 = time.perf_counter()
     if act is not None:  # the saved config says how the model runs (eval, serve and export read it)
         weights.model.config.tritonq_activations = act.describe()
+    if online is not None:  # and that its down_proj input is rotated at run time (engine/online_hadamard.py)
+        from .online_hadamard import CONFIG_KEY
+
+        setattr(weights.model.config, CONFIG_KEY, online.describe())
     meta = {
         "method": method.name, **method.describe(), "bits": spec.bits, "group_size": spec.group_size,
         "sym": spec.sym, "mse": spec.mse, "activations": None if act is None else act.describe(),

@@ -42,9 +42,10 @@ import torch.nn as nn
 from ..errors import TritonqError
 from .adapters import Adapter, ScalePair
 from .orthogonal import hadamard_factors, random_orthogonal
-from .outputs import QUANT_JSON, read_quantization_json
+from .outputs import QUANT_JSON, read_json_object, read_quantization_json
 
 RECORD_KEY = "online_hadamard"  # quantization.json's entry
+CONFIG_KEY = "tritonq_online_hadamard"  # config.json's (beside tritonq_activations): packed copies keep it
 
 
 class OnlineHadamard(nn.Module):
@@ -170,11 +171,16 @@ def apply_online(model: nn.Module, adapter: Adapter, seed: int, fold: bool) -> O
 
 
 def saved_record(directory: str | Path) -> dict | None:
-    """The online transform a tritonq output (fake or packed: both keep ``quantization.json``) was made with."""
-    meta = Path(directory) / QUANT_JSON
-    if not meta.is_file():
-        return None
-    return read_quantization_json(meta).get(RECORD_KEY) or None
+    """The online transform a tritonq output (fake or packed) was made with: ``quantization.json``'s record, else
+    ``config.json``'s (a checkpoint copied without its ``quantization.json`` still runs as it was made)."""
+    path = Path(directory)
+    if (path / QUANT_JSON).is_file():
+        record = read_quantization_json(path / QUANT_JSON).get(RECORD_KEY)
+        if record:
+            return record
+    if (path / "config.json").is_file():
+        return read_json_object(path / "config.json", "restore its config.json").get(CONFIG_KEY) or None
+    return None
 
 
 def attach_saved(model: nn.Module, directory: str | Path, adapter: Any = None) -> OnlineHadamard | None:

@@ -104,6 +104,42 @@ def test_scale_pair_across_the_transform_is_dropped(tmp_path):
     assert "mlp.up_proj" in [p.smooth for p in adapter.input_pairs]
 
 
+def test_propagation_runs_the_transform_once(tmp_path):
+    """The pipeline's next-block inputs equal the quantized block run as eval runs it: the down_proj tail is replayed
+    from its own (unrotated) input, so the wrapper rotates it once (a replay of the rotated input would rotate it
+    twice)."""
+    from collections import defaultdict
+
+    from tritonq.engine.activations import apply_activation_quant
+    from tritonq.engine.cache import ActivationCache
+    from tritonq.engine.grid import GridSpec
+    from tritonq.engine.methods.act_quant import WithActivationQuant
+    from tritonq.engine.methods.registry import make_method
+    from tritonq.engine.pipeline import QuantizeReport, quantize_block
+    from tritonq.engine.stages import capture_block_inputs, run_block
+
+    model = _family_model("llama").float()
+    _randomize(model)
+    adapter = adapter_for(model.config)
+    rotate_model(model, adapter, RotationSpec("hadamard", seed=1))
+    apply_online(model, adapter, seed=1, fold=True)
+    adapter = without_online_pairs(adapter)
+    act = ActSpec(8, "per-token", True)
+    method = WithActivationQuant(make_method("rtn", None), act)
+    device = torch.device("cpu")
+    chunks = capture_block_inputs(model, adapter, [_ids(vocab=256, n=1, seed=s) for s in (1, 2)], device)
+    block = adapter.block_list(model)[0]
+    report = QuantizeReport(seconds=defaultdict(float))
+    out, _ = quantize_block(block, 0, chunks, adapter, model.config, method, GridSpec(bits=8, group_size=32), device,
+                            ActivationCache("device", device), report)
+    apply_activation_quant(block, act, adapter.linear_names())
+    with torch.no_grad():
+        for c, o in zip(chunks, out):
+            want = run_block(block, c.hidden, c.kwargs)
+            assert (want - c.hidden).abs().max() > 0.01  # the block does something
+            torch.testing.assert_close(o.hidden, want, rtol=1e-5, atol=1e-6)
+
+
 def _transform_first_reference(linear_weight, bias, t, x, spec):
     return fake_quantize_activation(t(x), spec) @ linear_weight.T + bias
 
@@ -177,25 +213,40 @@ def calib_file(tmp_path_factory):
     return path
 
 
-def test_quantize_records_and_round_trips(tmp_path, calib_file):
-    """W4A8 GPTQ rotated: the record, the fake output's logits rebuilt by eval, and the compressed-tensors output's
-    packed logits equal the fake ones; the float invariance holds through the saved model (act quantization off)."""
-    from tritonq.engine.api import QuantizeOptions, load_evaluation_model, quantize
+@pytest.fixture(scope="module")
+def w4a8(tmp_path_factory, calib_file):
+    """W4A8 GPTQ with --rotate hadamard on a tiny Llama: the fake output and its compressed-tensors twin."""
+    from tritonq.engine.api import QuantizeOptions, quantize
 
-    src = make_family_model(tmp_path / "src", "llama")
+    root = tmp_path_factory.mktemp("w4a8")
+    src = make_family_model(root / "src", "llama")
     common = dict(model=str(src), method="gptq", bits=4, group_size=32, act_bits=8, rotate="hadamard", rotate_seed=3,
                   calib=str(calib_file), nsamples=8, seqlen=64, device="cpu", dtype="float32", progress=False)
-    quantize(QuantizeOptions(output=str(tmp_path / "fake"), **common))
-    quantize(QuantizeOptions(output=str(tmp_path / "ct"), out_format="compressed-tensors", **common))
-    meta = json.loads((tmp_path / "fake" / "quantization.json").read_text())
+    quantize(QuantizeOptions(output=str(root / "fake"), **common))
+    with pytest.warns(UserWarning, match="transform_config cannot express"):
+        quantize(QuantizeOptions(output=str(root / "ct"), out_format="compressed-tensors", **common))
+    return root
+
+
+def test_quantize_records_and_round_trips(w4a8):
+    """The record, the fake output's logits rebuilt by eval, and the compressed-tensors output's packed logits equal
+    the fake ones; without the online part the saved weights are another model."""
+    from tritonq.engine.api import load_evaluation_model
+
+    meta = json.loads((w4a8 / "fake" / "quantization.json").read_text())
     assert meta["online_hadamard"] == {"size": 128, "base_order": 1, "power_of_two": 128,
                                        "construction": "Sylvester 128, random signs", "seed": 3,
                                        "at": "down_proj input"}
-    assert json.loads((tmp_path / "ct" / "quantization.json").read_text())["online_hadamard"] == meta["online_hadamard"]
-    fake = load_evaluation_model(str(tmp_path / "fake"), torch.device("cpu"), torch.float32)
-    packed = load_evaluation_model(str(tmp_path / "ct"), torch.device("cpu"), torch.float32)
+    for out in ("fake", "ct"):
+        assert json.loads((w4a8 / out / "quantization.json").read_text())["online_hadamard"] == meta["online_hadamard"]
+        config = json.loads((w4a8 / out / "config.json").read_text())
+        assert config["tritonq_online_hadamard"] == meta["online_hadamard"]
+        assert not (config.get("quantization_config") or {}).get("transform_config")  # none: see the warning
+    fake = load_evaluation_model(str(w4a8 / "fake"), torch.device("cpu"), torch.float32)
+    packed = load_evaluation_model(str(w4a8 / "ct"), torch.device("cpu"), torch.float32)
     down = fake.model.layers[0].mlp.down_proj
     assert isinstance(down, ActQuantLinear) and isinstance(down.linear.input_transform, OnlineHadamard)
+    assert isinstance(packed.model.layers[0].mlp.down_proj.linear.input_transform, OnlineHadamard)
     ids = _ids()
     with torch.no_grad():
         a, b = fake(input_ids=ids).logits, packed(input_ids=ids).logits
@@ -207,6 +258,38 @@ def test_quantize_records_and_round_trips(tmp_path, calib_file):
     with torch.no_grad():
         c = fake(input_ids=ids).logits
     assert float((a - c).pow(2).mean() / a.pow(2).mean()) > 1e-3
+
+
+def test_eval_and_generate_rebuild_it(w4a8, tmp_path):
+    """``tritonq eval`` (``evaluate``) scores fake and packed alike; ``generate``'s loader and a packed copy
+    without its quantization.json (config.json's record) run the transform too."""
+    import shutil
+
+    from tritonq.engine.api import evaluate
+    from tritonq.engine.data import pydoc_corpus
+    from tritonq.engine.runtime.serve import load_generation_model
+
+    data = tmp_path / "heldout.txt"
+    data.write_text(pydoc_corpus()[200000:206000], encoding="utf-8")
+    fake = evaluate(str(w4a8 / "fake"), str(data), seqlen=128, device="cpu", progress=False).perplexity
+    packed = evaluate(str(w4a8 / "ct"), str(data), seqlen=128, device="cpu", progress=False).perplexity
+    assert abs(packed / fake - 1) < 0.005
+    model, _ = load_generation_model(str(w4a8 / "fake"), "cpu", "float32")
+    assert isinstance(model.model.layers[1].mlp.down_proj.input_transform, OnlineHadamard)
+    copy = tmp_path / "ct-copy"
+    shutil.copytree(w4a8 / "ct", copy)
+    (copy / "quantization.json").unlink()
+    again = evaluate(str(copy), str(data), seqlen=128, device="cpu", progress=False).perplexity
+    assert again == pytest.approx(packed, rel=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["gptq_v2", "awq"])
+def test_pack_refuses_formats_without_it(w4a8, tmp_path, fmt):
+    from tritonq.engine.formats.registry import save_packed
+
+    with pytest.raises(TritonqError, match=f"which {fmt} cannot hold; pack it as compressed-tensors"):
+        save_packed(w4a8 / "fake", tmp_path / "out", fmt)
+    assert not (tmp_path / "out").exists()
 
 
 def test_weight_only_rotation_stays_offline(tmp_path):
