@@ -118,10 +118,14 @@ class ActQuantLinear(nn.Module):
         return self.linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        transform = getattr(self.linear, "input_transform", None)  # the online Hadamard (online_hadamard.py)
+        if transform is not None:  # rotate, then quantize; the inner linear's forward skips its own hook
+            x = transform(x)
         run_quantized = getattr(self.linear, "forward_act", None)  # an int8 runtime layer quantizes for real
         if run_quantized is not None:
             return run_quantized(x, self.spec)
-        return self.linear(fake_quantize_activation(x, self.spec))
+        x = fake_quantize_activation(x, self.spec)
+        return self.linear(x) if transform is None else self.linear.forward(x)
 
     def extra_repr(self) -> str:
         sym = "sym" if self.spec.sym else "asym"

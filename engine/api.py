@@ -187,6 +187,14 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
         seconds["rotate"] = time.perf_counter() - t0
         if opts.progress and collective.is_writer:
             print(rotated.log_line())
+    online = None
+    if rotated is not None and act is not None:  # quantized activations: the down_proj input rotated at run time
+        from .online_hadamard import apply_online, without_online_pairs
+
+        online = apply_online(weights.model, adapter, rotation.seed, fold=True)
+        adapter = without_online_pairs(adapter)  # no channel scale crosses the transform
+        if opts.progress and collective.is_writer:
+            print(f"online Hadamard at the down_proj input: {online.extra_repr()}")
     if not weights.streamed:
         method.prepare(weights.model, adapter)  # the model-level step, before the block inputs are captured
     # [distributed] rank 0 writes the blocks and the commit mark; every rank keeps its own share of the inputs
@@ -212,6 +220,10 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
     t0 = time.perf_counter()
     if act is not None:  # the saved config says how the model runs (eval, serve and export read it)
         weights.model.config.tritonq_activations = act.describe()
+    if online is not None:  # and that its down_proj input is rotated at run time (engine/online_hadamard.py)
+        from .online_hadamard import CONFIG_KEY
+
+        setattr(weights.model.config, CONFIG_KEY, online.describe())
     meta = {
         "method": method.name, **method.describe(), "bits": spec.bits, "group_size": spec.group_size,
         "sym": spec.sym, "mse": spec.mse, "activations": None if act is None else act.describe(),
@@ -225,6 +237,8 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
     }
     if rotated is not None:  # recorded only where the run rotates: unrotated records stay as they were
         meta["rotate"], meta["rotation"] = rotation.kind, rotated.describe()
+    if online is not None:
+        meta["online_hadamard"] = online.describe()
     if resumed_from:
         meta["resumed_from_block"] = resumed_from
     from .formats.checkpoint import RunCheckpoint
@@ -324,9 +338,11 @@ def evaluate(model_name: str, data: str, max_windows: int | None = None, seqlen:
     tokenizer = load_tokenizer(model_name, trust_remote_code)
     corpus = load_corpus(data, split="test")
     windows = evaluation_windows(tokenize(tokenizer, corpus.text), seqlen, max_windows, corpus.source)
+    from .online_hadamard import saved_record
     from .runtime.serve import is_packed_checkpoint
 
-    if not is_packed_checkpoint(model_name):  # float weights in safetensors shards: streamed block by block
+    online = Path(model_name).is_dir() and saved_record(model_name) is not None  # its hooks need the whole model
+    if not is_packed_checkpoint(model_name) and not online:  # float weights in shards: streamed block by block
         weights = open_weights(model_name, resolve_dtype(dtype, dev), trust_remote_code)
         if weights.streamed:
             saved = saved_act_spec(model_name) if Path(model_name).is_dir() else None
@@ -349,7 +365,11 @@ def load_evaluation_model(model_name: str, device: torch.device, dtype: torch.dt
     if is_packed_checkpoint(model_name):  # packed int4: our QuantLinear path, no float weights
         model, _ = load_packed_model(model_name, device=str(device), dtype=str(dtype).replace("torch.", ""))
     else:
+        from .online_hadamard import attach_saved
+
         model = load_model(model_name, dtype, trust_remote_code)
+        if Path(model_name).is_dir():
+            attach_saved(model, model_name)  # the online Hadamard it was quantized with (the act wrappers run it)
     apply_run_activation_quant(model, model_name, act_bits, act_scheme, act_sym)
     return model
 

@@ -109,6 +109,22 @@ def hadamard(n: int) -> tuple[torch.Tensor, str] | None:
     return None
 
 
+def hadamard_factors(n: int) -> tuple[torch.Tensor | None, int, str] | None:
+    """``H_n = B (x) Sylvester(p)`` as its factors ``(B, p, how)`` for the fast transform (``kernels/hadamard.py``):
+    ``B`` the +-1 base of the smallest order ``m = n / p`` Paley builds (None where ``m`` is 1, ``p = n``), the
+    same matrix as :func:`hadamard`; None where no construction here applies."""
+    built = hadamard(n)
+    if built is None:
+        return None
+    _, how = built
+    if how.startswith("Sylvester"):
+        return None, n, how
+    power = n & -n
+    while _base(n // power) is None or n // power <= 2:
+        power //= 2
+    return _base(n // power)[1], power, how
+
+
 def random_orthogonal(n: int, generator: torch.Generator) -> torch.Tensor:
     """A Haar-random orthogonal ``[n, n]`` in float64: QR of a Gaussian, the signs of ``diag(R)`` moved into ``Q``
     so the distribution is uniform (Mezzadri 2007, "How to generate random matrices from the classical compact

@@ -196,7 +196,9 @@ def preflight(method: Method, model_name: str, spec: GridSpec, *, default_group:
     record = config.to_dict()
     vocabulary = None if out_format == "fake" else tokenizer_json(tokenizer)  # a fake output holds no vocabulary
     check_request(out_format, FormatRequest(layer_grids=grids, config=record, tokenizer_json=vocabulary,
-                                            act_order_groups=method.act_order_groups(), activations=act))
+                                            act_order_groups=method.act_order_groups(), activations=act,
+                                            online_transform=act is not None and rotation is not None
+                                            and rotation.active))
     check_kernel_limits(method, out_format, grids, widths, device, dtype)
     check_quantize_head(quantize_head, out_format, record, act, adapter)
     return Preflight(method, spec, grids, act, adapter, widths, record)

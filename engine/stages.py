@@ -123,9 +123,10 @@ class Stage:
         for name, fn in group.output_hooks:
             handles.append(self.block.get_submodule(name).register_forward_hook(
                 lambda _m, args, out, fn=fn: self._call(fn, args[0] if args else None, out)))
-        if self.tail_input is not None:
+        if self.tail_input is not None:  # the tail's own input, before any input transform of its own (prepended:
+            # engine/online_hadamard.py's pre-hook runs after it), since the replay calls the tail again on it
             handles.append(self.block.get_submodule(self.tail_input).register_forward_pre_hook(
-                lambda _m, args: self._call(self.tail_inputs.append, self.cache.keep(args[0]))))
+                lambda _m, args: self._call(self.tail_inputs.append, self.cache.keep(args[0])), prepend=True))
         for name, outputs in self.recorded.items():
             handles.append(self.block.get_submodule(name).register_forward_hook(
                 lambda _m, _args, out, outputs=outputs: outputs.append(self.cache.keep(out))))

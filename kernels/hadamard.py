@@ -48,9 +48,10 @@ def power_of_two_part(n: int, base: torch.Tensor | None) -> int:
 
 
 def fwht_ref(x: torch.Tensor) -> torch.Tensor:
-    """``x S_p`` for rows ``x`` [M, p] (p a power of two), unscaled, in fp32: the kernel's butterflies in its order."""
+    """``x S_p`` for rows ``x`` [M, p] (p a power of two), unscaled, in fp32 (float64 stays float64, for exactness
+    tests): the kernel's butterflies in its order."""
     m, p = x.shape
-    y = x.float()
+    y = x if x.dtype == torch.float64 else x.float()
     h = 1
     while h < p:
         y = y.reshape(m, p // (2 * h), 2, h)
@@ -61,16 +62,17 @@ def fwht_ref(x: torch.Tensor) -> torch.Tensor:
 
 
 def _apply_base(y: torch.Tensor, base: torch.Tensor | None, n: int) -> torch.Tensor:
-    """``B X`` for each row viewed as ``X`` [m, p] (fp32), then the scale ``1 / sqrt(n)``."""
+    """``B X`` for each row viewed as ``X`` [m, p] (in ``y``'s dtype: fp32, or float64), then the scale
+    ``1 / sqrt(n)``."""
     if base is not None and base.shape[0] > 1:
         m = base.shape[0]
-        y = torch.matmul(base.to(device=y.device, dtype=torch.float32), y.reshape(-1, m, n // m)).reshape(-1, n)
+        y = torch.matmul(base.to(device=y.device, dtype=y.dtype), y.reshape(-1, m, n // m)).reshape(-1, n)
     return y * (1.0 / math.sqrt(n))
 
 
 def hadamard_transform_ref(x: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
-    """Reference: ``x H^T / sqrt(n)`` along the last dimension, ``H = base (x) Sylvester(p)``, computed in fp32;
-    ``x``'s dtype out."""
+    """Reference: ``x H^T / sqrt(n)`` along the last dimension, ``H = base (x) Sylvester(p)``, computed in fp32
+    (float64 for float64 ``x``); ``x``'s dtype out."""
     n = x.shape[-1]
     p = power_of_two_part(n, base)
     rows = x.reshape(-1, n)

@@ -42,6 +42,7 @@ class FormatRequest:
     tokenizer_json: dict | None  # the tokenizer's tokenizer.json (formats that embed the vocabulary need it)
     act_order_groups: str | None  # None, "static" or "dynamic" (Method.act_order_groups)
     activations: ActSpec | None  # the run's activation quantization, None for weight-only
+    online_transform: bool = False  # the run rotates the down_proj input at run time (engine/online_hadamard.py)
 
 
 class OutputFormat:
@@ -53,6 +54,9 @@ class OutputFormat:
     head_block: ClassVar[int | None] = None
     #: what other loaders make of those tables, when it needs saying (warned and kept in quantization.json)
     head_note: ClassVar[str | None] = None
+    #: whether a checkpoint in this layout can carry an online transform of a linear's input (the online Hadamard
+    #: of ``--rotate`` with ``--act-bits``): other loaders of the layout would run the model without it
+    holds_online_transform: ClassVar[bool] = False
 
     def check(self, request: FormatRequest) -> None:
         """Refuse a request this layout cannot hold, before any work; the message names the fix."""

@@ -63,6 +63,7 @@ class CompressedTensorsFormat(PackedFormat):
     """
 
     name = "compressed-tensors"
+    holds_online_transform = True  # its record, in quantization.json and config.json
     head_block = -1  # --quantize-head: lm_head and embedding as two more config groups, scales per channel
     head_note = ("the int8 embedding table is a config group targeting the Embedding module, which compressed-tensors "
                  "expresses but transformers 5.x cannot load (AttributeError: 'Embedding' object has no attribute "
@@ -99,6 +100,12 @@ class CompressedTensorsFormat(PackedFormat):
         return ct.Scheme(targets=list(targets), weights=args, input_activations=inputs, format=fmt)
 
     def extra_kwargs(self, ckpt: Checkpoint) -> dict:
+        if ckpt.meta.get("online_hadamard"):  # engine/online_hadamard.py: why no transform_config is written
+            # compressed-tensors 0.20.1: "hadamard" is Sylvester only (power-of-two sizes, no signs); "random-hadamard"
+            # draws its signs from a generator whose seed the config does not carry, over its own base table
+            warn("compressed-tensors' transform_config cannot express tritonq's online Hadamard (seeded signs, "
+                 "Paley x Sylvester), so none is written; tritonq keeps its record (tritonq_online_hadamard in "
+                 "config.json); other loaders (vLLM, llm-compressor) will run the down_proj inputs unrotated")
         activations = ckpt.meta.get("activations")
         return {"activations": activations} if activations else {}
 

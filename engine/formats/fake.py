@@ -22,6 +22,7 @@ class FakeFormat(OutputFormat):
     """Float weights on the grid, any grid per layer (nothing to refuse)."""
 
     name = "fake"
+    holds_online_transform = True  # quantization.json records it
 
     def write(self, ckpt: Checkpoint, out: Path, shard_bytes: int | None = None) -> None:
         writer = ShardedWriter(out, shard_bytes)

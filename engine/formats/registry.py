@@ -67,6 +67,11 @@ def save_packed(
         raise TritonqError(f"unknown format {fmt!r}; 'tritonq pack' writes {', '.join(PACK_FORMATS)}")
     check_output_dir(out_dir, overwrite)  # unwritable, or not ours to replace: refused before packing
     writer = FORMATS[fmt]
+    from ..online_hadamard import saved_record
+
+    if saved_record(src_dir) is not None and not writer.holds_online_transform:
+        raise TritonqError(f"{src_dir} was quantized with the online Hadamard (--rotate with --act-bits), which "
+                           f"{fmt} cannot hold; pack it as compressed-tensors")
     ckpt = FakeDirectory(src_dir, layers)
     with atomic_output_dir(out_dir, overwrite) as tmp:
         writer.write(ckpt, tmp, shard_bytes)

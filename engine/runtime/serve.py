@@ -94,6 +94,9 @@ def load_packed_model(directory: str | os.PathLike, device: str = "auto", dtype:
             f"{path} lacks tensors for {len(missing)} parameters (e.g. {missing[0]}); "
             "the checkpoint is incomplete"
         )
+    from ..online_hadamard import attach_saved
+
+    attach_saved(model, path)  # the online Hadamard it was quantized with (before the act wrappers, which run it)
     act = saved_act_spec(path)
     if act is not None:  # a W8A8 / W4A8 checkpoint runs on quantized inputs, as it was calibrated
         apply_activation_quant(model, act, sorted(set(layers) - tables))
@@ -133,10 +136,13 @@ def load_generation_model(name: str, device: str = "auto",
     if is_packed_checkpoint(name):
         return load_packed_model(name, device, dtype)
     from ..model_io import load_model, load_tokenizer
+    from ..online_hadamard import attach_saved
 
     dev, dt = resolve_device_dtype(device, dtype)
     tokenizer = load_tokenizer(str(name))
     model = load_model(str(name), dt).to(dev).eval()
+    if Path(name).is_dir():
+        attach_saved(model, name)
     return model, tokenizer
 
 
