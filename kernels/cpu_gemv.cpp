@@ -44,6 +44,15 @@ constexpr int64_t kRows = 16;     // output rows per block: one 512-bit register
 constexpr int64_t kXBlock = 32;   // activations share one scale per 32 inputs
 constexpr int kMaxTile = 8;       // activation rows held in registers at once
 
+#if TRITONQ_VNNI
+// Asks for the `lines` cache lines at `p` ahead of their use. A decode step streams ~100 MB of weights through
+// the caches, and the hardware prefetcher alone left the loops waiting on memory: prefetching about a 16-row
+// block ahead (4 KB at K = 576) made SmolLM2's 1-row and 8-row steps 3-11% faster (measured side by side).
+inline void prefetch_lines(const void* p, int lines) {
+  for (int i = 0; i < lines; ++i) _mm_prefetch(static_cast<const char*>(p) + 64 * i, _MM_HINT_T0);
+}
+#endif
+
 // Activations quantized per row and 32-input block: q = rint(x * 127 / amax), scale = amax / 127.
 struct QuantizedX {
   at::Tensor q;       // int8 [M, K]
@@ -138,6 +147,7 @@ void int4_rows(const Int4Args& a, int64_t block, int64_t m0) {
       // are exact, so the result is the same in any order
       __m512i acc_lo[MT], acc_hi[MT];
       for (int m = 0; m < MT; ++m) acc_lo[m] = acc_hi[m] = _mm512_setzero_si512();
+      prefetch_lines(wp + 4096, 4);  // this 32-input block's 4 lines, 4 KB ahead
       for (int c = 0; c < 4; ++c, wp += 64) {
         const __m512i v = _mm512_loadu_si512(wp);
         const __m512i lo = _mm512_and_si512(v, low);
@@ -238,6 +248,7 @@ void int8_rows(const Int8Args& a, int64_t block, int64_t m0) {
       acc[m] = _mm512_set1_epi32(-128 * a.isum[(m0 + m) * nb + b]);
       odd[m] = _mm512_setzero_si512();
     }
+    prefetch_lines(wp + 4096, 8);
     for (int c = 0; c < 8; c += 2, wp += 128) {
       const __m512i v0 = _mm512_loadu_si512(wp), v1 = _mm512_loadu_si512(wp + 64);
       const int64_t kk = b * kXBlock + c * 4;
@@ -311,6 +322,7 @@ void f16_rows(const F16Args& a, int64_t block, int64_t m0) {
   for (int m = 0; m < MT; ++m)
     for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_setzero_ps();
   for (int64_t kk = 0; kk < a.k; kk += 4) {
+    prefetch_lines(wp + (kk + 64) * kRows, 2);  // these 4 inputs' 128 bytes, 2 KB ahead
     for (int j = 0; j < 4; ++j) {
       const __m512 w = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + (kk + j) * kRows)));
       for (int m = 0; m < MT; ++m) acc[m][j] = _mm512_fmadd_ps(_mm512_set1_ps(a.x[(m0 + m) * a.k + kk + j]), w, acc[m][j]);
@@ -353,10 +365,9 @@ void f16_dispatch(const F16Args& a, int64_t block, int64_t m0, int64_t mt) {
 }
 
 // Row blocks per work item: small enough to balance two threads on a 256-row projection, large enough that
-// the atomic counter is touched rarely; one block when several rows make each block compute-bound.
-int64_t chunk_for(int64_t blocks, int64_t m_rows) {
-  return m_rows >= 4 ? 1 : std::max<int64_t>(1, std::min<int64_t>(4, blocks / 16));
-}
+// the atomic counter is touched rarely and that each thread streams runs of consecutive blocks (one-block items
+// at 4 or more rows interleaved the threads' reads and cost 7-15% at 4-8 rows, measured).
+int64_t chunk_for(int64_t blocks) { return std::max<int64_t>(1, std::min<int64_t>(4, blocks / 16)); }
 
 void check_x(const at::Tensor& x, int64_t k) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == k, "x must be [M, ", k, "], got ", x.sizes());
@@ -380,7 +391,7 @@ at::Tensor int4_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
                    bias && bias->defined() ? bias->contiguous().data_ptr<float>() : nullptr, y.data_ptr<float>(),
                    k, n, group};
   const int64_t m_rows = x.size(0);
-  parallel_dynamic(blocks, chunk_for(blocks, x.size(0)), [&](int64_t begin, int64_t end) {
+  parallel_dynamic(blocks, chunk_for(blocks), [&](int64_t begin, int64_t end) {
     for (int64_t block = begin; block < end; ++block) tiles(a, block, m_rows, int4_dispatch);
   });
   return y;
@@ -401,7 +412,7 @@ at::Tensor int8_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
                    bias && bias->defined() ? bias->contiguous().data_ptr<float>() : nullptr, y.data_ptr<float>(),
                    k, n};
   const int64_t m_rows = x.size(0);
-  parallel_dynamic(blocks, chunk_for(blocks, x.size(0)), [&](int64_t begin, int64_t end) {
+  parallel_dynamic(blocks, chunk_for(blocks), [&](int64_t begin, int64_t end) {
     for (int64_t block = begin; block < end; ++block) tiles(a, block, m_rows, int8_dispatch);
   });
   return y;
@@ -417,7 +428,7 @@ at::Tensor f16_gemm(const at::Tensor& x, const at::Tensor& w, const c10::optiona
   const F16Args a{w.data_ptr<at::Half>(), x.data_ptr<float>(),
                   bias && bias->defined() ? bias->contiguous().data_ptr<float>() : nullptr, y.data_ptr<float>(), k, n};
   const int64_t m_rows = x.size(0);
-  parallel_dynamic(blocks, chunk_for(blocks, x.size(0)), [&](int64_t begin, int64_t end) {
+  parallel_dynamic(blocks, chunk_for(blocks), [&](int64_t begin, int64_t end) {
     for (int64_t block = begin; block < end; ++block) tiles(a, block, m_rows, f16_dispatch);
   });
   return y;
