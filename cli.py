@@ -262,6 +262,10 @@ def _add_serve(sub) -> None:
                    help="requests decoded together in one forward pass per step (continuous batching; default 8)")
     p.add_argument("--max-queue", type=int, default=32,
                    help="requests that may wait for a batch slot; more get HTTP 429 with Retry-After (default 32)")
+    p.add_argument("--prefix-cache-tokens", type=int, default=2048,  # batching.PREFIX_CACHE_TOKENS
+                   help="prompt positions whose keys and values are kept for later prompts that start the same "
+                        "way (a system prompt, a resent conversation): restored, not recomputed; 0 turns it off "
+                        "(default 2048)")
     _add_model_args(p)
     p.set_defaults(handler=_run_serve)
 

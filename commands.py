@@ -397,7 +397,8 @@ def generate(args) -> int:
 
 
 def serve(args) -> int:
-    """``tritonq serve DIR [--host 127.0.0.1] [--port 8000] [--max-batch 8] [--max-queue 32]``: the
+    """``tritonq serve DIR [--host 127.0.0.1] [--port 8000] [--max-batch 8] [--max-queue 32]
+    [--prefix-cache-tokens 2048]``: the
     OpenAI-compatible server, batching concurrent requests, until interrupted."""
     import sys
     from pathlib import Path
@@ -414,11 +415,11 @@ def serve(args) -> int:
     from .engine.runtime.batching import check_bounds
     from .engine.runtime.serve import load_generation_model
 
-    check_bounds(args.max_batch, args.max_queue)
+    check_bounds(args.max_batch, args.max_queue, args.prefix_cache_tokens)
     check_model_files(args.model)
     model, tokenizer = load_generation_model(args.model, args.device, args.dtype)
     model_id = Path(args.model).resolve().name
-    app = create_app(model, tokenizer, model_id, args.max_batch, args.max_queue)
+    app = create_app(model, tokenizer, model_id, args.max_batch, args.max_queue, args.prefix_cache_tokens)
     engine = app.state.engine
     mode = f"batches of up to {engine.max_batch}" if engine.batched else "one row at a time per step"
     print(f"serving {model_id} on http://{args.host}:{args.port}/v1 ({model.device}, {model.dtype}; {mode}, "

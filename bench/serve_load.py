@@ -5,12 +5,16 @@ Starts the server in a subprocess on a free loopback port, then
 2. sends the same requests all at once: the wall time from the first send to the last reply, against the
    median alone time (issue 23's target is <= 2x), and how many replies equal their alone reply;
    steps 1 and 2 repeat ``--rounds`` times, so that a load that drifts hits both sides;
+   the server keeps prompts' keys and values (``--prefix-cache-tokens``, its prompt prefix cache), so each round
+   asks new questions (the round's number appended) and sends them all at once *first*, then each alone: the
+   together side finds only the chat template's shared start kept, the alone side its whole prompt (any gain
+   from the cache goes to the baseline, never to the ratio); ``--prefix-cache-tokens 0`` turns the cache off;
 3. sends ``--flood`` requests at once and counts the status codes (200 and 429 only, no failures).
 
 Usage::
 
     python -m tritonq.bench.serve_load /tmp/batch/rtn4-ct [--concurrent 8] [--max-tokens 64] [--flood 64]
-        [--max-batch 8] [--max-queue 32] [--rounds 3] [--json]
+        [--max-batch 8] [--max-queue 32] [--prefix-cache-tokens N] [--rounds 3] [--json]
     python -m tritonq.bench.serve_load /tmp/batch/rtn4-ct --token-identity   # tokens alone vs batched, in-process
 
 Only the standard library on the client side (urllib and threads), so it runs wherever the server does.
@@ -56,9 +60,12 @@ def _post(url: str, body: dict, timeout: float = 600.0) -> tuple[int, dict, floa
     return status, json.loads(data or b"{}"), time.perf_counter() - t0
 
 
-def _start(model: str, port: int, max_batch: int, max_queue: int, log) -> subprocess.Popen:
+def _start(model: str, port: int, max_batch: int, max_queue: int, log,
+           prefix_cache_tokens: int | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "tritonq.cli", "serve", model, "--port", str(port), "--device", "cpu",
            "--max-batch", str(max_batch), "--max-queue", str(max_queue)]
+    if prefix_cache_tokens is not None:
+        cmd += ["--prefix-cache-tokens", str(prefix_cache_tokens)]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
     deadline = time.monotonic() + 300
     while True:
@@ -89,13 +96,12 @@ def _common_prefix(a: str, b: str) -> int:
 def run(args: argparse.Namespace) -> dict:
     port = _free_port()
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
-    bodies = [_chat(QUESTIONS[i % len(QUESTIONS)] + (f" ({i})" if i >= len(QUESTIONS) else ""), args.max_tokens)
-              for i in range(args.concurrent)]
     with tempfile.TemporaryFile() as log:
-        proc = _start(args.model, port, args.max_batch, args.max_queue, log)
+        proc = _start(args.model, port, args.max_batch, args.max_queue, log, args.prefix_cache_tokens)
         try:
             _post(url, _chat("Hi", 4))  # warm-up: first-call costs stay out of the timings
-            rounds = [_round(url, bodies) for _ in range(args.rounds)]
+            rounds = [_round(url, _bodies(args.concurrent, args.max_tokens, r)) for r in range(args.rounds)]
+            bodies = _bodies(args.concurrent, args.max_tokens, 0)
             t0 = time.perf_counter()
             with ThreadPoolExecutor(args.flood) as pool:
                 flood = list(pool.map(lambda i: _post(url, bodies[i % len(bodies)]), range(args.flood)))
@@ -108,21 +114,29 @@ def run(args: argparse.Namespace) -> dict:
         codes[str(status)] = codes.get(str(status), 0) + 1
     return {
         "model": args.model, "concurrent": args.concurrent, "max_tokens": args.max_tokens,
-        "max_batch": args.max_batch, "max_queue": args.max_queue, "rounds": rounds,
+        "max_batch": args.max_batch, "max_queue": args.max_queue, "prefix_cache_tokens": args.prefix_cache_tokens,
+        "rounds": rounds,
         "ratio_median": statistics.median(r["ratio"] for r in rounds),
         "flood": args.flood, "flood_status_counts": codes, "flood_wall_s": flood_wall,
     }
 
 
+def _bodies(n: int, max_tokens: int, round_index: int) -> list[dict]:
+    """``n`` distinct chat requests for one round; rounds after the first append their number, so no round
+    finds another's prompts in the server's prefix cache."""
+    asks = [QUESTIONS[i % len(QUESTIONS)] + (f" ({i})" if i >= len(QUESTIONS) else "") for i in range(n)]
+    return [_chat(q + (f" ({round_index + 1})" if round_index else ""), max_tokens) for q in asks]
+
+
 def _round(url: str, bodies: list[dict]) -> dict:
-    """Each request alone, one after another, then all at once. The ratio divides the wall time of all at
-    once by the median alone time of the replies that ran to ``max_tokens`` (an early end-of-sequence would
-    flatter it)."""
-    alone = [_post(url, body) for body in bodies]
+    """All at once, then each request alone, one after another (module docstring: the order gives any prompt
+    cache gain to the alone side). The ratio divides the wall time of all at once by the median alone time of
+    the replies that ran to ``max_tokens`` (an early end-of-sequence would flatter it)."""
     t0 = time.perf_counter()
     with ThreadPoolExecutor(len(bodies)) as pool:
         together = list(pool.map(lambda body: _post(url, body), bodies))
     wall = time.perf_counter() - t0
+    alone = [_post(url, body) for body in bodies]
     for status, data, _ in (*alone, *together):
         if status != 200:
             raise SystemExit(f"a request failed with {status}: {data}")
@@ -191,9 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrent", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--flood", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=3, help="alone-then-together rounds (the load drifts between them)")
+    p.add_argument("--rounds", type=int, default=3, help="together-then-alone rounds (the load drifts between them)")
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--max-queue", type=int, default=32)
+    p.add_argument("--prefix-cache-tokens", type=int, default=None,
+                   help="the server's prompt prefix cache (default: the server's); 0 turns it off")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--token-identity", action="store_true",
                    help="instead: in-process, --concurrent requests x --max-tokens tokens alone against batched")

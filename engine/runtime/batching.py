@@ -39,6 +39,7 @@ import torch.nn as nn
 from ...errors import TritonqError, warn
 from ...kernels import cpu_gemv
 from .lean_decode import lean_decoder
+from .prefix_cache import PrefixCache
 from .ragged import RequestCache, prefill_together_works, ragged_forward, ragged_forward_works, ragged_prefill
 from .serve import Completion, TextDeltas, _next_token, decode_one_token, decode_threads, prefill, stop_token_ids
 
@@ -50,6 +51,10 @@ _log = logging.getLogger("tritonq.server")
 #: Prompt tokens prefilled in one pass when requests join together (padded ones too, rows x the longest, on
 #: transformers' forward): bounds the pass's activations while sharing its Python and operator overhead.
 PREFILL_TOKENS = 4096
+#: Prompt positions whose keys and values the engine keeps for later prompts with the same start
+#: (:mod:`~tritonq.engine.runtime.prefix_cache`; ``tritonq serve --prefix-cache-tokens``). SmolLM2-135M holds
+#: 46 KB per position in float32, a 7B Llama with 8 KV heads 256 KB.
+PREFIX_CACHE_TOKENS = 2048
 Event = str | BaseException | None  # a text piece, the failure that ended the request, or None: finished
 
 
@@ -61,12 +66,15 @@ class EngineUnavailable(Exception):
     """The engine is closed or its thread failed (HTTP 503)."""
 
 
-def check_bounds(max_batch: int, max_queue: int) -> None:
-    """Raise if the batch or queue bound cannot work (checked before a server loads its model)."""
+def check_bounds(max_batch: int, max_queue: int, prefix_cache_tokens: int = PREFIX_CACHE_TOKENS) -> None:
+    """Raise if the batch, queue or prefix cache bound cannot work (checked before a server loads its model)."""
     if max_batch < 1:
         raise TritonqError(f"--max-batch must be at least 1 (got {max_batch}); 1 decodes one request at a time")
     if max_queue < 0:
         raise TritonqError(f"--max-queue must be 0 or more (got {max_queue}); 0 queues nothing beyond the batch")
+    if prefix_cache_tokens < 0:
+        raise TritonqError(f"--prefix-cache-tokens must be 0 or more (got {prefix_cache_tokens}); 0 turns the "
+                           "prompt prefix cache off")
 
 
 @dataclass(frozen=True)
@@ -94,6 +102,7 @@ class Generation:
     cancelled: threading.Event = field(default_factory=threading.Event)
     produced: int = 0  # tokens sampled, a stop token included
     last: int = -1  # the token to feed at the next step
+    cached: int = 0  # leading prompt tokens restored from the prefix cache, not prefilled
     cache: RequestCache | Cache | None = None  # RequestCache (batched) or a DynamicCache (one row at a time)
     deltas: TextDeltas | None = None
     generator: torch.Generator | None = None
@@ -110,8 +119,8 @@ class BatchEngine:
     """Serves ``model`` to concurrent requests, decoding up to ``max_batch`` of them in each forward pass."""
 
     def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, max_batch: int = 8,
-                 max_queue: int = 32) -> None:
-        check_bounds(max_batch, max_queue)
+                 max_queue: int = 32, prefix_cache_tokens: int = PREFIX_CACHE_TOKENS) -> None:
+        check_bounds(max_batch, max_queue, prefix_cache_tokens)
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.stop_ids = frozenset(stop_token_ids(model, tokenizer))
@@ -121,6 +130,9 @@ class BatchEngine:
         # the lean forward feeds prompts of any lengths together by construction; transformers' forward, padded,
         # only where a check shows each prompt gets its alone logits
         self.prefill_together = self.lean is not None or (self.batched and prefill_together_works(model))
+        # on the lean forward only: there a restored prefix is bit-identical to a prefill (prefix_cache.py)
+        self.prefix_cache = PrefixCache(prefix_cache_tokens) if self.lean is not None and prefix_cache_tokens \
+            else None
         if why is not None:
             warn(f"{type(model).__name__} cannot decode requests in one pass ({why}); "
                  "requests are decoded one row at a time per step")
@@ -252,13 +264,20 @@ class BatchEngine:
     def _prefill_group(self, group: list[Generation]) -> None:
         for request in group:
             request.cache = RequestCache() if self.batched else _dynamic_cache(self.model)
+            if self.prefix_cache is not None:
+                request.cached = self.prefix_cache.restore(request.ids, request.cache)
         self._run_pass(group, lambda: self._prompt_logits(group))
 
     def _prompt_logits(self, group: list[Generation]) -> torch.Tensor:
-        """The logits after each prompt of ``group`` (empty caches), ``[len(group), vocab]``."""
+        """The logits after each prompt of ``group`` (caches empty, or holding the prompt's first ``cached``
+        tokens), ``[len(group), vocab]``."""
         ids, caches = [r.ids for r in group], [r.cache for r in group]
         if self.lean is not None:
-            return self.lean.forward(ids, caches)
+            logits = self.lean.forward([r.ids[r.cached:] for r in group], caches)
+            if self.prefix_cache is not None:
+                for request in group:
+                    self.prefix_cache.store(request.ids, request.cache)
+            return logits
         if len(group) > 1:
             return ragged_prefill(self.model, ids, caches)
         if self.batched:

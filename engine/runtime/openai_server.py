@@ -60,7 +60,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from ...errors import TritonqError
-from .batching import BatchEngine, EngineUnavailable, Generation, QueueFull, Sampling
+from .batching import PREFIX_CACHE_TOKENS, BatchEngine, EngineUnavailable, Generation, QueueFull, Sampling
 from .serve import Completion, prompt_ids
 
 if TYPE_CHECKING:
@@ -302,10 +302,11 @@ def _sse(data: dict | str) -> str:
 
 
 def create_app(model: nn.Module, tokenizer: "PreTrainedTokenizerBase", model_id: str, max_batch: int = 8,
-               max_queue: int = 32) -> FastAPI:
+               max_queue: int = 32, prefix_cache_tokens: int = PREFIX_CACHE_TOKENS) -> FastAPI:
     """The FastAPI application serving one model: up to ``max_batch`` requests decode together, up to
-    ``max_queue`` more wait (see :class:`~tritonq.engine.runtime.batching.BatchEngine`)."""
-    engine = BatchEngine(model, tokenizer, max_batch, max_queue)
+    ``max_queue`` more wait, prompts' keys and values are kept for ``prefix_cache_tokens`` positions (see
+    :class:`~tritonq.engine.runtime.batching.BatchEngine`)."""
+    engine = BatchEngine(model, tokenizer, max_batch, max_queue, prefix_cache_tokens)
     context = int(getattr(model.config, "max_position_embeddings", 0) or 0)
 
     @asynccontextmanager
