@@ -73,6 +73,40 @@ void add_scaled(float* acc, const float* v, float p, int64_t n) {
   for (; i < n; ++i) acc[i] += p * v[i];
 }
 
+// out = sum_j p[j] v[j] / sum_j p[j] over `count` value rows of `d`: each output element adds p[j] * v[j][i] in order
+// of j (multiply, then add). With d = 64 or 128 on AVX-512 the running sums stay in registers (a store and a
+// reload per value row otherwise); the operations, and so the roundings, are the same either way.
+#if TRITONQ_AVX512
+template <int V>
+void weighted_values_regs(const float* p, const float* v, int64_t count, float* out) {
+  __m512 acc[V];
+  for (int r = 0; r < V; ++r) acc[r] = _mm512_setzero_ps();
+  float sum = 0.f;
+  for (int64_t j = 0; j < count; ++j) {
+    sum += p[j];
+    const __m512 pv = _mm512_set1_ps(p[j]);
+    for (int r = 0; r < V; ++r)
+      acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(pv, _mm512_loadu_ps(v + j * V * kLanes + r * kLanes)));
+  }
+  const __m512 total = _mm512_set1_ps(sum);
+  for (int r = 0; r < V; ++r) _mm512_storeu_ps(out + r * kLanes, _mm512_div_ps(acc[r], total));
+}
+#endif
+
+void weighted_values(const float* p, const float* v, int64_t count, int64_t d, float* acc, float* out) {
+#if TRITONQ_AVX512
+  if (d == 64) return weighted_values_regs<4>(p, v, count, out);
+  if (d == 128) return weighted_values_regs<8>(p, v, count, out);
+#endif
+  float sum = 0.f;
+  std::fill(acc, acc + d, 0.f);
+  for (int64_t j = 0; j < count; ++j) {
+    sum += p[j];
+    add_scaled(acc, v + j * d, p[j], d);
+  }
+  for (int64_t i = 0; i < d; ++i) out[i] = acc[i] / sum;
+}
+
 // e^x in float32 to about 2 ulp, branch-free so that loops over it vectorize (the C library's expf is a call per
 // element and took most of an attention op's time). Cody-Waite reduction x = n ln2 + r with ln2 in two parts,
 // then the degree-6 minimax polynomial of Moshier's Cephes expf for e^r on |r| <= ln2 / 2, scaled by 2^n through
@@ -246,14 +280,8 @@ at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& cos, const 
             top = std::max(top, scores[j]);
           }
           exp_shifted(scores.data(), count, top);
-          float sum = 0.f;
-          std::fill(acc.begin(), acc.end(), 0.f);
-          for (int64_t j = 0; j < count; ++j) {
-            sum += scores[j];
-            add_scaled(acc.data(), values + (start + j) * d, scores[j], d);
-          }
           float* o = op + t * heads * d + h * d;
-          for (int64_t i = 0; i < d; ++i) o[i] = acc[i] / sum;
+          weighted_values(scores.data(), values + start * d, count, d, acc.data(), o);
         }
       }
     }

@@ -51,6 +51,10 @@ constexpr int kMaxTile = 8;       // activation rows held in registers at once
 inline void prefetch_lines(const void* p, int lines) {
   for (int i = 0; i < lines; ++i) _mm_prefetch(static_cast<const char*>(p) + 64 * i, _MM_HINT_T0);
 }
+
+// Hides a zero accumulator's value from the compiler: GCC folds `zero-started vpdpbusd chain + other chain`
+// into one chain, undoing the split into two dependency chains (seen in the disassembly; 1-3% measured).
+inline void hide(__m512i& v) { asm("" : "+v"(v)); }
 #endif
 
 // Activations quantized per row and 32-input block: q = rint(x * 127 / amax), scale = amax / 127.
@@ -146,7 +150,10 @@ void int4_rows(const Int4Args& a, int64_t block, int64_t m0) {
       // block instead of one of eight (its latency, not its throughput, bounded the loop); the integer sums
       // are exact, so the result is the same in any order
       __m512i acc_lo[MT], acc_hi[MT];
-      for (int m = 0; m < MT; ++m) acc_lo[m] = acc_hi[m] = _mm512_setzero_si512();
+      for (int m = 0; m < MT; ++m) {
+        acc_lo[m] = acc_hi[m] = _mm512_setzero_si512();
+        hide(acc_hi[m]);
+      }
       prefetch_lines(wp + 4096, 4);  // this 32-input block's 4 lines, 4 KB ahead
       for (int c = 0; c < 4; ++c, wp += 64) {
         const __m512i v = _mm512_loadu_si512(wp);
@@ -247,6 +254,7 @@ void int8_rows(const Int8Args& a, int64_t block, int64_t m0) {
     for (int m = 0; m < MT; ++m) {
       acc[m] = _mm512_set1_epi32(-128 * a.isum[(m0 + m) * nb + b]);
       odd[m] = _mm512_setzero_si512();
+      hide(odd[m]);
     }
     prefetch_lines(wp + 4096, 8);
     for (int c = 0; c < 8; c += 2, wp += 128) {

@@ -106,6 +106,10 @@ def test_decode_attention_rows_are_batch_invariant_and_builds_agree():
     qkv, cos, sin, k_cache, v_cache = _attention_case(8, 2, 32, lengths, 5)
     portable = cpu_attention.decode_attention(qkv, cos, sin, k_cache, v_cache, lengths, 8, 2, 0, 0.2, portable=True)
     assert torch.equal(portable, together)
+    for d in (64, 128):  # the AVX-512 build keeps these widths' value sums in registers: the same roundings
+        native, portable = (cpu_attention.decode_attention(*_attention_case(4, 2, d, lengths, d), lengths, 4, 2, 0,
+                                                           d ** -0.5, portable=p) for p in (False, True))
+        assert torch.equal(native, portable)
     x, w = torch.randn(3, 80, generator=_gen(3)), torch.randn(80, generator=_gen(4))
     assert torch.equal(cpu_attention.rms_norm(x, w, 1e-6), cpu_attention.rms_norm(x, w, 1e-6, portable=True))
     assert torch.equal(cpu_attention.silu_mul(x), cpu_attention.silu_mul(x, portable=True))
