@@ -158,6 +158,10 @@ void exp_shifted(float* x, int64_t n, float shift) {
   for (; i < n; ++i) x[i] = exp_approx(x[i] - shift);
 }
 
+// Rows per work item of the row-wise ops: one row each for a decode batch, bigger items for a prompt's hundreds
+// (each row is computed alone, so the split never changes a value).
+int64_t rows_per_task(int64_t rows) { return std::max<int64_t>(1, rows / 16); }
+
 void check_float(const at::Tensor& t, const char* name, int64_t dim) {
   TORCH_CHECK(t.dim() == dim && t.scalar_type() == at::kFloat && t.is_contiguous() && t.device().is_cpu(), name,
               " must be a contiguous ", dim, "-d float32 CPU tensor, got ", t.sizes(), " ", t.scalar_type());
@@ -173,11 +177,13 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   const float* xp = x.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  for (int64_t m = 0; m < m_rows; ++m) {
-    const float* xr = xp + m * d;
-    const float r = 1.f / std::sqrt(dot(xr, xr, d) / static_cast<float>(d) + static_cast<float>(eps));
-    for (int64_t i = 0; i < d; ++i) yp[m * d + i] = wp[i] * (xr[i] * r);
-  }
+  parallel_dynamic(m_rows, rows_per_task(m_rows), [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const float* xr = xp + m * d;
+      const float r = 1.f / std::sqrt(dot(xr, xr, d) / static_cast<float>(d) + static_cast<float>(eps));
+      for (int64_t i = 0; i < d; ++i) yp[m * d + i] = wp[i] * (xr[i] * r);
+    }
+  });
   return y;
 }
 
@@ -189,21 +195,23 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   at::Tensor y = at::empty({m_rows, inter}, gate_up.options());
   const float* gp = gate_up.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  for (int64_t m = 0; m < m_rows; ++m) {
-    const float* g = gp + m * 2 * inter;
-    const float* u = g + inter;
-    float* out = yp + m * inter;
-    int64_t i = 0;
+  parallel_dynamic(m_rows, rows_per_task(m_rows), [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const float* g = gp + m * 2 * inter;
+      const float* u = g + inter;
+      float* out = yp + m * inter;
+      int64_t i = 0;
 #if TRITONQ_AVX512
-    for (; i + kLanes <= inter; i += kLanes) {
-      const __m512 gv = _mm512_loadu_ps(g + i);
-      const __m512 e = exp_approx16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
-      const __m512 silu = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.f), e));
-      _mm512_storeu_ps(out + i, _mm512_mul_ps(silu, _mm512_loadu_ps(u + i)));
-    }
+      for (; i + kLanes <= inter; i += kLanes) {
+        const __m512 gv = _mm512_loadu_ps(g + i);
+        const __m512 e = exp_approx16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+        const __m512 silu = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.f), e));
+        _mm512_storeu_ps(out + i, _mm512_mul_ps(silu, _mm512_loadu_ps(u + i)));
+      }
 #endif
-    for (; i < inter; ++i) out[i] = g[i] / (1.f + exp_approx(-g[i])) * u[i];
-  }
+      for (; i < inter; ++i) out[i] = g[i] / (1.f + exp_approx(-g[i])) * u[i];
+    }
+  });
   return y;
 }
 
