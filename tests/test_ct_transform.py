@@ -162,3 +162,15 @@ def test_matrix_of_a_paley_width_is_exact():
     assert bool(m.abs().eq(1).all())
     t = OnlineHadamard.build(1536, 0).matrix()
     torch.testing.assert_close(m.double(), t.T * math.sqrt(1536), rtol=0, atol=1e-9)
+
+
+def test_down_proj_bias_is_warned_and_no_record_writes_nothing():
+    """vLLM's transform method asserts that the linear has no bias: a Llama with ``mlp_bias`` is warned about."""
+    from tritonq.engine.formats.ct_transform import transform_config, transform_tensors
+
+    config = {"model_type": "llama", "mlp_bias": True}
+    record = OnlineHadamard.build(64, 2).describe()
+    with pytest.warns(UserWarning, match="vLLM refuses online transforms on linears with a bias"):
+        tensors = transform_tensors(config, record, "test")
+    assert list(tensors) == ["model.layers.0.mlp.down_proj.R4_input.weight"]
+    assert transform_config(config, None) == {} and transform_tensors(config, None, "test") == {}
