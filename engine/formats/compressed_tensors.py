@@ -12,6 +12,7 @@ W8A8 layers (8-bit symmetric per-channel weights with 8-bit activations) take th
 (:class:`~tritonq.engine.formats.ct_int8.IntQuantized`); every other layer is ``pack-quantized``.
 Per-layer grids: one config group per distinct scheme. A uniform run writes one ``group_0`` targeting the
 class ``Linear``; a mixed run writes ``group_0``, ``group_1``, ... each targeting its layers by name.
+A run with the online Hadamard also gets a ``transform_config`` and the transform matrix (``ct_transform.py``).
 """
 
 from __future__ import annotations

@@ -35,7 +35,10 @@ of the width is built, is not +-1 and float32 rounds it). The group is SpinQuant
 random-hadamard`` (not ``hadamard``: vLLM would run Sylvester without our signs), its ``weight_input`` entry says
 the weight already holds ``T^T``. ``M`` is stored once, under the first block's ``down_proj``, as the reference
 producer's files hold it. tritonq itself still runs its own record (``tritonq_online_hadamard``) and checks that the
-stored ``M`` is the one the record rebuilds (:func:`check_stored`).
+stored ``M`` is the one the record rebuilds (:func:`check_stored`); a ``transform_config`` it did not write (e.g.
+llm-compressor's) is refused rather than run without its transforms. Nothing here needs a new construction of ``T``
+(design (b)): no reader regenerates it. Checked: ``tests/test_ct_transform.py`` (compressed-tensors' own modules give
+tritonq's logits), ``bench/ct_transform_check.py`` on SmolLM2; not run here: vLLM (no GPU) and transformers#42887.
 """
 
 from __future__ import annotations
