@@ -192,7 +192,19 @@ def attach_saved(model: nn.Module, directory: str | Path, adapter: Any = None) -
 
     adapter = adapter or adapter_for(model.config)
     transform = apply_online(model, adapter, int(record["seed"]), fold=False)
+    check_rebuilt(transform, record, directory)
+    return transform
+
+
+def check_rebuilt(transform: OnlineHadamard, record: dict, where: str | Path) -> None:
+    """Refuse a transform that is not the one ``record`` describes (another construction or width here)."""
     if transform.describe()["construction"] != record.get("construction") or transform.size != record.get("size"):
-        raise TritonqError(f"{directory}: the recorded online Hadamard ({record.get('construction')}, size "
+        raise TritonqError(f"{where}: the recorded online Hadamard ({record.get('construction')}, size "
                            f"{record.get('size')}) does not rebuild here ({transform.extra_repr()}); re-quantize")
+
+
+def rebuild(record: dict, where: str | Path) -> OnlineHadamard:
+    """The transform a ``quantization.json`` / ``config.json`` record describes, built again from its seed."""
+    transform = OnlineHadamard.build(int(record["size"]), int(record["seed"]))
+    check_rebuilt(transform, record, where)
     return transform

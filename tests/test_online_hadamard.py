@@ -8,7 +8,8 @@
 * ``ActQuantLinear`` rotates before it quantizes, over ``nn.Linear``, ``QuantLinear`` and ``Int8Linear``, each equal
   to its fake-quantized float reference; quantizing first then rotating differs;
 * a quantize run with ``--act-bits`` records the transform, drops the up -> down scale pair for the methods, and
-  its fake and compressed-tensors outputs give the same logits after loading; weight-only rotated runs stay
+  its fake and compressed-tensors outputs give the same logits after loading (the compressed-tensors output's
+  ``transform_config`` as other loaders read it: ``tests/test_ct_transform.py``); weight-only rotated runs stay
   offline-only; GPTQ, AWQ and GGUF formats refuse the online transform before any work.
 """
 
@@ -223,8 +224,7 @@ def w4a8(tmp_path_factory, calib_file):
     common = dict(model=str(src), method="gptq", bits=4, group_size=32, act_bits=8, rotate="hadamard", rotate_seed=3,
                   calib=str(calib_file), nsamples=8, seqlen=64, device="cpu", dtype="float32", progress=False)
     quantize(QuantizeOptions(output=str(root / "fake"), **common))
-    with pytest.warns(UserWarning, match="transform_config cannot express"):
-        quantize(QuantizeOptions(output=str(root / "ct"), out_format="compressed-tensors", **common))
+    quantize(QuantizeOptions(output=str(root / "ct"), out_format="compressed-tensors", **common))
     return root
 
 
@@ -241,7 +241,8 @@ def test_quantize_records_and_round_trips(w4a8):
         assert json.loads((w4a8 / out / "quantization.json").read_text())["online_hadamard"] == meta["online_hadamard"]
         config = json.loads((w4a8 / out / "config.json").read_text())
         assert config["tritonq_online_hadamard"] == meta["online_hadamard"]
-        assert not (config.get("quantization_config") or {}).get("transform_config")  # none: see the warning
+    groups = json.loads((w4a8 / "ct" / "config.json").read_text())["quantization_config"]["transform_config"]
+    assert list(groups["config_groups"]) == ["R4"]  # what other loaders read: tests/test_ct_transform.py
     fake = load_evaluation_model(str(w4a8 / "fake"), torch.device("cpu"), torch.float32)
     packed = load_evaluation_model(str(w4a8 / "ct"), torch.device("cpu"), torch.float32)
     down = fake.model.layers[0].mlp.down_proj

@@ -194,6 +194,11 @@ class PackedFormat(OutputFormat):
                  "(tritonq_activations in config.json), other loaders will run the model weight-only")
         return {}
 
+    def online_transform(self, ckpt: Checkpoint) -> tuple[dict, dict[str, Tensor]]:
+        """The layout's record of the run's online transform (``engine/online_hadamard.py``), for other loaders:
+        ``(entries of quantization_config, tensors written beside the layers)``; nothing by default."""
+        return {}, {}
+
     def write(self, ckpt: Checkpoint, out: Path, shard_bytes: int | None = None) -> None:
         from ... import __version__
 
@@ -201,7 +206,9 @@ class PackedFormat(OutputFormat):
         self.check_grids(grids)
         dtype = model_dtype(ckpt.config)
         extra = self.extra_kwargs(ckpt)
+        transform_entries, transform_tensors = self.online_transform(ckpt)
         writer = ShardedWriter(out, shard_bytes)
+        writer.update(transform_tensors)
         for key in ckpt.float_keys():
             module, _, leaf = key.rpartition(".")
             if module not in grids or leaf not in ("weight", "bias"):  # a quantized linear's come with its record
@@ -218,6 +225,7 @@ class PackedFormat(OutputFormat):
         qcfg = self.config(grids, model_dtype=dtype, ignore=[n for n in linear_names(ckpt.config) if n not in grids],
                            act_order=bool(ckpt.meta.get("act_order")), desc_act=desc_act, version=__version__,
                            **extra)
+        qcfg.update(transform_entries)
         warn_marlin(shapes)
         ckpt.write_side_files(out)
         config = {**ckpt.config, "quantization_config": qcfg}

@@ -12,6 +12,7 @@ W8A8 layers (8-bit symmetric per-channel weights with 8-bit activations) take th
 (:class:`~tritonq.engine.formats.ct_int8.IntQuantized`); every other layer is ``pack-quantized``.
 Per-layer grids: one config group per distinct scheme. A uniform run writes one ``group_0`` targeting the
 class ``Linear``; a mixed run writes ``group_0``, ``group_1``, ... each targeting its layers by name.
+A run with the online Hadamard also gets a ``transform_config`` and the transform matrix (``ct_transform.py``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from ..grid import GridSpec
 from .base import PackedFormat, distinct_grids, method_of
 from .ct_int8 import IntQuantized
 from .ct_library import compressed_tensors_lib, matches
+from .ct_transform import check_stored, matrix_key, transform_config, transform_tensors
 from .records import (
     QuantizedWeight,
     check_layer,
@@ -63,7 +65,7 @@ class CompressedTensorsFormat(PackedFormat):
     """
 
     name = "compressed-tensors"
-    holds_online_transform = True  # its record, in quantization.json and config.json
+    holds_online_transform = True  # transform_config + the matrix (ct_transform.py), and tritonq's own record
     head_block = -1  # --quantize-head: lm_head and embedding as two more config groups, scales per channel
     head_note = ("the int8 embedding table is a config group targeting the Embedding module, which compressed-tensors "
                  "expresses but transformers 5.x cannot load (AttributeError: 'Embedding' object has no attribute "
@@ -100,14 +102,16 @@ class CompressedTensorsFormat(PackedFormat):
         return ct.Scheme(targets=list(targets), weights=args, input_activations=inputs, format=fmt)
 
     def extra_kwargs(self, ckpt: Checkpoint) -> dict:
-        if ckpt.meta.get("online_hadamard"):  # engine/online_hadamard.py: why no transform_config is written
-            # compressed-tensors 0.20.1: "hadamard" is Sylvester only (power-of-two sizes, no signs); "random-hadamard"
-            # draws its signs from a generator whose seed the config does not carry, over its own base table
-            warn("compressed-tensors' transform_config cannot express tritonq's online Hadamard (seeded signs, "
-                 "Paley x Sylvester), so none is written; tritonq keeps its record (tritonq_online_hadamard in "
-                 "config.json); other loaders (vLLM, llm-compressor) will run the down_proj inputs unrotated")
         activations = ckpt.meta.get("activations")
         return {"activations": activations} if activations else {}
+
+    def online_transform(self, ckpt: Checkpoint) -> tuple[dict, dict[str, Tensor]]:
+        # the transform matrix and a transform_config that compressed-tensors and vLLM load (ct_transform.py)
+        record = ckpt.meta.get("online_hadamard")
+        if not record:
+            return {}, {}
+        return ({"transform_config": transform_config(ckpt.config, record)},
+                transform_tensors(ckpt.config, record, ckpt.label))
 
     def config(
         self, grids: Mapping[str, GridSpec], *, model_dtype: torch.dtype, ignore: list[str], act_order: bool,
@@ -220,6 +224,12 @@ class CompressedTensorsFormat(PackedFormat):
     def read(self, store: TensorStore, qcfg: dict) -> Iterator[tuple[str, GridSpec, QuantizedWeight]]:
         ct = compressed_tensors_lib()
         groups = self._weight_groups(qcfg)
+        if (qcfg.get("transform_config") or {}).get("config_groups"):  # tritonq runs its record: the same T?
+            from ..online_hadamard import saved_record
+            from ..outputs import read_json_object
+
+            config = read_json_object(store.dir / "config.json", "restore its config.json")
+            check_stored(qcfg, store.maybe(matrix_key(config)), config, saved_record(store.dir), str(store.dir))
         ignore = list(qcfg.get("ignore") or [])
         for key in store.keys():
             if key.endswith(".weight") and f"{key}_scale" in store:  # int-quantized: int8 codes, per channel
