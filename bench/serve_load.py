@@ -1,14 +1,16 @@
 """Load on ``tritonq serve``: N concurrent chat requests against each alone, then a flood past the bounds.
 
 Starts the server in a subprocess on a free loopback port, then
-1. sends each of ``--concurrent`` distinct greedy chat requests alone, one after another (time and reply);
-2. sends the same requests all at once: the wall time from the first send to the last reply, against the
-   median alone time (issue 23's target is <= 2x), and how many replies equal their alone reply;
-   steps 1 and 2 repeat ``--rounds`` times, so that a load that drifts hits both sides;
-   the server keeps prompts' keys and values (``--prefix-cache-tokens``, its prompt prefix cache), so each round
-   asks new questions (the round's number appended) and sends them all at once *first*, then each alone: the
-   together side finds only the chat template's shared start kept, the alone side its whole prompt (any gain
-   from the cache goes to the baseline, never to the ratio); ``--prefix-cache-tokens 0`` turns the cache off;
+1. sends ``--concurrent`` distinct greedy chat requests alone, one after another (the baseline: the median
+   time of those that ran to ``--max-tokens``);
+2. sends ``--concurrent`` *other* requests all at once: the wall time from the first send to the last reply,
+   against the median alone time (issue 23's target is <= 2x); then each of them alone, untimed, to count how
+   many together replies equal their alone reply;
+   steps 1 and 2 repeat ``--rounds`` times, so that a load that drifts hits both sides. Every timed request is a
+   question the server has not seen (a tag ``(#n)`` makes each one new): the server keeps prompts' keys and
+   values (``--prefix-cache-tokens``, its prompt prefix cache), so a repeated prompt would skip its prefill, and
+   here both timed sides find only the chat template's shared start kept; ``--prefix-cache-tokens 0`` turns the
+   cache off;
 3. sends ``--flood`` requests at once and counts the status codes (200 and 429 only, no failures).
 
 Usage::
@@ -100,8 +102,8 @@ def run(args: argparse.Namespace) -> dict:
         proc = _start(args.model, port, args.max_batch, args.max_queue, log, args.prefix_cache_tokens)
         try:
             _post(url, _chat("Hi", 4))  # warm-up: first-call costs stay out of the timings
-            rounds = [_round(url, _bodies(args.concurrent, args.max_tokens, r)) for r in range(args.rounds)]
-            bodies = _bodies(args.concurrent, args.max_tokens, 0)
+            rounds = [_round(url, args.concurrent, args.max_tokens, r) for r in range(args.rounds)]
+            bodies = _bodies(args.concurrent, args.max_tokens, None)
             t0 = time.perf_counter()
             with ThreadPoolExecutor(args.flood) as pool:
                 flood = list(pool.map(lambda i: _post(url, bodies[i % len(bodies)]), range(args.flood)))
@@ -121,32 +123,35 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
-def _bodies(n: int, max_tokens: int, round_index: int) -> list[dict]:
-    """``n`` distinct chat requests for one round; rounds after the first append their number, so no round
-    finds another's prompts in the server's prefix cache."""
+def _bodies(n: int, max_tokens: int, tag: int | None) -> list[dict]:
+    """``n`` distinct chat requests; ``tag`` (appended as `` (#tag)``) makes each set new to the server's prefix
+    cache."""
     asks = [QUESTIONS[i % len(QUESTIONS)] + (f" ({i})" if i >= len(QUESTIONS) else "") for i in range(n)]
-    return [_chat(q + (f" ({round_index + 1})" if round_index else ""), max_tokens) for q in asks]
+    return [_chat(q + ("" if tag is None else f" (#{tag})"), max_tokens) for q in asks]
 
 
-def _round(url: str, bodies: list[dict]) -> dict:
-    """All at once, then each request alone, one after another (module docstring: the order gives any prompt
-    cache gain to the alone side). The ratio divides the wall time of all at once by the median alone time of
-    the replies that ran to ``max_tokens`` (an early end-of-sequence would flatter it)."""
+def _round(url: str, n: int, max_tokens: int, round_index: int) -> dict:
+    """New requests alone, one after another (timed); other new requests all at once (timed), then each of those
+    alone (untimed: the replies to compare). The ratio divides the wall time of all at once by the median alone
+    time of the replies that ran to ``max_tokens`` (an early end-of-sequence would flatter it)."""
+    baseline = [_post(url, body) for body in _bodies(n, max_tokens, 2 * round_index + 1)]
+    bodies = _bodies(n, max_tokens, 2 * round_index + 2)
     t0 = time.perf_counter()
     with ThreadPoolExecutor(len(bodies)) as pool:
         together = list(pool.map(lambda body: _post(url, body), bodies))
     wall = time.perf_counter() - t0
     alone = [_post(url, body) for body in bodies]
-    for status, data, _ in (*alone, *together):
+    for status, data, _ in (*baseline, *alone, *together):
         if status != 200:
             raise SystemExit(f"a request failed with {status}: {data}")
     texts = [[d["choices"][0]["message"]["content"] for _, d, _ in side] for side in (alone, together)]
-    tokens = [d["usage"]["completion_tokens"] for _, d, _ in alone]
-    full = [s for (_, _, s), n in zip(alone, tokens, strict=True) if n == bodies[0]["max_tokens"]]
-    one = statistics.median(full or [s for _, _, s in alone])
+    tokens = [d["usage"]["completion_tokens"] for _, d, _ in baseline]
+    full = [s for (_, _, s), k in zip(baseline, tokens, strict=True) if k == max_tokens]
+    one = statistics.median(full or [s for _, _, s in baseline])
     return {
-        "completion_tokens": tokens, "alone_s": [s for _, _, s in alone], "one_alone_s": one,
-        "sequential_sum_s": sum(s for _, _, s in alone), "together_wall_s": wall, "ratio": wall / one,
+        "completion_tokens": tokens, "alone_s": [s for _, _, s in baseline], "one_alone_s": one,
+        "sequential_sum_s": sum(s for _, _, s in baseline), "together_wall_s": wall, "ratio": wall / one,
+        "together_completion_tokens": [d["usage"]["completion_tokens"] for _, d, _ in together],
         "identical_replies": sum(a == b for a, b in zip(*texts, strict=True)),
         "common_prefix_chars": [_common_prefix(a, b) for a, b in zip(*texts, strict=True)],
         "reply_chars": [len(a) for a in texts[0]],
@@ -205,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrent", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--flood", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=3, help="together-then-alone rounds (the load drifts between them)")
+    p.add_argument("--rounds", type=int, default=3, help="alone-then-together rounds (the load drifts between them)")
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--max-queue", type=int, default=32)
     p.add_argument("--prefix-cache-tokens", type=int, default=None,
