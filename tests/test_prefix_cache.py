@@ -43,14 +43,20 @@ def _prefill(decoder, ids: list[int], cache: RequestCache, fed_from: int = 0) ->
         return decoder.forward([ids[fed_from:]], [cache])[0]
 
 
+def _kept(decoder, prompt: list[int], prefixes: PrefixCache) -> torch.Tensor:
+    """Prefill ``prompt`` alone, keep it in ``prefixes``; its logits."""
+    cache = RequestCache()
+    logits = _prefill(decoder, prompt, cache)
+    prefixes.store(prompt, cache)
+    return logits
+
+
 def test_a_restored_prefix_gives_the_full_prefill_s_logits_cache_and_next_steps(packed):
     _, decoder = packed
     system = _ids(1, 23)
     first, second = system + _ids(2, 6), system + _ids(3, 9)
     prefixes = PrefixCache(4096)
-    kept = RequestCache()
-    _prefill(decoder, first, kept)
-    prefixes.store(first, kept)
+    _kept(decoder, first, prefixes)
 
     full, restored = RequestCache(), RequestCache()
     want = _prefill(decoder, second, full)
@@ -71,9 +77,7 @@ def test_the_same_prompt_again_feeds_its_last_token(packed):
     _, decoder = packed
     prompt = _ids(5, 12)
     prefixes = PrefixCache(4096)
-    kept = RequestCache()
-    want = _prefill(decoder, prompt, kept)
-    prefixes.store(prompt, kept)
+    want = _kept(decoder, prompt, prefixes)
     again = RequestCache()
     assert prefixes.restore(prompt, again) == len(prompt) - 1  # the last token is fed: its logits are the output
     assert torch.equal(_prefill(decoder, prompt, again, fed_from=len(prompt) - 1), want)
@@ -86,9 +90,7 @@ def test_a_wrong_restored_prefix_changes_the_logits(packed):
     _, decoder = packed
     prompt = _ids(7, 15)
     prefixes = PrefixCache(4096)
-    kept = RequestCache()
-    want = _prefill(decoder, prompt, kept)
-    prefixes.store(prompt, kept)
+    want = _kept(decoder, prompt, prefixes)
     for layers in prefixes._entries.values():
         layers[0][1].mul_(1.5)  # corrupt layer 0's kept values
     corrupt = RequestCache()
@@ -101,22 +103,16 @@ def test_least_recently_used_prompts_leave_first_within_the_bound(packed):
     prefixes = PrefixCache(30)
     prompts = [_ids(10 + i, 10) for i in range(3)]
     for prompt in prompts:
-        cache = RequestCache()
-        _prefill(decoder, prompt, cache)
-        prefixes.store(prompt, cache)
+        _kept(decoder, prompt, prefixes)
     assert len(prefixes) == 3 and prefixes.held_tokens == 30
     assert prefixes.restore(prompts[0], RequestCache()) == 9  # used: now the most recent
-    cache = RequestCache()
     fourth = _ids(20, 10)
-    _prefill(decoder, fourth, cache)
-    prefixes.store(fourth, cache)
+    _kept(decoder, fourth, prefixes)
     assert prefixes.held_tokens <= 30 and len(prefixes) == 3
     assert prefixes.restore(prompts[1], RequestCache()) <= common_prefix(prompts[1], fourth)  # evicted
     assert prefixes.restore(prompts[0], RequestCache()) == 9
     too_long = _ids(30, 31)
-    cache = RequestCache()
-    _prefill(decoder, too_long, cache)
-    prefixes.store(too_long, cache)  # longer than the whole bound: not kept
+    _kept(decoder, too_long, prefixes)  # longer than the whole bound: not kept
     assert tuple(too_long) not in prefixes._entries
     with pytest.raises(ValueError, match="0 or more"):
         PrefixCache(-1)
