@@ -163,6 +163,14 @@ class BlockGroup:
     def call(self, hidden: torch.Tensor, kwargs: dict, weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """The block's output on ``hidden`` (a batch of windows on the compute device, with its keyword inputs),
         with ``weights`` in place of those linears' own, as :meth:`run`."""
-        params = {f"{name}.weight": w for name, w in (weights or {}).items()}
-        out = torch.func.functional_call(self.block, params, (hidden,), kwargs)
-        return out[0] if isinstance(out, tuple) else out
+        return block_forward(self.block, hidden, kwargs, weights)
+
+
+def block_forward(block: nn.Module, hidden: torch.Tensor, kwargs: dict,
+                  weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """``block``'s output on ``hidden`` with ``weights`` (linear name -> [N, K]) in place of those linears' own.
+    A free function, so that a method can ``torch.compile`` it once and call it on every block (the block module
+    is an argument, not a captured object, so the compiled graph is reused rather than rebuilt per block)."""
+    params = {f"{name}.weight": w for name, w in (weights or {}).items()}
+    out = torch.func.functional_call(block, params, (hidden,), kwargs)
+    return out[0] if isinstance(out, tuple) else out

@@ -241,3 +241,45 @@ def test_recipe_carries_the_float_path_through_group_blocks(float_dir):
             float_out = _out(b1, Chunk(_out(b0, chunk), chunk.kwargs))
             torch.testing.assert_close(seen["targets"][c], float_out, rtol=0, atol=1e-6)
             assert (_out(b1, Chunk(seen["inputs"][c], chunk.kwargs)) - float_out).abs().max() > 1e-4
+
+
+@pytest.fixture
+def fresh_compile():
+    """No compiled step loss or recorded compiler failure carried over from another test."""
+    from tritonq.engine.methods.autoround import _StepLoss
+    _StepLoss._compiled, _StepLoss._failed = None, False
+    torch._dynamo.reset()
+    yield _StepLoss
+    _StepLoss._compiled, _StepLoss._failed = None, False
+
+
+def test_compile_matches_eager_with_one_graph_for_every_block(float_dir, fresh_compile):
+    from torch._dynamo.utils import counters
+    counters.clear()
+    runs = {c: _run(float_dir, AutoRound(AutoRoundOptions(iters=6, compile=c))) for c in (False, True)}
+    reports = {c: run[2] for c, run in runs.items()}
+    assert counters["stats"]["unique_graphs"] == 1  # every block reuses the one graph
+    assert fresh_compile._compiled is not None and not fresh_compile._failed
+    assert len({name.split(".mlp")[0].split(".self_attn")[0] for name in reports[True].layers}) > 1
+    for name, eager in reports[False].layers.items():
+        compiled = reports[True].layers[name]
+        # round-to-nearest's loss, the first step's, is the same function of the same weights
+        assert compiled.info["loss_first_step"] == pytest.approx(eager.info["loss_first_step"], rel=1e-4), name
+        assert compiled.info["loss"] <= compiled.info["loss_first_step"]
+        weights = [runs[c][0].get_submodule(name).weight for c in (False, True)]
+        differ = (weights[0] != weights[1]).float().mean().item()
+        assert differ < 0.05, (name, differ)  # signed steps on gradients that differ only by rounding
+
+
+def test_compile_failure_warns_and_runs_eagerly(float_dir, fresh_compile, monkeypatch):
+    def broken(fn, *args, **kwargs):
+        def fail(*a, **k):
+            raise RuntimeError("no C++ compiler found\nsecond line")
+        return fail
+    monkeypatch.setattr(torch, "compile", broken)
+    eager = _run(float_dir, AutoRound(AutoRoundOptions(iters=4)))
+    with pytest.warns(RuntimeWarning, match="torch.compile failed .RuntimeError: no C\\+\\+ compiler found.; running"):
+        fallback = _run(float_dir, AutoRound(AutoRoundOptions(iters=4, compile=True)))
+    assert fresh_compile._failed
+    for name in eager[2].layers:
+        assert torch.equal(eager[0].get_submodule(name).weight, fallback[0].get_submodule(name).weight), name

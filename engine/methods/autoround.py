@@ -27,10 +27,17 @@ inputs, as GPTQ-style methods reconstruct). Where we differ from auto-round: ``V
 to [-0.5, 0.5] after every step (auto-round leaves it free; its linear decay from ``1 / iters`` bounds the total
 movement by 0.5 anyway); the symmetric grid is tritonq's (``kernels/signround.py``). No automatic mixed precision:
 the block runs in the compute dtype (float32 on the CPU).
+
+``--compile`` runs each step's block forward (and so its backward) through ``torch.compile``, as auto-round's
+``enable_torch_compile``: one graph for every block of the model (the block module is an argument of the compiled
+function, :func:`..groups.block_forward`), which fuses the block's elementwise work (norm, rotary, SiLU, the loss).
+The fake quantization stays outside the graph (on CUDA it is already one Triton kernel each way). Where the compiler
+fails, the run warns once and goes on eagerly; the result then equals an eager run's.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +48,7 @@ from ... import kernels
 from ...errors import TritonqError
 from ...kernels.signround import signround_grid
 from ..grid import GridSpec, default_g_idx
+from ..groups import block_forward
 from ..hessian import HessianAccumulator
 from .awq import AWQ, AWQOptions
 from .base import LayerResult, Method
@@ -68,6 +76,10 @@ class AutoRoundOptions:
         "help": "what each block is fitted to: the float block on the float model's own inputs (float, auto-round's "
                 "default: a second activation stream) or on the quantized blocks' outputs (quantized)",
         "choices": TARGETS, "const": "float"})
+    compile: bool = field(default=False, metadata={
+        "help": "run each step's block forward and backward through torch.compile: one compile (tens of seconds) "
+                "for every block, then about 1.3x faster steps on the CPU (SmolLM2); falls back to eager with a "
+                "warning where the compiler fails"})
 
     def __post_init__(self) -> None:
         if not isinstance(self.iters, int) or self.iters < 0:
@@ -180,20 +192,21 @@ class AutoRound(Method):
         sampler = _WindowSampler(hidden.shape[0], o.batch, gen)
         kwargs = _shared_kwargs(block.inputs[0].kwargs, rows, sampler.batch, block.label)
         params = [p for t in tuned for p in t.params]
+        step_loss = _StepLoss.for_run(o.compile)
         best, best_iter, first, kept = float("inf"), 0, None, None
         for step in range(max(o.iters, 1)):
             idx = sampler.next()
-            out = block.call(hidden[idx].to(block.device), kwargs, {t.name: t.fake() for t in tuned})
-            loss = F.mse_loss(out, targets[idx].to(block.device))
-            value = float(loss.detach())
+            last = o.iters == 0 or step == o.iters - 1  # the last step's update would never be scored
+            loss, grads = step_loss(block.block, {t.name: t.fake for t in tuned}, hidden[idx].to(block.device),
+                                    targets[idx].to(block.device), kwargs, None if last else params)
+            value = float(loss)
             if first is None:
                 first = value
             if value < best:
                 best, best_iter = value, step
                 kept = [p.detach().clone() for p in params]
-            if o.iters == 0 or step == o.iters - 1:
-                break  # the last step's update would never be scored
-            grads = torch.autograd.grad(loss, params)
+            if last:
+                break
             lr = o.step_size * (1.0 - step / o.iters)
             with torch.no_grad():
                 for p, g in zip(params, grads):
@@ -207,6 +220,48 @@ class AutoRound(Method):
                 p.copy_(k)
             info = {"loss": best, "loss_first_step": first, "best_step": best_iter}
             return [_result(t, info) for t in tuned]
+
+
+def _block_loss(module: torch.nn.Module, weights: dict[str, torch.Tensor], hidden: torch.Tensor,
+                target: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    return F.mse_loss(block_forward(module, hidden, kwargs, weights), target)
+
+
+class _StepLoss:
+    """One step's loss and, unless it is the last step, its gradients in ``params``; eager, or through one
+    ``torch.compile`` of :func:`_block_loss` shared by every block and run of the process."""
+
+    _compiled: Any = None
+    _failed = False  # the compiler failed once in this process: later runs go eager without trying again
+
+    def __init__(self, compiled: bool) -> None:
+        self.compiled = compiled
+
+    @classmethod
+    def for_run(cls, compile: bool) -> _StepLoss:
+        if compile and cls._compiled is None and not cls._failed:
+            cls._compiled = torch.compile(_block_loss)
+        return cls(compile and not cls._failed)
+
+    def __call__(self, module: torch.nn.Module, fakes: dict[str, Any], hidden: torch.Tensor, target: torch.Tensor,
+                 kwargs: dict, params: list[torch.Tensor] | None) -> tuple[torch.Tensor, tuple | None]:
+        if self.compiled:
+            try:
+                return self._run(type(self)._compiled, module, fakes, hidden, target, kwargs, params)
+            except Exception as exc:  # noqa: BLE001 - any compiler failure; eager below re-raises a real error
+                type(self)._failed, self.compiled = True, False
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                warnings.warn(f"autoround --compile: torch.compile failed ({type(exc).__name__}: {first[:200]}); "
+                              "running the steps eagerly", RuntimeWarning, stacklevel=2)
+        return self._run(_block_loss, module, fakes, hidden, target, kwargs, params)
+
+    @staticmethod
+    def _run(fn: Any, module: torch.nn.Module, fakes: dict[str, Any], hidden: torch.Tensor, target: torch.Tensor,
+             kwargs: dict, params: list[torch.Tensor] | None) -> tuple[torch.Tensor, tuple | None]:
+        # the fake weights are rebuilt here, inside the try, so that a failed attempt leaves no half-used graph
+        loss = fn(module, {name: fake() for name, fake in fakes.items()}, hidden, target, kwargs)
+        grads = None if params is None else torch.autograd.grad(loss, params)
+        return loss.detach(), grads
 
 
 class _AWQScales(AWQ):
