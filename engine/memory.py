@@ -149,6 +149,7 @@ class MemoryEstimate:
         return "\n".join(lines)
 
 
+BOA_VALUE_CHUNK = 128  # query positions per chunk of BoA's --block-v statistics (methods/boa.py VALUE_CHUNK)
 AUTOROUND_BATCH = 8  # AutoRound's windows per step (its default; engine/methods/autoround.py)
 
 
@@ -176,7 +177,7 @@ def _intermediates(m: ModelShape, windows: int, seqlen: int, c: int) -> int:
 
 
 def _method_state(method: str, m: ModelShape, k: int, n: int, group: str, *, c: int, seqlen: int, tokens: int,
-                  search_tokens: int, group_size: int) -> tuple[int, int]:
+                  search_tokens: int, group_size: int, windows: int = 1, block_v: bool = False) -> tuple[int, int]:
     """(bytes while the chunks run, bytes while solving) of ``method`` for one group ``[N, K]``."""
     fp32 = 4
     rounding = 3 * n * k * fp32  # per linear: its rounded copy, the gathered scales and zeros, temporaries
@@ -192,7 +193,15 @@ def _method_state(method: str, m: ModelShape, k: int, n: int, group: str, *, c: 
         if group == "q/k/v":
             moments = (m.heads + m.kv_heads) * m.head_dim ** 2 * fp32
             rotary = 2 * seqlen * m.head_dim ** 2 * fp32  # R_t [T, D, D] and the rotated basis it is made from
-            return hessian + moments, gptq_solve + moments + rotary
+            if not block_v:
+                return hessian + moments, gptq_solve + moments + rotary
+            # --block-v: a K x K Hessian per KV head, held from the chunks to the solve; while a chunk runs, one
+            # chunk of query positions at a time: the repeated keys, the scores / masked scores / probabilities
+            # [windows, heads, chunk, T] and the attention-weighted inputs [windows, heads, chunk, K]
+            value = m.kv_heads * k * k * fp32
+            rows = min(BOA_VALUE_CHUNK, seqlen)
+            transient = windows * m.heads * (seqlen * m.head_dim + 3 * rows * seqlen + rows * k) * fp32
+            return hessian + moments + value + transient, gptq_solve + moments + rotary + value
         return hessian, gptq_solve
     if method in ("awq", "dh-awq", "awq+gptq"):
         sample = min(search_tokens, tokens) if search_tokens > 0 else tokens
@@ -223,13 +232,14 @@ def _awq_state(m: ModelShape, k: int, n: int, group: str, *, c: int, sample: int
 def estimate_memory(config: Any, method_name: str, *, nsamples: int, seqlen: int, calib_batch: int,
                     compute_dtype: torch.dtype | str, checkpoint_dtype: torch.dtype | str, store: str = "device",
                     device_type: str = "cpu", search_tokens: int = AWQ_SEARCH_TOKENS,
-                    group_size: int = 128, streamed: bool = True) -> MemoryEstimate:
+                    group_size: int = 128, streamed: bool = True, block_v: bool = False) -> MemoryEstimate:
     """The peak host and device bytes of a streamed quantize run, by component (see the module docstring).
 
     ``config``: a transformers config or a config.json dict; ``store``: where the calibration cache lives
     (``--offload-activations``: the compute device, CPU RAM, or files on disk); ``device_type``: cpu or cuda;
     ``streamed``: False where the weights load whole (a GGUF file, ``.bin`` weights): the whole model then sits in
-    host RAM in the compute dtype through every phase.
+    host RAM in the compute dtype through every phase; ``block_v``: BoA / A-BoA with ``--block-v`` (their default),
+    whose per-KV-head value Hessians the q/k/v stage holds.
     """
     if store not in STORES:
         raise TritonqError(f"unknown activation store {store!r}; choose device, cpu or disk")
@@ -269,7 +279,8 @@ def estimate_memory(config: Any, method_name: str, *, nsamples: int, seqlen: int
         if s < len(m.groups()):
             label, k, n = m.groups()[s]
             observe, solve = _method_state(method_name, m, k, n, label, c=c, seqlen=seqlen, tokens=tokens,
-                                           search_tokens=search_tokens, group_size=group_size)
+                                           search_tokens=search_tokens, group_size=group_size, windows=windows,
+                                           block_v=block_v)
             # a tail group's inputs are kept as they are made: on the store's own device the running chunk's
             # are already among its intermediates (counted once)
             kept = windows * seqlen * k * c if label in ("o_proj", "down_proj") and same_device else 0
@@ -390,4 +401,5 @@ def estimate_for_options(opts: Any, config: Any, device: torch.device | str | No
     return estimate_memory(config, method.name, nsamples=opts.nsamples, seqlen=opts.seqlen,
                            calib_batch=opts.calib_batch, compute_dtype=compute,
                            checkpoint_dtype=checkpoint_dtype_of(config), store=store_of(opts.offload_activations),
-                           device_type=dev.type, search_tokens=search, group_size=group_size, streamed=streamed)
+                           device_type=dev.type, search_tokens=search, group_size=group_size, streamed=streamed,
+                           block_v=bool(getattr(method.options, "block_v", False)))

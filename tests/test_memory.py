@@ -190,3 +190,32 @@ def test_one_call_from_quantize_options(tmp_path):
     more = estimate_for_options(QuantizeOptions(**{**opts.__dict__, "method_options": {"search_tokens": 1024}}),
                                 config)
     assert more.block_rise() > est.block_rise()  # more sampled tokens for the scale search: more cached calls
+
+
+def test_boa_block_v_holds_a_hessian_per_kv_head(monkeypatch):
+    """BoA's --block-v (its default) keeps a K x K Hessian per KV head through the q/k/v stage, plus one chunk of
+    query positions' attention while a calibration chunk runs; ``tritonq memory`` follows the method's option."""
+    from tritonq.engine import memory
+    from tritonq.engine.methods import boa, registry
+    assert memory.BOA_VALUE_CHUNK == boa.VALUE_CHUNK
+    m = ModelShape.from_config(_tiny())
+    args = dict(c=4, seqlen=16, tokens=64, search_tokens=0, group_size=32, windows=2)
+    (obs_off, solve_off), (obs_on, solve_on) = (memory._method_state("boa", m, 64, 128, "q/k/v", block_v=v, **args)
+                                                for v in (False, True))
+    value = 2 * 64 * 64 * 4  # two KV heads, K = 64, fp32
+    transient = 2 * 4 * (16 * 16 + 3 * 16 * 16 + 16 * 64) * 4  # 2 windows, 4 heads, T = 16, chunk 16, D = 16
+    assert (obs_on - obs_off, solve_on - solve_off) == (value + transient, value)
+    assert (memory._method_state("boa", m, 128, 64, "down_proj", block_v=True, **args)
+            == memory._method_state("boa", m, 128, 64, "down_proj", block_v=False, **args))  # only q/k/v holds it
+
+    seen = []
+    monkeypatch.setattr(memory, "estimate_memory", lambda *a, **kw: seen.append(kw["block_v"]))
+
+    class Opts:
+        method, nsamples, seqlen, calib_batch, group_size = "boa", 4, 16, 2, 64
+        device, dtype, offload_activations = "cpu", "float32", None
+    for options in ({}, {"block_v": False}):
+        Opts.method_options = options
+        memory.estimate_for_options(Opts(), _tiny())
+    assert registry.make_method("boa", {}).options.block_v  # the default, which the estimate follows
+    assert seen == [True, False]
