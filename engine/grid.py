@@ -29,7 +29,8 @@ from ..errors import TritonqError
 from ..kernels.grid_rule import MIN_SCALE, dequantize_codes, fake_quantize, minmax_scale_zero, quantize_codes
 
 __all__ = ["MIN_SCALE", "GridSpec", "codes_of", "default_g_idx", "dequantize", "dequantize_codes", "fake_quantize",
-           "fake_quantize_groups", "fit_groups", "fit_rows", "group_block_error", "keep_better", "quantize_codes"]
+           "fake_quantize_groups", "fit_groups", "fit_rows", "fit_rows_shrink", "group_block_error", "keep_better",
+           "quantize_codes"]
 
 
 @dataclass(frozen=True)
@@ -84,19 +85,27 @@ def _params_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: GridSpec) -> tu
 
 def fit_rows(w: torch.Tensor, spec: GridSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Fit one (scale, zero) per row of ``w`` [rows, cols]; returns two fp32 tensors of shape [rows]."""
+    scale, zero, _ = fit_rows_shrink(w, spec)
+    return scale, zero
+
+
+def fit_rows_shrink(w: torch.Tensor, spec: GridSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`fit_rows` and the shrink factor ``p`` [rows] it chose: the grid is the min-max one of ``p * [lo, hi]``
+    (``p = 1`` without ``spec.mse``), so a method that learns range factors can start from the MSE search's."""
     w = w.float()
     lo = w.amin(dim=1)
     hi = w.amax(dim=1)
     scale, zero = _params_from_range(lo, hi, spec)
+    shrink = torch.ones_like(lo)
     if not spec.mse:
-        return scale, zero
+        return scale, zero, shrink
     best = torch.full_like(lo, float("inf"))
     for i in range(int(spec.max_shrink * spec.shrink_steps)):
         p = 1.0 - i / spec.shrink_steps
         s1, z1 = _params_from_range(p * lo, p * hi, spec)
         err = (fake_quantize(w, s1[:, None], z1[:, None], spec.maxq) - w).abs_().pow_(spec.norm).sum(dim=1)
-        best, (scale, zero) = keep_better(best, err, (scale, zero), (s1, z1))
-    return scale, zero
+        best, (scale, zero, shrink) = keep_better(best, err, (scale, zero, shrink), (s1, z1, torch.full_like(lo, p)))
+    return scale, zero, shrink
 
 
 def keep_better(best: torch.Tensor, score: torch.Tensor, kept: tuple[torch.Tensor, ...],

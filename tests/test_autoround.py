@@ -81,8 +81,10 @@ def test_zero_steps_is_round_to_nearest(float_dir):
         assert torch.equal(res.scale, rtn.layers[name].scale) and torch.equal(res.zero, rtn.layers[name].zero)
 
 
-def test_gptq_init_starts_from_gptqs_codes(float_dir):
-    """Block 0's q/k/v see the captured inputs in both runs: GPTQ's codes there are the target of the init."""
+@pytest.mark.parametrize("spec", [SPEC, GridSpec(bits=2, group_size=32, mse=True)], ids=["minmax", "mse-2bit"])
+def test_gptq_init_starts_from_gptqs_codes(float_dir, spec):
+    """Block 0's q/k/v see the captured inputs in both runs: GPTQ's codes there are the target of the init (with
+    --mse, GPTQ's codes on the MSE grid, which is also where the range factors start)."""
     reference = _load(float_dir)
     adapter = adapter_for(reference.config)
     chunks = capture_block_inputs(reference, adapter, _batches(), CPU)
@@ -94,20 +96,20 @@ def test_gptq_init_starts_from_gptqs_codes(float_dir):
             _out(block, c)
     hook.remove()
     hessian = acc.take()
-    model, _, report = _run(float_dir, AutoRound(AutoRoundOptions(iters=0, init="gptq")))
+    model, _, report = _run(float_dir, AutoRound(AutoRoundOptions(iters=0, init="gptq")), spec)
     checked = 0
     for lin in ("q_proj", "k_proj", "v_proj"):
         name = f"model.layers.0.self_attn.{lin}"
         w = reference.get_submodule(name).weight.data.float()
-        gptq = gptq_solve([w], hessian.clone(), SPEC, [name], GPTQOptions(act_order="static"))[0].weight
-        scale, zero = fit_groups(w, SPEC)
-        idx = torch.arange(w.shape[1]) // SPEC.group_size
+        gptq = gptq_solve([w], hessian.clone(), spec, [name], GPTQOptions(act_order="static"))[0].weight
+        scale, zero = fit_groups(w, spec)
+        idx = torch.arange(w.shape[1]) // spec.group_size
         s = scale[:, idx]
         reachable = ((gptq - w) / s).abs() < 0.499  # GPTQ's code within half a step: an offset reaches it
         got = model.get_submodule(name).weight.data
         assert torch.equal(got[reachable], gptq[reachable]), name
         assert reachable.float().mean() > 0.8
-        rtn = (quantize_codes(w, s, zero[:, idx], SPEC.maxq) - zero[:, idx]) * s
+        rtn = (quantize_codes(w, s, zero[:, idx], spec.maxq) - zero[:, idx]) * s
         assert (got != rtn).float().mean() > 0.02  # the init moved codes away from round-to-nearest
         checked += 1
     assert checked == 3 and report.layers
@@ -141,9 +143,18 @@ def test_bad_options_fail_with_one_line(options, message):
         registry.make_method("autoround", options)
 
 
-def test_mse_grid_is_refused(float_dir):
-    with pytest.raises(TritonqError, match="autoround learns its grid; --mse does not apply"):
-        _run(float_dir, AutoRound(AutoRoundOptions(iters=1)), GridSpec(bits=3, group_size=32, mse=True))
+def test_mse_starts_from_the_mse_grid(float_dir):
+    """With --mse the range factors start at the MSE search's shrink: zero steps give --mse round-to-nearest bit for
+    bit, and the start differs from the min-max one (the search shrinks some groups at 2 bits)."""
+    mse = GridSpec(bits=2, group_size=32, mse=True)
+    tuned = _run(float_dir, AutoRound(AutoRoundOptions(iters=0)), mse)[0]
+    rtn = _run(float_dir, registry.make_method("rtn"), mse)[0]
+    plain = _run(float_dir, AutoRound(AutoRoundOptions(iters=0)), GridSpec(bits=2, group_size=32))[0]
+    names = [n for n, m in tuned.named_modules() if isinstance(m, torch.nn.Linear) and "layers" in n]
+    assert names
+    for name in names:
+        assert torch.equal(tuned.get_submodule(name).weight, rtn.get_submodule(name).weight), name
+    assert any(not torch.equal(tuned.get_submodule(n).weight, plain.get_submodule(n).weight) for n in names)
 
 
 class FloatProbe(BlockProbe):

@@ -6,7 +6,9 @@ Per decoder block (``scope = "block"``: the pipeline hands over the block, its c
 already-quantized blocks before it, and the float block's outputs on them, :class:`..groups.BlockGroup`):
 
 * every linear gets ``V`` [N, K] (zeros), added before rounding, and per-group factors on the range's min and max
-  (ones, kept in [0, 1] as auto-round's ``minmax_scale_bound``); the fake quantization with straight-through
+  (ones, kept in [0, 1] as auto-round's ``minmax_scale_bound``; with ``--mse`` both start at the shrink that
+  GPTQ's MSE grid search picks for the group, so step 0 is ``--mse`` round-to-nearest and ``--init gptq`` solves on
+  that grid: not in auto-round, which always starts from the min-max range); the fake quantization with straight-through
   rounding is :func:`tritonq.kernels.signround_qdq` (the Triton kernel on CUDA, its PyTorch reference elsewhere);
 * ``iters`` steps of signed gradient descent, ``p -= lr_t * sign(grad)``, on the MSE of the block's output against
   the float block's, one batch of ``batch`` calibration windows per step drawn without replacement from a reshuffled
@@ -47,7 +49,7 @@ import torch.nn.functional as F
 from ... import kernels
 from ...errors import TritonqError
 from ...kernels.signround import signround_grid
-from ..grid import GridSpec, default_g_idx
+from ..grid import GridSpec, default_g_idx, fit_rows_shrink
 from ..groups import block_forward
 from ..hessian import HessianAccumulator
 from .awq import AWQ, AWQOptions
@@ -102,8 +104,6 @@ class _Tuned:
     """One linear's fixed weight and grid shape, and its learnable offsets and range factors."""
 
     def __init__(self, name: str, weight: torch.Tensor, spec: GridSpec, label: str) -> None:
-        if spec.mse:
-            raise TritonqError(f"autoround learns its grid; --mse does not apply ({label}): drop --mse")
         self.name = name
         self.spec = spec
         self.w = weight.detach().float().contiguous()
@@ -111,8 +111,11 @@ class _Tuned:
         groups = spec.groups_for(k, label)
         self.group = spec.effective_group(k)
         self.offsets = torch.zeros_like(self.w, requires_grad=True)
-        self.min_factor = torch.ones(n, groups, device=self.w.device, requires_grad=True)
-        self.max_factor = torch.ones(n, groups, device=self.w.device, requires_grad=True)
+        # both factors start at 1 (the min-max grid), or with --mse at the shrink the MSE search picks per group,
+        # which gives that search's grid exactly (signround_grid scales the range as fit_rows_shrink does)
+        start = fit_rows_shrink(self.w.view(n * groups, self.group), spec)[2].view(n, groups)
+        self.min_factor = start.clone().requires_grad_()
+        self.max_factor = start.clone().requires_grad_()
 
     @property
     def params(self) -> list[torch.Tensor]:
