@@ -274,7 +274,8 @@ def test_compile_matches_eager_with_one_graph_for_every_block(float_dir, fresh_c
     assert len({name.split(".mlp")[0].split(".self_attn")[0] for name in reports[True].layers}) > 1
     for name, eager in reports[False].layers.items():
         compiled = reports[True].layers[name]
-        # round-to-nearest's loss, the first step's, is the same function of the same weights
+        # round-to-nearest's loss, the first step's, is the same function of the same weights (the compiled fake
+        # quantization keeps the scales' fp16 rounding: without it 68% of the weights below differ)
         assert compiled.info["loss_first_step"] == pytest.approx(eager.info["loss_first_step"], rel=1e-4), name
         assert compiled.info["loss"] <= compiled.info["loss_first_step"]
         weights = [runs[c][0].get_submodule(name).weight for c in (False, True)]
