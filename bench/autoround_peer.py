@@ -6,7 +6,7 @@ a like-for-like comparison this runs ``quantize`` with the peer's rule in place 
 seed and count) and prints one line in the peer's ``RESULT`` shape, with ``quantize_total`` as ``quant_s``:
 
     python -m tritonq.bench.autoround_peer --bits 3 --group-size 64 --iters 200 [--init none] [--seed 0]
-        [--eval ../shared/data/wikitext2_test.txt] [--windows 8] [--output DIR] [--model DIR]
+        [--compile] [--eval ../shared/data/wikitext2_test.txt] [--windows 8] [--output DIR] [--model DIR]
 
 ``--model`` defaults to ``smollm2`` (the GGUF the peer's float32 copy was saved from: the same weights).
 """
@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters", type=int, default=200)
     p.add_argument("--init", default="none")
     p.add_argument("--target", default="float")
+    p.add_argument("--compile", action="store_true", help="autoround --compile (torch.compile of each step)")
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
@@ -50,10 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     summary = api.quantize(api.QuantizeOptions(
         output=out, model=a.model, method="autoround", bits=a.bits, group_size=a.group_size, nsamples=a.nsamples,
         seqlen=a.seqlen, seed=a.seed, overwrite=True, eval_data=a.eval, eval_windows=a.windows,
-        method_options={"iters": a.iters, "init": a.init, "target": a.target}))
+        method_options={"iters": a.iters, "init": a.init, "target": a.target, "compile": a.compile}))
     meta = json.loads((Path(out) / "quantization.json").read_text())
     quant_s = meta["seconds"]["quantize_total"]
     print(f"RESULT method=tritonq-autoround w{a.bits} g{a.group_size} init={a.init} target={a.target} iters={a.iters} "
+          f"compile={int(a.compile)} "
           f"seed={a.seed} quant_s={quant_s:.1f} ppl[{Path(a.eval).name}={summary.perplexity:.4f}] windows={a.windows}")
     return 0
 
