@@ -34,12 +34,19 @@ class Pool {
   }
 
   void run(int64_t count, int threads, const std::function<void(int64_t)>& fn) {
+    TORCH_CHECK(count < static_cast<int64_t>(kClosed), "too many chunks for the pool: ", count);
     if (threads <= 1 || count <= 1) {
       for (int64_t i = 0; i < count; ++i) fn(i);
       return;
     }
     std::lock_guard<std::mutex> serial(run_mu_);  // one job at a time (several Python threads may call)
     grow(threads - 1);
+    // Close the last job before its count and function change. A helper that read the last job's state (all its
+    // chunks claimed) and was preempted before its compare-and-swap could otherwise see the new, larger count,
+    // claim a chunk under the old job's number, run the new function on it and count it done before the new job
+    // is published: the caller then returned with a chunk still running on references to its stack (segfaults
+    // in the server under load, 2026-12-07). The closed index is above any count, so that claim now fails.
+    state_.store((static_cast<uint64_t>(gen_) << 32) | kClosed, std::memory_order_release);
     fn_.store(&fn, std::memory_order_relaxed);
     count_.store(count, std::memory_order_relaxed);
     done_.store(0, std::memory_order_relaxed);
@@ -102,6 +109,7 @@ class Pool {
 
   uint32_t gen_seen_at_start() { return static_cast<uint32_t>(state_.load(std::memory_order_acquire) >> 32); }
 
+  static constexpr uint64_t kClosed = 0xffffffffu;  // a chunk index no job reaches (counts fit in 31 bits)
   std::mutex run_mu_, mu_;
   std::condition_variable cv_;
   std::atomic<uint64_t> state_{0};  // job number << 32 | next unclaimed chunk
