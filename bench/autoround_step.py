@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..engine.adapters import adapter_for
     from ..engine.data import calibration_windows, load_corpus, tokenize
     from ..engine.grid import GridSpec
+    from ..engine.groups import block_forward
     from ..engine.methods.autoround import _StepLoss, _Tuned
     from ..engine.model_io import load_model, load_tokenizer
     from ..engine.stages import capture_block_inputs
@@ -54,11 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     hidden = chunk.hidden
     with torch.no_grad():  # the float model's input to --block, and the block's float output as the target
         for block in blocks[:a.block]:
-            out = block(hidden, **chunk.kwargs)
-            hidden = out[0] if isinstance(out, tuple) else out
-        out = blocks[a.block](hidden, **chunk.kwargs)
-        target = out[0] if isinstance(out, tuple) else out
-    block = blocks[a.block]
+            hidden = block_forward(block, hidden, chunk.kwargs)
+        block = blocks[a.block]
+        target = block_forward(block, hidden, chunk.kwargs)
     spec = GridSpec(bits=a.bits, group_size=a.group_size)
     names = adapter.linear_names()
     tuned = [_Tuned(n, block.get_submodule(n).weight, spec, n) for n in names]

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from ..errors import TritonqError
+from .methods.boa import VALUE_CHUNK as BOA_VALUE_CHUNK
 
 GIB = 2**30
 MIB = 2**20
@@ -149,7 +150,6 @@ class MemoryEstimate:
         return "\n".join(lines)
 
 
-BOA_VALUE_CHUNK = 128  # query positions per chunk of BoA's --block-v statistics (methods/boa.py VALUE_CHUNK)
 AUTOROUND_BATCH = 8  # AutoRound's windows per step (its default; engine/methods/autoround.py)
 
 
@@ -177,7 +177,7 @@ def _intermediates(m: ModelShape, windows: int, seqlen: int, c: int) -> int:
 
 
 def _method_state(method: str, m: ModelShape, k: int, n: int, group: str, *, c: int, seqlen: int, tokens: int,
-                  search_tokens: int, group_size: int, windows: int = 1, block_v: bool = False) -> tuple[int, int]:
+                  search_tokens: int, group_size: int, windows: int, block_v: bool = False) -> tuple[int, int]:
     """(bytes while the chunks run, bytes while solving) of ``method`` for one group ``[N, K]``."""
     fp32 = 4
     rounding = 3 * n * k * fp32  # per linear: its rounded copy, the gathered scales and zeros, temporaries
@@ -199,7 +199,7 @@ def _method_state(method: str, m: ModelShape, k: int, n: int, group: str, *, c: 
             # chunk of query positions at a time: the repeated keys, the scores / masked scores / probabilities
             # [windows, heads, chunk, T] and the attention-weighted inputs [windows, heads, chunk, K]
             value = m.kv_heads * k * k * fp32
-            rows = min(BOA_VALUE_CHUNK, seqlen)
+            rows = min(BOA_VALUE_CHUNK, seqlen)  # BoA's query positions per chunk
             transient = windows * m.heads * (seqlen * m.head_dim + 3 * rows * seqlen + rows * k) * fp32
             return hessian + moments + value + transient, gptq_solve + moments + rotary + value
         return hessian, gptq_solve

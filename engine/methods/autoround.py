@@ -133,8 +133,7 @@ class _Tuned:
                 self.spec.sym)
 
     def fake(self) -> torch.Tensor:
-        return kernels.signround_qdq(self.w, self.offsets, self.min_factor, self.max_factor, self.group,
-                                     self.spec.maxq, self.spec.sym)
+        return kernels.signround_qdq(*self.fake_args[1:])
 
     def grid(self) -> tuple[torch.Tensor, torch.Tensor]:
         n, k = self.w.shape
