@@ -109,7 +109,7 @@ class Pool {
 
   uint32_t gen_seen_at_start() { return static_cast<uint32_t>(state_.load(std::memory_order_acquire) >> 32); }
 
-  static constexpr uint64_t kClosed = 0xffffffffu;  // a chunk index no job reaches (counts fit in 31 bits)
+  static constexpr uint64_t kClosed = 0xffffffffu;  // a chunk index no job reaches (run() refuses counts >= it)
   std::mutex run_mu_, mu_;
   std::condition_variable cv_;
   std::atomic<uint64_t> state_{0};  // job number << 32 | next unclaimed chunk
