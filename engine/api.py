@@ -211,7 +211,7 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
 
     t0 = time.perf_counter()
     cache = ActivationCache(_offload_place(opts.offload_activations), device, opts.activations_dir)
-    report = quantize_blocks(weights, adapter, method, spec, device, batches, cache=cache, work=work,
+    report = quantize_blocks(weights, adapter, method, spec, device, batches, cache=cache, work=work, seed=opts.seed,
                              progress=opts.progress and collective.is_writer)  # [distributed] bars on rank 0 only
     seconds["quantize_total"] = time.perf_counter() - t0
     for stage, value in report.seconds.items():

@@ -133,11 +133,12 @@ class BlockGroup:
     blocks before it upstream) and ``targets`` the float block's output on each chunk (on the quantized path's
     inputs, or on the float path's when the method declares ``float_targets``), both on the store device. The
     block's own parameters do not require gradients while the method runs: it makes its own leaves and replays
-    the block with them through ``run`` or ``call``.
+    the block with them through ``run`` or ``call``. ``seed`` is the run's ``--seed``, for a method that draws
+    at random.
     """
 
     def __init__(self, block: nn.Module, index: int, adapter: Adapter, config: Any, specs: list[GridSpec],
-                 device: torch.device, inputs: list[Chunk], targets: list[torch.Tensor]) -> None:
+                 device: torch.device, inputs: list[Chunk], targets: list[torch.Tensor], seed: int = 0) -> None:
         self.block = block
         self.index = index
         self.names = tuple(adapter.linear_names())
@@ -149,6 +150,7 @@ class BlockGroup:
         self.device = device
         self.inputs = inputs
         self.targets = targets
+        self.seed = seed
 
     @property
     def label(self) -> str:

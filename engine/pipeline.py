@@ -212,7 +212,7 @@ def _frozen(module: nn.Module) -> Iterator[None]:
 
 def quantize_whole_block(
     block: nn.Module, index: int, chunks: list[Chunk] | None, adapter: Adapter, config: Any, method: Method,
-    spec: GridSpec, device: torch.device, cache: ActivationCache, report: QuantizeReport,
+    spec: GridSpec, device: torch.device, cache: ActivationCache, report: QuantizeReport, seed: int = 0,
 ) -> tuple[list[Chunk] | None, float]:
     """Quantize one block with a block-scope method; returns the next block's inputs and the mean loss."""
     prepass = method.block_prepass(index)
@@ -226,7 +226,7 @@ def quantize_whole_block(
         cache.page_out()
     report.seconds["forward"] += time.perf_counter() - t0
     specs = [method.layer_grid(f"{adapter.blocks}.{index}.{n}", spec) for n in adapter.linear_names()]
-    group = BlockGroup(block, index, adapter, config, specs, device, chunks or [], targets)
+    group = BlockGroup(block, index, adapter, config, specs, device, chunks or [], targets, seed)
     t0 = time.perf_counter()
     with _frozen(block), torch.set_grad_enabled(method.needs_grad):
         results = method.quantize_block(group)
@@ -279,12 +279,14 @@ def quantize_blocks(
     on_block: Callable[[int, float], None] | None = None,
     cache: ActivationCache | None = None,
     work: WorkDir | None = None,
+    seed: int = 0,
 ) -> QuantizeReport:
     """Quantize every decoder block in turn; returns the grid parameters per linear.
 
     ``model``: a model held whole (quantized in place) or a :class:`~tritonq.engine.streaming.ModelWeights`
     source, whose blocks are loaded one at a time and released after. ``work``: a work directory that receives
     every finished block and the next block's inputs (``workdir.py``); blocks it already holds are not redone.
+    ``seed``: the run's seed, for a block-scope method that draws at random (AutoRound's batch order).
     """
     if method.scope not in ("group", "block"):
         raise TritonqError(f"method {method.name} declares scope {method.scope!r}; a method's scope is 'group' "
@@ -314,8 +316,11 @@ def quantize_blocks(
             t0 = time.perf_counter()
             prefix = f"{adapter.blocks}.{i}"
             block = weights.load(prefix, device)
-            step = quantize_block if method.block_scope(i) == "group" else quantize_whole_block
-            chunks, loss = step(block, i, chunks, adapter, weights.model.config, method, spec, device, cache, report)
+            args = (block, i, chunks, adapter, weights.model.config, method, spec, device, cache, report)
+            if method.block_scope(i) == "group":
+                chunks, loss = quantize_block(*args)
+            else:
+                chunks, loss = quantize_whole_block(*args, seed=seed)
             peak = peak_memory()
             record = {"seconds": round(time.perf_counter() - t0, 3), **peak}
             report.blocks.append({"block": i, **record})

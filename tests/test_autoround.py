@@ -202,10 +202,42 @@ def test_awq_init_folds_awqs_scales_first(float_dir):
     assert len(report.layers) == 14 and all(r.scale.numel() > 0 for r in report.layers.values())
 
 
+def test_batch_order_follows_the_seed(float_dir, monkeypatch):
+    """The steps' window order is drawn from the run's seed and the block index: seed 0 keeps the order that the block
+    index alone gave before the seed was used (its results are unchanged), another seed draws other batches, and so
+    other offsets; one seed twice gives the same weights."""
+    from tritonq.engine.methods import autoround
+
+    orders = []
+
+    class Recording(autoround._WindowSampler):
+        def __init__(self, count, batch, generator):
+            super().__init__(count, batch, generator)
+            orders.append(self.order.clone())
+
+    monkeypatch.setattr(autoround, "_WindowSampler", Recording)
+    options = AutoRoundOptions(iters=6, batch=2)  # 6 windows in batches of 2: the order picks each step's windows
+    weights = {}
+    for seed in (0, 1, 0):
+        orders.clear()
+        model = _load(float_dir)
+        adapter = adapter_for(model.config)
+        quantize_blocks(model, adapter, AutoRound(options), SPEC, CPU, _batches(), progress=False, seed=seed)
+        count = len(adapter.block_list(model))
+        assert len(orders) == count
+        expected = [torch.randperm(6, generator=torch.Generator().manual_seed(i)) for i in range(count)]
+        same = [torch.equal(o, e) for o, e in zip(orders, expected)]
+        assert all(same) if seed == 0 else not any(same), (seed, orders)
+        layers = [n for n, _ in model.named_modules() if n.endswith("proj")]
+        weights.setdefault(seed, []).append(torch.cat([model.get_submodule(n).weight.flatten() for n in layers]))
+    assert torch.equal(weights[0][0], weights[0][1])
+    assert not torch.equal(weights[0][0], weights[1][0])
+
+
 @pytest.mark.slow
 def test_killed_autoround_resumes_byte_identical(tmp_path):
     """The float path (``float_targets``) is part of what the work directory keeps: a run killed after block 1 and
-    resumed writes the same bytes as one never interrupted (the steps' window order is seeded per block)."""
+    resumed writes the same bytes as one never interrupted (the steps' window order is seeded per block and seed)."""
     from helpers import tiny_config, tiny_tokenizer
     from test_resume import _args, _cli, _weights
     from transformers import LlamaForCausalLM

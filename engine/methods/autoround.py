@@ -12,7 +12,9 @@ already-quantized blocks before it, and the float block's outputs on them, :clas
   rounding is :func:`tritonq.kernels.signround_qdq` (the Triton kernel on CUDA, its PyTorch reference elsewhere);
 * ``iters`` steps of signed gradient descent, ``p -= lr_t * sign(grad)``, on the MSE of the block's output against
   the float block's, one batch of ``batch`` calibration windows per step drawn without replacement from a reshuffled
-  order (auto-round's ``IndexSampler``); ``lr_t`` decays linearly from ``lr`` (default ``1 / iters``) to 0;
+  order (auto-round's ``IndexSampler``; drawn from the run's ``--seed`` and the block's index, where auto-round
+  draws from its global generator, so that a resumed run redoes a block's steps exactly); ``lr_t`` decays linearly
+  from ``lr`` (default ``1 / iters``) to 0;
 * the loss of every step is computed before its update, and the parameters with the lowest loss are kept (the
   first step's, ``V = 0``, is round-to-nearest: the result is never a worse batch loss than RTN's).
 
@@ -67,6 +69,7 @@ INITS = ("none", "gptq", "awq")
 # one linear's fake quantization inputs: name, weight, offsets, min and max factors, group, maxq, sym
 FakeArgs = tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int, bool]
 TARGETS = ("float", "quantized")
+_SEED_STRIDE = 1_000_003  # a prime above any block count: (seed, block) pairs never share a batch order
 
 
 @dataclass(frozen=True)
@@ -201,7 +204,8 @@ class AutoRound(Method):
         hidden = torch.cat([c.hidden for c in block.inputs])
         targets = torch.cat(list(block.targets))
         rows = block.inputs[0].hidden.shape[0]
-        gen = torch.Generator().manual_seed(block.index)
+        # the batch order differs per block and per --seed (seed 0: the block index, as before the seed was used)
+        gen = torch.Generator().manual_seed(block.index + _SEED_STRIDE * block.seed)
         sampler = _WindowSampler(hidden.shape[0], o.batch, gen)
         kwargs = _shared_kwargs(block.inputs[0].kwargs, rows, sampler.batch, block.label)
         params = [p for t in tuned for p in t.params]
