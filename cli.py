@@ -60,7 +60,8 @@ def _add_quantize(sub) -> None:
     p.add_argument("--text-column", default="text", help="field of a .jsonl calibration file")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="draws the calibration windows (and AutoRound's batch order)")
     p.add_argument("--calib-batch", type=int, default=8,
                    help="calibration windows per forward chunk (bounds the working activation memory)")
     p.add_argument("--offload-activations", nargs="*", metavar="PLACE", default=None,
