@@ -69,7 +69,7 @@ INITS = ("none", "gptq", "awq")
 # one linear's fake quantization inputs: name, weight, offsets, min and max factors, group, maxq, sym
 FakeArgs = tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int, bool]
 TARGETS = ("float", "quantized")
-_SEED_STRIDE = 1_000_003  # a prime above any block count: (seed, block) pairs never share a batch order
+_SEED_STRIDE = 1_000_003  # above any block count: no two (seed, block) pairs share a generator seed
 
 
 @dataclass(frozen=True)
