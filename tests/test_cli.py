@@ -1,5 +1,6 @@
 """Bad input: one clear line naming the problem and the fix, exit status 2, no traceback, no output."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -207,3 +208,29 @@ def test_console_script_prints_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip() == "tritonq: error: bits must be an integer from 2 to 8, got 1; pass e.g. --bits 4"
+
+
+def _every_parser(parser):
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                yield from _every_parser(child)
+
+
+def test_every_help_renders():
+    """argparse formats each help string with %: a bare '%' in any option's help (a method's field metadata
+    included) crashes `--help` of its command ('42% worse') or prints the wrong text ('42% above' formats as
+    '% a'), and nothing else renders the help."""
+    import re
+
+    from tritonq.cli import build_parser
+
+    parsers = list(_every_parser(build_parser()))
+    assert len(parsers) > 10  # the commands and bench's sub-commands, not the root alone
+    for parser in parsers:
+        text = parser.format_help()
+        assert text.startswith("usage: " + parser.prog), parser.prog
+        for action in parser._actions:
+            bare = re.search(r"%(?![%(])", action.help or "")
+            assert bare is None, f"{parser.prog} {action.option_strings}: write %% for a percent sign"
