@@ -1,8 +1,10 @@
-"""Bad input: one clear line naming the problem and the fix, exit status 2, no traceback, no output."""
+"""Bad input: one clear line naming the problem and the fix, exit status 2, no traceback, no output; and every
+command's --help renders."""
 
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -10,7 +12,7 @@ import time
 import pytest
 import torch
 from helpers import tiny_tokenizer
-from tritonq.cli import main
+from tritonq.cli import build_parser, main
 from tritonq.errors import TritonqError
 
 
@@ -222,10 +224,6 @@ def test_every_help_renders():
     """argparse formats each help string with %: a bare '%' in any option's help (a method's field metadata
     included) crashes `--help` of its command ('42% worse') or prints the wrong text ('42% above' formats as
     '% a'), and nothing else renders the help."""
-    import re
-
-    from tritonq.cli import build_parser
-
     parsers = list(_every_parser(build_parser()))
     assert len(parsers) > 10  # the commands and bench's sub-commands, not the root alone
     for parser in parsers:
