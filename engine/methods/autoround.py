@@ -88,6 +88,9 @@ class AutoRoundOptions:
                 "default: a second activation stream) or on the quantized blocks' outputs (quantized; at 2 bits on "
                 "SmolLM2 its perplexity was 1.42x the float target's, bench/RESULTS.md)",
         "choices": TARGETS, "const": "float"})
+    trim: float = field(default=0.0, metadata={
+        "help": "leave this fraction of the largest squared output errors out of each step's loss (0: the plain MSE; "
+                "auto-round's SignRoundV2 extension leaves out 0.001 below 4 bits)"})
     compile: bool = field(default=False, metadata={
         "help": "run each step's block forward and backward through torch.compile: one compile (tens of seconds) "
                 "for every block, then about 1.17x faster steps on the CPU (SmolLM2); falls back to eager with a "
@@ -104,6 +107,8 @@ class AutoRoundOptions:
             raise TritonqError(f"--init must be one of {', '.join(INITS)}, got {self.init!r}")
         if self.target not in TARGETS:
             raise TritonqError(f"--target must be one of {', '.join(TARGETS)}, got {self.target!r}")
+        if not 0.0 <= self.trim < 0.5:
+            raise TritonqError(f"--trim must be a fraction in [0, 0.5), got {self.trim!r}")
 
     @property
     def step_size(self) -> float:
@@ -211,7 +216,7 @@ class AutoRound(Method):
         sampler = _WindowSampler(hidden.shape[0], o.batch, gen)
         kwargs = _shared_kwargs(block.inputs[0].kwargs, rows, sampler.batch, block.label)
         params = [p for t in tuned for p in t.params]
-        step_loss = _StepLoss.for_run(o.compile)
+        step_loss = _StepLoss.for_run(o.compile, o.trim)
         best, best_iter, first, kept = float("inf"), 0, None, None
         for step in range(max(o.iters, 1)):
             idx = sampler.next()
@@ -242,14 +247,29 @@ class AutoRound(Method):
 
 
 def _block_loss(module: torch.nn.Module, linears: list[FakeArgs], hidden: torch.Tensor, target: torch.Tensor,
-                kwargs: dict) -> torch.Tensor:
+                kwargs: dict, trim: float = 0.0) -> torch.Tensor:
     """The step's loss: every linear's fake weight (``kernels.signround_qdq``), the block on ``hidden`` with them, and
-    the MSE against ``target``. One function for the eager and the compiled step; compiled, the fake quantization is
-    fused with the rest (on the CPU, SmolLM2 block 5, one thread: 1.21x a step, against 1.11x with it left outside,
-    in one process)."""
+    the MSE against ``target`` (:func:`trimmed_mse` with ``trim``). One function for the eager and the compiled step;
+    compiled, the fake quantization is fused with the rest (on the CPU, SmolLM2 block 5, one thread: 1.21x a step,
+    against 1.11x with it left outside, in one process)."""
     weights = {name: kernels.signround_qdq(w, v, lo, hi, group, maxq, sym)
                for name, w, v, lo, hi, group, maxq, sym in linears}
-    return F.mse_loss(block_forward(module, hidden, kwargs, weights), target)
+    return trimmed_mse(block_forward(module, hidden, kwargs, weights), target, trim)
+
+
+def trimmed_mse(output: torch.Tensor, target: torch.Tensor, trim: float) -> torch.Tensor:
+    """The mean squared error with the largest ``int(trim * numel)`` squared errors counted as zero (the mean is still
+    over every element), so that a few outlier outputs (SmolLM2's massive activations) do not steer every sign.
+    auto-round's SignRoundV2 extension (``enable_alg_ext``, ``sign_roundv2/quantizer.py``) does the same with 0.001
+    for symmetric grids below 4 bits; ``trim = 0`` is :func:`torch.nn.functional.mse_loss`."""
+    if trim <= 0.0:
+        return F.mse_loss(output, target)
+    squared = (output - target).square().flatten()
+    left_out = int(trim * squared.numel())
+    if left_out == 0:
+        return squared.mean()
+    keep = torch.ones_like(squared).index_fill_(0, squared.detach().topk(left_out).indices, 0.0)
+    return (squared * keep).mean()
 
 
 class _StepLoss:
@@ -259,31 +279,31 @@ class _StepLoss:
     _compiled: Any = None
     _failed = False  # the compiler failed once in this process: later runs go eager without trying again
 
-    def __init__(self, compiled: bool) -> None:
-        self.compiled = compiled
+    def __init__(self, compiled: bool, trim: float = 0.0) -> None:
+        self.compiled, self.trim = compiled, trim
 
     @classmethod
-    def for_run(cls, compile: bool) -> _StepLoss:
+    def for_run(cls, compile: bool, trim: float = 0.0) -> _StepLoss:
         if compile and cls._compiled is None and not cls._failed:
             cls._compiled = torch.compile(_block_loss, options={"emulate_precision_casts": True})
-        return cls(compile and not cls._failed)
+        return cls(compile and not cls._failed, trim)
 
     def __call__(self, module: torch.nn.Module, linears: list[FakeArgs], hidden: torch.Tensor, target: torch.Tensor,
                  kwargs: dict, params: list[torch.Tensor] | None) -> tuple[torch.Tensor, tuple | None]:
         if self.compiled:
             try:
-                return self._run(type(self)._compiled, module, linears, hidden, target, kwargs, params)
+                return self._run(type(self)._compiled, module, linears, hidden, target, kwargs, params, self.trim)
             except Exception as exc:  # noqa: BLE001 - any compiler failure; eager below re-raises a real error
                 type(self)._failed, self.compiled = True, False
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
                 warnings.warn(f"autoround --compile: torch.compile failed ({type(exc).__name__}: {first[:200]}); "
                               "running the steps eagerly", RuntimeWarning, stacklevel=2)
-        return self._run(_block_loss, module, linears, hidden, target, kwargs, params)
+        return self._run(_block_loss, module, linears, hidden, target, kwargs, params, self.trim)
 
     @staticmethod
     def _run(fn: Any, module: torch.nn.Module, linears: list[FakeArgs], hidden: torch.Tensor, target: torch.Tensor,
-             kwargs: dict, params: list[torch.Tensor] | None) -> tuple[torch.Tensor, tuple | None]:
-        loss = fn(module, linears, hidden, target, kwargs)
+             kwargs: dict, params: list[torch.Tensor] | None, trim: float) -> tuple[torch.Tensor, tuple | None]:
+        loss = fn(module, linears, hidden, target, kwargs, trim)
         grads = None if params is None else torch.autograd.grad(loss, params)
         return loss.detach(), grads
 
