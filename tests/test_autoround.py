@@ -5,7 +5,8 @@
 * zero steps is round-to-nearest bit for bit (the first scored step is ``V = 0`` with factors 1);
 * ``--init gptq`` starts from GPTQ's codes wherever they are within half a step of the weight;
 * the result packs into compressed-tensors and GPTQ exactly (codes, scales, zeros as the fake output);
-* bad options and ``--mse`` fail with one line.
+* bad options and ``--mse`` fail with one line;
+* ``--trim``'s loss equals a float64 reference, gives the left-out errors no gradient, and changes the run.
 """
 
 from __future__ import annotations
@@ -137,6 +138,8 @@ def test_autoround_output_packs_exactly(float_dir, tmp_path, fmt):
     ({"batch": 0}, "--batch must be a positive"),
     ({"init": "awq2"}, "--init must be one of"),
     ({"lr": -0.1}, "--lr must be >= 0"),
+    ({"trim": -0.01}, "--trim must be a fraction in"),
+    ({"trim": 0.5}, "--trim must be a fraction in"),
 ])
 def test_bad_options_fail_with_one_line(options, message):
     with pytest.raises(TritonqError, match=message):
@@ -327,3 +330,40 @@ def test_compile_failure_warns_and_runs_eagerly(float_dir, fresh_compile, monkey
     assert fresh_compile._failed
     for name in eager[2].layers:
         assert torch.equal(eager[0].get_submodule(name).weight, fallback[0].get_submodule(name).weight), name
+
+
+@pytest.mark.parametrize("trim", [0.0, 0.001, 0.05])
+def test_trimmed_mse_matches_a_float64_reference(trim):
+    from tritonq.engine.methods.autoround import trimmed_mse
+    gen = torch.Generator().manual_seed(7)
+    target = torch.randn(3, 40, 48, generator=gen)
+    output = (target + 0.1 * torch.randn(target.shape, generator=gen)).requires_grad_(True)
+    with torch.no_grad():  # a few outlier errors, as SmolLM2's massive activations give
+        output[0, 0, :5] += 30.0
+    loss = trimmed_mse(output, target, trim)
+    squared = (output.detach().double() - target.double()).square().flatten()
+    left_out = int(trim * squared.numel())
+    expected = squared.sort().values[:squared.numel() - left_out].sum() / squared.numel()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    if trim == 0.0:
+        assert torch.equal(loss, torch.nn.functional.mse_loss(output, target))
+    (grad,) = torch.autograd.grad(loss, output)
+    grad = grad.flatten()
+    dropped = squared.topk(left_out).indices if left_out else torch.empty(0, dtype=torch.long)
+    assert left_out == 0 or (grad[dropped] == 0).all()
+    kept = torch.ones_like(grad, dtype=torch.bool)
+    kept[dropped] = False
+    diff = (output.detach() - target).flatten()
+    torch.testing.assert_close(grad[kept], 2 * diff[kept] / squared.numel(), rtol=1e-5, atol=1e-9)
+    assert left_out == 0 or (grad[kept] != 0).all()
+
+
+def test_trim_changes_the_steps(float_dir):
+    """Leaving 5% of the output errors out moves the signs of the steps: the weights differ from the plain MSE run's,
+    and the kept loss (the trimmed one) is below that run's first-step loss."""
+    plain = _run(float_dir, AutoRound(AutoRoundOptions(iters=6)))
+    trimmed = _run(float_dir, AutoRound(AutoRoundOptions(iters=6, trim=0.05)))
+    names = list(plain[2].layers)
+    assert any(not torch.equal(plain[0].get_submodule(n).weight, trimmed[0].get_submodule(n).weight) for n in names)
+    for name in names:
+        assert trimmed[2].layers[name].info["loss_first_step"] < plain[2].layers[name].info["loss_first_step"], name

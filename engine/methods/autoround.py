@@ -16,7 +16,10 @@ already-quantized blocks before it, and the float block's outputs on them, :clas
   draws from its global generator, so that a resumed run redoes a block's steps exactly); ``lr_t`` decays linearly
   from ``lr`` (default ``1 / iters``) to 0;
 * the loss of every step is computed before its update, and the parameters with the lowest loss are kept (the
-  first step's, ``V = 0``, is round-to-nearest: the result is never a worse batch loss than RTN's).
+  first step's, ``V = 0``, is round-to-nearest: the result is never a worse batch loss than RTN's);
+* ``--trim F`` leaves the largest fraction ``F`` of the squared output errors out of each step's loss
+  (:func:`trimmed_mse`; auto-round's SignRoundV2 extension, arXiv:2512.04746 and ``enable_alg_ext``, leaves out 0.001
+  below 4 bits, on symmetric grids only; here on either grid, and off unless asked).
 
 ``--init awq`` first searches AWQ's activation-aware scales on the block and folds them (``awq.py``, without its
 clip; the clip would only narrow ranges that the learned factors set anyway). ``--init gptq`` starts ``V`` from
