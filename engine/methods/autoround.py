@@ -18,8 +18,8 @@ already-quantized blocks before it, and the float block's outputs on them, :clas
 * the loss of every step is computed before its update, and the parameters with the lowest loss are kept (the
   first step's, ``V = 0``, is round-to-nearest: the result is never a worse batch loss than RTN's);
 * ``--trim F`` leaves the largest fraction ``F`` of the squared output errors out of each step's loss
-  (:func:`trimmed_mse`; auto-round's SignRoundV2 extension, arXiv:2512.04746 and ``enable_alg_ext``, leaves out 0.001
-  below 4 bits, on symmetric grids only; here on either grid, and off unless asked).
+  (:func:`trimmed_mse`): SignRoundV2's loss filtering (arXiv:2512.04746, v2; in auto-round behind ``enable_alg_ext``,
+  0.001 below 4 bits, on symmetric grids only); here on either grid, and off unless asked.
 
 ``--init awq`` first searches AWQ's activation-aware scales on the block and folds them (``awq.py``, without its
 clip; the clip would only narrow ranges that the learned factors set anyway). ``--init gptq`` starts ``V`` from
