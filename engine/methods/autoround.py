@@ -93,7 +93,8 @@ class AutoRoundOptions:
         "choices": TARGETS, "const": "float"})
     trim: float = field(default=0.0, metadata={
         "help": "leave this fraction of the largest squared output errors out of each step's loss (0: the plain MSE; "
-                "auto-round's SignRoundV2 extension leaves out 0.001 below 4 bits)"})
+                "auto-round's SignRoundV2 extension leaves out 0.001 below 4 bits; at 2 bits on SmolLM2 0.001 gave "
+                "216.14 against 212.18 without it, one seed, bench/RESULTS.md)"})
     compile: bool = field(default=False, metadata={
         "help": "run each step's block forward and backward through torch.compile: one compile (tens of seconds) "
                 "for every block, then about 1.17x faster steps on the CPU (SmolLM2); falls back to eager with a "
