@@ -50,6 +50,15 @@ def _add_quantize(sub) -> None:
                         "calibration, with any method (QuaRot-style; RMSNorm models): hadamard (sign-randomised, a "
                         "random orthogonal matrix where no Hadamard of the width is known) or random (default none)")
     p.add_argument("--rotate-seed", type=int, default=0, help="seed of the rotation's signs or random matrices")
+    p.add_argument("--tune-epochs", type=int, default=0, metavar="N",
+                   help="after every block is quantized, train the scales of all quantized linears together for N "
+                        "epochs over the calibration windows, against the float model's next-token distribution "
+                        "(EfficientQAT's end-to-end step; codes and zeros stay; any weight-only method; holds the "
+                        "whole model in memory). Default 0: off")
+    p.add_argument("--tune-lr", type=float, default=1e-3,
+                   help="Adam's rate for --tune-epochs: the relative change of a scale per step, decaying linearly "
+                        "(default 0.001)")
+    p.add_argument("--tune-batch", type=int, default=4, help="calibration windows per --tune-epochs step (default 4)")
     _add_method_args(p)
     p.add_argument("--recipe", default=None, metavar="FILE",
                    help="per-layer methods and grids: a .yaml/.json recipe (regex rules, first match wins; "

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from .. import __version__
+from ..errors import TritonqError
 from .activations import apply_activation_quant, block_linear_names, resolve_act_spec, saved_act_spec
 from .adapters import adapter_for
 from .cache import ActivationCache
@@ -38,6 +39,7 @@ from .model_io import load_model, load_tokenizer, resolve_device, resolve_dtype
 from .outputs import QUANT_JSON, atomic_output_dir, read_quantization_json
 from .preflight import check_model_files, check_quantize_options, check_seqlen_fits, preflight
 from .rotation import RotationSpec, rotate_model
+from .scale_tuning import ScaleTuning
 from .streaming import model_files_fingerprint, open_weights
 from .workdir import WorkDir, default_work_dir
 
@@ -84,6 +86,11 @@ class QuantizeOptions:
     quantize_head: str = "none"  # none, int8 or int4: the lm_head and embedding table as integers (formats/head.py)
     rotate: str = "none"  # an orthogonal rotation of the float model before calibration (engine/rotation.py)
     rotate_seed: int = 0  # the seed of the rotation's random signs or matrices
+    # end-to-end scale tuning after every block (engine/scale_tuning.py): epochs over the calibration windows (0: off),
+    # Adam's rate (a relative change of a scale per step) and windows per step
+    tune_epochs: int = 0
+    tune_lr: float = 1e-3
+    tune_batch: int = 4
 
 
 @dataclass
@@ -127,6 +134,7 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device)
     rotation = RotationSpec(opts.rotate, opts.rotate_seed)
+    tuning = ScaleTuning(opts.tune_epochs, opts.tune_lr, opts.tune_batch)
 
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(opts.model, opts.trust_remote_code)
@@ -138,6 +146,8 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
     method, spec, act, adapter = run.method, run.spec, run.act, run.adapter
     seconds["preflight"] = time.perf_counter() - t0
     collective = current_collective()  # [distributed] world 1 unless run under torchrun / --nproc
+    if tuning.active:
+        check_tuning_run(act, collective.world)
 
     calib_meta = None
     batches = None
@@ -153,13 +163,13 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
     # one process only (ranks go through the pipeline, where RTN's solves are shared out), and not when the caller
     # asked for the model in memory (stream=False)
     # (a rotation rewrites the whole float model first: never model-free)
-    model_free_ok = collective.world == 1 and opts.stream is not False and not rotation.active
+    model_free_ok = collective.world == 1 and opts.stream is not False and not rotation.active and not tuning.active
     source = model_free.applies(method, run, opts.model) if model_free_ok else None
     if source is not None:
         return QuantizeSummary(**model_free.quantize_model_free(opts, run, source, tokenizer, seconds, started,
                                                                 eval_windows))
     # --- end model-free
-    if method.calibrated:
+    if method.calibrated or tuning.active:  # scale tuning trains on the calibration windows, after any method
         t0 = time.perf_counter()
         corpus = load_corpus(opts.calib, opts.text_column, split="train")
         windows = calibration_windows(tokenize(tokenizer, corpus.text), opts.nsamples, opts.seqlen, opts.seed,
@@ -172,7 +182,7 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
 
     t0 = time.perf_counter()
     weights = open_weights(opts.model, dtype, opts.trust_remote_code, opts.stream,
-                           whole_model=rotation.active or _prepares(method))
+                           whole_model=rotation.active or _prepares(method) or tuning.active)
     seconds["load"] = time.perf_counter() - t0
     from .memory import estimate_for_options
 
@@ -206,16 +216,31 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
     resumed_from = work.done
     if resumed_from:
         print(f"resuming at block {resumed_from} from {work.path}")
+    teacher = None
+    if tuning.active and not work.use_tuned(tuning.describe()):
+        from .scale_tuning import head_name, teacher_states
+
+        t0 = time.perf_counter()  # the float model's last hidden states, before any block is quantized
+        teacher = teacher_states(weights.model.to(device), head_name(weights.model), batches, device)
+        weights.model.to("cpu")  # the pipeline moves one block at a time
+        seconds["tune_teacher"] = time.perf_counter() - t0
 
     from .pipeline import quantize_blocks
 
     t0 = time.perf_counter()
     cache = ActivationCache(_offload_place(opts.offload_activations), device, opts.activations_dir)
-    report = quantize_blocks(weights, adapter, method, spec, device, batches, cache=cache, work=work, seed=opts.seed,
+    report = quantize_blocks(weights, adapter, method, spec, device, batches if method.calibrated else None,
+                             cache=cache, work=work, seed=opts.seed,
                              progress=opts.progress and collective.is_writer)  # [distributed] bars on rank 0 only
     seconds["quantize_total"] = time.perf_counter() - t0
     for stage, value in report.seconds.items():
         seconds[f"quantize_{stage}"] = value
+    tuning_log = None
+    if teacher is not None:
+        t0 = time.perf_counter()
+        tuning_log = tune_and_commit(weights, adapter, report, work, batches, teacher, tuning, device, opts.seed,
+                                     opts.progress)
+        seconds["tune"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     if act is not None:  # the saved config says how the model runs (eval, serve and export read it)
@@ -235,6 +260,8 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
         "memory": {**memory_record(report, weights.streamed, cache), "estimate": estimate.to_json()},
     }
+    if tuning.active:  # recorded only where the run tunes (a resume that found the tuning done: its saved log)
+        meta["scale_tuning"] = {**tuning.describe(), **(tuning_log or {**work.tuned_log(), "resumed": True})}
     if rotated is not None:  # recorded only where the run rotates: unrotated records stay as they were
         meta["rotate"], meta["rotation"] = rotation.kind, rotated.describe()
     if online is not None:
@@ -291,6 +318,45 @@ def run_fingerprint(opts: QuantizeOptions, method: Method, spec: GridSpec, act, 
         "activations": None if act is None else act.describe(),
         "dtype": str(dtype).replace("torch.", ""), "device": device.type, "tritonq_version": __version__,
     }
+
+
+def check_tuning_run(act, world: int) -> None:
+    """What ``--tune-epochs`` cannot do: quantized activations (the scales are tuned for a weight-only model) and
+    several ranks (the tuning runs in one process)."""
+    if act is not None:
+        raise TritonqError("--tune-epochs tunes the weight scales of a weight-only model; this run quantizes "
+                           "activations too: drop --tune-epochs, or the activation flags")
+    if world > 1:
+        raise TritonqError("--tune-epochs trains through the whole model in one process; run without --nproc / "
+                           "torchrun, or drop --tune-epochs")
+
+
+def tune_and_commit(weights, adapter, report, work: WorkDir, batches, teacher, tuning: ScaleTuning,
+                    device: torch.device, seed: int, progress: bool) -> dict:
+    """Tune the scales of every quantized linear (``scale_tuning.tune_scales``) and commit each block's tuned
+    tensors and grids to the work directory, which the output is then written from."""
+    from .methods.base import LayerResult
+    from .pipeline import block_tensors
+    from .scale_tuning import head_name, tune_scales
+
+    prefix = f"{adapter.blocks}."
+    index_of = {name: int(name[len(prefix):].split(".", 1)[0]) for name in report.layers}
+    layers = {}
+    for name, res in report.layers.items():
+        scale, zero, g_idx = work.layer_params(index_of[name], name)
+        layers[name] = (scale, zero, g_idx, res.spec.bits)
+    result = tune_scales(weights.model.to(device), head_name(weights.model), layers, batches, teacher, tuning, device,
+                         seed, progress=print if progress else None)
+    blocks = {}
+    for i in range(len(adapter.block_list(weights.model))):
+        names = [n for n in layers if index_of[n] == i]
+        block = weights.model.get_submodule(f"{adapter.blocks}.{i}")
+        blocks[i] = (block_tensors(weights, block, f"{adapter.blocks}.{i}"),
+                     {n: LayerResult(torch.empty(0), result.scales[n], layers[n][1], layers[n][2],
+                                     spec=report.layers[n].spec) for n in names})
+    weights.model.to("cpu")
+    work.commit_tuned(tuning.describe(), blocks, result.log)
+    return result.log
 
 
 def _prepares(method: Method) -> bool:

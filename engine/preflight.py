@@ -44,6 +44,7 @@ from .model_io import load_config, model_context, resolve_model, tokenizer_json
 from .outputs import QUANT_JSON, check_output_dir, read_quantization_json
 from .pipeline import group_grid
 from .rotation import RotationSpec, check_rotatable
+from .scale_tuning import ScaleTuning
 
 _TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
@@ -120,6 +121,8 @@ def check_quantize_options(opts: Any) -> None:
 
         calibrated = any(method_class(m).calibrated for m in load_recipe(opts.recipe).method_names(opts.method))
     check_rotation_options(opts)
+    check_tuning_options(opts)
+    calibrated = calibrated or getattr(opts, "tune_epochs", 0) > 0  # the tuning trains on the calibration windows
     check_output_dir(opts.output, opts.overwrite)  # cheap: before the model's config is read
     if calibrated:
         check_data(opts.calib, opts.text_column)
@@ -147,6 +150,16 @@ def check_rotation_options(opts: Any) -> None:
     if opts.method == "auto":
         raise TritonqError("--method auto scores its candidates on the unrotated model; pick a method with --rotate, "
                            "or drop --rotate")
+
+
+def check_tuning_options(opts: Any) -> None:
+    """``--tune-epochs``, ``--tune-lr`` and ``--tune-batch`` parse, and the run can hold the whole model: the tuning
+    trains through every block at once, so the weights are not streamed from disk."""
+    tuning = ScaleTuning(getattr(opts, "tune_epochs", 0), getattr(opts, "tune_lr", 1e-3),
+                         getattr(opts, "tune_batch", 4))
+    if tuning.active and opts.stream:
+        raise TritonqError("--tune-epochs trains through the whole model in memory, so it cannot be streamed from "
+                           "disk; drop stream=True (or --tune-epochs)")
 
 
 def _replayed_rotation(recipe: Any) -> tuple[str, int] | None:

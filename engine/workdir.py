@@ -13,6 +13,10 @@ After block ``i`` the pipeline commits, each file written to a temporary name an
 * ``progress.json`` last: ``{"done": i + 1}``, the commit point. A run killed anywhere before it finds the
   previous commit and redoes only block ``i``.
 
+With end-to-end scale tuning (``scale_tuning.py``), once every block is done, each block's tuned tensors and grids go
+to ``tuned-0000i[.params].safetensors`` and ``tuned.json`` (the tuning settings) last. The block files stay as they
+were, so a resume with other tuning settings tunes again from them; one with the same settings reads the tuned ones.
+
 ``fingerprint.json`` says what the run is (model files, calibration data, method, options, tritonq version);
 ``--resume`` refuses a directory whose fingerprint differs and says what differs. The output writer reads the
 blocks from here (nothing holds the whole model), and a finished run removes the directory.
@@ -42,6 +46,7 @@ from .outputs import atomic_file
 
 FINGERPRINT = "fingerprint.json"
 PROGRESS = "progress.json"
+TUNED = "tuned.json"
 
 
 def default_work_dir(output: str | Path) -> Path:
@@ -72,6 +77,7 @@ class WorkDir:
         self.path, self.fingerprint, self.rank, self.writer = path, fingerprint, rank, writer
         self._barrier = barrier or (lambda: None)  # several ranks: rank 0 writes, every rank keeps its inputs
         self.done = 0
+        self.tuned = False  # reads go to the tuned-* files (``use_tuned``)
         exists = (path / FINGERPRINT).is_file()
         if exists and not resume and not overwrite:
             raise TritonqError(
@@ -97,7 +103,8 @@ class WorkDir:
     # -- names
 
     def _block(self, i: int, suffix: str) -> Path:
-        return self.path / f"block-{i:05d}{suffix}"
+        tuned = self.tuned and suffix in (".safetensors", ".params.safetensors")
+        return self.path / f"{'tuned' if tuned else 'block'}-{i:05d}{suffix}"
 
     def _inputs(self, i: int) -> Path:
         rank = f".rank{self.rank}" if self.rank else ""
@@ -132,6 +139,33 @@ class WorkDir:
         old = self._inputs(index)
         if old.exists():
             old.unlink()
+
+    def commit_tuned(self, settings: dict, blocks: dict[int, tuple[dict[str, Tensor], dict[str, LayerResult]]],
+                     log: dict) -> None:
+        """Every block's tuned tensors and grids (``blocks``: index -> (tensors, layers)), then ``tuned.json`` (with
+        the tuning's ``log``); reads go to them from here on."""
+        if self.writer:
+            for index, (tensors, layers) in blocks.items():
+                _save(self.path / f"tuned-{index:05d}.safetensors", tensors)
+                params = {}
+                for name, res in layers.items():
+                    params.update(grid_tensors(name, res.scale, res.zero, res.g_idx, res.spec))
+                _save(self.path / f"tuned-{index:05d}.params.safetensors", params)
+            _write_json(self.path / TUNED, {"settings": settings, "blocks": sorted(blocks), "log": log})
+        self._barrier()
+        self.tuned = True
+
+    def use_tuned(self, settings: dict) -> bool:
+        """Read the tuned files from now on if a finished tuning with these ``settings`` left them (a resume)."""
+        path = self.path / TUNED
+        self.tuned = path.is_file() and json.loads(path.read_text())["settings"] == settings
+        if path.is_file() and not self.tuned and self.writer:
+            path.unlink()  # other settings: their files are rewritten, and must not pass for these meanwhile
+        return self.tuned
+
+    def tuned_log(self) -> dict:
+        """The log of the tuning whose files are read (``use_tuned``)."""
+        return json.loads((self.path / TUNED).read_text())["log"]
 
     # -- reading back
 

@@ -19,7 +19,8 @@ from tritonq.engine.outputs import QUANT_JSON
 ROOT = Path(__file__).resolve().parents[1]
 
 # The quantize CLI in a child process that SIGKILLs itself at a chosen point of the work directory's commits:
-# "after K" once block K is committed; "inside K" after block K's tensors are written but before its commit mark.
+# "after K" once block K is committed; "inside K" after block K's tensors are written but before its commit mark;
+# "tuned 0" once the scale tuning's files are committed.
 KILLER = textwrap.dedent("""
     import os, signal, sys
     import tritonq.engine.workdir as w
@@ -33,6 +34,12 @@ KILLER = textwrap.dedent("""
         if where == "after" and index == block:
             os.kill(os.getpid(), signal.SIGKILL)
     w.WorkDir.commit_block = commit_block
+    commit_tuned = w.WorkDir.commit_tuned
+    def after_tuning(self, *args, **kwargs):
+        commit_tuned(self, *args, **kwargs)
+        if where == "tuned":
+            os.kill(os.getpid(), signal.SIGKILL)
+    w.WorkDir.commit_tuned = after_tuning
     from tritonq.cli import main
     sys.exit(main(sys.argv[3:]))
 """)
@@ -109,3 +116,29 @@ def test_resume_refuses_another_run(model_dir, tmp_path):
     fresh = _cli(_args(model_dir, out, "--overwrite", "--bits", "3"))  # --overwrite starts over
     assert fresh.returncode == 0, fresh.stderr
     assert json.loads((out / QUANT_JSON).read_text()).get("resumed_from_block") is None
+
+
+TUNE = ("--tune-epochs", "1", "--tune-batch", "4")
+
+
+@pytest.mark.parametrize("kill", [("after", 3), ("tuned", 0)])
+def test_scale_tuning_resumes_byte_identical(model_dir, tmp_path, kill):
+    """Killed after the last block (the tuning runs on the resumed blocks) or after the tuning's commit (the resume
+    writes the tuned files without tuning again): the same bytes as a run never interrupted. A resume with other
+    tuning settings tunes again from the blocks."""
+    full = tmp_path / "full"
+    assert _cli(_args(model_dir, full, *TUNE)).returncode == 0
+    out = tmp_path / "out"
+    assert _cli(_args(model_dir, out, *TUNE), kill=kill).returncode == -9
+    resumed = _cli(_args(model_dir, out, *TUNE, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert _weights(out) == _weights(full)
+    log = json.loads((out / QUANT_JSON).read_text())["scale_tuning"]
+    assert log.get("resumed") is (True if kill[0] == "tuned" else None) and log["kl_end"] < log["kl_start"]
+    if kill[0] == "tuned":
+        other = tmp_path / "other"
+        assert _cli(_args(model_dir, other, *TUNE), kill=kill).returncode == -9
+        retuned = _cli(_args(model_dir, other, "--tune-epochs", "2", "--resume"))
+        assert retuned.returncode == 0, retuned.stderr
+        assert json.loads((other / QUANT_JSON).read_text())["scale_tuning"]["epochs"] == 2
+        assert _weights(other)["model.safetensors"] != _weights(full)["model.safetensors"]
