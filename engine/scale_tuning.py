@@ -172,6 +172,7 @@ def tune_scales(model: nn.Module, head_name: str, layers: dict[str, tuple], batc
     frozen = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in frozen:
         p.requires_grad_(False)
+    log = None
     try:
         for name, (scale, zero, g_idx, bits) in layers.items():
             parent, _, leaf = name.rpartition(".")
@@ -179,14 +180,16 @@ def tune_scales(model: nn.Module, head_name: str, layers: dict[str, tuple], batc
             setattr(model.get_submodule(parent), leaf, wrapper)
             tuned[name] = wrapper
         log = _train(model, head_name, head, tuned, windows, teacher, tuning, device, seed, progress)
-    finally:
+    finally:  # the linears go back in place; they take the tuned weights only from a finished tuning
         scales = {}
         for name, wrapper in tuned.items():
             parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, wrapper.linear)
+            if log is None:
+                continue
             scale = wrapper.final_scale()
             with torch.no_grad():  # the weight the packers rebuild from (scale, codes, zero), in the linear's dtype
                 wrapper.linear.weight.copy_((scale[:, wrapper.idx] * wrapper.centered).to(wrapper.linear.weight.dtype))
-            setattr(model.get_submodule(parent), leaf, wrapper.linear)
             scales[name] = scale.cpu()
         for p, flag in frozen:
             p.requires_grad_(flag)

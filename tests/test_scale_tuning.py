@@ -226,3 +226,23 @@ def test_cli_flags_reach_the_run(model_dir, calib_file, tmp_path, capsys):
     assert "scale tuning: epoch 1/1" in capsys.readouterr().out
     log = json.loads((out / "quantization.json").read_text())["scale_tuning"]
     assert (log["epochs"], log["lr"], log["batch"], log["steps"]) == (1, 0.01, 2, 2)
+
+
+def test_a_non_finite_gradient_stops_the_tuning_and_leaves_the_weights(model_dir):
+    from transformers import AutoModelForCausalLM
+    from tritonq.engine.scale_tuning import teacher_states, tune_scales
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    name = "model.layers.0.mlp.down_proj"
+    res = round_to_nearest(model.get_submodule(name).weight.detach(), GridSpec(bits=2, group_size=32))
+    with torch.no_grad():
+        model.get_submodule(name).weight.copy_(res.weight)
+    batches = [torch.randint(0, 256, (2, 16))]
+    teacher = teacher_states(model, "lm_head", batches, torch.device("cpu"))
+    teacher[1][3, 0] = float("nan")
+    with pytest.raises(TritonqError, match="non-finite gradient"):
+        tune_scales(model, "lm_head", {name: (res.scale, res.zero, res.g_idx, 2)}, batches, teacher,
+                    ScaleTuning(1), torch.device("cpu"))
+    assert isinstance(model.get_submodule(name), torch.nn.Linear)
+    assert torch.equal(model.get_submodule(name).weight, res.weight)
+    assert all(p.requires_grad for p in model.parameters())
