@@ -55,9 +55,9 @@ def _add_quantize(sub) -> None:
                         "epochs over the calibration windows, against the float model's next-token distribution "
                         "(EfficientQAT's end-to-end step; codes and zeros stay; any weight-only method; holds the "
                         "whole model in memory). Default 0: off")
-    p.add_argument("--tune-lr", type=float, default=1e-3,
+    p.add_argument("--tune-lr", type=float, default=3e-3,
                    help="Adam's rate for --tune-epochs: the relative change of a scale per step, decaying linearly "
-                        "(default 0.001)")
+                        "(default 0.003)")
     p.add_argument("--tune-batch", type=int, default=4, help="calibration windows per --tune-epochs step (default 4)")
     _add_method_args(p)
     p.add_argument("--recipe", default=None, metavar="FILE",

@@ -89,7 +89,7 @@ class QuantizeOptions:
     # end-to-end scale tuning after every block (engine/scale_tuning.py): epochs over the calibration windows (0: off),
     # Adam's rate (a relative change of a scale per step) and windows per step
     tune_epochs: int = 0
-    tune_lr: float = 1e-3
+    tune_lr: float = 3e-3
     tune_batch: int = 4
 
 

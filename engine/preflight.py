@@ -155,7 +155,7 @@ def check_rotation_options(opts: Any) -> None:
 def check_tuning_options(opts: Any) -> None:
     """``--tune-epochs``, ``--tune-lr`` and ``--tune-batch`` parse, and the run can hold the whole model: the tuning
     trains through every block at once, so the weights are not streamed from disk."""
-    tuning = ScaleTuning(getattr(opts, "tune_epochs", 0), getattr(opts, "tune_lr", 1e-3),
+    tuning = ScaleTuning(getattr(opts, "tune_epochs", 0), getattr(opts, "tune_lr", 3e-3),
                          getattr(opts, "tune_batch", 4))
     if tuning.active and opts.stream:
         raise TritonqError("--tune-epochs trains through the whole model in memory, so it cannot be streamed from "

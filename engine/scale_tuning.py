@@ -42,14 +42,14 @@ class ScaleTuning:
     """The settings of end-to-end scale tuning; ``epochs = 0`` turns it off (the default)."""
 
     epochs: int = 0
-    lr: float = 1e-3  # relative change of a scale per step (Adam), decaying linearly to 0
+    lr: float = 3e-3  # relative change of a scale per step (Adam), decaying linearly to 0
     batch: int = 4  # calibration windows per step
 
     def __post_init__(self) -> None:
         if not isinstance(self.epochs, int) or self.epochs < 0:
             raise TritonqError(f"--tune-epochs must be a whole number >= 0, got {self.epochs!r}; e.g. --tune-epochs 2")
         if not (isinstance(self.lr, int | float) and math.isfinite(self.lr) and self.lr > 0):
-            raise TritonqError(f"--tune-lr must be a positive number, got {self.lr!r}; e.g. --tune-lr 0.001")
+            raise TritonqError(f"--tune-lr must be a positive number, got {self.lr!r}; e.g. --tune-lr 0.003")
         if not isinstance(self.batch, int) or self.batch < 1:
             raise TritonqError(f"--tune-batch must be a whole number >= 1, got {self.batch!r}; e.g. --tune-batch 4")
 
