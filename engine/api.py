@@ -346,7 +346,7 @@ def tune_and_commit(weights, adapter, report, work: WorkDir, batches, teacher, t
         scale, zero, g_idx = work.layer_params(index_of[name], name)
         layers[name] = (scale, zero, g_idx, res.spec.bits)
     result = tune_scales(weights.model.to(device), head_name(weights.model), layers, batches, teacher, tuning, device,
-                         seed, progress=print if progress else None)
+                         seed, progress=_say if progress else None)
     blocks = {}
     for i in range(len(adapter.block_list(weights.model))):
         names = [n for n in layers if index_of[n] == i]
@@ -453,3 +453,8 @@ def apply_run_activation_quant(model, model_name: str, bits: int | None, scheme:
     else:  # a packed checkpoint (its layers already wrapped by load_packed_model: re-set) or a float model
         names = block_linear_names(model, adapter_for(model.config))
     apply_activation_quant(model, act, names)
+
+
+def _say(line: str) -> None:
+    """A progress line of a long stage, seen at once even when stdout is a file."""
+    print(line, flush=True)
