@@ -39,3 +39,13 @@ def tiny_dir(tmp_path_factory):
     from helpers import save_tiny_llama
 
     return save_tiny_llama(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def calib_file(tmp_path_factory):
+    """The first 20,000 characters of the pydoc corpus as a calibration file (a module may define its own, longer)."""
+    from tritonq.engine.data import pydoc_corpus
+
+    path = tmp_path_factory.mktemp("data") / "calib.txt"
+    path.write_text(pydoc_corpus()[:20000], encoding="utf-8")
+    return path

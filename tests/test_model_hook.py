@@ -26,7 +26,6 @@ from test_pipeline import FAMILIES, make_family_model
 from tritonq.engine import pipeline, rotation
 from tritonq.engine.adapters import adapter_for
 from tritonq.engine.api import QuantizeOptions, quantize
-from tritonq.engine.data import pydoc_corpus
 from tritonq.engine.grid import GridSpec
 from tritonq.engine.methods import registry
 from tritonq.engine.methods.base import LayerResult, Method
@@ -201,13 +200,6 @@ def test_adapter_names_the_residual_stream(tmp_path, family):
     # the readers are exactly the block's linears whose input is hidden-wide, but o_proj
     hidden_in = {n for n in adapter.linear_names() if block.get_submodule(n).in_features == hidden}
     assert readers == hidden_in - set(adapter.value_pair.balance)  # o_proj reads the heads, not the stream
-
-
-@pytest.fixture(scope="module")
-def calib_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "calib.txt"
-    path.write_text(pydoc_corpus()[:20000], encoding="utf-8")
-    return path
 
 
 def _saved_tied_llama(path, seed=0):

@@ -206,15 +206,6 @@ def test_packed_linears_run_the_transform(kind):
 
 
 @pytest.fixture(scope="module")
-def calib_file(tmp_path_factory):
-    from tritonq.engine.data import pydoc_corpus
-
-    path = tmp_path_factory.mktemp("data") / "calib.txt"
-    path.write_text(pydoc_corpus()[:20000], encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="module")
 def w4a8(tmp_path_factory, calib_file):
     """W4A8 GPTQ with --rotate hadamard on a tiny Llama: the fake output and its compressed-tensors twin."""
     from tritonq.engine.api import QuantizeOptions, quantize

@@ -20,7 +20,6 @@ from helpers import tiny_tokenizer
 from test_pipeline import FAMILIES, make_family_model
 from tritonq.engine.adapters import adapter_for
 from tritonq.engine.api import QuantizeOptions, quantize
-from tritonq.engine.data import pydoc_corpus
 from tritonq.engine.evaluation.report import markdown_table, read_output
 from tritonq.engine.grid import GridSpec
 from tritonq.engine.methods.rtn import round_to_nearest
@@ -189,13 +188,6 @@ def test_options_refused(tmp_path):
         quantize(QuantizeOptions(**base, method="rtn", rotate="hadamard", stream=True))
     with pytest.raises(TritonqError, match="--method auto"):
         quantize(QuantizeOptions(**base, method="auto", rotate="hadamard"))
-
-
-@pytest.fixture(scope="module")
-def calib_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "calib.txt"
-    path.write_text(pydoc_corpus()[:20000], encoding="utf-8")
-    return path
 
 
 def _saved_tied_llama(path):
