@@ -53,6 +53,15 @@ class ScalePair:
     balance: tuple[str, ...]
 
 
+def block_index(name: str, blocks: str) -> int | None:
+    """The index of the decoder block that holds ``name`` (a module or tensor name), with ``blocks`` the dotted path of
+    the blocks' ModuleList; None outside the blocks."""
+    if not name.startswith(f"{blocks}."):
+        return None
+    index = name[len(blocks) + 1:].split(".", 1)[0]
+    return int(index) if index.isdigit() else None
+
+
 @dataclass(frozen=True)
 class ResidualStream:
     """Everything that reads or writes the residual stream, by name (model-level names are the model's, per-block

@@ -20,7 +20,7 @@ import torch
 from .. import __version__
 from ..errors import TritonqError
 from .activations import apply_activation_quant, block_linear_names, resolve_act_spec, saved_act_spec
-from .adapters import adapter_for
+from .adapters import adapter_for, block_index
 from .cache import ActivationCache
 from .data import (
     calibration_windows,
@@ -339,8 +339,7 @@ def tune_and_commit(weights, adapter, report, work: WorkDir, batches, teacher, t
     from .pipeline import block_tensors
     from .scale_tuning import head_name, tune_scales
 
-    prefix = f"{adapter.blocks}."
-    index_of = {name: int(name[len(prefix):].split(".", 1)[0]) for name in report.layers}
+    index_of = {name: block_index(name, adapter.blocks) for name in report.layers}
     layers = {}
     for name, res in report.layers.items():
         scale, zero, g_idx = work.layer_params(index_of[name], name)

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from ..errors import TritonqError
 from .grid import MIN_SCALE, codes_of
+from .stages import StopForward
 
 
 @dataclass(frozen=True)
@@ -71,10 +72,6 @@ def head_name(model: nn.Module) -> str:
     return name
 
 
-class _StopAtHead(Exception):
-    """Raised by the hook on ``lm_head`` once the hidden states that enter it are captured."""
-
-
 @contextmanager
 def _head_input(model: nn.Module, head_name: str) -> Iterator[list[torch.Tensor]]:
     """Collect what enters ``lm_head`` and stop the forward there (the logits are computed outside, per window)."""
@@ -82,7 +79,7 @@ def _head_input(model: nn.Module, head_name: str) -> Iterator[list[torch.Tensor]
 
     def hook(_module, args):
         seen.append(args[0])
-        raise _StopAtHead
+        raise StopForward
 
     handle = model.get_submodule(head_name).register_forward_pre_hook(hook)
     try:
@@ -95,7 +92,7 @@ def _last_hidden(model: nn.Module, head_name: str, ids: torch.Tensor) -> torch.T
     with _head_input(model, head_name) as seen:
         try:
             model(input_ids=ids, use_cache=False)
-        except _StopAtHead:
+        except StopForward:
             pass
     if not seen:
         raise TritonqError(f"the model's forward never reached {head_name}; --tune-epochs needs a causal LM "
@@ -133,9 +130,12 @@ class _TunedLinear(nn.Module):
     def scale(self) -> torch.Tensor:
         return self.s0 * (1 + self.factor)
 
+    def weight_on(self, scale: torch.Tensor) -> torch.Tensor:
+        """The weight on the grid of ``scale`` [N, G] (the codes and zeros fixed)."""
+        return scale[:, self.idx] * self.centered
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.scale()[:, self.idx] * self.centered
-        return F.linear(x, weight.to(x.dtype), self.linear.bias)
+        return F.linear(x, self.weight_on(self.scale()).to(x.dtype), self.linear.bias)
 
     def final_scale(self) -> torch.Tensor:
         """The trained scale, fp16-representable and positive, as every grid's."""
@@ -189,7 +189,7 @@ def tune_scales(model: nn.Module, head_name: str, layers: dict[str, tuple], batc
                 continue
             scale = wrapper.final_scale()
             with torch.no_grad():  # the weight the packers rebuild from (scale, codes, zero), in the linear's dtype
-                wrapper.linear.weight.copy_((scale[:, wrapper.idx] * wrapper.centered).to(wrapper.linear.weight.dtype))
+                wrapper.linear.weight.copy_(wrapper.weight_on(scale).to(wrapper.linear.weight.dtype))
             scales[name] = scale.cpu()
         for p, flag in frozen:
             p.requires_grad_(flag)

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from helpers import tiny_config, tiny_tokenizer
 from safetensors.torch import load_file
 from tritonq.engine.api import QuantizeOptions, quantize
-from tritonq.engine.data import pydoc_corpus
 from tritonq.engine.grid import GridSpec, codes_of
 from tritonq.engine.methods.rtn import round_to_nearest
 from tritonq.engine.scale_tuning import ScaleTuning, _kl, _last_hidden, _TunedLinear
@@ -32,13 +31,6 @@ def model_dir(tmp_path_factory):
                 p.normal_(0, 0.15)
     model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def calib_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "calib.txt"
-    path.write_text(pydoc_corpus()[:20000], encoding="utf-8")
     return path
 
 
@@ -62,7 +54,7 @@ def test_tuned_linear_starts_on_the_methods_grid():
     before = lin.weight.detach().clone()
     wrapped = _TunedLinear(lin, scale, zero, g_idx, 2)
     x = torch.randn(5, 96)
-    assert torch.equal(wrapped.scale()[:, wrapped.idx] * wrapped.centered, before)  # factor 0: the same weights
+    assert torch.equal(wrapped.weight_on(wrapped.scale()), before)  # factor 0: the same weights
     torch.testing.assert_close(wrapped(x), F.linear(x, before, lin.bias), rtol=0, atol=0)
     assert torch.equal(wrapped.final_scale(), scale)  # the grid's scales are fp16 values already
     with torch.no_grad():

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ...errors import TritonqError
+from ..adapters import block_index
 from ..grid import GridSpec
 from ..outputs import QUANT_JSON, read_json_object, read_quantization_json
 from .records import (
@@ -108,16 +109,13 @@ class RunCheckpoint(Checkpoint):
         model.config.architectures = [type(model).__name__]
         self.weights, self.work, self.tokenizer, self.meta = weights, work, tokenizer, meta
         self.label = str(meta.get("model", "model"))
-        self._blocks = f"{blocks}."
+        self._blocks = blocks
         self._config_text = model.config.to_json_string(use_diff=True)
         self.config = json.loads(self._config_text)
         self.grids = {name: layers[name].spec or run_spec for name in sorted(layers)}
 
     def _block_of(self, key: str) -> int | None:
-        if not key.startswith(self._blocks):
-            return None
-        index = key[len(self._blocks):].split(".", 1)[0]
-        return int(index) if index.isdigit() else None
+        return block_index(key, self._blocks)
 
     def config_text(self) -> str:
         return self._config_text
