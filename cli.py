@@ -59,6 +59,9 @@ def _add_quantize(sub) -> None:
                    help="Adam's rate for --tune-epochs: the relative change of a scale per step, decaying linearly "
                         "(default 0.003)")
     p.add_argument("--tune-batch", type=int, default=4, help="calibration windows per --tune-epochs step (default 4)")
+    p.add_argument("--tune-norms", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --tune-epochs, train the blocks' norm weights and biases too, which every format "
+                        "stores in float (default on; --no-tune-norms trains the scales alone)")
     _add_method_args(p)
     p.add_argument("--recipe", default=None, metavar="FILE",
                    help="per-layer methods and grids: a .yaml/.json recipe (regex rules, first match wins; "

@@ -119,6 +119,7 @@ def _quantize_here(args, run_quantize, QuantizeOptions, writer: bool) -> int:  #
         eval_data=args.eval_data, eval_windows=args.eval_windows, progress=not args.no_progress,
         workers=args.workers, quantize_head=args.quantize_head, rotate=args.rotate,
         rotate_seed=args.rotate_seed, tune_epochs=args.tune_epochs, tune_lr=args.tune_lr, tune_batch=args.tune_batch,
+        tune_norms=args.tune_norms,
     )
     s = run_quantize(opts)
     if not writer:  # [distributed] rank 0 prints the summary of what it wrote

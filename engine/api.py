@@ -91,6 +91,7 @@ class QuantizeOptions:
     tune_epochs: int = 0
     tune_lr: float = 3e-3
     tune_batch: int = 4
+    tune_norms: bool = True  # the blocks' norm weights and biases are trained with the scales
 
 
 @dataclass
@@ -134,7 +135,7 @@ def quantize(opts: QuantizeOptions) -> QuantizeSummary:
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device)
     rotation = RotationSpec(opts.rotate, opts.rotate_seed)
-    tuning = ScaleTuning(opts.tune_epochs, opts.tune_lr, opts.tune_batch)
+    tuning = ScaleTuning(opts.tune_epochs, opts.tune_lr, opts.tune_batch, opts.tune_norms)
 
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(opts.model, opts.trust_remote_code)
@@ -337,15 +338,16 @@ def tune_and_commit(weights, adapter, report, work: WorkDir, batches, teacher, t
     tensors and grids to the work directory, which the output is then written from."""
     from .methods.base import LayerResult
     from .pipeline import block_tensors
-    from .scale_tuning import head_name, tune_scales
+    from .scale_tuning import block_vectors, head_name, tune_scales
 
     index_of = {name: block_index(name, adapter.blocks) for name in report.layers}
     layers = {}
     for name, res in report.layers.items():
         scale, zero, g_idx = work.layer_params(index_of[name], name)
         layers[name] = (scale, zero, g_idx, res.spec.bits)
+    vectors = block_vectors(weights.model, adapter.blocks) if tuning.norms else []
     result = tune_scales(weights.model.to(device), head_name(weights.model), layers, batches, teacher, tuning, device,
-                         seed, progress=_say if progress else None)
+                         seed, progress=_say if progress else None, vectors=vectors)
     blocks = {}
     for i in range(len(adapter.block_list(weights.model))):
         names = [n for n in layers if index_of[n] == i]

@@ -156,7 +156,7 @@ def check_tuning_options(opts: Any) -> None:
     """``--tune-epochs``, ``--tune-lr`` and ``--tune-batch`` parse, and the run can hold the whole model: the tuning
     trains through every block at once, so the weights are not streamed from disk."""
     tuning = ScaleTuning(getattr(opts, "tune_epochs", 0), getattr(opts, "tune_lr", 3e-3),
-                         getattr(opts, "tune_batch", 4))
+                         getattr(opts, "tune_batch", 4), getattr(opts, "tune_norms", True))
     if tuning.active and opts.stream:
         raise TritonqError("--tune-epochs trains through the whole model in memory, so it cannot be streamed from "
                            "disk; drop stream=True (or --tune-epochs)")

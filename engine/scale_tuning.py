@@ -15,7 +15,12 @@ the closest to its Block-AP), then only the step sizes end to end with the codes
   rate, so one rate (``--tune-lr``, a relative change per step) fits layers whose scales differ by orders of
   magnitude; EfficientQAT trains ``s`` itself with AdamW (rate 2e-5 at w2g64 on Llama-2);
 - the trained scales are rounded to fp16, as every grid's are (``grid.py``), so the packed formats' fp16 scales
-  reproduce the weights bit for bit.
+  reproduce the weights bit for bit;
+- with ``norms`` (``--tune-norms``, on by default) the blocks' vectors are trained too, each entry as a factor
+  ``v0 (1 + b)`` at the same rate: the norms' weights (and biases) and the linears' biases, which every format
+  stores in float. EfficientQAT trains only the step sizes; a norm's weight scales its linears' input channels, a
+  degree of freedom the per-output-channel scales lack. The evidence (bench/RESULTS.md) is SmolLM2 at 2 bits on
+  AutoRound's blocks, judged on the texts that choose defaults here (held-out pydoc, the Vim manual).
 
 A batch's windows are run one at a time and their gradients summed (the same gradient as the batch at once, with
 one window's activations in memory). The whole model is held in memory (the run does not stream from disk).
@@ -32,6 +37,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 
 from ..errors import TritonqError
 from .grid import MIN_SCALE, codes_of
@@ -45,6 +51,7 @@ class ScaleTuning:
     epochs: int = 0
     lr: float = 3e-3  # relative change of a scale per step (Adam), decaying linearly to 0
     batch: int = 4  # calibration windows per step
+    norms: bool = True  # train the blocks' norm weights and biases too (absolute steps of the same rate)
 
     def __post_init__(self) -> None:
         if not isinstance(self.epochs, int) or self.epochs < 0:
@@ -53,13 +60,15 @@ class ScaleTuning:
             raise TritonqError(f"--tune-lr must be a positive number, got {self.lr!r}; e.g. --tune-lr 0.003")
         if not isinstance(self.batch, int) or self.batch < 1:
             raise TritonqError(f"--tune-batch must be a whole number >= 1, got {self.batch!r}; e.g. --tune-batch 4")
+        if not isinstance(self.norms, bool):
+            raise TritonqError(f"--tune-norms is on or off, got {self.norms!r}")
 
     @property
     def active(self) -> bool:
         return self.epochs > 0
 
     def describe(self) -> dict:
-        return {"epochs": self.epochs, "lr": self.lr, "batch": self.batch}
+        return {"epochs": self.epochs, "lr": self.lr, "batch": self.batch, "norms": self.norms}
 
 
 def head_name(model: nn.Module) -> str:
@@ -142,6 +151,28 @@ class _TunedLinear(nn.Module):
         return self.scale().detach().clamp_min(MIN_SCALE).half().float()
 
 
+class _VectorFactor(nn.Module):
+    """A parametrization ``v = v0 (1 + factor)`` of a float vector: a relative step, as the scales take (a norm's
+    weights range from 0.05 to 2 across SmolLM2's blocks, so one absolute rate would be 6% per step for some); the
+    factor is float32 whatever the model's dtype (a bf16 vector would round Adam's small steps away). A zero entry
+    (an untrained bias) stays zero."""
+
+    def __init__(self, like: torch.Tensor) -> None:
+        super().__init__()
+        self.factor = nn.Parameter(torch.zeros(like.shape, dtype=torch.float32, device=like.device))
+
+    def forward(self, original: torch.Tensor) -> torch.Tensor:
+        dtype = torch.promote_types(original.dtype, torch.float32)
+        return (original.to(dtype) * (1 + self.factor.to(dtype))).to(original.dtype)
+
+
+def block_vectors(model: nn.Module, blocks: str) -> list[str]:
+    """The 1-D parameters inside the blocks (``blocks`` is the adapter's prefix, e.g. ``model.layers``): the norms'
+    weights and biases and the linears' biases, which every format stores in float (the embedding, the final norm
+    and ``lm_head`` lie outside the blocks, and the work directory keeps only blocks)."""
+    return [name for name, p in model.named_parameters() if name.startswith(f"{blocks}.") and p.dim() == 1]
+
+
 @dataclass
 class TuningResult:
     scales: dict[str, torch.Tensor]  # the new scale of every tuned linear (CPU, fp32)
@@ -159,11 +190,11 @@ def _kl(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, head: nn.Mod
 
 def tune_scales(model: nn.Module, head_name: str, layers: dict[str, tuple], batches: list[torch.Tensor],
                 teacher: list[torch.Tensor], tuning: ScaleTuning, device: torch.device, seed: int = 0,
-                progress: Callable[[str], None] | None = None) -> TuningResult:
+                progress: Callable[[str], None] | None = None, vectors: list[str] = ()) -> TuningResult:
     """Train the scales of ``layers`` (name -> ``(scale, zero, g_idx, bits)``; the model's linears hold their
-    fake-quantized weights) on the calibration ``batches`` against ``teacher`` (:func:`teacher_states`). The
-    linears get the tuned weights back; returns their scales. The window order of each epoch is drawn from
-    ``seed``."""
+    fake-quantized weights), and the float parameters named in ``vectors`` (:func:`block_vectors`), on the
+    calibration ``batches`` against ``teacher`` (:func:`teacher_states`). The linears get the tuned weights back,
+    the vectors their tuned values; returns the scales. The window order of each epoch is drawn from ``seed``."""
     windows = [row for ids in batches for row in ids]
     if len(windows) != len(teacher):
         raise TritonqError(f"scale tuning has {len(windows)} calibration windows but {len(teacher)} teacher states")
@@ -172,15 +203,24 @@ def tune_scales(model: nn.Module, head_name: str, layers: dict[str, tuple], batc
     frozen = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in frozen:
         p.requires_grad_(False)
+    parametrized: list[tuple[nn.Module, str]] = []
     log = None
     try:
+        for name in vectors:  # before the linears are wrapped, while the names still lead to their modules
+            owner, _, leaf = name.rpartition(".")
+            module = model.get_submodule(owner)
+            parametrize.register_parametrization(module, leaf, _VectorFactor(getattr(module, leaf)))
+            parametrized.append((module, leaf))
         for name, (scale, zero, g_idx, bits) in layers.items():
             parent, _, leaf = name.rpartition(".")
             wrapper = _TunedLinear(model.get_submodule(name), scale, zero, g_idx, bits)
             setattr(model.get_submodule(parent), leaf, wrapper)
             tuned[name] = wrapper
-        log = _train(model, head_name, head, tuned, windows, teacher, tuning, device, seed, progress)
-    finally:  # the linears go back in place; they take the tuned weights only from a finished tuning
+        factors = [module.parametrizations[leaf][0].factor for module, leaf in parametrized]
+        log = _train(model, head_name, head, tuned, factors, windows, teacher, tuning, device, seed, progress)
+    finally:  # the linears and vectors go back in place; they take the tuned values only from a finished tuning
+        for module, leaf in parametrized:
+            parametrize.remove_parametrizations(module, leaf, leave_parametrized=log is not None)
         scales = {}
         for name, wrapper in tuned.items():
             parent, _, leaf = name.rpartition(".")
@@ -207,8 +247,8 @@ def _mean_kl(model, head_name, head, windows, teacher, device) -> float:
     return total / len(windows)
 
 
-def _train(model, head_name, head, tuned, windows, teacher, tuning, device, seed, progress) -> dict:
-    params = [w.factor for w in tuned.values()]
+def _train(model, head_name, head, tuned, vector_factors, windows, teacher, tuning, device, seed, progress) -> dict:
+    params = [w.factor for w in tuned.values()] + vector_factors
     per_epoch = math.ceil(len(windows) / tuning.batch)
     steps = tuning.epochs * per_epoch
     optimizer = torch.optim.Adam(params, lr=tuning.lr)
@@ -217,8 +257,9 @@ def _train(model, head_name, head, tuned, windows, teacher, tuning, device, seed
     started = time.perf_counter()
     log = {"kl_start": _mean_kl(model, head_name, head, windows, teacher, device), "train_kl": [], "steps": steps}
     if progress:
-        progress(f"scale tuning: {sum(p.numel() for p in params)} scales of {len(tuned)} linears, {steps} steps; "
-                 f"KL to the float model {log['kl_start']:.4f}")
+        vectors = f" and {sum(p.numel() for p in vector_factors)} norm and bias values" if vector_factors else ""
+        progress(f"scale tuning: {sum(w.factor.numel() for w in tuned.values())} scales of {len(tuned)} linears"
+                 f"{vectors}, {steps} steps; KL to the float model {log['kl_start']:.4f}")
     with torch.enable_grad():
         for epoch in range(tuning.epochs):
             order = torch.randperm(len(windows), generator=generator).tolist()

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from tritonq.engine.api import QuantizeOptions, quantize
 from tritonq.engine.grid import GridSpec, codes_of
 from tritonq.engine.methods.rtn import round_to_nearest
-from tritonq.engine.scale_tuning import ScaleTuning, _kl, _last_hidden, _TunedLinear
+from tritonq.engine.scale_tuning import ScaleTuning, _kl, _last_hidden, _TunedLinear, _VectorFactor
 from tritonq.errors import TritonqError
 
 
@@ -77,8 +77,9 @@ def test_kl_matches_a_float64_reference():
 
 
 def test_scale_gradient_matches_finite_differences(model_dir):
-    """The factors' gradient through the whole model: the directional derivative of the KL. (float64, but Llama's
-    RMSNorm computes in float32, hence a central difference of 1e-3 and a tolerance of 1e-3.)"""
+    """The factors' gradient through the whole model, the scales' and a norm's: the directional derivative of the KL.
+    (float64, but Llama's RMSNorm computes in float32, hence a central difference of 1e-3 and a tolerance of 1e-3.)"""
+    from torch.nn.utils import parametrize
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(2)
@@ -100,7 +101,11 @@ def test_scale_gradient_matches_finite_differences(model_dir):
         wrapped.append(w)
     for p in model.parameters():
         p.requires_grad_(False)
-    factors = [w.factor for w in wrapped]
+    norm = model.get_submodule("model.layers.1.input_layernorm")
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)  # not all ones: a factor on 1 would test less
+    parametrize.register_parametrization(norm, "weight", _VectorFactor(norm.weight))
+    factors = [w.factor for w in wrapped] + [norm.parametrizations.weight[0].factor]
     for f in factors:
         f.requires_grad_(True)
 
@@ -150,10 +155,26 @@ def test_tuning_lowers_the_kl_and_keeps_codes_and_zeros(model_dir, calib_file, t
         assert torch.equal(zero, q_plain[f"{name}.zero"].float())
         moved += int(not torch.equal(scale, p_scale))
     assert moved == len(names)
-    # float tensors (norms, embeddings, head) are the plain run's
+    # the blocks' norms are tuned too (--tune-norms, the default); the embedding, final norm and head stay
+    norms = [k for k in w_plain if k.startswith("model.layers.") and k.endswith("norm.weight")]
+    assert len(norms) == 4
     for key in w_plain:
         if not any(key == f"{n}.weight" for n in names):
-            assert torch.equal(w_plain[key], w_tuned[key]), key
+            assert torch.equal(w_plain[key], w_tuned[key]) != (key in norms), key
+
+
+def test_no_tune_norms_keeps_every_float_tensor(model_dir, calib_file, tmp_path):
+    plain, tuned = tmp_path / "plain", tmp_path / "tuned"
+    quantize(_opts(model_dir, calib_file, plain))
+    quantize(_opts(model_dir, calib_file, tuned, tune_epochs=1, tune_lr=0.02, tune_norms=False))
+    assert json.loads((tuned / "quantization.json").read_text())["scale_tuning"]["norms"] is False
+    w_plain, w_tuned = load_file(plain / "model.safetensors"), load_file(tuned / "model.safetensors")
+    quantized = {k.rsplit(".", 1)[0] + ".weight" for k in load_file(tuned / "quant_params.safetensors")}
+    floats = [k for k in w_plain if k not in quantized]
+    assert len(floats) == 7  # 4 block norms, the final norm, the embedding, the head
+    for key in floats:
+        assert torch.equal(w_plain[key], w_tuned[key]), key
+    assert any(not torch.equal(w_plain[k], w_tuned[k]) for k in quantized)
 
 
 def test_a_packed_format_holds_the_tuned_scales(model_dir, calib_file, tmp_path):
@@ -214,15 +235,15 @@ def test_cli_flags_reach_the_run(model_dir, calib_file, tmp_path, capsys):
     out = tmp_path / "cli"
     assert main(["quantize", "--model", str(model_dir), "--method", "rtn", "--bits", "3", "--group-size", "32",
                  "--calib", str(calib_file), "--nsamples", "4", "--seqlen", "32", "--tune-epochs", "1",
-                 "--tune-lr", "0.01", "--tune-batch", "2", "--output", str(out)]) == 0
+                 "--tune-lr", "0.01", "--tune-batch", "2", "--no-tune-norms", "--output", str(out)]) == 0
     assert "scale tuning: epoch 1/1" in capsys.readouterr().out
     log = json.loads((out / "quantization.json").read_text())["scale_tuning"]
-    assert (log["epochs"], log["lr"], log["batch"], log["steps"]) == (1, 0.01, 2, 2)
+    assert (log["epochs"], log["lr"], log["batch"], log["steps"], log["norms"]) == (1, 0.01, 2, 2, False)
 
 
 def test_a_non_finite_gradient_stops_the_tuning_and_leaves_the_weights(model_dir):
     from transformers import AutoModelForCausalLM
-    from tritonq.engine.scale_tuning import teacher_states, tune_scales
+    from tritonq.engine.scale_tuning import block_vectors, teacher_states, tune_scales
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     name = "model.layers.0.mlp.down_proj"
@@ -232,9 +253,14 @@ def test_a_non_finite_gradient_stops_the_tuning_and_leaves_the_weights(model_dir
     batches = [torch.randint(0, 256, (2, 16))]
     teacher = teacher_states(model, "lm_head", batches, torch.device("cpu"))
     teacher[1][3, 0] = float("nan")
+    vectors = block_vectors(model, "model.layers")
+    assert len(vectors) == 4  # the blocks' norms (no biases in Llama)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if n in vectors}
     with pytest.raises(TritonqError, match="non-finite gradient"):
         tune_scales(model, "lm_head", {name: (res.scale, res.zero, res.g_idx, 2)}, batches, teacher,
-                    ScaleTuning(1), torch.device("cpu"))
+                    ScaleTuning(1), torch.device("cpu"), vectors=vectors)
     assert isinstance(model.get_submodule(name), torch.nn.Linear)
     assert torch.equal(model.get_submodule(name).weight, res.weight)
+    params = dict(model.named_parameters())  # the norms' own parameters again (no parametrization left)
+    assert all(torch.equal(params[n], v) for n, v in before.items())
     assert all(p.requires_grad for p in model.parameters())
