@@ -56,8 +56,8 @@ def _add_quantize(sub) -> None:
                         "(EfficientQAT's end-to-end step; codes and zeros stay; any weight-only method; holds the "
                         "whole model in memory). Default 0: off")
     p.add_argument("--tune-lr", type=float, default=3e-3,
-                   help="Adam's rate for --tune-epochs: the relative change of a scale per step, decaying linearly "
-                        "(default 0.003)")
+                   help="Adam's rate for --tune-epochs: the relative change of a scale (and of a norm entry) per "
+                        "step, decaying linearly (default 0.003)")
     p.add_argument("--tune-batch", type=int, default=4, help="calibration windows per --tune-epochs step (default 4)")
     p.add_argument("--tune-norms", action=argparse.BooleanOptionalAction, default=True,
                    help="with --tune-epochs, train the blocks' norm weights and biases too, which every format "

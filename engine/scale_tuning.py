@@ -51,7 +51,7 @@ class ScaleTuning:
     epochs: int = 0
     lr: float = 3e-3  # relative change of a scale per step (Adam), decaying linearly to 0
     batch: int = 4  # calibration windows per step
-    norms: bool = True  # train the blocks' norm weights and biases too (absolute steps of the same rate)
+    norms: bool = True  # train the blocks' norm weights and biases too (relative steps of the same rate)
 
     def __post_init__(self) -> None:
         if not isinstance(self.epochs, int) or self.epochs < 0:
